@@ -1,0 +1,1 @@
+"""Pure-math PVQ codec (numpy/numba, no torch)."""

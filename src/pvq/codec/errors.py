@@ -1,0 +1,6 @@
+"""Errors raised by the codec for bad input (never silent garbage)."""
+
+
+class CodecError(ValueError):
+    """Input the PVQ codec cannot represent: a wrong shape, a point off the pyramid,
+    a code out of range, a truncated stream, non-finite values, or D/K out of range."""
