@@ -154,30 +154,43 @@ def _half_less_than_row(acc, b, table, d, k, W):
 
 
 @nb.njit(cache=True)
-def _encode_words(points, K, counts, cumul, codes):
-    """codes[b] = Fischer code of points[b]; codes zero-initialised, shape (B, W)."""
+def _encode_words(points, K, counts, cumul, row_words, codes):
+    """codes[b] = Fischer code of points[b]; codes zero-initialised, shape (B, W).
+
+    Runs back to front: after coordinate i the sum is the code of the suffix
+    (x_i, ..., x_{D-1}) in P(D-i, k_i), below N(D-i, k_i), so each step's additions
+    only touch row_words[D-1-i] limbs.
+    """
     B, D = points.shape
     W = codes.shape[1]
     span = np.zeros((1, W), dtype=np.uint64)
+    pulses_left = np.empty(D, dtype=np.int64)  # k_i: pulses before coordinate i
     for b in range(B):
         k = K
+        last = -1
         for i in range(D):
-            if k == 0:
-                break
+            pulses_left[i] = k
+            x = points[b, i]
+            if x != 0:
+                last = i
+                k -= x if x > 0 else -x
+        for i in range(last, -1, -1):
             x = points[b, i]
             m = x if x >= 0 else -x
             if m == 0:
                 continue
+            k = pulses_left[i]
             r = D - 1 - i  # row d-1 of the paper, d = D - i coordinates left
+            w_r = row_words[r]
             # c += N(r, k) + 2 (V(r, k-1) - V(r, k-m)) + [x < 0] N(r, k-m)   (App. C)
-            _add_row(codes, b, counts, r, k, W)
+            _add_row(codes, b, counts, r, k, w_r)
             if m > 1:
-                for w in range(W):
+                for w in range(w_r):
                     span[0, w] = cumul[r, k - 1, w]
-                _sub_row(span, 0, cumul, r, k - m, W)
+                _sub_row(span, 0, cumul, r, k - m, w_r)
                 for _ in range(2):
                     carry = np.uint64(0)
-                    for w in range(W):
+                    for w in range(w_r):
                         a = codes[b, w]
                         s = a + span[0, w]
                         c1 = s < a
@@ -186,22 +199,22 @@ def _encode_words(points, K, counts, cumul, codes):
                         codes[b, w] = t
                         carry = np.uint64(c1 | c2)
             if x < 0:
-                _add_row(codes, b, counts, r, k - m, W)
-            k -= m
+                _add_row(codes, b, counts, r, k - m, w_r)
 
 
 @nb.njit(cache=True)
-def _decode_words(codes, K, counts, points):
+def _decode_words(codes, K, counts, row_words, points):
     """points[b] = pyramid point of codes[b]; points zero-initialised, shape (B, D).
-    Destroys `codes` (used as the running remainder)."""
+    Destroys `codes` (used as the running remainder, below N(D-i, k_i) at coordinate i,
+    so each step works on row_words[D-1-i] limbs)."""
     B, D = points.shape
-    W = codes.shape[1]
     for b in range(B):
         k = K
         for i in range(D):
             if k == 0:
                 break
             r = D - 1 - i
+            W = row_words[r]
             if _less_than_row(codes, b, counts, r, k, W):
                 continue  # x_i = 0
             _sub_row(codes, b, counts, r, k, W)
@@ -369,7 +382,7 @@ def _encode_with(points: np.ndarray, tables: WordTables) -> np.ndarray:
         _encode_one_word(points, tables.K, tables.counts[:, :, 0], tables.cumulative[:, :, 0], flat)
         return flat[:, None]
     codes = np.zeros((B, tables.words), dtype=np.uint64)
-    _encode_words(points, tables.K, tables.counts, tables.cumulative, codes)
+    _encode_words(points, tables.K, tables.counts, tables.cumulative, tables.row_words, codes)
     return codes
 
 
@@ -403,5 +416,5 @@ def decode(codes: np.ndarray, D: int, K: int) -> np.ndarray:
     if tables.words == 1:
         _decode_one_word(work[:, 0].copy(), tables.K, tables.counts[:, :, 0], points)
     else:
-        _decode_words(work, tables.K, tables.counts, points)
+        _decode_words(work, tables.K, tables.counts, tables.row_words, points)
     return points
