@@ -1,1 +1,36 @@
-"""Pure-math PVQ codec (numpy/numba, no torch)."""
+"""Pure-math PVQ codec (numpy/numba, no torch).
+
+Counts N(D, K), pulses for a bit budget, shape search onto the pyramid, Fischer's
+enumeration (batched, multi-limb), bit packing, gain quantizers, and the scalar / E8
+baselines used to judge them.
+"""
+
+from .counts import code_bits, count_table, cumulative_table, pulses_for_bits, pyramid_count, word_tables
+from .enumeration import decode, decode_reference, encode, encode_reference, ints_to_words, words_to_ints
+from .errors import CodecError
+from .gain import BetaGainQuantizer, beta_gain_parameters
+from .packing import pack_codes, packed_size, unpack_codes
+from .search import brute_force_search, search
+
+__all__ = [
+    "BetaGainQuantizer",
+    "CodecError",
+    "beta_gain_parameters",
+    "brute_force_search",
+    "code_bits",
+    "count_table",
+    "cumulative_table",
+    "decode",
+    "decode_reference",
+    "encode",
+    "encode_reference",
+    "ints_to_words",
+    "pack_codes",
+    "packed_size",
+    "pulses_for_bits",
+    "pyramid_count",
+    "search",
+    "unpack_codes",
+    "word_tables",
+    "words_to_ints",
+]
