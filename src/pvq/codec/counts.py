@@ -101,6 +101,10 @@ def pulses_for_bits(D: int, bits: float, max_pulses: int = MAX_PULSES) -> int:
         raise CodecError("D must be at least 1")
     if not math.isfinite(bits) or bits < 0:
         raise CodecError(f"bits={bits!r} must be a finite non-negative number")
+    if D == 1:
+        # N(1, K) = 2 for every K >= 1 ({+K, -K}): more pulses buy nothing, so the
+        # useful answer is the smallest K reaching that count.
+        return 1 if bits >= 1 else 0
     budget = bits * D
 
     def fits(K: int) -> bool:

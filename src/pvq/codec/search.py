@@ -81,6 +81,7 @@ from typing import Iterator
 import numpy as np
 from numba import njit
 
+from .counts import pyramid_count
 from .errors import CodecError
 
 __all__ = [
@@ -469,15 +470,6 @@ def _finish(out, was_1d):
     return out[0] if was_1d else out
 
 
-def _pyramid_size(D: int, K: int) -> int:
-    """|P(D, K)| = sum_k 2^k C(D, k) C(K-1, k-1) (exact Python int)."""
-    if K == 0:
-        return 1
-    from math import comb
-
-    return sum((1 << k) * comb(D, k) * comb(K - 1, k - 1) for k in range(1, min(D, K) + 1))
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -538,7 +530,7 @@ def brute_force_search(x, K) -> np.ndarray:
     """
     arr, k, was_1d = _prepare(x, K)
     D = arr.shape[1]
-    n = _pyramid_size(D, k)
+    n = pyramid_count(D, k)
     if n > BRUTE_FORCE_MAX_POINTS:
         raise CodecError(
             f"brute force refused: |P({D}, {k})| = {n} > {BRUTE_FORCE_MAX_POINTS} points"
