@@ -1,0 +1,48 @@
+"""Quantization algorithms, one per module, each a pure function of (weight, Hessian).
+
+Registry: METHODS[name] -> Method(config_class, quantize, dequantize). Modules are
+imported lazily so that `pvq.quant` imports fast and a broken optional method cannot
+break the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .base import QuantizationError, QuantizedTensor, check_weight, proxy_loss
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    module: str  # pvq.quant.<module> defines CONFIG (a dataclass type), quantize, dequantize
+
+    def _mod(self):
+        return importlib.import_module(f"pvq.quant.{self.module}")
+
+    @property
+    def config_class(self) -> type:
+        return self._mod().CONFIG
+
+    @property
+    def quantize(self) -> Callable[..., QuantizedTensor]:
+        return self._mod().quantize
+
+    @property
+    def dequantize(self) -> Callable[[QuantizedTensor], Any]:
+        return self._mod().dequantize
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (Method("rtn", "rtn"), Method("gptq", "gptq"), Method("pvq", "pvq"))}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise QuantizationError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+
+
+__all__ = ["METHODS", "Method", "QuantizationError", "QuantizedTensor", "check_weight", "get_method", "proxy_loss"]
