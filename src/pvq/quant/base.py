@@ -60,3 +60,19 @@ def proxy_loss(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Ten
     """Layer-wise proxy loss tr((W - Q) H (W - Q)^T) (paper eq. 1), in float64."""
     delta = (weight - quantized).double()
     return float(torch.einsum("ij,jk,ik->", delta, hessian.double(), delta))
+
+
+def as_float32(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as contiguous CPU float32 (a view when it already is); refuses empty layers."""
+    if weight.numel() == 0:
+        raise QuantizationError(f"weight is empty (shape {tuple(weight.shape)})")
+    return weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def check_config(config: Any, cls: type) -> Any:
+    """`config` (None = ``cls()`` defaults) as an instance of `cls`, else QuantizationError."""
+    if config is None:
+        return cls()
+    if not isinstance(config, cls):
+        raise QuantizationError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+    return config

@@ -1,0 +1,33 @@
+"""Errors of the packed checkpoint format; each message names the file, layer or version at fault."""
+
+from __future__ import annotations
+
+from pvq.codec.errors import CodecError
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointIntegrityError",
+    "CheckpointVersionError",
+    "LayerCodecError",
+    "LayerDecodeError",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read: bad manifest, missing values, wrong shapes."""
+
+
+class CheckpointIntegrityError(CheckpointError):
+    """A checkpoint file that is missing, truncated or altered (size or sha256 mismatch)."""
+
+
+class CheckpointVersionError(CheckpointError):
+    """A manifest of another format, or of a format version newer than this code reads."""
+
+
+class LayerDecodeError(CheckpointError):
+    """A stored layer that cannot be turned back into its weight (the message names the layer)."""
+
+
+class LayerCodecError(LayerDecodeError, CodecError):
+    """The codec rejected a layer's stored codes (out of range, truncated stream, ...)."""

@@ -1,0 +1,185 @@
+"""GPTQ (Frantar et al. 2022): column-by-column rounding with Hessian error feedback.
+
+Same asymmetric grid and stored payload as `pvq.quant.rtn` (``codes``, ``scales``,
+``zeros``), plus ``perm`` with act_order. The algorithm, for W (R x C) and the damped
+inverse Hessian ``H^{-1} = U^T U`` (U upper triangular, `pvq.quant.hessian`):
+
+* dead columns (H_ii == 0) are zeroed;
+* columns are processed left to right in lazy blocks of `block_size` columns: inside a
+  block, column q is rounded to its group's grid and its error
+  ``err = (w_q - q_q) / U_qq`` is pushed onto the block's later columns
+  (``W[:, q+1:] -= err U[q, q+1:]``); once the block is done, its errors are pushed onto
+  all later columns in one matmul (``W[:, after] -= Err @ U[block, after]``);
+* a group's scale/zero are computed when its first column is reached, from the
+  *current* (already error-corrected) weights of the whole group, as GPTQ does. To make
+  that exact, the effective block size is a multiple of the group size
+  (``group_size * max(1, block_size // group_size)``) so a group never straddles a lazy
+  block boundary (the reference implementation reads stale weights in that case).
+  With one group per row the grid comes from the whole original row.
+* act_order: columns are processed in order of decreasing diag(H) (stable sort, so ties
+  keep their original order). **Groups are formed in that permuted order**: group g is
+  permuted columns ``[g*gs, (g+1)*gs)``; ``codes``, ``scales`` and ``zeros`` are stored
+  in permuted column order and ``perm`` (int16 when C <= 32767, else int32) maps
+  stored column k to input column ``perm[k]``. This keeps one (scale, zero) pair per
+  group of consecutive stored columns (so the payload is the same as RTN's) at the cost
+  of a gather by ``perm`` when dequantizing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, proxy_loss
+from .hessian import check_percdamp, inverse_hessian_cholesky
+from .rtn import (
+    check_bits,
+    check_group_size,
+    grid_dequantize,
+    grid_params,
+    grid_quantize,
+    grid_reconstruct,
+    pack_grid,
+    resolve_group_size,
+    unpack_grid,
+)
+from .rtn import nominal_bits_per_weight as _grid_nominal_bits
+
+__all__ = ["CONFIG", "GPTQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """bits 2..8; group_size (-1/0 = per row); lazy block_size; act_order; percdamp (of mean diag H)."""
+
+    bits: int = 4
+    group_size: int = 128
+    block_size: int = 128
+    act_order: bool = False
+    percdamp: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1:
+            raise QuantizationError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.act_order, (bool, np.bool_)):
+            raise QuantizationError(f"act_order must be a bool, got {self.act_order!r}")
+        check_percdamp(self.percdamp)
+
+
+CONFIG = GPTQConfig
+
+
+def nominal_bits_per_weight(config: GPTQConfig, columns: int | None = None) -> float:
+    """As RTN: bits + (16 + bits) / group_size (the act_order permutation is not counted)."""
+    return _grid_nominal_bits(config, columns)
+
+
+def _perm_dtype(columns: int):
+    return np.int16 if columns <= np.iinfo(np.int16).max else np.int32
+
+
+def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTQConfig | None = None) -> QuantizedTensor:
+    config = check_config(config, GPTQConfig)
+    check_weight(weight, hessian)
+    if hessian is None:
+        raise QuantizationError("gptq needs the layer's Hessian (use rtn to quantize without calibration data)")
+    W0 = as_float32(weight)
+    R, C = W0.shape
+    gs = resolve_group_size(config.group_size, C)
+    G = C // gs
+    bits = config.bits
+    H = hessian.detach().to(device="cpu", dtype=torch.float64)
+
+    perm = None
+    W = W0.clone()
+    if config.act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W = W[:, perm].contiguous()
+        H = H[perm][:, perm]
+    inv = inverse_hessian_cholesky(H, config.percdamp)
+    U = inv.U
+    W[:, inv.dead] = 0.0
+
+    per_row = gs == C
+    # a group never straddles a lazy block (see the module docstring)
+    block = config.block_size if per_row else gs * max(1, config.block_size // gs)
+    codes = torch.empty((R, C), dtype=torch.int32)
+    Q = torch.empty((R, C), dtype=torch.float32)
+    scales = torch.empty((R, G), dtype=torch.float16)
+    zeros = torch.empty((R, G), dtype=torch.int32)
+    if per_row:
+        scale16, zero = grid_params(W, bits)
+        scales[:, 0], zeros[:, 0] = scale16, zero
+
+    for i1 in range(0, C, block):
+        i2 = min(i1 + block, C)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros((R, i2 - i1), dtype=torch.float32)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not per_row and col % gs == 0:
+                g = col // gs
+                scale16, zero = grid_params(W1[:, i : i + gs], bits)
+                scales[:, g], zeros[:, g] = scale16, zero
+            w = W1[:, i]
+            c = grid_quantize(w, scale16, zero, bits)
+            q = grid_dequantize(c, scale16, zero)
+            codes[:, col] = c
+            Q[:, col] = q
+            err = (w - q) / U1[i, i]
+            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+            Err1[:, i] = err
+        if i2 < C:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+
+    tensors = pack_grid(codes, scales, zeros, bits)
+    meta = {
+        "bits": int(bits),
+        "group_size": int(gs),
+        "num_groups": int(G),
+        "code_order": "row-major",
+        "act_order": bool(config.act_order),
+        "block_size": int(block),
+        "percdamp": float(config.percdamp),
+        "damping": float(inv.damping),
+    }
+    if perm is not None:
+        tensors["perm"] = perm.numpy().astype(_perm_dtype(C))
+        meta["column_order"] = "permuted"
+        Qout = torch.empty_like(Q)
+        Qout[:, perm] = Q
+    else:
+        Qout = Q
+    qt = QuantizedTensor(method="gptq", shape=(R, C), tensors=tensors, meta=meta)
+    qt.proxy_loss = proxy_loss(W0, Qout, hessian.detach().to("cpu"))
+    qt.extra.update(
+        nominal_bits_per_weight=nominal_bits_per_weight(config, C),
+        dead_columns=int(inv.dead.sum()),
+        damping=float(inv.damping),
+    )
+    return qt
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    R, C = qt.shape
+    meta = qt.meta
+    bits, gs, G = int(meta["bits"]), int(meta["group_size"]), int(meta["num_groups"])
+    if gs * G != C:
+        raise QuantizationError(f"meta group_size {gs} x num_groups {G} does not match in_features {C}")
+    codes, scale16, zero = unpack_grid(qt.tensors, R, C, G, bits)
+    Q = grid_reconstruct(codes, scale16, zero, gs)
+    if "perm" not in qt.tensors:
+        if meta.get("act_order"):
+            raise QuantizationError("act_order payload lacks its column permutation 'perm'")
+        return Q
+    perm = np.asarray(qt.tensors["perm"]).astype(np.int64)
+    if perm.shape != (C,) or not np.array_equal(np.sort(perm), np.arange(C)):
+        raise QuantizationError(f"'perm' is not a permutation of {C} columns")
+    out = torch.empty_like(Q)
+    out[:, torch.from_numpy(perm)] = Q
+    return out

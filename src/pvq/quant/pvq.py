@@ -1,0 +1,476 @@
+"""Pyramid Vector Quantization of a layer, with Hessian error feedback (paper section 3.3).
+
+Each row of W (R x C) is cut into G = C / D groups of D consecutive input columns; each
+group vector w is stored as a *shape*, a point p of the pyramid P(D, K) (its Fischer
+code, `pvq.codec`), and a *gain* s: ``w_hat = s * p / ||p||``.
+
+Algorithm (blocks b = the D columns of one group, left to right):
+
+1. ``H^{-1} = U^T U`` (`pvq.quant.hessian`, damped; dead columns of W zeroed).
+2. Shape: every row's D-vector of the current, error-corrected block W_b is mapped to the
+   pyramid point of maximal cosine (`pvq.codec.search`, float64).
+3. `hessian_refine` (default on): single-pulse moves from the cosine-optimal point that
+   lower the block loss ``min_s ||(w - s u) A||^2`` (see `_refine_rows`). On synthetic
+   1536 x 576 layers (`pvq.quant.synthetic`, 3-bit shapes) it cut the proxy loss by
+   7-46% (D=64, fp16 gains) and 1-21% (D=16, Beta gains), the more the more
+   anisotropic the Hessian, for about 1.4x the time of PVQ without it.
+4. Gain: for the unit shape u, the loss of the block with optimal compensation of the
+   later columns is ``||(w - s u) A||^2`` with ``A = U_bb^{-1}`` (GPTQ generalised to a
+   block of D columns, as in GPTVQ), minimised by ``s = <wA, uA> / <uA, uA>``. Without
+   the Hessian it is the least-squares gain ``<w, u>`` (the paper's step-4 formula is
+   printed inverted). The gain is quantized *before* the error is formed, so the
+   feedback compensates the gain's quantization error too:
+   * ``"fp16"``: one float16 gain per group;
+   * ``"beta"``: `gain_bits`-bit indices into the Beta(D/2, D(G-1)/2) codebook of
+     `pvq.codec.BetaGainQuantizer` (quantile or centroid reconstruction), normalised by
+     the squared norm of the *original* row, stored as one float16 norm per row. The
+     index chosen is the codebook gain nearest to s, which is the optimum of the
+     quadratic loss in s for this codebook (the paper's ``floor(CDF(u) 2^b)`` cell rule
+     differs only near cell boundaries).
+5. Feedback: ``E = (W_b - Q_b) U_bb^{-1}`` (triangular solve) and
+   ``W[:, after b] -= E @ U[b, after b]`` (the paper's step 6).
+
+Stored tensors:
+* ``codes``: Fischer codes of the R*G shapes, row-major (row r, group g -> r*G + g),
+  each ``code_bits(D, K)`` bits, bit-packed (`pvq.codec.pack_codes`);
+* fp16 gains: ``gains`` float16 (R, G);
+* beta gains: ``gain_indices`` (R*G indices, row-major, bit-packed at gain_bits) and
+  ``row_norms`` float16 (R,) (a row whose stored norm is 0 dequantizes to zeros).
+Dequantization: unpack, decode, ``u = p / ||p||`` (float64), times the gains, float32.
+Nominal bits per weight (paper eq. 7): ``code_bits / D + gain_bits / D`` (16 for fp16);
+the measured value adds the row norms (16 bits per row) and byte padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numba import njit
+
+from pvq.codec import BetaGainQuantizer, code_bits, decode, encode, pack_codes, pulses_for_bits, search, unpack_codes
+from pvq.codec.counts import table_bytes
+from pvq.codec.errors import CodecError
+
+from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, proxy_loss
+from .hessian import check_percdamp, inverse_hessian_cholesky
+
+__all__ = ["CONFIG", "PVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
+
+GAIN_FORMATS = ("fp16", "beta")
+RECONSTRUCTIONS = ("quantile", "centroid")
+SEARCH_METHODS = ("refined", "greedy", "paper")
+MAX_GAIN_BITS = 16
+MAX_SHAPE_BITS = 8
+#: Largest enumeration tables (both, bytes) a configuration may need.
+MAX_TABLE_BYTES = 1 << 30
+#: Columns per lazy feedback block (rounded to a multiple of D).
+LAZY_BLOCK = 128
+
+
+def _is_int(value) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+
+
+@dataclass(frozen=True)
+class PVQConfig:
+    """PVQ settings (see the module docstring).
+
+    group_size: D, input columns per shape vector; shape_bits: bits per weight for the
+    shape (fractional allowed; K = pulses_for_bits(D, shape_bits)); gain: "fp16" or
+    "beta"; gain_bits and reconstruction ("centroid" | "quantile"): Beta gains only;
+    use_hessian: error feedback and Hessian-optimal gains (False: plain PVQ with
+    least-squares gains, no Hessian needed); percdamp: damping (fraction of the mean
+    diagonal); search_method: codec shape search ("refined" | "greedy" | "paper");
+    hessian_refine: refine shapes under the block metric (with use_hessian only);
+    refine_candidates / refine_max_moves: its search width and move budget per vector.
+    """
+
+    group_size: int = 64
+    shape_bits: float = 3.0
+    gain: str = "fp16"
+    gain_bits: int = 4
+    reconstruction: str = "centroid"
+    use_hessian: bool = True
+    percdamp: float = 0.01
+    search_method: str = "refined"
+    hessian_refine: bool = True
+    refine_candidates: int = 8
+    refine_max_moves: int = 64
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.group_size) or self.group_size < 2:
+            raise QuantizationError(f"group_size (D) must be an integer >= 2, got {self.group_size!r}")
+        if isinstance(self.shape_bits, bool) or not isinstance(self.shape_bits, (int, float, np.integer, np.floating)):
+            raise QuantizationError(f"shape_bits must be a number, got {self.shape_bits!r}")
+        if not (math.isfinite(self.shape_bits) and 0 < self.shape_bits <= MAX_SHAPE_BITS):
+            raise QuantizationError(f"shape_bits must be in (0, {MAX_SHAPE_BITS}], got {self.shape_bits!r}")
+        if self.gain not in GAIN_FORMATS:
+            raise QuantizationError(f"gain must be one of {GAIN_FORMATS}, got {self.gain!r}")
+        if not _is_int(self.gain_bits) or not 1 <= self.gain_bits <= MAX_GAIN_BITS:
+            raise QuantizationError(f"gain_bits must be an integer in 1..{MAX_GAIN_BITS}, got {self.gain_bits!r}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise QuantizationError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
+        for name in ("use_hessian", "hessian_refine"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise QuantizationError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_percdamp(self.percdamp)
+        if self.search_method not in SEARCH_METHODS:
+            raise QuantizationError(f"search_method must be one of {SEARCH_METHODS}, got {self.search_method!r}")
+        if not _is_int(self.refine_candidates) or self.refine_candidates < 1:
+            raise QuantizationError(f"refine_candidates must be an integer >= 1, got {self.refine_candidates!r}")
+        if not _is_int(self.refine_max_moves) or self.refine_max_moves < 0:
+            raise QuantizationError(f"refine_max_moves must be an integer >= 0, got {self.refine_max_moves!r}")
+        if self.pulses < 1:
+            raise QuantizationError(
+                f"shape_bits={self.shape_bits} buys no pulse for D={self.group_size} "
+                f"(N(D, 1) = {2 * self.group_size} codes need log2({2 * self.group_size}) / D bits per weight)"
+            )
+        need = table_bytes(int(self.group_size), self.pulses)
+        if need > MAX_TABLE_BYTES:
+            raise QuantizationError(
+                f"D={self.group_size} with shape_bits={self.shape_bits} (K={self.pulses}) needs "
+                f"{need / 2**20:.0f} MiB of enumeration tables (limit {MAX_TABLE_BYTES >> 20} MiB); "
+                "lower shape_bits or group_size"
+            )
+
+    @property
+    def pulses(self) -> int:
+        """K: the most pulses whose pyramid fits shape_bits * D bits."""
+        try:
+            return pulses_for_bits(int(self.group_size), float(self.shape_bits))
+        except CodecError as e:
+            raise QuantizationError(f"cannot size the pyramid: {e}") from None
+
+    @property
+    def code_bits(self) -> int:
+        return code_bits(int(self.group_size), self.pulses)
+
+
+CONFIG = PVQConfig
+
+
+def nominal_bits_per_weight(config: PVQConfig, columns: int | None = None) -> float:
+    """Paper eq. 7 with the actual code width: code_bits(D, K) / D + gain bits / D.
+
+    (`columns` is accepted for a signature common to all methods and not needed.)"""
+    gain = 16 if config.gain == "fp16" else config.gain_bits
+    return (config.code_bits + gain) / config.group_size
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@njit(cache=True)
+def _refine_rows(x, P, b, Mp, M, ncand, max_moves, rel_tol):
+    """Refine pyramid points P (N, D) in place under the metric M (D x D, PSD).
+
+    Maximises ``f(p) = <b, p>^2 / (p M p)`` (b = x M), i.e. minimises the loss
+    ``(x - s p) M (x - s p)^T`` at its optimal gain s, over single-pulse moves: take
+    one pulse off i (``p_i -= sign(p_i)``) and put one on j in the direction of the
+    target (``p_j += sign(x_j)``, j with x_j != 0), so L1 = K and the signs of p stay
+    those of x. Per step, the `ncand` most promising removals and additions by the
+    first-order change of log f are paired and evaluated exactly (O(1) each, from
+    ``Mp = p M``); the best strictly improving pair is applied. At most `max_moves`
+    moves per vector. Rows with ``<b, p> <= 0`` are left alone. Returns total moves.
+    """
+    N, D = x.shape
+    add_idx = np.empty(ncand, np.int64)
+    add_val = np.empty(ncand, np.float64)
+    rem_idx = np.empty(ncand, np.int64)
+    rem_val = np.empty(ncand, np.float64)
+    total = 0
+    for r in range(N):
+        num = 0.0
+        den = 0.0
+        for k in range(D):
+            num += b[r, k] * P[r, k]
+            den += P[r, k] * Mp[r, k]
+        if not (num > 0.0 and den > 0.0):
+            continue
+        for _ in range(max_moves):
+            na = 0
+            nr = 0
+            inv_num = 1.0 / num
+            inv_den = 1.0 / den
+            for k in range(D):
+                grad = b[r, k] * inv_num - Mp[r, k] * inv_den
+                xk = x[r, k]
+                if xk != 0.0:
+                    t = 1.0 if xk > 0.0 else -1.0
+                    v = t * grad  # first-order gain of adding a pulse at k
+                    if na < ncand:
+                        pos = na
+                        na += 1
+                    elif v > add_val[na - 1]:
+                        pos = na - 1
+                    else:
+                        pos = -1
+                    if pos >= 0:
+                        while pos > 0 and add_val[pos - 1] < v:
+                            add_val[pos] = add_val[pos - 1]
+                            add_idx[pos] = add_idx[pos - 1]
+                            pos -= 1
+                        add_val[pos] = v
+                        add_idx[pos] = k
+                pk = P[r, k]
+                if pk != 0:
+                    s = 1.0 if pk > 0 else -1.0
+                    v = -s * grad  # first-order gain of removing a pulse at k
+                    if nr < ncand:
+                        pos = nr
+                        nr += 1
+                    elif v > rem_val[nr - 1]:
+                        pos = nr - 1
+                    else:
+                        pos = -1
+                    if pos >= 0:
+                        while pos > 0 and rem_val[pos - 1] < v:
+                            rem_val[pos] = rem_val[pos - 1]
+                            rem_idx[pos] = rem_idx[pos - 1]
+                            pos -= 1
+                        rem_val[pos] = v
+                        rem_idx[pos] = k
+            best_i = -1
+            best_j = -1
+            best_num = num
+            best_den = den
+            for a in range(nr):
+                i = rem_idx[a]
+                si = 1.0 if P[r, i] > 0 else -1.0
+                for c in range(na):
+                    j = add_idx[c]
+                    if j == i:
+                        continue
+                    tj = 1.0 if x[r, j] > 0.0 else -1.0
+                    n2 = num + tj * b[r, j] - si * b[r, i]
+                    if n2 <= 0.0:
+                        continue
+                    d2 = den + 2.0 * (tj * Mp[r, j] - si * Mp[r, i]) + M[j, j] + M[i, i] - 2.0 * si * tj * M[i, j]
+                    if d2 <= 0.0:
+                        continue
+                    # n2^2 / d2 > best_num^2 / best_den (strictly, relative tolerance)
+                    if n2 * n2 * best_den > best_num * best_num * d2 * (1.0 + rel_tol):
+                        best_i = i
+                        best_j = j
+                        best_num = n2
+                        best_den = d2
+            if best_i < 0:
+                break
+            si = 1.0 if P[r, best_i] > 0 else -1.0
+            tj = 1.0 if x[r, best_j] > 0.0 else -1.0
+            P[r, best_i] -= np.int32(si)
+            P[r, best_j] += np.int32(tj)
+            for k in range(D):
+                Mp[r, k] += tj * M[best_j, k] - si * M[best_i, k]
+            # recompute num/den exactly-ish to avoid drift
+            num = 0.0
+            den = 0.0
+            for k in range(D):
+                num += b[r, k] * P[r, k]
+                den += P[r, k] * Mp[r, k]
+            total += 1
+    return total
+
+
+_REFINE_REL_TOL = 1e-12
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _unit_shapes(points: np.ndarray) -> np.ndarray:
+    """u = p / ||p||_2 in float64 (exact integer norms, so independent of batching)."""
+    p = points.astype(np.float64)
+    return p / np.sqrt((p * p).sum(axis=1))[:, None]
+
+
+def _reconstruct(points: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """Group vectors (N, D) float32 = gains (N,) float64 times unit shapes: the one formula
+    used both when quantizing and when dequantizing, so the two agree bit for bit."""
+    return (_unit_shapes(points) * gains[:, None]).astype(np.float32)
+
+
+def _row_scale(norms16: np.ndarray) -> np.ndarray:
+    """Per-row factor of the Beta gains: the stored float16 row norm (float64); a row
+    whose stored norm is 0 (or underflowed) gets 0, so it dequantizes to zeros."""
+    return norms16.astype(np.float64)
+
+
+def _beta_gains(codebook: np.ndarray, indices: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
+    """Gains (float64) of Beta indices: codebook[i] * row norm (row_scale broadcast to indices)."""
+    return codebook[indices] * row_scale
+
+
+def _fp16(values: np.ndarray, what: str) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        out = values.astype(np.float16)
+    if not np.all(np.isfinite(out)):
+        raise QuantizationError(f"{what} {float(np.max(np.abs(values))):.6g} overflows float16")
+    return out
+
+
+# --------------------------------------------------------------------------- the method
+
+
+def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConfig | None = None) -> QuantizedTensor:
+    config = check_config(config, PVQConfig)
+    check_weight(weight, hessian)
+    R, C = weight.shape
+    D = int(config.group_size)
+    if C % D != 0:
+        divisors = [d for d in range(2, C + 1) if C % d == 0]
+        near = sorted(divisors, key=lambda d: (abs(d - D), d))[:2]
+        raise QuantizationError(
+            f"in_features C={C} is not divisible by group_size D={D}; pick a divisor of {C} "
+            f"(nearest: {' or '.join(map(str, sorted(near)))})"
+        )
+    G = C // D
+    if config.gain == "beta" and G < 2:
+        raise QuantizationError(
+            f"Beta gains need at least 2 groups per row, got C={C}, D={D} (use gain='fp16' or a smaller D)"
+        )
+    use_h = bool(config.use_hessian)
+    if use_h and hessian is None:
+        raise QuantizationError("use_hessian=True needs the layer's Hessian; pass one or set use_hessian=False")
+    K = config.pulses
+    nbits = config.code_bits
+
+    W0 = as_float32(weight)
+    W = W0.clone()
+    if config.gain == "beta":
+        norms16 = _fp16(W0.double().norm(dim=1).numpy(), "row norm")
+        row_scale = _row_scale(norms16)
+        live = row_scale > 0
+        gq = BetaGainQuantizer(D, G, int(config.gain_bits), config.reconstruction)
+        codebook = gq.codebook
+        midpoints = 0.5 * (codebook[1:] + codebook[:-1])
+    damping = None
+    if use_h:
+        inv = inverse_hessian_cholesky(hessian, config.percdamp)
+        U = inv.U
+        damping = inv.damping
+        W[:, inv.dead] = 0.0
+    refine = use_h and config.hessian_refine and config.refine_max_moves > 0
+
+    points = np.empty((R, G, D), dtype=np.int32)
+    gains_out = np.empty((R, G), dtype=np.float16 if config.gain == "fp16" else np.int64)
+    Q = torch.empty((R, C), dtype=torch.float32)
+    if use_h:
+        # A_g = U_gg^{-1} for every group at once (float64), the block metrics
+        diag_blocks = torch.stack([U[g * D : (g + 1) * D, g * D : (g + 1) * D] for g in range(G)]).double()
+        eye = torch.eye(D, dtype=torch.float64).expand(G, D, D)
+        A_all = torch.linalg.solve_triangular(diag_blocks, eye, upper=True)
+        A32_all = A_all.float()
+        A_all = A_all.numpy()
+    # lazy blocks: feedback inside a block of ~LAZY_BLOCK columns goes to its own copy,
+    # the rest of W is updated once per block (same arithmetic, less memory traffic)
+    lazy = D * max(1, LAZY_BLOCK // D)
+    moves = 0
+    for i1 in range(0, C, lazy):
+        i2 = min(i1 + lazy, C)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty((R, i2 - i1), dtype=torch.float32) if use_h else None
+        for lo in range(0, i2 - i1, D):
+            hi = lo + D
+            g = (i1 + lo) // D
+            Wb = W1[:, lo:hi]
+            x = Wb.double().numpy()
+            p = search(x, K, config.search_method)
+            if use_h:
+                A = A_all[g]
+                if refine:
+                    M = A @ A.T
+                    M = 0.5 * (M + M.T)
+                    Mp = p.astype(np.float64) @ M
+                    moves += _refine_rows(
+                        x, p, x @ M, Mp, M, int(config.refine_candidates), int(config.refine_max_moves), _REFINE_REL_TOL
+                    )
+                u = _unit_shapes(p)
+                wA = x @ A
+                uA = u @ A
+                s = (wA * uA).sum(axis=1) / (uA * uA).sum(axis=1)
+            else:
+                u = _unit_shapes(p)
+                s = (x * u).sum(axis=1)
+            if config.gain == "fp16":
+                g16 = _fp16(s, "gain")
+                gains_out[:, g] = g16
+                s_hat = g16.astype(np.float64)
+            else:
+                idx = np.searchsorted(midpoints, s / np.where(live, row_scale, 1.0), side="left")
+                idx[~live] = 0
+                gains_out[:, g] = idx
+                s_hat = _beta_gains(codebook, idx, row_scale)
+            points[:, g, :] = p
+            Qb = torch.from_numpy(_reconstruct(p, s_hat))
+            Q[:, i1 + lo : i1 + hi] = Qb
+            if use_h:
+                E = (Wb - Qb) @ A32_all[g]
+                Err1[:, lo:hi] = E
+                if hi < i2 - i1:
+                    W1[:, hi:].addmm_(E, U[i1 + lo : i1 + hi, i1 + hi : i2], alpha=-1.0)
+        if use_h and i2 < C:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+
+    flat_points = points.reshape(R * G, D)
+    tensors = {"codes": pack_codes(encode(flat_points, K), nbits)}
+    if config.gain == "fp16":
+        tensors["gains"] = gains_out
+    else:
+        tensors["gain_indices"] = pack_codes(gains_out.reshape(-1).astype(np.uint64), int(config.gain_bits))
+        tensors["row_norms"] = norms16
+    meta = {
+        "group_size": D,
+        "num_groups": G,
+        "pulses": int(K),
+        "code_bits": int(nbits),
+        "shape_bits": float(config.shape_bits),
+        "gain": config.gain,
+        "gain_bits": 16 if config.gain == "fp16" else int(config.gain_bits),
+        "use_hessian": use_h,
+        "hessian_refine": bool(refine),
+        "search_method": config.search_method,
+        "percdamp": float(config.percdamp),
+        "code_order": "row-major",
+    }
+    if config.gain == "beta":
+        meta["reconstruction"] = config.reconstruction
+    if damping is not None:
+        meta["damping"] = float(damping)
+    qt = QuantizedTensor(method="pvq", shape=(R, C), tensors=tensors, meta=meta)
+    if hessian is not None:
+        qt.proxy_loss = proxy_loss(W0, Q, hessian.detach().to("cpu"))
+    qt.extra.update(nominal_bits_per_weight=nominal_bits_per_weight(config), refine_moves=int(moves))
+    return qt
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    R, C = qt.shape
+    meta = qt.meta
+    D, G, K, nbits = (int(meta[k]) for k in ("group_size", "num_groups", "pulses", "code_bits"))
+    if D * G != C:
+        raise QuantizationError(f"meta group_size {D} x num_groups {G} does not match in_features {C}")
+    try:
+        points = decode(unpack_codes(qt.tensors["codes"], R * G, nbits), D, K)
+        if meta["gain"] == "fp16":
+            gains16 = np.asarray(qt.tensors["gains"])
+            if gains16.dtype != np.float16 or gains16.shape != (R, G):
+                raise QuantizationError(f"gains must be float16 of shape {(R, G)}, got {gains16.dtype} {gains16.shape}")
+            gains = gains16.astype(np.float64).reshape(-1)
+        elif meta["gain"] == "beta":
+            gq = BetaGainQuantizer(D, G, int(meta["gain_bits"]), meta["reconstruction"])
+            idx = unpack_codes(qt.tensors["gain_indices"], R * G, int(meta["gain_bits"]))[:, 0].astype(np.int64)
+            norms16 = np.asarray(qt.tensors["row_norms"])
+            if norms16.dtype != np.float16 or norms16.shape != (R,):
+                raise QuantizationError(f"row_norms must be float16 of shape {(R,)}, got {norms16.dtype} {norms16.shape}")
+            gains = _beta_gains(gq.codebook, idx.reshape(R, G), _row_scale(norms16)[:, None]).reshape(-1)
+        else:
+            raise QuantizationError(f"unknown gain format {meta['gain']!r}")
+    except KeyError as e:
+        raise QuantizationError(f"stored tensors or meta lack {e.args[0]!r}") from None
+    except CodecError as e:
+        raise QuantizationError(f"corrupt pvq payload: {e}") from None
+    return torch.from_numpy(_reconstruct(points, gains).reshape(R, C))
