@@ -188,11 +188,6 @@ class WordTables:
     counts: np.ndarray
     cumulative: np.ndarray
     total: int  # N(D, K) as a Python int
-    # row_words[r]: limbs of N(r+1, K), r = 0..D-1. With r = D-1-i the row read at
-    # coordinate i, every value the codec handles there (the remainder while decoding,
-    # the suffix sum while encoding back to front) is below N(r+1, K): the arithmetic
-    # of that step only needs these low limbs.
-    row_words: np.ndarray
 
     @property
     def total_words(self) -> np.ndarray:
@@ -222,8 +217,6 @@ def word_tables(D: int, K: int) -> WordTables:
     counts = np.zeros((D + 1, K + 1, words), dtype=np.uint64)
     cumul = np.zeros_like(counts)
     _fill_word_tables(counts, cumul)
-    nonzero = counts[1:, K, :] != 0  # (D, W): which limbs of N(r+1, K) are used
-    row_words = np.maximum(1, words - np.argmax(nonzero[:, ::-1], axis=1)).astype(np.int64)
-    for arr in (counts, cumul, row_words):
+    for arr in (counts, cumul):
         arr.flags.writeable = False
-    return WordTables(D=D, K=K, words=words, counts=counts, cumulative=cumul, total=total, row_words=row_words)
+    return WordTables(D=D, K=K, words=words, counts=counts, cumulative=cumul, total=total)
