@@ -21,3 +21,26 @@ def enumerate_pyramid(D: int, K: int) -> list[list[int]]:
         for rest in enumerate_pyramid(D - 1, K - abs(v)):
             out.append([v, *rest])
     return out
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_for_small_work(request):
+    """Fast tests use tiny matrices: extra intra-op threads only contend on a shared
+    2-core machine (measured 15-40x slower). Slow tests keep torch's default."""
+    if "slow" in request.keywords:
+        yield
+        return
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -12,15 +12,6 @@ from pvq.quant.hessian import inverse_hessian_cholesky
 from pvq.quant.synthetic import synthetic_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These layers are small: extra intra-op threads only contend on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _check_factor(H: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, damping: float) -> None:
     C = H.shape[0]
     assert U.dtype == torch.float32 and U.shape == (C, C)

@@ -15,15 +15,6 @@ from pvq.quant.pvq import _REFINE_REL_TOL, _refine_rows
 from pvq.quant.synthetic import synthetic_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These layers are small: extra intra-op threads only contend on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def layer():
     return synthetic_layer(128, 576, seed=30)

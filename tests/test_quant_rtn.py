@@ -13,15 +13,6 @@ from pvq.quant import rtn
 from pvq.quant.synthetic import synthetic_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These layers are small: extra intra-op threads only contend on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def layer():
     return synthetic_layer(128, 384, seed=10)

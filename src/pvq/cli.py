@@ -20,6 +20,71 @@ def _cmd_snr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_config(args: argparse.Namespace) -> dict:
+    """The chosen method's config fields from the command-line options."""
+    if args.method == "pvq":
+        cfg = dict(group_size=args.group_size, shape_bits=args.shape_bits, gain=args.gain, gain_bits=args.gain_bits,
+                   use_hessian=not args.no_hessian, percdamp=args.percdamp, hessian_refine=not args.no_refine)
+    else:
+        cfg = dict(bits=args.bits, group_size=args.group_size)
+        if args.method == "gptq":
+            cfg.update(act_order=args.act_order, percdamp=args.percdamp)
+    return cfg
+
+
+def _default_device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pvq.jobs import JobOptions, format_report, run_quantize_job
+
+    opts = JobOptions(
+        model=args.model, method=args.method, config=_method_config(args), out=args.out,
+        calib_text=args.calib_text, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
+        seed=args.seed, device=_default_device(args.device), compute_dtype=args.compute_dtype,
+        batch_size=args.batch_size, work_dir=args.work_dir, eval_text=args.eval_text,
+        eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows or None, evaluate=not args.no_eval,
+        overwrite=args.overwrite,
+    )
+    report = run_quantize_job(opts)
+    print(format_report(report))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from pvq.eval.perplexity import perplexity_details, wikitext2_test_text
+    from pvq.formats import is_checkpoint, load_checkpoint
+    from pvq.models import load_model
+    from pvq.pipeline import encode_text
+
+    if is_checkpoint(args.model):
+        model, tokenizer, manifest = load_checkpoint(args.model, mode=args.mode)
+        what = f"packed checkpoint ({manifest['settings'].get('method', '?')}, {manifest['stats']['bits_per_weight']:.3f} bits/weight)"
+    else:
+        model, tokenizer, _ = load_model(args.model)
+        what = "float model"
+    if tokenizer is None:
+        raise SystemExit(f"{args.model} has no tokenizer to encode the evaluation text")
+    ids = encode_text(tokenizer, wikitext2_test_text(args.eval_text))
+    res = perplexity_details(model, ids, seqlen=args.seqlen, max_windows=args.max_windows or None,
+                             batch_size=args.batch_size)
+    out = {"model": args.model, "kind": what, "ppl": res.ppl, "nll": res.nll, "windows": res.n_windows,
+           "seqlen": res.seqlen, "tokens": res.n_tokens, "seconds": res.seconds}
+    print(f"{args.model}: {what}\nWikiText-2 test perplexity {res.ppl:.3f} over {res.n_windows} windows of {res.seqlen} tokens "
+          f"({res.seconds:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvq", description="Pyramid Vector Quantization for LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +100,48 @@ def build_parser() -> argparse.ArgumentParser:
     snr.add_argument("--csv", default=None, help="also write the table as CSV")
     snr.add_argument("--quick", action="store_true", help="fewer samples and rates, for a smoke test")
     snr.set_defaults(func=_cmd_snr)
+
+    q = sub.add_parser("quantize", help="quantize a model into a packed checkpoint, load it back and measure it (the main job)")
+    q.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="hub id, local directory, .gguf file, or the demo alias smollm2-135m (default)")
+    q.add_argument("--method", choices=["pvq", "gptq", "rtn"], default="pvq")
+    q.add_argument("--out", default="pvq-out", help="checkpoint directory to write (default pvq-out)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    q.add_argument("--group-size", type=int, default=16,
+                   help="columns per group: PVQ dimension D, or the scalar group size (-1: per output channel)")
+    q.add_argument("--shape-bits", type=float, default=3.0, help="PVQ shape bits per weight, fractional allowed")
+    q.add_argument("--gain", choices=["fp16", "beta"], default="beta", help="PVQ gain storage")
+    q.add_argument("--gain-bits", type=int, default=4, help="bits per Beta-quantized PVQ gain")
+    q.add_argument("--no-hessian", action="store_true", help="plain PVQ: no Hessian error feedback")
+    q.add_argument("--no-refine", action="store_true", help="PVQ: skip the Hessian-weighted shape refinement")
+    q.add_argument("--bits", type=int, default=4, help="bits per weight for rtn/gptq")
+    q.add_argument("--act-order", action="store_true", help="gptq: process columns by descending Hessian diagonal")
+    q.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal")
+    q.add_argument("--calib-text", default=None,
+                   help="calibration text file (default: text sampled from the model itself, seeded)")
+    q.add_argument("--calib-windows", type=int, default=32, help="calibration windows (paper: 128)")
+    q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (paper: 2048)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto", help="compute device for one block at a time (auto: cuda if present)")
+    q.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the calibration forwards (Hessians are always accumulated in float32+)")
+    q.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    q.add_argument("--work-dir", default=None, help="resumable state (default: <out>.work); a rerun continues there")
+    q.add_argument("--eval-text", default=None, help="WikiText-2 raw test file (default: ../shared/assets/...)")
+    q.add_argument("--eval-seqlen", type=int, default=512)
+    q.add_argument("--eval-windows", type=int, default=40, help="perplexity windows (0: all)")
+    q.add_argument("--no-eval", action="store_true", help="skip perplexity and agreement with the float model")
+    q.set_defaults(func=_cmd_quantize)
+
+    ev = sub.add_parser("eval", help="WikiText-2 perplexity of a float model or a packed checkpoint")
+    ev.add_argument("model", help="packed checkpoint directory, hub id, local directory, .gguf, or smollm2-135m")
+    ev.add_argument("--seqlen", type=int, default=2048)
+    ev.add_argument("--max-windows", type=int, default=0, help="first N windows only (0: all)")
+    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--mode", choices=["load", "fly"], default="load", help="checkpoint decoding: once on load, or every forward")
+    ev.add_argument("--eval-text", default=None, help="WikiText-2 raw test file")
+    ev.add_argument("--json", default=None, help="also write the result as JSON")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 

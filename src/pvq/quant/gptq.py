@@ -40,11 +40,10 @@ from .rtn import (
     grid_dequantize,
     grid_params,
     grid_quantize,
-    grid_reconstruct,
     pack_grid,
     resolve_group_size,
-    unpack_grid,
 )
+from .rtn import dequantize as _grid_dequantize_payload
 from .rtn import nominal_bits_per_weight as _grid_nominal_bits
 
 __all__ = ["CONFIG", "GPTQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
@@ -166,13 +165,10 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTQCon
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
-    R, C = qt.shape
+    """The RTN grid payload, with act-order's column permutation undone."""
+    C = qt.shape[1]
     meta = qt.meta
-    bits, gs, G = int(meta["bits"]), int(meta["group_size"]), int(meta["num_groups"])
-    if gs * G != C:
-        raise QuantizationError(f"meta group_size {gs} x num_groups {G} does not match in_features {C}")
-    codes, scale16, zero = unpack_grid(qt.tensors, R, C, G, bits)
-    Q = grid_reconstruct(codes, scale16, zero, gs)
+    Q = _grid_dequantize_payload(qt)
     if "perm" not in qt.tensors:
         if meta.get("act_order"):
             raise QuantizationError("act_order payload lacks its column permutation 'perm'")

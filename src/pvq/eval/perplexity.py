@@ -1,0 +1,190 @@
+"""WikiText-2 perplexity and float-vs-quantized next-token agreement.
+
+Perplexity follows the usual GPTQ/QuaRot protocol: the test split's rows joined with
+"\\n\\n", tokenized once, cut into non-overlapping windows of `seqlen` tokens (the
+remainder is dropped), PPL = exp(mean NLL) over every predicted token of every window
+(the first token of a window has no prediction, so each window contributes seqlen - 1
+tokens; this equals GPTQ's exp(mean over windows of the window's mean NLL)).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+WIKITEXT2_TEST_ENV = "PVQ_WIKITEXT2_TEST"
+_RELATIVE = Path("assets") / "wikitext-2" / "raw" / "wiki.test.raw"
+
+
+class EvalDataError(FileNotFoundError):
+    """Evaluation data that is missing or unusable."""
+
+
+def default_wikitext2_test_path() -> Path:
+    """$PVQ_WIKITEXT2_TEST, else ../shared/assets/wikitext-2/raw/wiki.test.raw next to the
+    source checkout (the first that exists; else the last, for the error message)."""
+    candidates = []
+    if os.environ.get(WIKITEXT2_TEST_ENV):
+        candidates.append(Path(os.environ[WIKITEXT2_TEST_ENV]))
+    repo = Path(__file__).resolve().parents[3]  # <repo>/src/pvq/eval/perplexity.py
+    candidates.append(repo.parent / "shared" / _RELATIVE)
+    for c in candidates:
+        if c.is_file():
+            return c
+    return candidates[-1]
+
+
+def wikitext2_test_rows(path: str | os.PathLike | None = None) -> list[str]:
+    """The rows of the Hugging Face `wikitext-2-raw-v1` test split from Merity's
+    `wiki.test.raw`: a blank line becomes "", a text line `line + "\\n"`."""
+    p = Path(path) if path is not None else default_wikitext2_test_path()
+    if not p.is_file():
+        raise EvalDataError(
+            f"WikiText-2 raw test file not found: {p} (give its path, or set ${WIKITEXT2_TEST_ENV}; "
+            "it is wikitext-2-raw-v1's wiki.test.raw)"
+        )
+    text = p.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return ["" if not line.strip() else line + "\n" for line in lines]
+
+
+def wikitext2_test_text(path: str | os.PathLike | None = None) -> str:
+    """The customary evaluation text: "\\n\\n".join(rows) (see `wikitext2_test_rows`)."""
+    return "\n\n".join(wikitext2_test_rows(path))
+
+
+def _token_ids(tokenizer_or_ids, text: str | None) -> torch.Tensor:
+    if isinstance(tokenizer_or_ids, torch.Tensor) or hasattr(tokenizer_or_ids, "__array__") or isinstance(tokenizer_or_ids, list):
+        ids = torch.as_tensor(tokenizer_or_ids, dtype=torch.long)
+        return ids.reshape(-1) if ids.ndim <= 1 or ids.shape[0] == 1 else ids
+    from pvq.pipeline.calibration import encode_text
+
+    return encode_text(tokenizer_or_ids, text if text is not None else wikitext2_test_text())
+
+
+def _windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    if ids.ndim == 2:  # already windows
+        w = ids
+    else:
+        n = ids.numel() // seqlen
+        if n == 0:
+            raise EvalDataError(f"{ids.numel()} tokens are fewer than one window of {seqlen}")
+        w = ids[: n * seqlen].reshape(n, seqlen)
+    return w[:max_windows] if max_windows is not None else w
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    n_windows: int
+    seqlen: int
+    n_tokens: int  # predicted tokens = n_windows * (seqlen - 1)
+    seconds: float
+
+
+@torch.no_grad()
+def perplexity_details(
+    model,
+    tokenizer_or_ids,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    text: str | None = None,
+) -> PerplexityResult:
+    """Perplexity over non-overlapping windows; see `perplexity`."""
+    ids = _token_ids(tokenizer_or_ids, text)
+    windows = _windows(ids, seqlen, max_windows)
+    seqlen = windows.shape[1]
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    try:
+        for b0 in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
+            batch = windows[b0 : b0 + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll.double())
+            count += batch.shape[0] * (seqlen - 1)
+    finally:
+        model.train(was_training)
+    mean = total / count
+    return PerplexityResult(math.exp(mean), mean, windows.shape[0], seqlen, count, time.perf_counter() - t0)
+
+
+def perplexity(
+    model,
+    tokenizer_or_ids,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    text: str | None = None,
+) -> float:
+    """exp(mean token NLL) over the first `max_windows` (all if None) non-overlapping
+    windows of `seqlen` tokens.
+
+    tokenizer_or_ids: a tokenizer (the text is then `text`, by default the WikiText-2 raw
+    test text), a 1-D sequence of token ids, or an (n, seqlen) tensor of windows."""
+    return perplexity_details(model, tokenizer_or_ids, seqlen, max_windows, batch_size, progress, text).ppl
+
+
+@torch.no_grad()
+def next_token_agreement(
+    float_model,
+    quant_model,
+    windows,
+    seqlen: int | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> dict[str, float]:
+    """How close the quantized model's next-token distributions are to the float model's.
+
+    windows: (n, seqlen) token ids, or 1-D ids cut into windows of `seqlen`.
+    Over every predicted position (the last position of a window, which predicts past its
+    end, is left out, as in perplexity) returns {"kl": mean KL(float || quant) in nats per
+    token, "top1_agreement": fraction of positions where both argmaxes agree,
+    "n_tokens": positions compared}."""
+    ids = torch.as_tensor(windows, dtype=torch.long)
+    if ids.ndim == 1:
+        if seqlen is None:
+            raise ValueError("1-D token ids need a seqlen")
+        ids = _windows(ids, seqlen, None)
+    from tqdm.auto import tqdm
+
+    kl_sum, agree, count = 0.0, 0, 0
+    modes = (float_model.training, quant_model.training)
+    float_model.eval()
+    quant_model.eval()
+    try:
+        for b0 in tqdm(range(0, ids.shape[0], batch_size), desc="agreement", disable=not progress):
+            batch = ids[b0 : b0 + batch_size]
+            lp = F.log_softmax(float_model(input_ids=batch.to(_device(float_model)), use_cache=False).logits[:, :-1].float(), -1)
+            lq = F.log_softmax(quant_model(input_ids=batch.to(_device(quant_model)), use_cache=False).logits[:, :-1].float(), -1)
+            lq = lq.to(lp.device)
+            kl_sum += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
+            agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            count += lp.shape[0] * lp.shape[1]
+    finally:
+        float_model.train(modes[0])
+        quant_model.train(modes[1])
+    return {"kl": kl_sum / count, "top1_agreement": agree / count, "n_tokens": count}

@@ -1,0 +1,178 @@
+"""The main job: quantize a model, write the packed checkpoint, load it back, measure it.
+
+`run_quantize_job` is what `pvq quantize` runs; it returns the report it prints so that
+tests and benchmarks can read the same figures a user sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pvq.eval.perplexity import next_token_agreement, perplexity_details, wikitext2_test_text
+from pvq.formats import load_checkpoint, save_checkpoint
+from pvq.models import adapter_for, load_model
+from pvq.pipeline import calibration_windows, encode_text, quantize_model
+from pvq.quant import get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobOptions:
+    model: str = "smollm2-135m"
+    method: str = "pvq"
+    config: dict[str, Any] = field(default_factory=dict)  # fields of the method's config class
+    out: str = "pvq-out"
+    calib_text: str | None = None  # None: sample calibration text from the model itself
+    calib_windows: int = 32
+    calib_seqlen: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    compute_dtype: str = "float32"
+    batch_size: int = 8
+    work_dir: str | None = None  # resumable state; default <out>.work
+    eval_text: str | None = None  # WikiText-2 raw test file; None: the default location
+    eval_seqlen: int = 512
+    eval_windows: int | None = 40
+    agreement_windows: int = 8
+    evaluate: bool = True
+    overwrite: bool = False
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def float_model_bytes(model: torch.nn.Module, bytes_per_value: int = 2) -> int:
+    """Size of the model's parameters stored in 16 bits (tied tensors once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * bytes_per_value
+    return total
+
+
+def dir_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    method = get_method(opts.method)
+    config = method.config_class(**opts.config)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts.compute_dtype]
+
+    model, tokenizer, source = load_model(opts.model, device="cpu")
+    adapter = adapter_for(model)
+    reference = copy.deepcopy(model) if opts.evaluate else None
+
+    t0 = time.perf_counter()
+    windows = calibration_windows(
+        tokenizer, opts.calib_text, opts.calib_windows, opts.calib_seqlen, opts.seed, model=model
+    )
+    calib_seconds = time.perf_counter() - t0
+
+    work_dir = opts.work_dir or f"{opts.out.rstrip('/')}.work"
+    t0 = time.perf_counter()
+    result = quantize_model(
+        model, adapter, windows, opts.method, config, device=opts.device, work_dir=work_dir,
+        batch_size=opts.batch_size, compute_dtype=dtype,
+    )
+    quant_seconds = time.perf_counter() - t0
+
+    nominal = method._mod().nominal_bits_per_weight(config)
+    settings = {"method": opts.method, "config": asdict(config), "calibration": {
+        "text": opts.calib_text or "sampled from the model", "windows": opts.calib_windows,
+        "seqlen": opts.calib_seqlen, "seed": opts.seed}, "compute_dtype": opts.compute_dtype}
+    layer_report = [
+        {"layer": r.name, "proxy_loss": r.proxy_loss, "bits_per_weight": r.bits_per_weight, "seconds": r.seconds}
+        for r in result.report
+    ]
+    manifest = save_checkpoint(
+        opts.out, model, dict(result), tokenizer=tokenizer, source=_jsonable(source), settings=settings,
+        report={"layers": layer_report}, overwrite=opts.overwrite,
+    )
+    stats = manifest["stats"]
+    report: dict[str, Any] = {
+        "model": opts.model,
+        "method": opts.method,
+        "config": asdict(config),
+        "checkpoint": str(opts.out),
+        "bits_per_weight_nominal": nominal,
+        "bits_per_weight_measured": stats["bits_per_weight"],
+        "checkpoint_bytes": dir_bytes(opts.out),
+        "float16_model_bytes": float_model_bytes(reference if reference is not None else model),
+        "quantized_layers": stats["quantized_layers"],
+        "calibration_seconds": calib_seconds,
+        "quantization_seconds": quant_seconds,
+        "mean_proxy_loss": _mean([r["proxy_loss"] for r in layer_report]),
+    }
+
+    if opts.evaluate:
+        loaded, _, _ = load_checkpoint(opts.out, mode="load")
+        text = wikitext2_test_text(opts.eval_text)
+        ids = encode_text(tokenizer, text)
+        t0 = time.perf_counter()
+        ppl_float = perplexity_details(reference, ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
+        ppl_quant = perplexity_details(loaded, ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
+        n_agree = min(opts.agreement_windows, ppl_quant.n_windows)
+        agreement = next_token_agreement(
+            reference, loaded, ids[: n_agree * opts.eval_seqlen], seqlen=opts.eval_seqlen
+        )
+        report.update(
+            ppl_float=ppl_float.ppl, ppl_quantized=ppl_quant.ppl, eval_windows=ppl_quant.n_windows,
+            eval_seqlen=opts.eval_seqlen, kl_vs_float=agreement["kl"], top1_agreement=agreement["top1_agreement"],
+            agreement_tokens=agreement["n_tokens"], eval_seconds=time.perf_counter() - t0,
+        )
+    report["wall_seconds"] = time.perf_counter() - t_start
+    report["peak_memory_bytes"] = peak_memory_bytes()
+    Path(opts.out, "job_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    mib = 2**20
+    lines = [
+        f"model            {report['model']}",
+        f"method           {report['method']}  {json.dumps(report['config'], sort_keys=True)}",
+        f"bits/weight      nominal {report['bits_per_weight_nominal']:.4f}   measured {report['bits_per_weight_measured']:.4f}"
+        f"   ({report['quantized_layers']} quantized linear layers)",
+        f"size             checkpoint {report['checkpoint_bytes'] / mib:.1f} MiB   vs float16 model "
+        f"{report['float16_model_bytes'] / mib:.1f} MiB   ({report['checkpoint_bytes'] / report['float16_model_bytes']:.3f}x)",
+        f"proxy loss       mean over layers {report['mean_proxy_loss']:.4g}",
+    ]
+    if "ppl_quantized" in report:
+        lines += [
+            f"perplexity       WikiText-2 test, {report['eval_windows']} windows x {report['eval_seqlen']}: "
+            f"float {report['ppl_float']:.2f}   quantized {report['ppl_quantized']:.2f}",
+            f"vs float         KL {report['kl_vs_float']:.4f} nats/token   top-1 agreement "
+            f"{100 * report['top1_agreement']:.1f}% ({report['agreement_tokens']} tokens)",
+        ]
+    lines += [
+        f"time             total {report['wall_seconds']:.0f} s (calibration data {report['calibration_seconds']:.0f} s, "
+        f"quantization {report['quantization_seconds']:.0f} s)",
+        f"peak memory      {report['peak_memory_bytes'] / mib:.0f} MiB",
+        f"checkpoint       {report['checkpoint']}",
+    ]
+    return "\n".join(lines)
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))

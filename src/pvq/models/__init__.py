@@ -1,0 +1,28 @@
+"""Model access: loading (hub id, local directory, .gguf, demo alias) and per-architecture
+adapters describing where the decoder blocks and their linear layers are."""
+
+from .adapters import (
+    ADAPTERS,
+    LLAMA,
+    ArchitectureAdapter,
+    UnsupportedArchitectureError,
+    adapter_for,
+    supported_model_types,
+    tiny_llama,
+)
+from .loading import DEMO_MODELS, ModelLoadError, demo_model_path, load_model, resolve_spec
+
+__all__ = [
+    "ADAPTERS",
+    "DEMO_MODELS",
+    "LLAMA",
+    "ArchitectureAdapter",
+    "ModelLoadError",
+    "UnsupportedArchitectureError",
+    "adapter_for",
+    "demo_model_path",
+    "load_model",
+    "resolve_spec",
+    "supported_model_types",
+    "tiny_llama",
+]

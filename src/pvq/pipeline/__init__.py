@@ -1,0 +1,27 @@
+"""The model quantization pipeline: calibration data and layer-by-layer quantization."""
+
+from .calibration import CalibrationError, calibration_windows, encode_text, sample_windows, windows_from_ids
+from .quantize_model import (
+    HessianAccumulator,
+    LayerReport,
+    PipelineError,
+    QuantizeResult,
+    capture_block_inputs,
+    quantize_model,
+)
+from .workdir import WorkDirError
+
+__all__ = [
+    "CalibrationError",
+    "HessianAccumulator",
+    "LayerReport",
+    "PipelineError",
+    "QuantizeResult",
+    "WorkDirError",
+    "calibration_windows",
+    "capture_block_inputs",
+    "encode_text",
+    "quantize_model",
+    "sample_windows",
+    "windows_from_ids",
+]

@@ -1,0 +1,135 @@
+"""Calibration data: windows of token ids the Hessians H = E[x x^T] are estimated from.
+
+Two sources:
+
+- a text file, tokenized whole, from which `n_windows` non-overlapping windows of
+  `seqlen` tokens are drawn at random (seeded): a random offset, then a random choice of
+  `n_windows` distinct window slots, in random order;
+- the model itself, when no text is given: sequences sampled from the BOS token at
+  temperature 1 (plain ancestral sampling, no top-k/top-p), so that a model can be
+  quantized with nothing but the model. Costs `n_windows * seqlen` decoding steps of the
+  float model, in batches of `batch_size`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationError(ValueError):
+    """Calibration data that cannot provide the requested windows."""
+
+
+def encode_text(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of `text` as a 1-D int64 tensor (the tokenizer's default special tokens)."""
+    try:
+        enc = tokenizer(text, verbose=False)
+    except TypeError:  # simple tokenizers without the `verbose` keyword
+        enc = tokenizer(text)
+    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise CalibrationError(f"tokenizer returned ids of shape {tuple(ids.shape)}, expected one sequence")
+    return ids
+
+
+def windows_from_ids(ids: torch.Tensor, n_windows: int, seqlen: int, seed: int, source: str = "the text") -> torch.Tensor:
+    """`n_windows` random non-overlapping windows of `seqlen` tokens from a 1-D id tensor."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if n_windows < 1 or seqlen < 1:
+        raise CalibrationError(f"need n_windows >= 1 and seqlen >= 1, got {n_windows} and {seqlen}")
+    n_tokens = ids.numel()
+    needed = n_windows * seqlen
+    if needed > n_tokens:
+        raise CalibrationError(
+            f"{source} has {n_tokens} tokens, too few for {n_windows} non-overlapping windows of {seqlen} tokens "
+            f"({needed} tokens asked for); use fewer or shorter windows, or a longer text"
+        )
+    g = torch.Generator().manual_seed(int(seed))
+    offset = int(torch.randint(0, min(seqlen, n_tokens - needed + 1), (1,), generator=g))
+    slots = (n_tokens - offset) // seqlen
+    chosen = torch.randperm(slots, generator=g)[:n_windows]
+    starts = offset + chosen * seqlen
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def _bos_id(tokenizer, model) -> int:
+    for obj in (tokenizer, getattr(model, "config", None), getattr(model, "generation_config", None)):
+        for attr in ("bos_token_id", "eos_token_id"):
+            v = getattr(obj, attr, None) if obj is not None else None
+            if isinstance(v, (list, tuple)):
+                v = v[0] if v else None
+            if isinstance(v, int):
+                return v
+    raise CalibrationError("neither the tokenizer nor the model config defines a BOS (or EOS) token to sample from")
+
+
+@torch.no_grad()
+def sample_windows(
+    model,
+    n_windows: int,
+    seqlen: int,
+    seed: int,
+    start_token: int,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """`n_windows` sequences of `seqlen` tokens sampled from the model, each starting with
+    `start_token` (seeded; the result depends on seed and batch_size)."""
+    if n_windows < 1 or seqlen < 1:
+        raise CalibrationError(f"need n_windows >= 1 and seqlen >= 1, got {n_windows} and {seqlen}")
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+    out_batches = []
+    try:
+        for b0 in range(0, n_windows, batch_size):
+            b = min(batch_size, n_windows - b0)
+            ids = torch.full((b, seqlen), start_token, dtype=torch.long, device=device)
+            step_input, past = ids[:, :1], None
+            for t in range(1, seqlen):
+                out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[:, -1, :].float()
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=g)
+                ids[:, t] = nxt[:, 0]
+                step_input = nxt
+            out_batches.append(ids.cpu())
+            log.info("sampled calibration windows %d-%d of %d", b0 + 1, b0 + b, n_windows)
+    finally:
+        model.train(was_training)
+    return torch.cat(out_batches)
+
+
+def calibration_windows(
+    tokenizer,
+    text_path: str | os.PathLike | None,
+    n_windows: int,
+    seqlen: int,
+    seed: int,
+    model=None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """(n_windows, seqlen) int64 token ids for calibration.
+
+    From `text_path` when given (random non-overlapping windows of the tokenized file),
+    otherwise sampled from `model` starting at the BOS token (see `sample_windows`)."""
+    if text_path is not None:
+        path = Path(text_path)
+        if not path.is_file():
+            raise CalibrationError(f"calibration text not found: {path}")
+        ids = encode_text(tokenizer, path.read_text(encoding="utf-8"))
+        return windows_from_ids(ids, n_windows, seqlen, seed, source=f"calibration text {path}")
+    if model is None:
+        raise CalibrationError("calibration_windows needs a text file or a model to sample calibration text from")
+    return sample_windows(model, n_windows, seqlen, seed, _bos_id(tokenizer, model), batch_size=batch_size)

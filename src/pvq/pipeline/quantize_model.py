@@ -1,0 +1,557 @@
+"""Layer-by-layer (sequential) quantization of a causal LM with any `pvq.quant` method.
+
+Algorithm (GPTQ-style sequential quantization, paper section 3.3):
+
+1. Block inputs. The calibration windows are run through the model with a forward
+   pre-hook on decoder block 0 that records the block's positional arguments (the hidden
+   states) and keyword arguments (attention mask, position ids, rotary `position_embeddings`
+   (cos, sin), cache flags, ...), then raises a private `_StopForward` so that nothing past
+   the embedding is computed. Only the adapter's `pre_block` modules and block 0 visit the
+   compute device for this. The hidden states live on the CPU, the per-batch keyword
+   arguments (small) on the compute device.
+2. Block by block (one block on the compute device at a time), for each sequential group
+   of linears (adapter.sequential): forward the block inputs through the block with
+   forward hooks on the group's linears that accumulate H = (1/N) sum_n x_n x_n^T over the
+   N = n_windows * seqlen token vectors x_n entering the layer; the forward is cut short
+   (`_StopForward`) as soon as every linear of the group has been reached. Each linear is
+   then quantized from its original float32 weight and H, and its weight replaced by the
+   dequantized one, so the next group's inputs are recomputed through the already-quantized
+   layers. Finally the quantized block is run on all inputs to make the next block's inputs.
+3. Hessians: every batch's x^T x is computed in float32 (from the compute dtype) and summed
+   in float64, then divided by N, made exactly symmetric (upper triangle mirrored) and
+   handed to the method as float32. Layers that receive the very same input tensor
+   (q/k/v, gate/up) share one product per batch. The 1/N
+   normalisation makes the proxy loss tr((W - Q) H (W - Q)^T) an average per token (GPTQ's
+   reference code uses 2/N; the factor changes no argmin and cancels in GPTQ's relative
+   dampening).
+4. `compute_dtype` (default float32) is the dtype of the calibration forwards only: with
+   bfloat16 the block is cast for the forwards (fast on CPUs with AVX512-BF16/AMX), while
+   the weights handed to the quantizer are always the original ones in float32, the
+   Hessians are float32/float64 as above, and the model ends with exact float copies of the
+   dequantized weights in its own dtype. With float32 nothing is cast.
+5. Resume (when `work_dir` is given): after each block, its QuantizedTensors, its outputs
+   and then the state file are written atomically (see `workdir.py`); a rerun with the same
+   method, config, calibration windows, batch size, compute dtype and model continues
+   after the last finished block and gives the same bytes as an uninterrupted run.
+
+The model is modified in place: every quantized linear ends up holding its dequantized
+weight, so the returned model can be evaluated directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pvq.models.adapters import ArchitectureAdapter
+from pvq.quant import QuantizationError, QuantizedTensor, get_method
+from pvq.quant import proxy_loss as _proxy_loss
+
+from . import workdir as wd
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early (private to this module)."""
+
+
+class PipelineError(RuntimeError):
+    """Settings or model state the pipeline cannot work with."""
+
+
+@dataclass
+class LayerReport:
+    name: str  # full module name, e.g. model.layers.3.mlp.down_proj
+    block: int
+    group: int
+    shape: tuple[int, int]
+    proxy_loss: float | None
+    bits_per_weight: float
+    seconds: float  # quantize + dequantize time of this layer
+    resumed: bool = False  # loaded from the work directory instead of computed
+
+
+class QuantizeResult(dict):
+    """{full layer name: QuantizedTensor}, in quantization order, with the per-layer
+    `report` (list of LayerReport), `block_seconds` (per block; None for resumed blocks)
+    and `resumed_blocks` (how many blocks came from the work directory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.report: list[LayerReport] = []
+        self.block_seconds: list[float | None] = []
+        self.resumed_blocks: int = 0
+
+
+# -- small helpers ------------------------------------------------------------------------------
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _cast_floating(dtype):
+    return lambda t: t.to(dtype) if t.is_floating_point() else t
+
+
+def _module_home(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _batches(n: int, batch_size: int):
+    for b0 in range(0, n, batch_size):
+        yield b0, min(n, b0 + batch_size)
+
+
+def _resolve_method(method):
+    """A registered method name, or any object with quantize/dequantize/config_class."""
+    if isinstance(method, str):
+        return method, get_method(method)
+    for attr in ("quantize", "dequantize", "config_class"):
+        if not hasattr(method, attr):
+            raise PipelineError(f"method object {method!r} has no {attr!r}")
+    return getattr(method, "name", type(method).__name__), method
+
+
+def _resolve_config(method_obj, config):
+    cls = method_obj.config_class
+    if config is None:
+        return cls()
+    if isinstance(config, dict):
+        return cls(**config)
+    return config
+
+
+def _jsonable(obj) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+# -- step 1: inputs of block 0 ------------------------------------------------------------------
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Hidden states entering block 0 for every window (CPU, compute dtype) and the
+    keyword arguments the block is called with, one dict per batch (on `device`)."""
+    blocks = adapter.get_blocks(model)
+    movers = [model.get_submodule(p) for p in adapter.pre_block] + [blocks[0]]
+    homes = [_module_home(m) for m in movers]
+    for m in movers:
+        m.to(device)
+    captured: dict[str, Any] = {}
+
+    def pre_hook(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    hidden_parts, kwargs_list = [], []
+    try:
+        for b0, b1 in _batches(windows.shape[0], batch_size):
+            captured.clear()
+            try:
+                model(input_ids=windows[b0:b1].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            if "args" not in captured:
+                raise PipelineError(f"the forward pass never reached {adapter.block_prefix(0)}")
+            args, kwargs = captured["args"], dict(captured["kwargs"])
+            if args:
+                hidden, rest = args[0], args[1:]
+                if rest:
+                    raise PipelineError(f"{adapter.block_prefix(0)} got {len(rest)} extra positional arguments")
+            else:
+                hidden = kwargs.pop("hidden_states")
+            hidden_parts.append(hidden.detach().to("cpu", compute_dtype))
+            kwargs_list.append(_map_tensors(kwargs, _cast_floating(compute_dtype)))
+    finally:
+        handle.remove()
+        for m, home in zip(movers, homes):
+            m.to(home)
+    return torch.cat(hidden_parts), kwargs_list
+
+
+# -- step 2: Hessians -------------------------------------------------------------------------
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x of the rows of x (N, C): a float32 matmul (from the compute dtype), returned
+    in float64 for accumulation. (BLAS ssyrk, half the flops, measured no faster here.)"""
+    x32 = x.to(torch.float32)
+    return (x32.T @ x32).to(torch.float64)
+
+
+class HessianAccumulator:
+    """Forward hooks on a group of linears summing x^T x (float32 products, float64 sums).
+
+    Raises _StopForward once every hooked layer has run in the current forward pass
+    (if `stop_early`)."""
+
+    def __init__(self, modules: dict[str, nn.Module], stop_early: bool = True):
+        self.modules = modules
+        self.stop_early = stop_early
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {name: 0 for name in modules}
+        self._seen: set[str] = set()
+        self._last_x: torch.Tensor | None = None
+        self._last_product: torch.Tensor | None = None
+        self._handles = []
+
+    def __enter__(self):
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last_x = self._last_product = None
+        return False
+
+    def new_pass(self) -> None:
+        self._seen.clear()
+        self._last_x = self._last_product = None
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if x is self._last_x:
+                product = self._last_product
+            else:
+                product = gram(x.detach().reshape(-1, x.shape[-1]))
+                self._last_x, self._last_product = x, product
+            rows = x.numel() // x.shape[-1]
+            if name in self.sums:
+                self.sums[name] += product
+            else:
+                self.sums[name] = product.clone()
+            self.counts[name] += rows
+            self._seen.add(name)
+            if self.stop_early and len(self._seen) == len(self.modules):
+                raise _StopForward
+
+        return hook
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.modules:
+            if not self.counts[name]:
+                raise PipelineError(f"layer {name} was never called during the calibration forward")
+            upper = torch.triu(self.sums[name])
+            H = (upper + torch.triu(upper, 1).T) / self.counts[name]  # exactly symmetric: mirror the upper triangle
+            out[name] = H.to(torch.float32)
+        return out
+
+
+@torch.no_grad()
+def _run_block(block, hidden, kwargs_list, batch_size, device, on_batch_start=None, collect=True):
+    outputs = torch.empty_like(hidden) if collect else None
+    for j, (b0, b1) in enumerate(_batches(hidden.shape[0], batch_size)):
+        if on_batch_start is not None:
+            on_batch_start()
+        x = hidden[b0:b1].to(device)
+        try:
+            out = _first_output(block(x, **kwargs_list[j]))
+        except _StopForward:
+            continue
+        if collect:
+            outputs[b0:b1] = out.to("cpu", hidden.dtype)
+    return outputs
+
+
+# -- the driver -------------------------------------------------------------------------------
+def quantize_model(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    windows: torch.Tensor,
+    method: str | Any,
+    config: Any = None,
+    device: str | torch.device = "cpu",
+    work_dir: str | Path | None = None,
+    resume: bool = True,
+    batch_size: int = 8,
+    progress: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    quant_device: str | torch.device = "cpu",
+    on_layer: Callable[[LayerReport, QuantizedTensor], None] | None = None,
+) -> QuantizeResult:
+    """Quantize every linear the adapter lists, block by block; see the module docstring.
+
+    model: a causal LM (modified in place: quantized linears hold dequantized weights).
+    adapter: from `pvq.models.adapter_for(model)`.
+    windows: (n_windows, seqlen) int64 calibration token ids.
+    method: a registered method name ("rtn", "gptq", "pvq") or an object with
+        `quantize`, `dequantize`, `config_class` (and optionally `name`).
+    config: an instance of the method's config class, a dict of its fields, or None
+        (the defaults).
+    device: where blocks run (one at a time); inputs/outputs stay on the CPU.
+    work_dir: enables resuming (see module docstring); None keeps nothing on disk.
+    resume: continue a matching previous run in work_dir; False starts afresh there.
+    batch_size: windows per forward pass (part of the settings a resume must match: it
+        changes the Hessian summation order).
+    compute_dtype: dtype of the calibration forwards (float32 or bfloat16 / float16).
+    quant_device: device of the weight and Hessian handed to the method.
+    on_layer: called after each newly quantized layer with (report, QuantizedTensor).
+    """
+    method_name, method_obj = _resolve_method(method)
+    config = _resolve_config(method_obj, config)
+    device = torch.device(device)
+    windows = torch.as_tensor(windows).to("cpu", torch.long)
+    if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
+        raise PipelineError(f"windows must be a non-empty (n_windows, seqlen) tensor, got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise PipelineError(f"batch_size must be >= 1, got {batch_size}")
+    if not (compute_dtype.is_floating_point):
+        raise PipelineError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
+    adapter.validate(model)
+    blocks = adapter.get_blocks(model)
+    n_blocks = len(blocks)
+
+    result = QuantizeResult()
+    was_training = model.training
+    model.eval()
+    try:
+        start, hidden_resumed, state = 0, None, None
+        if work_dir is not None:
+            work_dir = Path(work_dir)
+            work_dir.mkdir(parents=True, exist_ok=True)
+            settings = {
+                "method": method_name,
+                "config": _jsonable(config),
+                "config_class": f"{type(config).__module__}.{type(config).__qualname__}",
+                "adapter": adapter.name,
+                "n_blocks": n_blocks,
+                "batch_size": batch_size,
+                "compute_dtype": str(compute_dtype).removeprefix("torch."),
+                "calibration_shape": list(windows.shape),
+                "calibration_sha256": wd.windows_digest(windows),
+            }
+            fingerprint = {
+                "rest": wd.module_digest(model, skip_prefix=adapter.blocks),
+                "blocks": [wd.module_digest(b) for b in blocks],
+            }
+            state = wd.read_state(work_dir) if resume else None
+            if not resume:
+                wd.clear(work_dir)
+            if state is not None:
+                _check_resumable(state, settings, fingerprint, work_dir)
+                start = int(state["blocks_done"])
+                for i in range(start):
+                    _restore_block(model, adapter, method_obj, work_dir, i, state, result)
+                if start and start < n_blocks:
+                    hidden_resumed = wd.load_hidden(work_dir, start - 1)
+                if start:
+                    log.info("resuming from %s: %d of %d blocks already quantized", work_dir, start, n_blocks)
+            else:
+                state = {**settings, "model_fingerprint": fingerprint, "quantized_blocks": [], "blocks_done": 0}
+                wd.write_state(work_dir, {**state, "device": str(device)})
+        result.resumed_blocks = start
+        if start >= n_blocks:
+            return result
+
+        hidden, kwargs_list = capture_block_inputs(model, adapter, windows, batch_size, device, compute_dtype)
+        if hidden_resumed is not None:
+            if hidden_resumed.shape != hidden.shape or hidden_resumed.dtype != hidden.dtype:
+                raise wd.WorkDirError(
+                    f"saved block inputs have shape {tuple(hidden_resumed.shape)} {hidden_resumed.dtype}, "
+                    f"expected {tuple(hidden.shape)} {hidden.dtype}"
+                )
+            hidden = hidden_resumed
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_blocks, initial=start, desc="quantizing blocks", unit="block", disable=not progress)
+        try:
+            for i in range(start, n_blocks):
+                t0 = time.perf_counter()
+                last = i == n_blocks - 1
+                layers, infos, hidden_next = _quantize_block(
+                    model, adapter, i, hidden, kwargs_list, method_obj, config, device,
+                    batch_size, compute_dtype, torch.device(quant_device), result, on_layer, need_outputs=not last,
+                )
+                dt = time.perf_counter() - t0
+                result.block_seconds.append(dt)
+                if work_dir is not None:
+                    wd.save_block(work_dir, i, layers, infos)
+                    if not last:
+                        wd.save_hidden(work_dir, hidden_next, i)
+                    state["quantized_blocks"] = state["quantized_blocks"][:i] + [wd.module_digest(blocks[i])]
+                    state["blocks_done"] = i + 1
+                    wd.write_state(work_dir, {**state, "device": str(device)})
+                    if last:
+                        (work_dir / wd.HIDDEN_FILE).unlink(missing_ok=True)
+                hidden = hidden_next
+                last_loss = result.report[-1].proxy_loss
+                bar.set_postfix(loss=f"{last_loss:.4g}" if last_loss is not None else "-", block_s=f"{dt:.1f}")
+                bar.update(1)
+                log.info("block %d/%d done in %.2f s", i + 1, n_blocks, dt)
+        finally:
+            bar.close()
+        return result
+    finally:
+        model.train(was_training)
+
+
+def _check_resumable(state: dict, settings: dict, fingerprint: dict, work_dir: Path) -> None:
+    diffs = [
+        f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in settings.items() if k != "calibration_sha256" and state.get(k) != v
+    ]
+    if state.get("calibration_sha256") != settings["calibration_sha256"] and not any(d.startswith("calibration_shape") for d in diffs):
+        diffs.append("calibration windows: same shape, different token ids")
+    if diffs:
+        raise wd.WorkDirError(
+            f"work directory {work_dir} holds a run with different settings ({'; '.join(diffs)}); "
+            "use another work directory or resume=False to start afresh"
+        )
+    saved = state["model_fingerprint"]
+    done = int(state["blocks_done"])
+    quantized = state.get("quantized_blocks", [])
+    problems = []
+    if saved["rest"] != fingerprint["rest"]:
+        problems.append("embedding/norm/head weights differ")
+    if len(saved["blocks"]) != len(fingerprint["blocks"]):
+        problems.append(f"{len(saved['blocks'])} blocks saved, {len(fingerprint['blocks'])} now")
+    else:
+        for i, (old, now) in enumerate(zip(saved["blocks"], fingerprint["blocks"])):
+            ok = now == old or (i < done and i < len(quantized) and now == quantized[i])
+            if not ok:
+                problems.append(f"block {i} weights differ")
+                break
+    if problems:
+        raise wd.WorkDirError(
+            f"work directory {work_dir} was made from a different model ({'; '.join(problems)}); "
+            "load the same model afresh, use another work directory, or pass resume=False"
+        )
+
+
+@torch.no_grad()
+def _restore_block(model, adapter, method_obj, work_dir, i, state, result) -> None:
+    layers, infos = wd.load_block(work_dir, i)
+    block = adapter.get_blocks(model)[i]
+    for lin in adapter.linear_names:
+        name = adapter.layer_name(i, lin)
+        if name not in layers:
+            raise wd.WorkDirError(f"{wd.block_paths(work_dir, i)[1]} lacks layer {name}")
+        qt = layers[name]
+        mod = block.get_submodule(lin)
+        deq = torch.as_tensor(method_obj.dequantize(qt))
+        mod.weight.copy_(deq.to(mod.weight.device, mod.weight.dtype))
+        info = infos[name]
+        result[name] = qt
+        result.report.append(
+            LayerReport(name, i, info.get("group", -1), tuple(qt.shape), qt.proxy_loss, qt.bits_per_weight,
+                        info.get("seconds", math.nan), resumed=True)
+        )
+    result.block_seconds.append(None)
+    quantized = state.get("quantized_blocks", [])
+    if i < len(quantized) and wd.module_digest(block) != quantized[i]:
+        log.warning("block %d: weights dequantized from the work directory differ from those of the original run "
+                    "(is the method's dequantize deterministic?)", i)
+
+
+def _quantize_block(
+    model, adapter, i, hidden, kwargs_list, method_obj, config, device, batch_size, compute_dtype,
+    quant_device, result, on_layer, need_outputs,
+):
+    block = adapter.get_blocks(model)[i]
+    home = _module_home(block)
+    linears = {lin: block.get_submodule(lin) for lin in adapter.linear_names}
+    originals = {lin: m.weight.detach().to("cpu", torch.float32, copy=True) for lin, m in linears.items()}
+    param_dtypes = {t.dtype for t in block.parameters()}
+    cast = param_dtypes != {compute_dtype}
+    snapshot = _snapshot(block) if cast else None
+    dequantized: dict[str, torch.Tensor] = {}
+    layers: dict[str, QuantizedTensor] = {}
+    infos: dict[str, dict] = {}
+    ok = False
+    try:
+        block.to(device=device, dtype=compute_dtype) if cast else block.to(device)
+        for g, group in enumerate(adapter.sequential):
+            modules = {lin: linears[lin] for lin in group}
+            with HessianAccumulator(modules) as acc:
+                _run_block(block, hidden, kwargs_list, batch_size, device, on_batch_start=acc.new_pass, collect=False)
+            hessians = acc.hessians()
+            del acc
+            for lin in group:
+                name = adapter.layer_name(i, lin)
+                W, H = originals[lin], hessians[lin]
+                t0 = time.perf_counter()
+                # copies: a method may work in place on what it is given
+                qt = method_obj.quantize(W.to(quant_device, copy=True), H.to(quant_device, copy=True), config)
+                deq = torch.as_tensor(method_obj.dequantize(qt)).detach().to("cpu", torch.float32)
+                dt = time.perf_counter() - t0
+                if tuple(deq.shape) != tuple(W.shape):
+                    raise QuantizationError(f"{name}: dequantized shape {tuple(deq.shape)} != weight shape {tuple(W.shape)}")
+                if qt.proxy_loss is None:
+                    qt.proxy_loss = _proxy_loss(W, deq, H.cpu())
+                with torch.no_grad():
+                    modules[lin].weight.copy_(deq.to(modules[lin].weight.device, modules[lin].weight.dtype))
+                dequantized[lin] = deq
+                layers[name] = qt
+                infos[name] = {"group": g, "seconds": round(dt, 6), "bits_per_weight": qt.bits_per_weight}
+                rep = LayerReport(name, i, g, tuple(W.shape), qt.proxy_loss, qt.bits_per_weight, dt)
+                result[name] = qt
+                result.report.append(rep)
+                log.info("%s: proxy loss %.6g, %.3f bits/weight, %.2f s", name, qt.proxy_loss, qt.bits_per_weight, dt)
+                if on_layer is not None:
+                    on_layer(rep, qt)
+        outputs = _run_block(block, hidden, kwargs_list, batch_size, device) if need_outputs else None
+        ok = True
+    finally:
+        # back home in the model's own dtype, with exact float copies of the dequantized
+        # weights (or, after an error, the original weights: the model is left as it was)
+        block.to(home)
+        with torch.no_grad():
+            if cast:
+                _load_snapshot(block, snapshot)
+            for lin, m in linears.items():
+                src = dequantized[lin] if ok else originals[lin]
+                m.weight.copy_(src.to(m.weight.device, m.weight.dtype))
+        if not ok:
+            for name in layers:
+                result.pop(name, None)
+            result.report[:] = [r for r in result.report if r.block != i]
+    return layers, infos, outputs
+
+
+def _snapshot(block: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer of `block` (before it is cast)."""
+    tensors = list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False))
+    return {name: t.detach().clone() for name, t in tensors}
+
+
+def _load_snapshot(block: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Put every parameter and buffer of `block` back to its snapshot (dtype and values)."""
+    tensors = list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        t.data = snapshot[name].to(t.device)
