@@ -88,7 +88,7 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
         stored = sum(qt.stored_bytes for qt in result.values())
         weights = sum(qt.shape[0] * qt.shape[1] for qt in result.values())
         row.update(method=method_name, config=fields, bpw_measured=stored * 8 / weights,
-                   bpw_nominal=method._mod().nominal_bits_per_weight(config, base_model.config.hidden_size))
+                   bpw_nominal=method.nominal_bits_per_weight(config, base_model.config.hidden_size))
     quick = perplexity_details(model, eval_ids, seqlen=512, max_windows=40, progress=False)
     row["ppl_quick"] = quick.ppl
     if args.full:

@@ -92,7 +92,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     )
     quant_seconds = time.perf_counter() - t0
 
-    nominal = method._mod().nominal_bits_per_weight(config)
+    nominal = method.nominal_bits_per_weight(config)
     settings = {"method": opts.method, "config": asdict(config), "calibration": {
         "text": opts.calib_text or "sampled from the model", "windows": opts.calib_windows,
         "seqlen": opts.calib_seqlen, "seed": opts.seed}, "compute_dtype": opts.compute_dtype}

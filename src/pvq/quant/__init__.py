@@ -17,7 +17,7 @@ from .base import QuantizationError, QuantizedTensor, check_weight, proxy_loss
 @dataclass(frozen=True)
 class Method:
     name: str
-    module: str  # pvq.quant.<module> defines CONFIG (a dataclass type), quantize, dequantize
+    module: str  # pvq.quant.<module> defines CONFIG, quantize, dequantize, nominal_bits_per_weight
 
     def _mod(self):
         return importlib.import_module(f"pvq.quant.{self.module}")
@@ -33,6 +33,11 @@ class Method:
     @property
     def dequantize(self) -> Callable[[QuantizedTensor], Any]:
         return self._mod().dequantize
+
+    @property
+    def nominal_bits_per_weight(self) -> Callable[..., float]:
+        """(config, columns=None) -> the bits per weight the settings promise."""
+        return self._mod().nominal_bits_per_weight
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (Method("rtn", "rtn"), Method("gptq", "gptq"), Method("pvq", "pvq"))}
