@@ -45,6 +45,10 @@ ROWS.update({
     "pvq-d16-s3-beta4": ("pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "beta", "gain_bits": 4}),
     "pvq-d16-s3-beta4-nohessian": ("pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "beta", "gain_bits": 4,
                                            "use_hessian": False}),
+    "pvq-d16-s3-emp4": ("pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "empirical", "gain_bits": 4}),
+    "pvq-d16-s3-emp4-nohessian": ("pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "empirical", "gain_bits": 4,
+                                          "use_hessian": False}),
+    "pvq-d16-s2.25-emp4": ("pvq", {"group_size": 16, "shape_bits": 2.25, "gain": "empirical", "gain_bits": 4}),
     "pvq-d64-s2.25-fp16": ("pvq", {"group_size": 64, "shape_bits": 2.25, "gain": "fp16"}),
     "pvq-d16-s2.25-beta4": ("pvq", {"group_size": 16, "shape_bits": 2.25, "gain": "beta", "gain_bits": 4}),
 })

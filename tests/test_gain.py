@@ -195,3 +195,33 @@ def test_encode_rejects_bad_input(gains, row_norm_sq, fragment):
 def test_decode_rejects_bad_input(indices, row_norm_sq, fragment):
     with pytest.raises(CodecError, match=fragment):
         BetaGainQuantizer(4, 2, 3).decode(indices, row_norm_sq)
+
+
+# ------------------------------------------------------------------ empirical codebook
+
+
+def test_empirical_codebook_is_lloyd_max_fixed_point():
+    from pvq.codec.gain import empirical_gain_codebook, nearest_level
+
+    rng = np.random.default_rng(3)
+    values = np.abs(rng.standard_t(df=3, size=20_000))
+    levels = empirical_gain_codebook(values, 3)
+    assert levels.shape == (8,) and np.all(np.diff(levels) > 0)
+    idx = nearest_level(values, levels)
+    for i in range(8):  # each level is the mean of its cell
+        assert levels[i] == pytest.approx(values[idx == i].mean(), rel=1e-9)
+    # lower MSE than the equal-probability (quantile) levels it starts from
+    quantile_levels = np.quantile(values, (np.arange(8) + 0.5) / 8)
+    mse = lambda lv: np.mean((values - lv[nearest_level(values, lv)]) ** 2)  # noqa: E731
+    assert mse(levels) < 0.9 * mse(quantile_levels)
+
+
+def test_empirical_codebook_bad_input():
+    from pvq.codec.gain import empirical_gain_codebook
+
+    with pytest.raises(CodecError):
+        empirical_gain_codebook(np.array([]), 4)
+    with pytest.raises(CodecError):
+        empirical_gain_codebook(np.array([1.0, np.nan]), 4)
+    with pytest.raises(CodecError):
+        empirical_gain_codebook(np.ones(10), 0)

@@ -8,7 +8,7 @@ baselines used to judge them.
 from .counts import code_bits, count_table, cumulative_table, pulses_for_bits, pyramid_count, word_tables
 from .enumeration import decode, decode_reference, encode, encode_reference, ints_to_words, words_to_ints
 from .errors import CodecError
-from .gain import BetaGainQuantizer, beta_gain_parameters
+from .gain import BetaGainQuantizer, beta_gain_parameters, empirical_gain_codebook, nearest_level
 from .packing import pack_codes, packed_size, unpack_codes
 from .search import brute_force_search, search
 
@@ -23,8 +23,10 @@ __all__ = [
     "decode",
     "decode_reference",
     "encode",
+    "empirical_gain_codebook",
     "encode_reference",
     "ints_to_words",
+    "nearest_level",
     "pack_codes",
     "packed_size",
     "pulses_for_bits",

@@ -27,7 +27,7 @@ from scipy.special import betainc, betaincc, betaincinv, betaln
 
 from pvq.codec.errors import CodecError
 
-__all__ = ["beta_gain_parameters", "BetaGainQuantizer", "GAIN_RECONSTRUCTIONS"]
+__all__ = ["beta_gain_parameters", "BetaGainQuantizer", "GAIN_RECONSTRUCTIONS", "empirical_gain_codebook", "nearest_level"]
 
 MAX_GAIN_BITS = 16
 GAIN_RECONSTRUCTIONS = ("quantile", "centroid")
@@ -193,3 +193,42 @@ class BetaGainQuantizer:
             f"BetaGainQuantizer(group_size={self.group_size}, num_groups={self.num_groups}, "
             f"bits={self.bits}, reconstruction={self.reconstruction!r}, beta=({a:g}, {b:g}))"
         )
+
+
+def empirical_gain_codebook(normalised_gains: np.ndarray, bits: int, iterations: int = 5000) -> np.ndarray:
+    """MSE-optimal (Lloyd-Max) scalar codebook of 2^bits levels fitted to sample gains.
+
+    For weights whose group gains do not follow the Beta law (unrotated LLM weights have
+    heavy-tailed group energies: a quantile codebook leaves its top cell far too wide),
+    one codebook per layer fitted to that layer's own normalised gains g/||row|| serves
+    the tails. Starts from equal-probability quantiles, then alternates nearest-level
+    assignment and cell means until no level moves by more than 1e-13 of the largest
+    (each step is O(levels log n) on the sorted values); deterministic. Returns sorted
+    float64 levels (storage, e.g. float16, is the caller's).
+    """
+    bits = _check_positive_int(bits, "bits", 1)
+    if bits > MAX_GAIN_BITS:
+        raise CodecError(f"bits must be <= {MAX_GAIN_BITS}, got {bits}")
+    values = np.sort(np.asarray(normalised_gains, dtype=np.float64).reshape(-1))
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise CodecError("empirical gain codebook needs a non-empty set of finite gains")
+    n = 2**bits
+    levels = np.quantile(values, (np.arange(n) + 0.5) / n)
+    prefix = np.concatenate(([0.0], np.cumsum(values)))
+    for _ in range(iterations):
+        edges = np.searchsorted(values, 0.5 * (levels[1:] + levels[:-1]), side="left")
+        lo = np.concatenate(([0], edges))
+        hi = np.concatenate((edges, [values.size]))
+        count = hi - lo
+        means = np.where(count > 0, (prefix[hi] - prefix[lo]) / np.maximum(count, 1), levels)
+        moved = np.max(np.abs(means - levels))
+        levels = means
+        if moved <= 1e-13 * np.max(np.abs(levels)):
+            break
+    return np.sort(levels)
+
+
+def nearest_level(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Index of the nearest of the sorted `levels` for each value (ties to the lower)."""
+    midpoints = 0.5 * (levels[1:] + levels[:-1])
+    return np.searchsorted(midpoints, values, side="left")
