@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=16,
                    help="columns per group: PVQ dimension D, or the scalar group size (-1: per output channel)")
     q.add_argument("--shape-bits", type=float, default=3.0, help="PVQ shape bits per weight, fractional allowed")
-    q.add_argument("--gain", choices=["fp16", "beta", "empirical"], default="beta",
+    q.add_argument("--gain", choices=["fp16", "beta", "empirical"], default="empirical",
                    help="PVQ gain storage: float16, Beta-quantile indices, or per-layer fitted levels")
-    q.add_argument("--gain-bits", type=int, default=4, help="bits per Beta-quantized PVQ gain")
+    q.add_argument("--gain-bits", type=int, default=4, help="bits per PVQ gain index (beta, empirical)")
     q.add_argument("--no-hessian", action="store_true", help="plain PVQ: no Hessian error feedback")
     q.add_argument("--no-refine", action="store_true", help="PVQ: skip the Hessian-weighted shape refinement")
     q.add_argument("--bits", type=int, default=4, help="bits per weight for rtn/gptq")
