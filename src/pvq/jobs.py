@@ -21,6 +21,7 @@ from pvq.eval.perplexity import next_token_agreement, perplexity_details, wikite
 from pvq.formats import load_checkpoint, save_checkpoint
 from pvq.models import adapter_for, load_model
 from pvq.pipeline import calibration_windows, encode_text, quantize_model
+from pvq.pipeline.quantize_model import jsonable
 from pvq.quant import get_method
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         for r in result.report
     ]
     manifest = save_checkpoint(
-        opts.out, model, dict(result), tokenizer=tokenizer, source=_jsonable(source), settings=settings,
+        opts.out, model, dict(result), tokenizer=tokenizer, source=jsonable(source), settings=settings,
         report={"layers": layer_report}, overwrite=opts.overwrite,
     )
     stats = manifest["stats"]
@@ -172,7 +173,3 @@ def format_report(report: dict[str, Any]) -> str:
 def _mean(values):
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else float("nan")
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))

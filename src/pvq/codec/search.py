@@ -375,29 +375,9 @@ def _brute_row(a, K, y_best):
 
 
 @njit(cache=True)
-def _paper_kernel(x, K, out):
-    B, D = x.shape
-    a = np.empty(D, np.float64)
-    y = np.empty(D, np.int64)
-    for b in range(B):
-        S = _magnitudes(x[b], a)
-        _paper_row(a, S, K, y)
-        _store_signed(x[b], y, out[b])
-
-
-@njit(cache=True)
-def _greedy_kernel(x, K, out):
-    B, D = x.shape
-    a = np.empty(D, np.float64)
-    y = np.empty(D, np.int64)
-    for b in range(B):
-        S = _magnitudes(x[b], a)
-        _greedy_row(a, S, K, y)
-        _store_signed(x[b], y, out[b])
-
-
-@njit(cache=True)
-def _refined_kernel(x, K, max_iter, rel_tol, start_paper, out):
+def _search_kernel(x, K, start_paper, max_iter, rel_tol, out):
+    """Start each row at the paper's or the greedy point, then (max_iter > 0) refine it
+    by single-pulse moves; returns the number of moves made."""
     B, D = x.shape
     a = np.empty(D, np.float64)
     y = np.empty(D, np.int64)
@@ -409,7 +389,7 @@ def _refined_kernel(x, K, max_iter, rel_tol, start_paper, out):
             _paper_row(a, S, K, y)
         else:
             _greedy_row(a, S, K, y)
-        if K > 0 and S > 0.0:
+        if max_iter > 0 and K > 0 and S > 0.0:
             total_moves += _refine_row(a, y, max_iter, rel_tol, ws)
         _store_signed(x[b], y, out[b])
     return total_moves
@@ -477,7 +457,7 @@ def search_paper(x, K) -> np.ndarray:
     """Paper's Algorithm 1 (L1 projection, round, fix the sum one pulse at a time)."""
     arr, k, was_1d = _prepare(x, K)
     out = np.zeros(arr.shape, np.int32)
-    _paper_kernel(arr, np.int64(k), out)
+    _search_kernel(arr, np.int64(k), True, np.int64(0), _REFINE_REL_TOL, out)
     return _finish(out, was_1d)
 
 
@@ -485,7 +465,7 @@ def search_greedy(x, K) -> np.ndarray:
     """Opus/CELT ``op_pvq_search``: floor projection then greedy pulse placement."""
     arr, k, was_1d = _prepare(x, K)
     out = np.zeros(arr.shape, np.int32)
-    _greedy_kernel(arr, np.int64(k), out)
+    _search_kernel(arr, np.int64(k), False, np.int64(0), _REFINE_REL_TOL, out)
     return _finish(out, was_1d)
 
 
@@ -513,7 +493,7 @@ def search_refined(x, K, max_iter: int | None = None, start: str = "greedy") -> 
         if it < 0:
             raise CodecError(f"max_iter must be >= 0, got {it}")
     out = np.zeros(arr.shape, np.int32)
-    _refined_kernel(arr, np.int64(k), np.int64(it), _REFINE_REL_TOL, start == "paper", out)
+    _search_kernel(arr, np.int64(k), start == "paper", np.int64(it), _REFINE_REL_TOL, out)
     return _finish(out, was_1d)
 
 

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pvq.models.loading import sha256_file
 from pvq.quant import QuantizedTensor, get_method
 
 from .errors import CheckpointError, CheckpointIntegrityError, CheckpointVersionError
@@ -80,7 +81,6 @@ EXTRA_BLOCK_FILE = "quantized-extra.safetensors"
 # One key only: safetensors writes its metadata map in hash order, so two keys would come
 # out in a different order from save to save and break byte-identical checkpoints.
 _SAFETENSORS_METADATA = {"format": f"{FORMAT}/{FORMAT_VERSION}"}
-_HASH_CHUNK = 1 << 22
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 _NUMPY_DTYPES = {
     "float64", "float32", "float16", "int64", "uint64", "int32", "uint32", "int16", "uint16", "int8", "uint8", "bool",
@@ -98,14 +98,6 @@ _DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 def _sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _torch_dtype_name(dtype: torch.dtype) -> str:
@@ -414,7 +406,7 @@ def save_checkpoint(
             if clash:
                 raise CheckpointError(f"tokenizer.save_pretrained wrote {clash}, which collide with checkpoint files")
             for f in tok_files:
-                files[f] = {"sha256": _sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
+                files[f] = {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
             manifest["tokenizer"] = {"files": tok_files}
         for fname in sorted(blobs):
             files[fname] = _write_file(tmp, fname, blobs[fname])
@@ -591,7 +583,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     manifest = read_manifest(root)
     _check_present(root, manifest)
     for fname, info in manifest["files"].items():
-        _check_digest(fname, _sha256_file(root / fname), info)
+        _check_digest(fname, sha256_file(root / fname), info)
     return manifest
 
 
@@ -825,7 +817,7 @@ def load_checkpoint(
 def _load_tokenizer(root: Path, manifest: dict) -> Any:
     files = manifest["files"]
     for fname in manifest["tokenizer"]["files"]:
-        _check_digest(fname, _sha256_file(root / fname), files[fname])
+        _check_digest(fname, sha256_file(root / fname), files[fname])
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(root), local_files_only=True, trust_remote_code=False)

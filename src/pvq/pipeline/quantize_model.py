@@ -146,7 +146,8 @@ def _resolve_config(method_obj, config):
     return config
 
 
-def _jsonable(obj) -> Any:
+def jsonable(obj) -> Any:
+    """A JSON-safe copy (dataclasses as dicts, unknown objects as strings, sorted keys)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
@@ -347,7 +348,7 @@ def quantize_model(
             work_dir.mkdir(parents=True, exist_ok=True)
             settings = {
                 "method": method_name,
-                "config": _jsonable(config),
+                "config": jsonable(config),
                 "config_class": f"{type(config).__module__}.{type(config).__qualname__}",
                 "adapter": adapter.name,
                 "n_blocks": n_blocks,
