@@ -181,6 +181,26 @@ def nominal_bits_per_weight(config: PVQConfig, columns: int | None = None) -> fl
 # --------------------------------------------------------------------------- kernels
 
 
+@njit(cache=True, inline="always")
+def _keep_top(vals, idxs, n, ncand, v, k):
+    """Insert (v, k) into the descending list vals/idxs of length n, kept to ncand
+    entries; returns the new length."""
+    if n < ncand:
+        pos = n
+        n += 1
+    elif v > vals[n - 1]:
+        pos = n - 1
+    else:
+        return n
+    while pos > 0 and vals[pos - 1] < v:
+        vals[pos] = vals[pos - 1]
+        idxs[pos] = idxs[pos - 1]
+        pos -= 1
+    vals[pos] = v
+    idxs[pos] = k
+    return n
+
+
 @njit(cache=True)
 def _refine_rows(x, P, b, Mp, M, ncand, max_moves, rel_tol):
     """Refine pyramid points P (N, D) in place under the metric M (D x D, PSD).
@@ -218,39 +238,13 @@ def _refine_rows(x, P, b, Mp, M, ncand, max_moves, rel_tol):
                 xk = x[r, k]
                 if xk != 0.0:
                     t = 1.0 if xk > 0.0 else -1.0
-                    v = t * grad  # first-order gain of adding a pulse at k
-                    if na < ncand:
-                        pos = na
-                        na += 1
-                    elif v > add_val[na - 1]:
-                        pos = na - 1
-                    else:
-                        pos = -1
-                    if pos >= 0:
-                        while pos > 0 and add_val[pos - 1] < v:
-                            add_val[pos] = add_val[pos - 1]
-                            add_idx[pos] = add_idx[pos - 1]
-                            pos -= 1
-                        add_val[pos] = v
-                        add_idx[pos] = k
+                    # first-order gain of adding a pulse at k
+                    na = _keep_top(add_val, add_idx, na, ncand, t * grad, k)
                 pk = P[r, k]
                 if pk != 0:
                     s = 1.0 if pk > 0 else -1.0
-                    v = -s * grad  # first-order gain of removing a pulse at k
-                    if nr < ncand:
-                        pos = nr
-                        nr += 1
-                    elif v > rem_val[nr - 1]:
-                        pos = nr - 1
-                    else:
-                        pos = -1
-                    if pos >= 0:
-                        while pos > 0 and rem_val[pos - 1] < v:
-                            rem_val[pos] = rem_val[pos - 1]
-                            rem_idx[pos] = rem_idx[pos - 1]
-                            pos -= 1
-                        rem_val[pos] = v
-                        rem_idx[pos] = k
+                    # first-order gain of removing a pulse at k
+                    nr = _keep_top(rem_val, rem_idx, nr, ncand, -s * grad, k)
             best_i = -1
             best_j = -1
             best_num = num
