@@ -40,6 +40,7 @@ for _bits in (2, 3, 4):
     for _gs, _tag in ((64, "g64"), (-1, "pc")):
         ROWS[f"rtn-{_bits}b-{_tag}"] = ("rtn", {"bits": _bits, "group_size": _gs})
         ROWS[f"gptq-{_bits}b-{_tag}"] = ("gptq", {"bits": _bits, "group_size": _gs})
+    ROWS[f"gptq-{_bits}b-g64-act"] = ("gptq", {"bits": _bits, "group_size": 64, "act_order": True})
 ROWS.update({
     "pvq-d64-s3-fp16": ("pvq", {"group_size": 64, "shape_bits": 3.0, "gain": "fp16"}),
     "pvq-d16-s3-beta4": ("pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "beta", "gain_bits": 4}),
@@ -48,6 +49,9 @@ ROWS.update({
     "pvq-d16-s3-emp4": ("pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "empirical", "gain_bits": 4}),
     "pvq-d16-s3-emp4-nohessian": ("pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "empirical", "gain_bits": 4,
                                           "use_hessian": False}),
+    "pvq-d16-s3-emp4-noact": ("pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "empirical", "gain_bits": 4,
+                                      "act_order": False}),
+    "pvq-d32-s2.375-emp4": ("pvq", {"group_size": 32, "shape_bits": 2.375, "gain": "empirical", "gain_bits": 4}),
     "pvq-d16-s2.25-emp4": ("pvq", {"group_size": 16, "shape_bits": 2.25, "gain": "empirical", "gain_bits": 4}),
     "pvq-d64-s2.25-fp16": ("pvq", {"group_size": 64, "shape_bits": 2.25, "gain": "fp16"}),
     "pvq-d16-s2.25-beta4": ("pvq", {"group_size": 16, "shape_bits": 2.25, "gain": "beta", "gain_bits": 4}),

@@ -233,3 +233,23 @@ def test_empirical_gain_codebook_checked_on_load(layer):
     qt.tensors["gain_codebook"] = qt.tensors["gain_codebook"][:8]
     with pytest.raises(QuantizationError, match="gain_codebook"):
         pvq.dequantize(qt)
+
+
+def test_act_order_changes_only_the_processing_order():
+    """Group act-order: same storage layout (no permutation stored; dequantize needs no
+    order), a lower proxy loss where a late group is fed by outlier inputs."""
+    W, H = synthetic_layer(96, 256, seed=4, outliers=0)
+    H = H.clone()
+    idx = torch.arange(240, 256)  # the last group's inputs are outliers
+    H[idx, :] *= 8.0
+    H[:, idx] *= 8.0
+    cfgs = {flag: pvq.CONFIG(group_size=16, shape_bits=3, gain="empirical", act_order=flag) for flag in (False, True)}
+    out = {flag: pvq.quantize(W, H, cfg) for flag, cfg in cfgs.items()}
+    assert out[True].proxy_loss < 0.9 * out[False].proxy_loss, (out[True].proxy_loss, out[False].proxy_loss)
+    assert out[True].tensors.keys() == out[False].tensors.keys()
+    assert {k: v.shape for k, v in out[True].tensors.items()} == {k: v.shape for k, v in out[False].tensors.items()}
+    assert out[True].meta["act_order"] is True and "act_order" not in out[False].meta
+    assert proxy_loss(W, pvq.dequantize(out[True]), H) == out[True].proxy_loss
+    # without a Hessian there is no order to follow
+    plain = pvq.quantize(W, None, pvq.CONFIG(group_size=16, shape_bits=3, gain="empirical", use_hessian=False))
+    assert "act_order" not in plain.meta

@@ -6,7 +6,6 @@ tests and benchmarks can read the same figures a user sees.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import resource
@@ -50,8 +49,36 @@ class JobOptions:
 
 
 def peak_memory_bytes() -> int:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process since start or since the last
+    `reset_peak_memory` (Linux: VmHWM; elsewhere ru_maxrss, which cannot be reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory() -> bool:
+    """Start a new peak-memory measurement (Linux >= 4.0: writing 5 to clear_refs resets
+    VmHWM to the current RSS). Returns False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def float_model_memory_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's parameters and buffers occupy in memory now (tied tensors once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
 
 
 def float_model_bytes(model: torch.nn.Module, bytes_per_value: int = 2) -> int:
@@ -77,7 +104,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
 
     model, tokenizer, source = load_model(opts.model, device="cpu")
     adapter = adapter_for(model)
-    reference = copy.deepcopy(model) if opts.evaluate else None
+    model_memory = float_model_memory_bytes(model)
+    float16_bytes = float_model_bytes(model)
 
     t0 = time.perf_counter()
     windows = calibration_windows(
@@ -86,12 +114,15 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     calib_seconds = time.perf_counter() - t0
 
     work_dir = opts.work_dir or f"{opts.out.rstrip('/')}.work"
+    # the quantization's own peak: the model (quantized in place) plus its working memory
+    peak_reset = reset_peak_memory()
     t0 = time.perf_counter()
     result = quantize_model(
         model, adapter, windows, opts.method, config, device=opts.device, work_dir=work_dir,
         batch_size=opts.batch_size, compute_dtype=dtype,
     )
     quant_seconds = time.perf_counter() - t0
+    quant_peak = peak_memory_bytes()
 
     nominal = method.nominal_bits_per_weight(config)
     settings = {"method": opts.method, "config": asdict(config), "calibration": {
@@ -114,7 +145,10 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         "bits_per_weight_nominal": nominal,
         "bits_per_weight_measured": stats["bits_per_weight"],
         "checkpoint_bytes": dir_bytes(opts.out),
-        "float16_model_bytes": float_model_bytes(reference if reference is not None else model),
+        "float16_model_bytes": float16_bytes,
+        "float_model_memory_bytes": model_memory,
+        "quantization_peak_memory_bytes": quant_peak,
+        "quantization_peak_is_phase_peak": peak_reset,
         "quantized_layers": stats["quantized_layers"],
         "calibration_seconds": calib_seconds,
         "quantization_seconds": quant_seconds,
@@ -122,6 +156,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     }
 
     if opts.evaluate:
+        del model, result  # the float reference is loaded afresh rather than kept as a copy
+        reference, _, _ = load_model(opts.model, device="cpu")
         loaded, _, _ = load_checkpoint(opts.out, mode="load")
         text = wikitext2_test_text(opts.eval_text)
         ids = encode_text(tokenizer, text)
@@ -164,7 +200,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [
         f"time             total {report['wall_seconds']:.0f} s (calibration data {report['calibration_seconds']:.0f} s, "
         f"quantization {report['quantization_seconds']:.0f} s)",
-        f"peak memory      {report['peak_memory_bytes'] / mib:.0f} MiB",
+        f"peak memory      quantization {report['quantization_peak_memory_bytes'] / mib:.0f} MiB "
+        f"({report['quantization_peak_memory_bytes'] / report['float_model_memory_bytes']:.2f}x the float model's "
+        f"{report['float_model_memory_bytes'] / mib:.0f} MiB in memory"
+        f"{'' if report['quantization_peak_is_phase_peak'] else '; process peak, not resettable here'})   "
+        f"whole job {report['peak_memory_bytes'] / mib:.0f} MiB",
         f"checkpoint       {report['checkpoint']}",
     ]
     return "\n".join(lines)

@@ -34,6 +34,15 @@ Algorithm (blocks b = the D columns of one group, left to right):
      cell with gain errors up to 180%.
 5. Feedback: ``E = (W_b - Q_b) U_bb^{-1}`` (triangular solve) and
    ``W[:, after b] -= E @ U[b, after b]`` (the paper's step 6).
+6. `act_order` (default on, with the Hessian): the groups are *processed* in order of
+   decreasing Hessian energy tr(H_gg) (W and H permuted by whole groups, the results
+   permuted back), GPTQ's act-order at the granularity of groups. Groups stay the same
+   D consecutive input columns, so the stored layout and the dequantizer are unchanged
+   and no permutation is stored. Why: a group fed by outlier input channels (8x the mean
+   energy in the benchmark model's layer-0 o_proj) quantized last has no later columns
+   to absorb its gain error; quantized first, its error is spread over all the others.
+   On 20 layers of the benchmark model with their calibration Hessians (D=16, 3-bit
+   shapes, 4-bit fitted gains) it lowered the summed proxy loss from 717 to 540.
 
 Stored tensors:
 * ``codes``: Fischer codes of the R*G shapes, row-major (row r, group g -> r*G + g),
@@ -103,7 +112,9 @@ class PVQConfig:
     least-squares gains, no Hessian needed); percdamp: damping (fraction of the mean
     diagonal); search_method: codec shape search ("refined" | "greedy" | "paper");
     hessian_refine: refine shapes under the block metric (with use_hessian only);
-    refine_candidates / refine_max_moves: its search width and move budget per vector.
+    refine_candidates / refine_max_moves: its search width and move budget per vector;
+    act_order: with the Hessian, process the groups in order of decreasing Hessian
+    energy (the storage is unchanged, see the module docstring).
     """
 
     group_size: int = 64
@@ -117,6 +128,7 @@ class PVQConfig:
     hessian_refine: bool = True
     refine_candidates: int = 8
     refine_max_moves: int = 64
+    act_order: bool = True
 
     def __post_init__(self) -> None:
         if not _is_int(self.group_size) or self.group_size < 2:
@@ -131,7 +143,7 @@ class PVQConfig:
             raise QuantizationError(f"gain_bits must be an integer in 1..{MAX_GAIN_BITS}, got {self.gain_bits!r}")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise QuantizationError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
-        for name in ("use_hessian", "hessian_refine"):
+        for name in ("use_hessian", "hessian_refine", "act_order"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise QuantizationError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_percdamp(self.percdamp)
@@ -352,6 +364,15 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
 
     W0 = as_float32(weight)
     W = W0.clone()
+    H_in = hessian
+    group_order = None
+    if use_h and config.act_order:
+        # groups (kept whole, so storage is unchanged) in order of decreasing Hessian energy
+        energy = torch.diagonal(hessian.detach().to("cpu", torch.float64)).reshape(G, D).sum(dim=1)
+        group_order = torch.argsort(energy, descending=True, stable=True)
+        col_order = (group_order[:, None] * D + torch.arange(D)).reshape(-1)
+        W = W[:, col_order].contiguous()
+        hessian = hessian.detach().to("cpu")[col_order][:, col_order]
     if config.gain != "fp16":
         norms16 = _fp16(W0.double().norm(dim=1).numpy(), "row norm")
         row_scale = _row_scale(norms16)
@@ -430,6 +451,12 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
         if use_h and i2 < C:
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
 
+    if group_order is not None:
+        order = group_order.numpy()
+        points[:, order, :] = points.copy()
+        gains_out[:, order] = gains_out.copy()
+        Q[:, col_order] = Q.clone()
+
     flat_points = points.reshape(R * G, D)
     tensors = {"codes": pack_codes(encode(flat_points, K), nbits)}
     if config.gain == "fp16":
@@ -458,8 +485,10 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
     if damping is not None:
         meta["damping"] = float(damping)
     qt = QuantizedTensor(method="pvq", shape=(R, C), tensors=tensors, meta=meta)
-    if hessian is not None:
-        qt.proxy_loss = proxy_loss(W0, Q, hessian.detach().to("cpu"))
+    if group_order is not None:
+        meta["act_order"] = True
+    if H_in is not None:
+        qt.proxy_loss = proxy_loss(W0, Q, H_in.detach().to("cpu"))
     qt.extra.update(nominal_bits_per_weight=nominal_bits_per_weight(config), refine_moves=int(moves))
     return qt
 
