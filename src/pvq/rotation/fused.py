@@ -210,7 +210,10 @@ def rotation_layout_for(model: nn.Module, check_values: bool = True) -> tuple[Ar
     """(adapter, layout) for `model`, after checking the model has every module the rotation
     touches with consistent sizes; UnsupportedArchitectureError naming what is missing.
     `check_values`: also run every norm once to check it is an RMSNorm (needs real weights)."""
-    adapter = adapter_for(model)
+    try:
+        adapter = adapter_for(model)
+    except UnsupportedArchitectureError as e:
+        raise UnsupportedArchitectureError(f"cannot rotate {_arch(model)}: {e}") from None
     layout = ROTATION_LAYOUTS.get(adapter.name)
     if layout is None:
         raise UnsupportedArchitectureError(
