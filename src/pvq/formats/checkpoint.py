@@ -16,7 +16,7 @@ Layout of a checkpoint directory::
 
     format: "pvq-checkpoint", format_version: 1 (2 for a rotated model), pvq_version, created_by
     model_type, config          model.config as a dict; rebuilds the architecture offline
-    rotation: null | the record of `pvq.rotation` (kind, seed, sizes, every rotation's
+    rotation: (only when rotated) the record of `pvq.rotation` (kind, seed, sizes, every rotation's
              construction and digest, the online transforms); the stored weights are the
              rotated ones, and loading rebuilds the online transforms from the record
     source, settings            what was quantized, with which method and settings
@@ -394,7 +394,6 @@ def save_checkpoint(
         "created_by": f"pvq {pvq.__version__} (pvq.formats.save_checkpoint)",
         "model_type": getattr(config, "model_type", None),
         "config": json.loads(config.to_json_string(use_diff=False)),
-        "rotation": rotation,
         "source": _jsonable(source or {}, "source", strict=False),
         "settings": _jsonable(settings or {}, "settings", strict=False),
         "layers": layer_entries,
@@ -414,6 +413,8 @@ def save_checkpoint(
             "total_bytes": q_bytes + dense_bytes,
         },
     }
+    if rotation is not None:  # absent (not null) when unrotated: version 1 manifests are unchanged
+        manifest["rotation"] = rotation
     if not manifest["model_type"]:
         raise CheckpointError("model.config has no model_type; cannot record the architecture")
 
