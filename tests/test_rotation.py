@@ -14,16 +14,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pvq.formats import (  # noqa: E402
+from pvq.formats import (
     CheckpointRotationError,
     CheckpointVersionError,
     PVQLinear,
     load_checkpoint,
     save_checkpoint,
 )
-from pvq.models import UnsupportedArchitectureError, adapter_for, tiny_llama  # noqa: E402
-from pvq.pipeline import quantize_model  # noqa: E402
-from pvq.rotation import (  # noqa: E402
+from pvq.models import UnsupportedArchitectureError, adapter_for, tiny_llama
+from pvq.pipeline import quantize_model
+from pvq.rotation import (
     OnlineHadamard,
     RandomizedHadamard,
     RotationError,
@@ -38,7 +38,7 @@ from pvq.rotation import (  # noqa: E402
     rotate_model,
     rotation_of,
 )
-from pvq.rotation.hadamard import _hadamard_np, _sylvester  # noqa: E402
+from pvq.rotation.hadamard import _hadamard_np, _sylvester
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -111,7 +111,7 @@ def test_fwht_needs_a_power_of_two():
 
 @pytest.mark.parametrize("n", [12, 48, 576, 1536])
 def test_kron_transform_equals_dense_product(n):
-    K, M, _ = hadamard_factor(n)
+    K, _, _ = hadamard_factor(n)
     A = torch.from_numpy(_hadamard_np(K).astype(np.float64))
     x = torch.randn(7, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(hadamard_transform(x, A), x @ hadamard_matrix(n), atol=1e-9)
@@ -251,7 +251,7 @@ def test_fused_rotation_preserves_logits(kind, kw):
             if "norm" in name:
                 assert torch.equal(p, torch.ones_like(p)), name
         mlps = [b.mlp for b in model.model.layers]
-        assert all(isinstance(getattr(m, "down_proj_input_rotation"), OnlineHadamard) for m in mlps)
+        assert all(isinstance(m.down_proj_input_rotation, OnlineHadamard) for m in mlps)
         assert rotation_of(model) is record and record["seed"] == 7
         assert json.loads(json.dumps(record)) == record
 

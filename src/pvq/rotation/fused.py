@@ -51,7 +51,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pvq.models.adapters import ArchitectureAdapter, UnsupportedArchitectureError, adapter_for
+from pvq.models.adapters import (
+    ArchitectureAdapter,
+    UnsupportedArchitectureError,
+    adapter_for,
+)
 
 from .hadamard import RandomizedHadamard, RotationError, hadamard_transform
 

@@ -335,7 +335,7 @@ class RandomizedHadamard:
     K_matrix: torch.Tensor | None  # (K, K) float64, None for K = 1
 
     @classmethod
-    def build(cls, n: int, seed: int, label: str, *, warn: bool = True) -> "RandomizedHadamard":
+    def build(cls, n: int, seed: int, label: str, *, warn: bool = True) -> RandomizedHadamard:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise RotationError(f"rotation seed must be a non-negative integer, got {seed!r}")
         K, _, how = hadamard_factor(n)
@@ -368,7 +368,7 @@ class RandomizedHadamard:
                 "construction": self.construction, "digest": self.digest}
 
     @classmethod
-    def from_record(cls, record: dict) -> "RandomizedHadamard":
+    def from_record(cls, record: dict) -> RandomizedHadamard:
         """Rebuild from `record()`; RotationError if the record is malformed or the rebuilt
         rotation differs from the recorded one (size, construction or digest)."""
         if not isinstance(record, dict):
