@@ -312,7 +312,7 @@ _DENSE_LIMIT = 4096  # offline (fused) products use the dense matrix up to this 
 
 class _Offline:
     """x @ R for the fused (offline) products: a dense float64 matmul for n <= _DENSE_LIMIT,
-    the fast transform above (same result up to rounding)."""
+    otherwise the fast transform (the same result up to rounding)."""
 
     def __init__(self, rotation: RandomizedHadamard) -> None:
         self.rotation = rotation
