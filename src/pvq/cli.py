@@ -49,7 +49,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         seed=args.seed, device=_default_device(args.device), compute_dtype=args.compute_dtype,
         batch_size=args.batch_size, work_dir=args.work_dir, eval_text=args.eval_text,
         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows or None, evaluate=not args.no_eval,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, rotate=args.rotate, rotate_seed=args.rotate_seed,
     )
     report = run_quantize_job(opts)
     print(format_report(report))
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-windows", type=int, default=32, help="calibration windows (paper: 128)")
     q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (paper: 2048)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--rotate", action="store_true",
+                   help="rotate the float model first (fused randomized Hadamard, online Hadamard before down_proj); "
+                        "recorded in the checkpoint and rebuilt on load")
+    q.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs (default 0)")
     q.add_argument("--device", default="auto", help="compute device for one block at a time (auto: cuda if present)")
     q.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the calibration forwards (Hessians are always accumulated in float32+)")

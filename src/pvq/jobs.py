@@ -22,6 +22,7 @@ from pvq.models import adapter_for, load_model
 from pvq.pipeline import calibration_windows, encode_text, quantize_model
 from pvq.pipeline.quantize_model import jsonable
 from pvq.quant import get_method
+from pvq.rotation import rotate_model
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class JobOptions:
     agreement_windows: int = 8
     evaluate: bool = True
     overwrite: bool = False
+    rotate: bool = False  # fused randomized-Hadamard rotation before quantizing (any method)
+    rotate_seed: int = 0
 
 
 def peak_memory_bytes() -> int:
@@ -113,6 +116,15 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     )
     calib_seconds = time.perf_counter() - t0
 
+    # The rotation comes after the calibration windows (sampled from the unrotated model, so
+    # the same with and without it) and before any Hessian is collected.
+    rotation = None
+    rotate_seconds = 0.0
+    if opts.rotate:
+        t0 = time.perf_counter()
+        rotation = rotate_model(model, seed=opts.rotate_seed)
+        rotate_seconds = time.perf_counter() - t0
+
     work_dir = opts.work_dir or f"{opts.out.rstrip('/')}.work"
     # the quantization's own peak: the model (quantized in place) plus its working memory
     peak_reset = reset_peak_memory()
@@ -127,7 +139,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     nominal = method.nominal_bits_per_weight(config)
     settings = {"method": opts.method, "config": asdict(config), "calibration": {
         "text": opts.calib_text or "sampled from the model", "windows": opts.calib_windows,
-        "seqlen": opts.calib_seqlen, "seed": opts.seed}, "compute_dtype": opts.compute_dtype}
+        "seqlen": opts.calib_seqlen, "seed": opts.seed}, "compute_dtype": opts.compute_dtype,
+        "rotate": {"enabled": opts.rotate, "seed": opts.rotate_seed} if opts.rotate else {"enabled": False}}
     layer_report = [
         {"layer": r.name, "proxy_loss": r.proxy_loss, "bits_per_weight": r.bits_per_weight, "seconds": r.seconds}
         for r in result.report
@@ -152,6 +165,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         "quantized_layers": stats["quantized_layers"],
         "calibration_seconds": calib_seconds,
         "quantization_seconds": quant_seconds,
+        "rotation": rotation_summary(rotation),
+        "rotation_seconds": rotate_seconds,
         "mean_proxy_loss": _mean([r["proxy_loss"] for r in layer_report]),
     }
 
@@ -179,6 +194,19 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     return report
 
 
+def rotation_summary(record: dict[str, Any] | None) -> str | None:
+    """One line describing a rotation record (None: not rotated)."""
+    if record is None:
+        return None
+    res = record["residual"]
+    parts = [f"residual {res['n']} = {res['K']}x{res['n'] // res['K']} {res['construction']}",
+             f"per-head V/O {record['head_dim']}"]
+    if record["online"]:
+        on = next(iter(record["online"].values()))
+        parts.append(f"online before down_proj {on['n']} = {on['K']}x{on['n'] // on['K']} {on['construction']}")
+    return f"randomized Hadamard, seed {record['seed']}: " + ", ".join(parts)
+
+
 def format_report(report: dict[str, Any]) -> str:
     mib = 2**20
     lines = [
@@ -190,6 +218,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['float16_model_bytes'] / mib:.1f} MiB   ({report['checkpoint_bytes'] / report['float16_model_bytes']:.3f}x)",
         f"proxy loss       mean over layers {report['mean_proxy_loss']:.4g}",
     ]
+    if report.get("rotation"):
+        lines.append(f"rotation         {report['rotation']}")
     if "ppl_quantized" in report:
         lines += [
             f"perplexity       WikiText-2 test, {report['eval_windows']} windows x {report['eval_seqlen']}: "

@@ -19,6 +19,7 @@ from .checkpoint import (
 from .errors import (
     CheckpointError,
     CheckpointIntegrityError,
+    CheckpointRotationError,
     CheckpointVersionError,
     LayerCodecError,
     LayerDecodeError,
@@ -33,6 +34,7 @@ __all__ = [
     "MODES",
     "CheckpointError",
     "CheckpointIntegrityError",
+    "CheckpointRotationError",
     "CheckpointVersionError",
     "LayerCodecError",
     "LayerDecodeError",

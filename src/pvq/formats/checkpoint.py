@@ -14,8 +14,11 @@ Layout of a checkpoint directory::
 
 ``manifest.json`` (sorted keys)::
 
-    format: "pvq-checkpoint", format_version: 1, pvq_version, created_by
+    format: "pvq-checkpoint", format_version: 1 (2 for a rotated model), pvq_version, created_by
     model_type, config          model.config as a dict; rebuilds the architecture offline
+    rotation: (only when rotated) the record of `pvq.rotation` (kind, seed, sizes, every rotation's
+             construction and digest, the online transforms); the stored weights are the
+             rotated ones, and loading rebuilds the online transforms from the record
     source, settings            what was quantized, with which method and settings
     layers: {layer name: {method, shape [R, C], meta, proxy_loss, stored_bytes, bits_per_weight,
              tensors: {tensor name: {file, key, dtype, shape}}}}
@@ -26,6 +29,12 @@ Layout of a checkpoint directory::
     tokenizer: {files: [...]} | null,  report: "report.json" | null
     stats:  {quantized_layers, quantized_weights, quantized_bytes, bits_per_weight,
              dense_tensors, dense_weights, dense_bytes, total_bytes, file_bytes}
+
+A rotated checkpoint is written as format_version 2 so that a reader from before
+rotations refuses it instead of building the model without its online transforms; an
+unrotated one stays version 1 (byte-identical to before). A recorded rotation that
+cannot be rebuilt (unknown kind or size, a seed or digest that does not reproduce the
+recorded rotation) fails the load with `CheckpointRotationError`.
 
 ``bits_per_weight`` is measured: the stored bytes of all quantized arrays x 8 over the
 number of quantized weights. The order of the codes inside each stream is the method's
@@ -54,9 +63,11 @@ import numpy as np
 import torch
 
 from pvq.models.loading import sha256_file
+from pvq.models.adapters import UnsupportedArchitectureError
 from pvq.quant import QuantizedTensor, get_method
+from pvq.rotation import OnlineHadamard, RotationError, install_rotation, rotation_of
 
-from .errors import CheckpointError, CheckpointIntegrityError, CheckpointVersionError
+from .errors import CheckpointError, CheckpointIntegrityError, CheckpointRotationError, CheckpointVersionError
 from .modules import MODES, PVQLinear, dequantize_layer
 
 __all__ = [
@@ -73,14 +84,16 @@ __all__ = [
 ]
 
 FORMAT = "pvq-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written and read; unrotated checkpoints are written as 1
+BASE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 REPORT_FILE = "report.json"
 EXTRA_BLOCK_FILE = "quantized-extra.safetensors"
 # One key only: safetensors writes its metadata map in hash order, so two keys would come
 # out in a different order from save to save and break byte-identical checkpoints.
-_SAFETENSORS_METADATA = {"format": f"{FORMAT}/{FORMAT_VERSION}"}
+# The safetensors files themselves did not change with version 2: their tag stays /1.
+_SAFETENSORS_METADATA = {"format": f"{FORMAT}/{BASE_FORMAT_VERSION}"}
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 _NUMPY_DTYPES = {
     "float64", "float32", "float16", "int64", "uint64", "int32", "uint32", "int16", "uint16", "int8", "uint8", "bool",
@@ -260,6 +273,7 @@ def save_checkpoint(
     report: dict | None = None,
     overwrite: bool = False,
     dense_dtype: str = "float16",
+    rotation: dict | None = None,
 ) -> dict[str, Any]:
     """Write `model` with the linears named in `quantized` stored packed; returns the manifest.
 
@@ -272,6 +286,9 @@ def save_checkpoint(
     The directory is assembled next to `path` and renamed into place at the end. An
     existing checkpoint at `path` is replaced only with ``overwrite=True``; any other
     non-empty directory or a file at `path` is refused.
+
+    `rotation`: the model's rotation record; by default the one `pvq.rotation.rotate_model`
+    attached to the model (None for an unrotated model).
     """
     path = Path(path)
     if dense_dtype not in _DENSE_DTYPES:
@@ -280,6 +297,12 @@ def save_checkpoint(
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise CheckpointError("model has no transformers config (model.config); cannot record its architecture")
+
+    if rotation is None:
+        rotation = rotation_of(model)
+    if rotation is None and any(isinstance(m, OnlineHadamard) for m in model.modules()):
+        raise CheckpointError("the model has online Hadamard transforms but no rotation record; it cannot be rebuilt on load")
+    rotation = _jsonable(rotation, "rotation", strict=True) if rotation is not None else None
 
     layers_qt = _collect_quantized(model, quantized)
     for name in sorted(layers_qt):
@@ -366,7 +389,7 @@ def save_checkpoint(
 
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if rotation is not None else BASE_FORMAT_VERSION,
         "pvq_version": pvq.__version__,
         "created_by": f"pvq {pvq.__version__} (pvq.formats.save_checkpoint)",
         "model_type": getattr(config, "model_type", None),
@@ -390,6 +413,8 @@ def save_checkpoint(
             "total_bytes": q_bytes + dense_bytes,
         },
     }
+    if rotation is not None:  # absent (not null) when unrotated: version 1 manifests are unchanged
+        manifest["rotation"] = rotation
     if not manifest["model_type"]:
         raise CheckpointError("model.config has no model_type; cannot record the architecture")
 
@@ -532,6 +557,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     for alias, target in tied.items():
         _require(target in manifest["dense"], f"tied {alias!r} -> {target!r}, which is not a dense entry")
         _require(alias not in manifest["dense"], f"tied {alias!r} is also a dense entry")
+    _require(manifest.get("rotation") is None or isinstance(manifest["rotation"], dict), "'rotation' is not an object or null")
+    if manifest.get("rotation") is not None and version < 2:
+        raise CheckpointVersionError(f"{mpath}: a rotated model needs format_version 2, the manifest says {version}")
     tok = manifest.get("tokenizer")
     if tok is not None:
         _require(isinstance(tok, dict) and isinstance(tok.get("files"), list), "'tokenizer' must hold a list of files")
@@ -745,6 +773,12 @@ def load_checkpoint(
     dense = _load_files(root, manifest, [(key, f"dense tensor {key!r}", e) for key, e in manifest["dense"].items()], "pt")
 
     model = _build_model(manifest, dtype)
+    # ---- rotation: the online transforms (the stored weights are already rotated)
+    if manifest.get("rotation") is not None:
+        try:
+            install_rotation(model, manifest["rotation"])
+        except (RotationError, UnsupportedArchitectureError) as e:
+            raise CheckpointRotationError(f"checkpoint {root}: the recorded rotation cannot be rebuilt: {e}") from e
     # ---- quantized linears -> PVQLinear
     for name, qt in qts.items():
         try:

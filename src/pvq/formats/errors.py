@@ -7,6 +7,7 @@ from pvq.codec.errors import CodecError
 __all__ = [
     "CheckpointError",
     "CheckpointIntegrityError",
+    "CheckpointRotationError",
     "CheckpointVersionError",
     "LayerCodecError",
     "LayerDecodeError",
@@ -23,6 +24,11 @@ class CheckpointIntegrityError(CheckpointError):
 
 class CheckpointVersionError(CheckpointError):
     """A manifest of another format, or of a format version newer than this code reads."""
+
+
+class CheckpointRotationError(CheckpointError):
+    """A rotated checkpoint whose recorded rotation cannot be rebuilt (unknown kind or
+    size, a seed or digest that does not reproduce the recorded rotation)."""
 
 
 class LayerDecodeError(CheckpointError):
