@@ -31,11 +31,13 @@ from pvq.eval.perplexity import perplexity_details, wikitext2_test_text
 from pvq.models import adapter_for, load_model
 from pvq.pipeline import encode_text, quantize_model, windows_from_ids
 from pvq.quant import get_method
+from pvq.rotation import rotate_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets" / "wikitext-2"
 
-# name -> (method, config fields); None = the float model.
-ROWS: dict[str, tuple[str, dict] | None] = {"float": None}
+# name -> (method, config fields[, options]); None = the float model. Options:
+# {"rotate": True} = fused randomized-Hadamard rotation (seed 0) before quantizing.
+ROWS: dict[str, tuple | None] = {"float": None, "float-rot": ("float", {}, {"rotate": True})}
 for _bits in (2, 3, 4):
     for _gs, _tag in ((64, "g64"), (-1, "pc")):
         ROWS[f"rtn-{_bits}b-{_tag}"] = ("rtn", {"bits": _bits, "group_size": _gs})
@@ -56,6 +58,10 @@ ROWS.update({
     "pvq-d64-s2.25-fp16": ("pvq", {"group_size": 64, "shape_bits": 2.25, "gain": "fp16"}),
     "pvq-d16-s2.25-beta4": ("pvq", {"group_size": 16, "shape_bits": 2.25, "gain": "beta", "gain_bits": 4}),
 })
+# the same settings after the fused Hadamard rotation (issue 4)
+for _name in ("rtn-3b-g64", "gptq-3b-g64", "gptq-3b-g64-act", "pvq-d64-s3-fp16", "pvq-d16-s3-beta4", "pvq-d16-s3-emp4",
+              "pvq-d16-s3-beta4-nohessian", "pvq-d32-s2.375-emp4", "pvq-d16-s2.25-beta4"):
+    ROWS[f"{_name}-rot"] = (*ROWS[_name], {"rotate": True})
 
 
 def uses_hessian(method: str, cfg: dict) -> bool:
@@ -77,8 +83,14 @@ def quantize_directly(model, adapter, method_name: str, config) -> dict:
 def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir: Path) -> dict:
     model = copy.deepcopy(base_model)
     row: dict = {"row": name}
-    if spec is not None:
-        method_name, fields = spec
+    options = spec[2] if spec is not None and len(spec) > 2 else {}
+    if options.get("rotate"):
+        t0 = time.perf_counter()
+        rotate_model(model, seed=0)
+        row["rotate_seconds"] = time.perf_counter() - t0
+        row["rotated"] = True
+    if spec is not None and spec[0] != "float":
+        method_name, fields = spec[:2]
         method = get_method(method_name)
         config = method.config_class(**fields)
         adapter = adapter_for(model)
@@ -107,7 +119,7 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
 
 def print_table(results: dict[str, dict]) -> None:
     base = results.get("float", {}).get("ppl_quick")
-    gptq_time = {r["config"]["bits"]: r["quant_seconds"] for r in results.values() if r.get("method") == "gptq"}
+    gptq_time = {name: r["quant_seconds"] for name, r in results.items() if r.get("method") == "gptq"}
     print("\n| row | method | bpw nominal | bpw measured | PPL quick (40x512) | vs float | PPL full (2048) "
           "| quant time s | mean proxy loss |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -121,7 +133,8 @@ def print_table(results: dict[str, dict]) -> None:
         print(f"| {name} | {r.get('method', 'float')} | {r.get('bpw_nominal', 16):.3f} | {r.get('bpw_measured', 16):.3f} "
               f"| {r['ppl_quick']:.2f} | {ratio} | {full} | {r.get('quant_seconds', 0):.0f} | {loss} |")
     if gptq_time:
-        print(f"\nGPTQ quantization time by bits (same run, for the PVQ time ratio): {gptq_time}")
+        print(f"\nGPTQ quantization time per row (s), for the PVQ time ratio: "
+              f"{ {k: round(v) for k, v in gptq_time.items()} }")
     print("peak RSS is the process maximum so far (MiB), in each row's JSON.")
 
 
