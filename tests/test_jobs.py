@@ -84,6 +84,6 @@ def test_cli_quantize_gptvq(tiny_dir, tmp_path, capsys):
     assert report["method"] == "gptvq"
     assert report["config"] | {"seed": 0} == {
         "dim": 2, "bits": 2.0, "group_size": 256, "group_columns": 32, "kmeans_iters": 5, "init": "mahalanobis",
-        "assignment": "block", "codebook_update": False, "update_iters": 25, "error_feedback": True,
+        "assignment": "block", "codebook_update": False, "update_iters": 10, "error_feedback": True,
         "percdamp": 0.01, "seed": 0}
     assert report["bits_per_weight_measured"] == pytest.approx(2 + (16 * 2 * 8 + 16) / 256)

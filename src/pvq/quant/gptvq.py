@@ -5,7 +5,7 @@ Hessian error feedback.
 Vectors are `dim` (d in {1, 2, 4}) consecutive input columns of one row. A codebook of
 ``K = 2^(bits * d)`` centroids is shared by a *group* of weights: `rows_per_group`
 consecutive rows times one *column block* of `group_columns` consecutive columns
-(``rows_per_group = group_size // group_columns``; the paper uses blocks of 256 columns).
+(``rows_per_group = group_size // group_columns``; default 256 columns).
 When the layer's size is not a multiple, the remainder rows / columns join the last
 group / block (groups never get smaller than `group_size`, unless the whole layer is).
 A layer narrower than `group_columns` is one block of all its columns, with
@@ -17,7 +17,8 @@ dead columns of W zeroed), column blocks left to right:
 1. Codebooks (once per block, from the current, error-corrected weights of the block):
    Hessian-weighted k-means (EM) over the group's d-vectors; coordinate j of a point has
    the weight ``1 / U_jj^2`` (= ``1 / [H_F^{-1}]_jj``, the GPTQ importance of column j
-   given the columns still to come). Initialisation ``"mahalanobis"`` (the paper's
+   given the columns still to come; the reference code weights its lookups by
+   ``1 / U_jj``, we keep GPTQ's per-column loss ``(w - q)^2 / U_jj^2``). Initialisation ``"mahalanobis"`` (the paper's
    default, deterministic: points sorted by Mahalanobis distance from the group mean,
    K picked at evenly spaced ranks) or ``"kpp"`` (weighted k-means++, seeded; our
    default: on synthetic 1536 x 576 layers it gave 9% lower proxy loss at 3.2 bits per
@@ -36,7 +37,7 @@ dead columns of W zeroed), column blocks left to right:
    optimal compensation of the later columns).
 4. Feedback (GPTQ generalised to d columns, as in `pvq.quant.pvq`):
    ``E = (W_b - Q_b) U_bb^{-1}``; ``W[:, later] -= E U[b, later]`` (inside the block per
-   step, onto later blocks once per block) ``error_feedback=False`` skips it (plain
+   step, onto later blocks once per block). ``error_feedback=False`` skips it (plain
    assignment to the same kind of codebooks, for ablations).
 5. Codebook update (optional, `codebook_update`): with the assignments fixed, the
    centroids minimise the layer's proxy loss ``tr((W - Q(C)) H (W - Q(C))^T)`` (W the
@@ -103,8 +104,10 @@ class GPTVQConfig:
     codebook block (a multiple of d); kmeans_iters: EM iterations of the codebook
     initialisation; init: "mahalanobis" (deterministic) or "kpp" (k-means++, seeded);
     assignment: "diag" (paper) or "block" (full d x d block metric); codebook_update:
-    least-squares centroid update after assignment; update_iters: its CG steps;
-    error_feedback: GPTQ-style feedback (False: plain assignment, an ablation); percdamp: Hessian damping (fraction of the mean diagonal); seed: for "kpp".
+    least-squares centroid update after assignment; update_iters: its CG steps (the
+    re-solves between rounding rounds take half); error_feedback: GPTQ-style feedback
+    (False: plain assignment, an ablation); percdamp: Hessian damping (fraction of the
+    mean diagonal); seed: for "kpp".
     """
 
     dim: int = 2
@@ -115,7 +118,7 @@ class GPTVQConfig:
     init: str = "kpp"
     assignment: str = "diag"
     codebook_update: bool = True
-    update_iters: int = 25
+    update_iters: int = 10
     error_feedback: bool = True
     percdamp: float = 0.01
     seed: int = 0
