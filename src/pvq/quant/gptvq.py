@@ -171,7 +171,7 @@ class GPTVQConfig:
     @property
     def index_bits(self) -> int:
         """Bits per stored index (one per d-vector)."""
-        return int(round(float(self.bits) * self.dim))
+        return round(float(self.bits) * self.dim)
 
     @property
     def centroids(self) -> int:
@@ -253,7 +253,7 @@ def _weighted_assign(X: torch.Tensor, wt: torch.Tensor, C: torch.Tensor) -> tupl
     int64, distance (G, N)). Computed in chunks of points via the expansion
     ``sum wt x^2 + <[wt x, wt], [-2 c, c^2]>`` (one batched float32 matmul per chunk; a
     rounding error can only swap nearly equidistant centroids, harmless for k-means)."""
-    G, N, d = X.shape
+    G, N, _ = X.shape
     K = C.shape[1]
     step = max(1, _CHUNK // max(1, G * K))
     idx = torch.empty((G, N), dtype=torch.long)
@@ -273,7 +273,7 @@ def _weighted_assign(X: torch.Tensor, wt: torch.Tensor, C: torch.Tensor) -> tupl
 def _init_mahalanobis(X: torch.Tensor, K: int) -> torch.Tensor:
     """The paper's deterministic initialisation: points sorted by Mahalanobis distance from
     their group's mean, K of them taken at evenly spaced ranks. X (G, N, d) float64."""
-    G, N, d = X.shape
+    _, N, d = X.shape
     Xc = X - X.mean(dim=1, keepdim=True)
     sigma = Xc.transpose(1, 2) @ Xc / N
     ridge = 1e-9 * sigma.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)
@@ -365,8 +365,7 @@ def _fit_codebooks(
 ) -> torch.Tensor:
     """Float centroids (row groups, K, d) of one column block Wb (R, width)."""
     d, K = int(config.dim), config.centroids
-    R, width = Wb.shape
-    nv = width // d
+    nv = Wb.shape[1] // d
     wv = col_weights.reshape(nv, d)
     out = torch.empty((len(row_bounds), K, d), dtype=torch.float64)
     # groups of equal height are clustered together (all but possibly the last)
