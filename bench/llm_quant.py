@@ -1,4 +1,4 @@
-"""Weight quantization of the benchmark model: RTN, GPTQ and PVQ in one pipeline, one table.
+"""Weight quantization of the benchmark model: RTN, GPTQ, GPTVQ and PVQ in one pipeline, one table.
 
 Run:  python bench/llm_quant.py [--rows ROW ...] [--full] [--out bench-out/llm_quant]
 
@@ -58,6 +58,12 @@ ROWS.update({
     "pvq-d64-s2.25-fp16": ("pvq", {"group_size": 64, "shape_bits": 2.25, "gain": "fp16"}),
     "pvq-d16-s2.25-beta4": ("pvq", {"group_size": 16, "shape_bits": 2.25, "gain": "beta", "gain_bits": 4}),
 })
+# GPTVQ, 2-D vectors, b index bits per weight; codebooks of 192 columns (divides 576 and 1536)
+# x rows_per_group rows (6 / 24 / 96 divide 192, 576 and 1536), 8-bit entries + a float16
+# scale each: 2.236, 3.226 and 4.223 bits per weight with the codebooks.
+for _bits, _rows in ((2, 6), (3, 24), (4, 96)):
+    ROWS[f"gptvq-d2-b{_bits}"] = ("gptvq", {"dim": 2, "bits": float(_bits), "group_size": 192 * _rows,
+                                            "group_columns": 192})
 # the same settings after the fused Hadamard rotation (issue 4)
 for _name in ("rtn-3b-g64", "gptq-3b-g64", "gptq-3b-g64-act", "pvq-d64-s3-fp16", "pvq-d16-s3-beta4", "pvq-d16-s3-emp4",
               "pvq-d16-s3-beta4-nohessian", "pvq-d32-s2.375-emp4", "pvq-d16-s2.25-beta4"):
@@ -65,7 +71,7 @@ for _name in ("rtn-3b-g64", "gptq-3b-g64", "gptq-3b-g64-act", "pvq-d64-s3-fp16",
 
 
 def uses_hessian(method: str, cfg: dict) -> bool:
-    return method == "gptq" or (method == "pvq" and cfg.get("use_hessian", True))
+    return method in ("gptq", "gptvq") or (method == "pvq" and cfg.get("use_hessian", True))
 
 
 def quantize_directly(model, adapter, method_name: str, config) -> dict:

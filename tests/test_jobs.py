@@ -36,7 +36,8 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,config", [("pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "beta", "gain_bits": 4}),
-                                           ("gptq", {"bits": 4, "group_size": 32})])
+                                           ("gptq", {"bits": 4, "group_size": 32}),
+                                           ("gptvq", {"dim": 2, "bits": 2.0, "group_size": 256, "group_columns": 32})])
 def test_quantize_job_reports_and_round_trips(tiny_dir, tmp_path, method, config):
     out = tmp_path / "ckpt"
     report = run_quantize_job(JobOptions(
@@ -45,7 +46,8 @@ def test_quantize_job_reports_and_round_trips(tiny_dir, tmp_path, method, config
         eval_text=str(tiny_dir / "wiki.test.raw"), eval_seqlen=64, eval_windows=4, agreement_windows=2,
     ))
     # Measured bits per weight are what the stored tensors cost: the nominal figure plus,
-    # for Beta gains, one float16 row norm per row (16 / in_features; 64 columns here).
+    # for Beta gains, one float16 row norm per row (16 / in_features; 64 columns here);
+    # gptvq's codebooks (8 rows x 32 columns each) tile every layer exactly.
     extra = report["bits_per_weight_measured"] - report["bits_per_weight_nominal"]
     assert -1e-9 <= extra <= 16 / 64 + 1e-9
     assert report["checkpoint_bytes"] < report["float16_model_bytes"]
@@ -68,3 +70,20 @@ def test_cli_quantize_and_eval(tiny_dir, tmp_path, capsys):
                  "--mode", "fly", "--json", str(tmp_path / "e.json")]) == 0
     assert "packed checkpoint (rtn" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["ppl"] > 1
+
+
+def test_cli_quantize_gptvq(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cli-gptvq"
+    args = [str(tiny_dir / "model"), "--method", "gptvq", "--vq-dim", "2", "--vq-bits", "2", "--vq-group-size", "256",
+            "--vq-columns", "32", "--no-codebook-update", "--kmeans-iters", "5", "--vq-init", "mahalanobis",
+            "--vq-assignment", "block", "--out", str(out), "--calib-text", str(tiny_dir / "calib.txt"),
+            "--calib-windows", "2", "--calib-seqlen", "32", "--no-eval", "--device", "cpu"]
+    assert main(["quantize", *args]) == 0
+    assert "measured 3.0625" in capsys.readouterr().out  # 2 + (16 * 2 * 8 + 16) / 256
+    report = json.loads((out / "job_report.json").read_text())
+    assert report["method"] == "gptvq"
+    assert report["config"] | {"seed": 0} == {
+        "dim": 2, "bits": 2.0, "group_size": 256, "group_columns": 32, "kmeans_iters": 5, "init": "mahalanobis",
+        "assignment": "block", "codebook_update": False, "update_iters": 10, "error_feedback": True,
+        "percdamp": 0.01, "seed": 0}
+    assert report["bits_per_weight_measured"] == pytest.approx(2 + (16 * 2 * 8 + 16) / 256)

@@ -25,6 +25,10 @@ def _method_config(args: argparse.Namespace) -> dict:
     if args.method == "pvq":
         cfg = dict(group_size=args.group_size, shape_bits=args.shape_bits, gain=args.gain, gain_bits=args.gain_bits,
                    use_hessian=not args.no_hessian, percdamp=args.percdamp, hessian_refine=not args.no_refine)
+    elif args.method == "gptvq":
+        cfg = dict(dim=args.vq_dim, bits=args.vq_bits, group_size=args.vq_group_size, group_columns=args.vq_columns,
+                   codebook_update=args.codebook_update, kmeans_iters=args.kmeans_iters, init=args.vq_init,
+                   assignment=args.vq_assignment, percdamp=args.percdamp, seed=args.seed)
     else:
         cfg = dict(bits=args.bits, group_size=args.group_size)
         if args.method == "gptq":
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model into a packed checkpoint, load it back and measure it (the main job)")
     q.add_argument("model", nargs="?", default="smollm2-135m",
                    help="hub id, local directory, .gguf file, or the demo alias smollm2-135m (default)")
-    q.add_argument("--method", choices=["pvq", "gptq", "rtn"], default="pvq")
+    q.add_argument("--method", choices=["pvq", "gptq", "gptvq", "rtn"], default="pvq")
     q.add_argument("--out", default="pvq-out", help="checkpoint directory to write (default pvq-out)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     q.add_argument("--group-size", type=int, default=16,
@@ -117,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-refine", action="store_true", help="PVQ: skip the Hessian-weighted shape refinement")
     q.add_argument("--bits", type=int, default=4, help="bits per weight for rtn/gptq")
     q.add_argument("--act-order", action="store_true", help="gptq: process columns by descending Hessian diagonal")
+    q.add_argument("--vq-dim", type=int, default=2, choices=[1, 2, 4],
+                   help="gptvq: vector dimension d (consecutive input columns per vector)")
+    q.add_argument("--vq-bits", type=float, default=3.0,
+                   help="gptvq: index bits per weight (2^(bits*d) centroids per codebook; bits*d an integer)")
+    q.add_argument("--vq-group-size", type=int, default=4096,
+                   help="gptvq: weights sharing one codebook (a multiple of --vq-columns); codebooks cost "
+                        "(8*K*d + 16) / group size bits per weight")
+    q.add_argument("--vq-columns", type=int, default=256, help="gptvq: columns per codebook block")
+    q.add_argument("--codebook-update", action=argparse.BooleanOptionalAction, default=True,
+                   help="gptvq: least-squares codebook update after assignment (default on)")
+    q.add_argument("--kmeans-iters", type=int, default=10, help="gptvq: EM iterations of the codebook initialisation")
+    q.add_argument("--vq-init", choices=["kpp", "mahalanobis"], default="kpp",
+                   help="gptvq: k-means initialisation (kpp: seeded k-means++; mahalanobis: the paper's)")
+    q.add_argument("--vq-assignment", choices=["diag", "block"], default="diag",
+                   help="gptvq: Hessian-weighted lookup, diagonal (paper) or the full d x d block metric")
     q.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal")
     q.add_argument("--calib-text", default=None,
                    help="calibration text file (default: text sampled from the model itself, seeded)")

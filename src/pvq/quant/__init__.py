@@ -40,7 +40,9 @@ class Method:
         return self._mod().nominal_bits_per_weight
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (Method("rtn", "rtn"), Method("gptq", "gptq"), Method("pvq", "pvq"))}
+METHODS: dict[str, Method] = {
+    m.name: m for m in (Method("rtn", "rtn"), Method("gptq", "gptq"), Method("pvq", "pvq"), Method("gptvq", "gptvq"))
+}
 
 
 def get_method(name: str) -> Method:
