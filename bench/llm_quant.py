@@ -53,6 +53,7 @@ ROWS.update({
                                           "use_hessian": False}),
     "pvq-d16-s3-emp4-noact": ("pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "empirical", "gain_bits": 4,
                                       "act_order": False}),
+    "pvq-d32-s3.125-emp4": ("pvq", {"group_size": 32, "shape_bits": 3.125, "gain": "empirical", "gain_bits": 4}),
     "pvq-d32-s2.375-emp4": ("pvq", {"group_size": 32, "shape_bits": 2.375, "gain": "empirical", "gain_bits": 4}),
     "pvq-d16-s2.25-emp4": ("pvq", {"group_size": 16, "shape_bits": 2.25, "gain": "empirical", "gain_bits": 4}),
     "pvq-d64-s2.25-fp16": ("pvq", {"group_size": 64, "shape_bits": 2.25, "gain": "fp16"}),
@@ -66,7 +67,7 @@ for _bits, _rows in ((2, 6), (3, 24), (4, 96)):
                                             "group_columns": 192})
 # the same settings after the fused Hadamard rotation (issue 4)
 for _name in ("rtn-3b-g64", "gptq-3b-g64", "gptq-3b-g64-act", "pvq-d64-s3-fp16", "pvq-d16-s3-beta4", "pvq-d16-s3-emp4",
-              "pvq-d16-s3-beta4-nohessian", "pvq-d32-s2.375-emp4", "pvq-d16-s2.25-beta4"):
+              "pvq-d32-s3.125-emp4", "pvq-d16-s3-beta4-nohessian", "pvq-d32-s2.375-emp4", "pvq-d16-s2.25-beta4"):
     ROWS[f"{_name}-rot"] = (*ROWS[_name], {"rotate": True})
 
 

