@@ -48,8 +48,9 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,15 +122,16 @@ def _is_number(value) -> bool:
 
 def _divisors_hint(widths: Iterable[int], near: int) -> str:
     """Common divisors of all widths (> 1) closest to `near`, as text."""
-    widths = sorted(set(int(w) for w in widths))
+    widths = sorted({int(w) for w in widths})
     g = 0
     for w in widths:
         g = math.gcd(g, w)
     divs = [d for d in range(2, g + 1) if g % d == 0]
-    if not divs:
+    below = [d for d in divs if d < near][-1:]
+    above = [d for d in divs if d > near][:1]
+    if not below + above:
         return "-1 (one group per token)"
-    best = sorted(divs, key=lambda d: (abs(d - near), d))[:3]
-    return f"{' or '.join(str(d) for d in sorted(best))} (divisors of {', '.join(map(str, widths))}), or -1 for one group per token"
+    return f"{' or '.join(str(d) for d in below + above)} (divisors of {', '.join(map(str, widths))}), or -1 for one group per token"
 
 
 @functools.lru_cache(maxsize=64)
