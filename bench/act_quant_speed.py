@@ -43,11 +43,12 @@ from pvq.quant.activations import (  # noqa: E402
 )
 
 
-def best_of(fn, repeats: int) -> tuple[float, object]:
+def best_of(repeats: int, fn, *args) -> tuple[float, object]:
+    """(minimum wall time of `repeats` calls fn(*args), the last result)."""
     out, times = None, []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = fn()
+        out = fn(*args)
         times.append(time.perf_counter() - t0)
     return min(times), out
 
@@ -93,18 +94,18 @@ def main() -> None:
 
             groups = x.double().numpy().reshape(-1, D)
             rows = []
-            t_ref, y = best_of(lambda: fake_quantize(x, rtn), args.repeats)
+            t_ref, y = best_of(args.repeats, fake_quantize, x, rtn)
             rows.append(("rtn fake (reference)", t_ref, snr_db(x, y), rtn.bits_per_value(width)))
-            t, payload = best_of(lambda: encode_activations(x, rtn), args.repeats)
+            t, payload = best_of(args.repeats, encode_activations, x, rtn)
             rows.append(("rtn encode", t, snr_db(x, decode_activations(payload)), payload.bits_per_value))
-            t, _ = best_of(lambda: search(groups, K, "paper"), args.repeats)
+            t, _ = best_of(args.repeats, search, groups, K, "paper")
             rows.append((f"pvq search only (paper, K={K})", t, None, None))
             for m, c in pvq.items():
-                t, y = best_of(lambda c=c: fake_quantize(x, c), args.repeats)
+                t, y = best_of(args.repeats, fake_quantize, x, c)
                 rows.append((f"pvq fake ({m} search)", t, snr_db(x, y), c.bits_per_value(width)))
-            t, payload = best_of(lambda: encode_activations(x, pvq["paper"]), args.repeats)
+            t, payload = best_of(args.repeats, encode_activations, x, pvq["paper"])
             rows.append(("pvq encode (paper search + Fischer codes)", t, None, payload.bits_per_value))
-            t, y = best_of(lambda: decode_activations(payload), args.repeats)
+            t, y = best_of(args.repeats, decode_activations, payload)
             rows.append(("pvq decode", t, snr_db(x, y), payload.bits_per_value))
             for name, t, snr, bpv in rows:
                 snr_s = f"{snr:.2f}" if snr is not None else "-"
