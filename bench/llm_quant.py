@@ -1,6 +1,7 @@
-"""Weight quantization of the benchmark model: RTN, GPTQ, GPTVQ and PVQ in one pipeline, one table.
+"""Weight (and activation) quantization of the benchmark model: RTN, GPTQ, GPTVQ and PVQ, one table.
 
 Run:  python bench/llm_quant.py [--rows ROW ...] [--full] [--out bench-out/llm_quant]
+      python bench/llm_quant.py --study rotation     # the issue-4 rows only (see below)
 
 Protocol (issue 3): calibration = 128 random windows of 512 tokens from the tokenized
 WikiText-2 validation text (seed 0, the same windows for every method); perplexity on the
@@ -12,6 +13,30 @@ quantized directly from the weights (no calibration forwards, so no proxy loss).
 Resumable: every finished row is kept as JSON under --out and skipped on a rerun; a
 row interrupted mid-way resumes from its last finished block (pipeline work dir).
 Bits per weight are measured from the stored tensors of all quantized linears.
+
+Rotation and activations (issue 4, the paper's Table 3 layout). A row may carry
+``rotate`` (the fused randomized-Hadamard rotation of `pvq.rotation`, seed 0, applied to
+the row's copy of the float model before calibration) and ``act`` (an
+`ActQuantConfig`: **simulated (fake) quantization** of the input of every quantized
+linear, per token, installed after the weights are quantized, so the weights are
+calibrated with float activations as in QuaRot; the head and the KV cache stay float).
+Rows of `--study rotation`:
+
+* weight-only at ~3.25 bits per weight, each with and without rotation: RTN and GPTQ
+  3-bit with a scale per 64 (3.30 bpw with the zero point), GPTQ with act-order, PVQ
+  D=16 with 3-bit shapes and 4-bit gains (fitted levels and Beta levels; 3.25 + row norms);
+* weights and activations at ~4.1 bits each, all rotated: weights RTN / GPTQ 4-bit with
+  a scale and zero point per 192 (4.10 bpw) or PVQ D=16, 3.875-bit shapes, 4-bit fitted
+  gains (4.125 bpw); activations RTN 4-bit symmetric with a float16 scale per 192 values
+  (clip ratio 0.9, QuaRot's) or PVQ D=192 with 4-bit shapes and a float16 gain: both
+  4.083 bits per value, equal bits. (The paper's groups of 128 do not divide the
+  benchmark model's hidden size 576; 192 divides 576 and 1536.) Two rows with float
+  weights isolate the activations.
+
+Smoke tests: `--eval-windows N` evaluates on the first N windows only, `--smoke-layers N`
+keeps only the first N decoder blocks of the model (PPL then means nothing; the path is
+exercised end to end on the real weights and shapes). Rows run with either are kept
+apart from protocol rows (they enter the row's settings); use another --out anyway.
 """
 
 from __future__ import annotations
@@ -31,13 +56,14 @@ from pvq.eval.perplexity import perplexity_details, wikitext2_test_text
 from pvq.models import adapter_for, load_model
 from pvq.pipeline import encode_text, quantize_model, windows_from_ids
 from pvq.quant import get_method
+from pvq.quant.activations import ActQuantConfig, ActQuantizer, install_act_quant
 from pvq.rotation import rotate_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets" / "wikitext-2"
 
-# name -> (method, config fields[, options]); None = the float model. Options:
-# {"rotate": True} = fused randomized-Hadamard rotation (seed 0) before quantizing.
-ROWS: dict[str, tuple | None] = {"float": None, "float-rot": ("float", {}, {"rotate": True})}
+# name -> (method, config fields) or (method, config fields, extras); None = the float model.
+# method None with extras: float weights (extras: {"rotate": bool, "act": ActQuantConfig fields}).
+ROWS: dict[str, tuple | None] = {"float": None}
 for _bits in (2, 3, 4):
     for _gs, _tag in ((64, "g64"), (-1, "pc")):
         ROWS[f"rtn-{_bits}b-{_tag}"] = ("rtn", {"bits": _bits, "group_size": _gs})
@@ -65,10 +91,41 @@ ROWS.update({
 for _bits, _rows in ((2, 6), (3, 24), (4, 96)):
     ROWS[f"gptvq-d2-b{_bits}"] = ("gptvq", {"dim": 2, "bits": float(_bits), "group_size": 192 * _rows,
                                             "group_columns": 192})
-# the same settings after the fused Hadamard rotation (issue 4)
+# the same settings after the fused Hadamard rotation (issue 4; more rotated rows below)
 for _name in ("rtn-3b-g64", "gptq-3b-g64", "gptq-3b-g64-act", "pvq-d64-s3-fp16", "pvq-d16-s3-beta4", "pvq-d16-s3-emp4",
               "pvq-d32-s3.125-emp4", "pvq-d16-s3-beta4-nohessian", "pvq-d32-s2.375-emp4", "pvq-d16-s2.25-beta4"):
     ROWS[f"{_name}-rot"] = (*ROWS[_name], {"rotate": True})
+
+# ---- issue 4: rotation, and weights + activations (simulated activation quantization)
+ROT = {"rotate": True}
+A_RTN = {"method": "rtn", "bits": 4, "group_size": 192, "clip_ratio": 0.9}  # 4 + 16/192 = 4.083 bits/value
+A_PVQ = {"method": "pvq", "bits": 4.0, "group_size": 192, "gain": "fp16"}  # (768 + 16)/192 = 4.083 bits/value
+W_PVQ_4 = {"group_size": 16, "shape_bits": 3.875, "gain": "empirical", "gain_bits": 4}  # 4.125 bpw
+ROTATION_STUDY = [
+    "float", "float-rot",
+    "rtn-3b-g64", "rtn-3b-g64-rot", "gptq-3b-g64", "gptq-3b-g64-rot", "gptq-3b-g64-act", "gptq-3b-g64-act-rot",
+    "pvq-d16-s3-emp4", "pvq-d16-s3-emp4-rot", "pvq-d16-s3-beta4", "pvq-d16-s3-beta4-rot",
+    "a4-rtn-rot", "a4-pvq-rot",
+    "w4a4-rtn-rtn-rot", "w4a4-gptq-rtn-rot", "w4a4-pvq-rtn-rot", "w4a4-pvq-pvq-rot",
+]
+ROWS.update({
+    "float-rot": (None, {}, ROT),
+    "a4-rtn-rot": (None, {}, {**ROT, "act": A_RTN}),
+    "a4-pvq-rot": (None, {}, {**ROT, "act": A_PVQ}),
+    "w4a4-rtn-rtn-rot": ("rtn", {"bits": 4, "group_size": 192}, {**ROT, "act": A_RTN}),
+    "w4a4-gptq-rtn-rot": ("gptq", {"bits": 4, "group_size": 192, "act_order": True}, {**ROT, "act": A_RTN}),
+    "w4a4-pvq-rtn-rot": ("pvq", W_PVQ_4, {**ROT, "act": A_RTN}),
+    "w4a4-pvq-pvq-rot": ("pvq", W_PVQ_4, {**ROT, "act": A_PVQ}),
+})
+STUDIES = {"rotation": ROTATION_STUDY}
+
+
+def row_spec(spec) -> tuple[str | None, dict, dict]:
+    """(method or None for float weights, config fields, extras) of a ROWS entry."""
+    if spec is None:
+        return None, {}, {}
+    method, fields, *rest = spec
+    return method, fields, (rest[0] if rest else {})
 
 
 def uses_hessian(method: str, cfg: dict) -> bool:
@@ -90,14 +147,12 @@ def quantize_directly(model, adapter, method_name: str, config) -> dict:
 def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir: Path) -> dict:
     model = copy.deepcopy(base_model)
     row: dict = {"row": name}
-    options = spec[2] if spec is not None and len(spec) > 2 else {}
-    if options.get("rotate"):
+    method_name, fields, extras = row_spec(spec)
+    if extras.get("rotate"):
         t0 = time.perf_counter()
         rotate_model(model, seed=0)
-        row["rotate_seconds"] = time.perf_counter() - t0
-        row["rotated"] = True
-    if spec is not None and spec[0] != "float":
-        method_name, fields = spec[:2]
+        row.update(rotate=True, rotate_seconds=time.perf_counter() - t0)
+    if method_name is not None:
         method = get_method(method_name)
         config = method.config_class(**fields)
         adapter = adapter_for(model)
@@ -116,8 +171,21 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
         weights = sum(qt.shape[0] * qt.shape[1] for qt in result.values())
         row.update(method=method_name, config=fields, bpw_measured=stored * 8 / weights,
                    bpw_nominal=method.nominal_bits_per_weight(config, base_model.config.hidden_size))
-    quick = perplexity_details(model, eval_ids, seqlen=512, max_windows=40, progress=False)
+    if extras.get("act"):
+        adapter = adapter_for(model)
+        act = ActQuantConfig(**extras["act"])
+        record = install_act_quant(model, act, adapter.quantized_layer_names(model))
+        widths = [model.get_submodule(n).in_features for n in record["layers"]]
+        per_width = {int(w): v for w, v in record["bits_per_value"].items()}
+        row.update(act=act.to_dict(), act_simulated=True, act_describe=act.describe(),
+                   bits_per_activation=sum(per_width[w] * w for w in widths) / sum(widths))
+    quick = perplexity_details(model, eval_ids, seqlen=512, max_windows=args.eval_windows, progress=False)
     row["ppl_quick"] = quick.ppl
+    row["eval_windows"] = quick.n_windows
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    if quantizers:
+        row["act_quant_seconds"] = sum(m.seconds for m in quantizers)
+        row["ppl_seconds"] = quick.seconds
     if args.full:
         row["ppl_full"] = perplexity_details(model, eval_ids, seqlen=2048, progress=False).ppl
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -127,9 +195,10 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
 def print_table(results: dict[str, dict]) -> None:
     base = results.get("float", {}).get("ppl_quick")
     gptq_time = {name: r["quant_seconds"] for name, r in results.items() if r.get("method") == "gptq"}
-    print("\n| row | method | bpw nominal | bpw measured | PPL quick (40x512) | vs float | PPL full (2048) "
-          "| quant time s | mean proxy loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    windows = sorted({r.get("eval_windows", 40) for r in results.values()})
+    print(f"\n| row | method | rotated | activations (simulated) | bpw nominal | bpw measured | bits/activation "
+          f"| PPL quick ({'/'.join(map(str, windows))}x512) | vs float | PPL full (2048) | quant time s | mean proxy loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ROWS:
         r = results.get(name)
         if r is None:
@@ -137,17 +206,27 @@ def print_table(results: dict[str, dict]) -> None:
         full = f"{r['ppl_full']:.2f}" if "ppl_full" in r else "-"
         ratio = f"{r['ppl_quick'] / base:.3f}x" if base else "-"
         loss = f"{r['mean_proxy_loss']:.4g}" if r.get("mean_proxy_loss") is not None else "-"
-        print(f"| {name} | {r.get('method', 'float')} | {r.get('bpw_nominal', 16):.3f} | {r.get('bpw_measured', 16):.3f} "
+        bpa = f"{r['bits_per_activation']:.3f}" if r.get("bits_per_activation") else "16"
+        act = r["act"]["method"] if r.get("act") else "float"
+        print(f"| {name} | {r.get('method', 'float')} | {'yes' if r.get('rotate') else 'no'} | {act} "
+              f"| {r.get('bpw_nominal', 16):.3f} | {r.get('bpw_measured', 16):.3f} | {bpa} "
               f"| {r['ppl_quick']:.2f} | {ratio} | {full} | {r.get('quant_seconds', 0):.0f} | {loss} |")
     if gptq_time:
         print(f"\nGPTQ quantization time per row (s), for the PVQ time ratio: "
               f"{ {k: round(v) for k, v in gptq_time.items()} }")
     print("peak RSS is the process maximum so far (MiB), in each row's JSON.")
+    if any(r.get("act") for r in results.values()):
+        print("activations: simulated (fake) quantization of every quantized linear's input, per token "
+              "(quantize + dequantize in float); weights calibrated with float activations.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), help="rows to run (default: all)")
+    parser.add_argument("--study", choices=sorted(STUDIES), default=None,
+                        help="run the rows of one study (rotation: issue 4's weight-only and weights+activations rows)")
+    parser.add_argument("--eval-windows", type=int, default=40,
+                        help="perplexity windows of 512 tokens (default 40, the protocol; fewer for a smoke test)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", default="bench-out/llm_quant")
     parser.add_argument("--calib-windows", type=int, default=128)
@@ -156,7 +235,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--full", action="store_true", help="also all windows of 2048 tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--smoke-layers", type=int, default=0,
+                        help="smoke test: keep only the first N decoder blocks (0: all, the protocol)")
     args = parser.parse_args()
+    if args.rows is None:
+        args.rows = STUDIES[args.study] if args.study else list(ROWS)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not SHARED.is_dir():
@@ -165,10 +248,19 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer, _ = load_model(args.model)
+    if args.smoke_layers:
+        blocks = adapter_for(model).get_blocks(model)
+        parent, _, attr = adapter_for(model).blocks.rpartition(".")
+        setattr(model.get_submodule(parent), attr, torch.nn.ModuleList(list(blocks)[: args.smoke_layers]))
+        model.config.num_hidden_layers = args.smoke_layers
     valid_ids = encode_text(tokenizer, (SHARED / "tokenized" / "valid.txt").read_text(encoding="utf-8"))
     windows = windows_from_ids(valid_ids, args.calib_windows, args.calib_seqlen, seed=0, source="valid.txt")
     eval_ids = encode_text(tokenizer, wikitext2_test_text(SHARED / "raw" / "wiki.test.raw"))
     settings = {k: getattr(args, k) for k in ("model", "calib_windows", "calib_seqlen", "compute_dtype", "batch_size")}
+    if args.eval_windows != 40:  # the protocol's 40 stays implicit, so that rows kept from before still match
+        settings["eval_windows"] = args.eval_windows
+    if args.smoke_layers:
+        settings["smoke_layers"] = args.smoke_layers
 
     results = {}
     for name in ROWS:

@@ -508,7 +508,7 @@ def test_missing_manifest(ckpt):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("format_version", 3, "format_version 3 is newer than this pvq"),
+        ("format_version", 4, "format_version 4 is newer than this pvq"),
         ("format_version", "1", "format_version '1' is not a valid version"),
         ("format", "gguf", "format 'gguf' is not 'pvq-checkpoint'"),
     ],

@@ -36,6 +36,40 @@ def _method_config(args: argparse.Namespace) -> dict:
     return cfg
 
 
+def _add_act_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "activation quantization (simulated / fake quantization: each linear's input is quantized per token "
+        "and dequantized in float in the forward pass; the weights are calibrated with float activations)")
+    g.add_argument("--act-method", choices=["none", "rtn", "pvq"], default="none",
+                   help="quantize the inputs of every quantized linear layer: round-to-nearest or PVQ (default none)")
+    g.add_argument("--act-bits", type=float, default=4.0,
+                   help="rtn: integer bits per value (2..8); pvq: shape bits per value, fractional allowed (default 4)")
+    g.add_argument("--act-group-size", type=int, default=64,
+                   help="values per group D along each token's input (a divisor of every layer's input width; "
+                        "-1: one group per token; default 64)")
+    g.add_argument("--act-gain", choices=["fp16", "beta"], default="fp16",
+                   help="pvq gains: one float16 per group, or Beta-quantile indices with a float16 norm per token")
+    g.add_argument("--act-gain-bits", type=int, default=8, help="bits per pvq 'beta' gain index (default 8)")
+    g.add_argument("--act-search", choices=["paper", "greedy", "refined"], default="paper",
+                   help="pvq shape search (default paper: projection and rounding, the fastest)")
+    g.add_argument("--act-asymmetric", action="store_true", help="rtn: min-max grid with a zero point (default symmetric)")
+    g.add_argument("--act-clip", type=float, default=1.0, help="rtn: clip ratio of the range the grid spans (default 1)")
+    g.add_argument("--act-encode", action="store_true",
+                   help="pvq: go through the real Fischer encoder and decoder in the forward pass (same result, slower)")
+
+
+def _act_config(args: argparse.Namespace) -> dict | None:
+    """ActQuantConfig fields from the command-line options (None: float activations)."""
+    if args.act_method == "none":
+        return None
+    bits = args.act_bits
+    if args.act_method == "rtn" and float(bits).is_integer():
+        bits = int(bits)
+    return dict(method=args.act_method, bits=bits, group_size=args.act_group_size, symmetric=not args.act_asymmetric,
+                clip_ratio=args.act_clip, gain=args.act_gain, gain_bits=args.act_gain_bits,
+                search_method=args.act_search, encode=args.act_encode)
+
+
 def _default_device(choice: str) -> str:
     if choice != "auto":
         return choice
@@ -53,7 +87,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         seed=args.seed, device=_default_device(args.device), compute_dtype=args.compute_dtype,
         batch_size=args.batch_size, work_dir=args.work_dir, eval_text=args.eval_text,
         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows or None, evaluate=not args.no_eval,
-        overwrite=args.overwrite, rotate=args.rotate, rotate_seed=args.rotate_seed,
+        overwrite=args.overwrite, rotate=args.rotate, rotate_seed=args.rotate_seed, act=_act_config(args),
     )
     report = run_quantize_job(opts)
     print(format_report(report))
@@ -67,20 +101,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pvq.eval.perplexity import perplexity_details, wikitext2_test_text
     from pvq.formats import is_checkpoint, load_checkpoint
     from pvq.models import load_model
+    from pvq.models import adapter_for
     from pvq.pipeline import encode_text
+    from pvq.quant.activations import ActQuantConfig, act_quant_of, act_quant_summary, install_act_quant
 
+    act = _act_config(args)
     if is_checkpoint(args.model):
         model, tokenizer, manifest = load_checkpoint(args.model, mode=args.mode)
         what = f"packed checkpoint ({manifest['settings'].get('method', '?')}, {manifest['stats']['bits_per_weight']:.3f} bits/weight)"
+        if act is not None and act_quant_of(model) is not None:
+            raise SystemExit(f"{args.model} already records activation quantization ({act_quant_summary(act_quant_of(model))}); "
+                             "drop --act-method to use it")
     else:
         model, tokenizer, _ = load_model(args.model)
         what = "float model"
+    if act is not None:
+        install_act_quant(model, ActQuantConfig(**act), adapter_for(model).quantized_layer_names(model))
+    if act_quant_of(model) is not None:
+        what += f"\nactivations: {act_quant_summary(act_quant_of(model))}"
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer to encode the evaluation text")
     ids = encode_text(tokenizer, wikitext2_test_text(args.eval_text))
     res = perplexity_details(model, ids, seqlen=args.seqlen, max_windows=args.max_windows or None,
                              batch_size=args.batch_size)
-    out = {"model": args.model, "kind": what, "ppl": res.ppl, "nll": res.nll, "windows": res.n_windows,
+    out = {"model": args.model, "kind": what, "act_quant": act_quant_of(model), "ppl": res.ppl, "nll": res.nll, "windows": res.n_windows,
            "seqlen": res.seqlen, "tokens": res.n_tokens, "seconds": res.seconds}
     print(f"{args.model}: {what}\nWikiText-2 test perplexity {res.ppl:.3f} over {res.n_windows} windows of {res.seqlen} tokens "
           f"({res.seconds:.0f} s)")
@@ -146,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotate the float model first (fused randomized Hadamard, online Hadamard before down_proj); "
                         "recorded in the checkpoint and rebuilt on load")
     q.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs (default 0)")
+    _add_act_args(q)
     q.add_argument("--device", default="auto", help="compute device for one block at a time (auto: cuda if present)")
     q.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the calibration forwards (Hessians are always accumulated in float32+)")
@@ -165,13 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mode", choices=["load", "fly"], default="load", help="checkpoint decoding: once on load, or every forward")
     ev.add_argument("--eval-text", default=None, help="WikiText-2 raw test file")
     ev.add_argument("--json", default=None, help="also write the result as JSON")
+    _add_act_args(ev)
     ev.set_defaults(func=_cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from pvq.quant.activations import ActQuantError
+
+    try:
+        return args.func(args)
+    except ActQuantError as e:  # bad activation settings: the message says what to change
+        raise SystemExit(f"pvq {args.command}: error: {e}") from None
 
 
 if __name__ == "__main__":

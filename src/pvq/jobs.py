@@ -22,6 +22,7 @@ from pvq.models import adapter_for, load_model
 from pvq.pipeline import calibration_windows, encode_text, quantize_model
 from pvq.pipeline.quantize_model import jsonable
 from pvq.quant import get_method
+from pvq.quant.activations import ActQuantConfig, act_quant_summary, check_act_quant, install_act_quant
 from pvq.rotation import rotate_model
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class JobOptions:
     overwrite: bool = False
     rotate: bool = False  # fused randomized-Hadamard rotation before quantizing (any method)
     rotate_seed: int = 0
+    # Simulated (fake) activation quantization of every quantized linear's input, installed
+    # after the weights are quantized (their Hessians come from float activations); None:
+    # float activations. Fields of pvq.quant.activations.ActQuantConfig.
+    act: dict[str, Any] | None = None
 
 
 def peak_memory_bytes() -> int:
@@ -103,10 +108,13 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     t_start = time.perf_counter()
     method = get_method(opts.method)
     config = method.config_class(**opts.config)
+    act_config = ActQuantConfig(**opts.act) if opts.act is not None else None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts.compute_dtype]
 
     model, tokenizer, source = load_model(opts.model, device="cpu")
     adapter = adapter_for(model)
+    if act_config is not None:  # refuse bad settings before the long part
+        check_act_quant(model, act_config, adapter.quantized_layer_names(model))
     model_memory = float_model_memory_bytes(model)
     float16_bytes = float_model_bytes(model)
 
@@ -135,12 +143,17 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     )
     quant_seconds = time.perf_counter() - t0
     quant_peak = peak_memory_bytes()
+    act_record = None
+    if act_config is not None:
+        act_record = install_act_quant(model, act_config, adapter.quantized_layer_names(model))
 
     nominal = method.nominal_bits_per_weight(config)
     settings = {"method": opts.method, "config": asdict(config), "calibration": {
         "text": opts.calib_text or "sampled from the model", "windows": opts.calib_windows,
         "seqlen": opts.calib_seqlen, "seed": opts.seed}, "compute_dtype": opts.compute_dtype,
         "rotate": {"enabled": opts.rotate, "seed": opts.rotate_seed} if opts.rotate else {"enabled": False}}
+    if act_config is not None:
+        settings["act_quant"] = {"simulated": True, "config": act_config.to_dict()}
     layer_report = [
         {"layer": r.name, "proxy_loss": r.proxy_loss, "bits_per_weight": r.bits_per_weight, "seconds": r.seconds}
         for r in result.report
@@ -167,6 +180,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         "quantization_seconds": quant_seconds,
         "rotation": rotation_summary(rotation),
         "rotation_seconds": rotate_seconds,
+        "act_quant": act_quant_summary(act_record),
+        "bits_per_activation": _mean_bits_per_activation(model, act_record) if act_record else None,
         "mean_proxy_loss": _mean([r["proxy_loss"] for r in layer_report]),
     }
 
@@ -179,6 +194,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         t0 = time.perf_counter()
         ppl_float = perplexity_details(reference, ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
         ppl_quant = perplexity_details(loaded, ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
+        act_seconds = act_quant_seconds(loaded)
         n_agree = min(opts.agreement_windows, ppl_quant.n_windows)
         agreement = next_token_agreement(
             reference, loaded, ids[: n_agree * opts.eval_seqlen], seqlen=opts.eval_seqlen
@@ -188,6 +204,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
             eval_seqlen=opts.eval_seqlen, kl_vs_float=agreement["kl"], top1_agreement=agreement["top1_agreement"],
             agreement_tokens=agreement["n_tokens"], eval_seconds=time.perf_counter() - t0,
         )
+        if act_record is not None:
+            report["act_quant_seconds_in_ppl"] = act_seconds
     report["wall_seconds"] = time.perf_counter() - t_start
     report["peak_memory_bytes"] = peak_memory_bytes()
     Path(opts.out, "job_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -207,6 +225,22 @@ def rotation_summary(record: dict[str, Any] | None) -> str | None:
     return f"randomized Hadamard, seed {record['seed']}: " + ", ".join(parts)
 
 
+def _mean_bits_per_activation(model: torch.nn.Module, record: dict[str, Any]) -> float:
+    """Bits per activation value averaged over the quantized inputs of one token (each
+    layer's input width weighted once; layers sharing an input count separately)."""
+    per_width = {int(w): v for w, v in record["bits_per_value"].items()}
+    widths = [model.get_submodule(name).in_features for name in record["layers"]]
+    return sum(per_width[w] * w for w in widths) / sum(widths)
+
+
+def act_quant_seconds(model: torch.nn.Module) -> float | None:
+    """Seconds the model's activation quantizers have spent so far (None: it has none)."""
+    from pvq.quant.activations import ActQuantizer
+
+    found = [m.seconds for m in model.modules() if isinstance(m, ActQuantizer)]
+    return sum(found) if found else None
+
+
 def format_report(report: dict[str, Any]) -> str:
     mib = 2**20
     lines = [
@@ -220,6 +254,9 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if report.get("rotation"):
         lines.append(f"rotation         {report['rotation']}")
+    if report.get("act_quant"):
+        lines.append(f"activations      {report['act_quant']}")
+        lines.append(f"bits/activation  {report['bits_per_activation']:.4f} (mean over the quantized layer inputs)")
     if "ppl_quantized" in report:
         lines += [
             f"perplexity       WikiText-2 test, {report['eval_windows']} windows x {report['eval_seqlen']}: "
@@ -227,6 +264,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"vs float         KL {report['kl_vs_float']:.4f} nats/token   top-1 agreement "
             f"{100 * report['top1_agreement']:.1f}% ({report['agreement_tokens']} tokens)",
         ]
+        if report.get("act_quant_seconds_in_ppl") is not None:
+            lines.append(f"act. quantizer   {report['act_quant_seconds_in_ppl']:.1f} s of the quantized model's perplexity "
+                         f"run (simulated quantization, host)")
     lines += [
         f"time             total {report['wall_seconds']:.0f} s (calibration data {report['calibration_seconds']:.0f} s, "
         f"quantization {report['quantization_seconds']:.0f} s)",

@@ -17,6 +17,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .errors import (
+    CheckpointActQuantError,
     CheckpointError,
     CheckpointIntegrityError,
     CheckpointRotationError,
@@ -32,6 +33,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
     "MODES",
+    "CheckpointActQuantError",
     "CheckpointError",
     "CheckpointIntegrityError",
     "CheckpointRotationError",

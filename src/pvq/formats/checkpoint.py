@@ -14,11 +14,16 @@ Layout of a checkpoint directory::
 
 ``manifest.json`` (sorted keys)::
 
-    format: "pvq-checkpoint", format_version: 1 (2 for a rotated model), pvq_version, created_by
+    format: "pvq-checkpoint", format_version: 1 (2 for a rotated model, 3 with activation
+            quantization), pvq_version, created_by
     model_type, config          model.config as a dict; rebuilds the architecture offline
     rotation: (only when rotated) the record of `pvq.rotation` (kind, seed, sizes, every rotation's
              construction and digest, the online transforms); the stored weights are the
              rotated ones, and loading rebuilds the online transforms from the record
+    act_quant: (only when the activations are quantized) the record of
+             `pvq.quant.activations` (kind "simulated-activation-quantization", the
+             ActQuantConfig, the layers whose inputs are quantized, bits per value);
+             loading rebuilds the quantizers (simulated quantization in the forward pass)
     source, settings            what was quantized, with which method and settings
     layers: {layer name: {method, shape [R, C], meta, proxy_loss, stored_bytes, bits_per_weight,
              tensors: {tensor name: {file, key, dtype, shape}}}}
@@ -32,9 +37,12 @@ Layout of a checkpoint directory::
 
 A rotated checkpoint is written as format_version 2 so that a reader from before
 rotations refuses it instead of building the model without its online transforms; an
-unrotated one stays version 1 (byte-identical to before). A recorded rotation that
-cannot be rebuilt (unknown kind or size, a seed or digest that does not reproduce the
-recorded rotation) fails the load with `CheckpointRotationError`.
+unrotated one stays version 1 (byte-identical to before). A checkpoint with activation
+quantization is version 3, so that an older reader refuses it instead of running it
+with float activations. A recorded rotation that cannot be rebuilt (unknown kind or
+size, a seed or digest that does not reproduce the recorded rotation) fails the load
+with `CheckpointRotationError`; a recorded activation quantization that cannot be
+rebuilt with `CheckpointActQuantError`.
 
 ``bits_per_weight`` is measured: the stored bytes of all quantized arrays x 8 over the
 number of quantized weights. The order of the codes inside each stream is the method's
@@ -65,9 +73,16 @@ import torch
 from pvq.models.loading import sha256_file
 from pvq.models.adapters import UnsupportedArchitectureError
 from pvq.quant import QuantizedTensor, get_method
+from pvq.quant.activations import ActQuantError, ActQuantizer, act_quant_of, install_act_quant_record
 from pvq.rotation import OnlineHadamard, RotationError, install_rotation, rotation_of
 
-from .errors import CheckpointError, CheckpointIntegrityError, CheckpointRotationError, CheckpointVersionError
+from .errors import (
+    CheckpointActQuantError,
+    CheckpointError,
+    CheckpointIntegrityError,
+    CheckpointRotationError,
+    CheckpointVersionError,
+)
 from .modules import MODES, PVQLinear, dequantize_layer
 
 __all__ = [
@@ -84,8 +99,10 @@ __all__ = [
 ]
 
 FORMAT = "pvq-checkpoint"
-FORMAT_VERSION = 2  # the newest version written and read; unrotated checkpoints are written as 1
+FORMAT_VERSION = 3  # the newest version written and read (see the module docstring)
 BASE_FORMAT_VERSION = 1
+ROTATION_FORMAT_VERSION = 2
+ACT_QUANT_FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 REPORT_FILE = "report.json"
@@ -274,6 +291,7 @@ def save_checkpoint(
     overwrite: bool = False,
     dense_dtype: str = "float16",
     rotation: dict | None = None,
+    act_quant: dict | None = None,
 ) -> dict[str, Any]:
     """Write `model` with the linears named in `quantized` stored packed; returns the manifest.
 
@@ -289,6 +307,9 @@ def save_checkpoint(
 
     `rotation`: the model's rotation record; by default the one `pvq.rotation.rotate_model`
     attached to the model (None for an unrotated model).
+
+    `act_quant`: the model's activation-quantization record; by default the one
+    `pvq.quant.activations.install_act_quant` attached to the model (None: float activations).
     """
     path = Path(path)
     if dense_dtype not in _DENSE_DTYPES:
@@ -303,6 +324,11 @@ def save_checkpoint(
     if rotation is None and any(isinstance(m, OnlineHadamard) for m in model.modules()):
         raise CheckpointError("the model has online Hadamard transforms but no rotation record; it cannot be rebuilt on load")
     rotation = _jsonable(rotation, "rotation", strict=True) if rotation is not None else None
+    if act_quant is None:
+        act_quant = act_quant_of(model)
+    if act_quant is None and any(isinstance(m, ActQuantizer) for m in model.modules()):
+        raise CheckpointError("the model has activation quantizers but no activation quantization record; it cannot be rebuilt on load")
+    act_quant = _jsonable(act_quant, "act_quant", strict=True) if act_quant is not None else None
 
     layers_qt = _collect_quantized(model, quantized)
     for name in sorted(layers_qt):
@@ -389,7 +415,8 @@ def save_checkpoint(
 
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if rotation is not None else BASE_FORMAT_VERSION,
+        "format_version": (ACT_QUANT_FORMAT_VERSION if act_quant is not None
+                           else ROTATION_FORMAT_VERSION if rotation is not None else BASE_FORMAT_VERSION),
         "pvq_version": pvq.__version__,
         "created_by": f"pvq {pvq.__version__} (pvq.formats.save_checkpoint)",
         "model_type": getattr(config, "model_type", None),
@@ -415,6 +442,8 @@ def save_checkpoint(
     }
     if rotation is not None:  # absent (not null) when unrotated: version 1 manifests are unchanged
         manifest["rotation"] = rotation
+    if act_quant is not None:  # likewise absent for float activations
+        manifest["act_quant"] = act_quant
     if not manifest["model_type"]:
         raise CheckpointError("model.config has no model_type; cannot record the architecture")
 
@@ -560,6 +589,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     _require(manifest.get("rotation") is None or isinstance(manifest["rotation"], dict), "'rotation' is not an object or null")
     if manifest.get("rotation") is not None and version < 2:
         raise CheckpointVersionError(f"{mpath}: a rotated model needs format_version 2, the manifest says {version}")
+    _require(manifest.get("act_quant") is None or isinstance(manifest["act_quant"], dict), "'act_quant' is not an object or null")
+    if manifest.get("act_quant") is not None and version < ACT_QUANT_FORMAT_VERSION:
+        raise CheckpointVersionError(
+            f"{mpath}: activation quantization needs format_version {ACT_QUANT_FORMAT_VERSION}, the manifest says {version}"
+        )
     tok = manifest.get("tokenizer")
     if tok is not None:
         _require(isinstance(tok, dict) and isinstance(tok.get("files"), list), "'tokenizer' must hold a list of files")
@@ -748,6 +782,7 @@ def load_checkpoint(
     *,
     load_tokenizer: bool = True,
     check_decode: bool = True,
+    act_quant: bool = True,
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """Rebuild the model stored at `path`: returns (model in eval mode, tokenizer or None, manifest).
 
@@ -757,7 +792,9 @@ def load_checkpoint(
     Every file is checked against its recorded size and sha256 before use; the
     architecture comes from the installed transformers (``from_config``, offline, no
     remote code); every parameter and buffer of the rebuilt model must receive a
-    stored value.
+    stored value. A recorded activation quantization is rebuilt (simulated quantization of
+    the linears' inputs in the forward pass); `act_quant=False` leaves it out (float
+    activations, e.g. to measure the weights alone).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -798,6 +835,12 @@ def load_checkpoint(
         del decoded
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    # ---- activation quantizers (no state of their own)
+    if act_quant and manifest.get("act_quant") is not None:
+        try:
+            install_act_quant_record(model, manifest["act_quant"])
+        except ActQuantError as e:
+            raise CheckpointActQuantError(f"checkpoint {root}: the recorded activation quantization cannot be rebuilt: {e}") from e
 
     # ---- dense tensors (tied ones share one tensor), every key covered
     tied = manifest.get("tied") or {}

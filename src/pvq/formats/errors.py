@@ -5,6 +5,7 @@ from __future__ import annotations
 from pvq.codec.errors import CodecError
 
 __all__ = [
+    "CheckpointActQuantError",
     "CheckpointError",
     "CheckpointIntegrityError",
     "CheckpointRotationError",
@@ -29,6 +30,11 @@ class CheckpointVersionError(CheckpointError):
 class CheckpointRotationError(CheckpointError):
     """A rotated checkpoint whose recorded rotation cannot be rebuilt (unknown kind or
     size, a seed or digest that does not reproduce the recorded rotation)."""
+
+
+class CheckpointActQuantError(CheckpointError):
+    """A checkpoint whose recorded activation quantization cannot be rebuilt (unknown kind
+    or version, settings this pvq refuses, layers the model lacks)."""
 
 
 class LayerDecodeError(CheckpointError):
