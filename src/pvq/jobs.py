@@ -68,6 +68,17 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def resident_memory_bytes() -> int | None:
+    """Resident memory of this process now (Linux VmRSS), None where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def reset_peak_memory() -> bool:
     """Start a new peak-memory measurement (Linux >= 4.0: writing 5 to clear_refs resets
     VmHWM to the current RSS). Returns False where that is not possible."""
@@ -134,8 +145,11 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         rotate_seconds = time.perf_counter() - t0
 
     work_dir = opts.work_dir or f"{opts.out.rstrip('/')}.work"
-    # the quantization's own peak: the model (quantized in place) plus its working memory
-    peak_reset = reset_peak_memory()
+    # The quantization's own memory: what the process holds beyond what it held before
+    # (runtime, the float model) at the phase's peak; the model is quantized in place.
+    peak_before = peak_memory_bytes()
+    rss_before = resident_memory_bytes()
+    peak_reset = reset_peak_memory() and rss_before is not None
     t0 = time.perf_counter()
     result = quantize_model(
         model, adapter, windows, opts.method, config, device=opts.device, work_dir=work_dir,
@@ -174,7 +188,9 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         "float16_model_bytes": float16_bytes,
         "float_model_memory_bytes": model_memory,
         "quantization_peak_memory_bytes": quant_peak,
-        "quantization_peak_is_phase_peak": peak_reset,
+        "memory_before_quantization_bytes": rss_before,
+        # None where the phase's peak cannot be isolated (no resettable VmHWM)
+        "quantization_working_memory_bytes": quant_peak - rss_before if peak_reset else None,
         "quantized_layers": stats["quantized_layers"],
         "calibration_seconds": calib_seconds,
         "quantization_seconds": quant_seconds,
@@ -207,7 +223,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         if act_record is not None:
             report["act_quant_seconds_in_ppl"] = act_seconds
     report["wall_seconds"] = time.perf_counter() - t_start
-    report["peak_memory_bytes"] = peak_memory_bytes()
+    report["peak_memory_bytes"] = max(peak_before, peak_memory_bytes())
     Path(opts.out, "job_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 
@@ -270,14 +286,24 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [
         f"time             total {report['wall_seconds']:.0f} s (calibration data {report['calibration_seconds']:.0f} s, "
         f"quantization {report['quantization_seconds']:.0f} s)",
-        f"peak memory      quantization {report['quantization_peak_memory_bytes'] / mib:.0f} MiB "
-        f"({report['quantization_peak_memory_bytes'] / report['float_model_memory_bytes']:.2f}x the float model's "
-        f"{report['float_model_memory_bytes'] / mib:.0f} MiB in memory"
-        f"{'' if report['quantization_peak_is_phase_peak'] else '; process peak, not resettable here'})   "
-        f"whole job {report['peak_memory_bytes'] / mib:.0f} MiB",
+        _memory_line(report),
         f"checkpoint       {report['checkpoint']}",
     ]
     return "\n".join(lines)
+
+
+def _memory_line(report: dict[str, Any]) -> str:
+    mib = 2**20
+    model = report["float_model_memory_bytes"]
+    work = report["quantization_working_memory_bytes"]
+    if work is None:
+        phase = f"quantization phase peak {report['quantization_peak_memory_bytes'] / mib:.0f} MiB (process peak)"
+    else:
+        phase = (f"quantization {report['quantization_peak_memory_bytes'] / mib:.0f} MiB at its peak = "
+                 f"{report['memory_before_quantization_bytes'] / mib:.0f} MiB held before (runtime + float model "
+                 f"{model / mib:.0f} MiB) + {work / mib:.0f} MiB working memory; float model + working memory = "
+                 f"{(model + work) / model:.2f}x the float model")
+    return f"peak memory      {phase}; whole job {report['peak_memory_bytes'] / mib:.0f} MiB"
 
 
 def _mean(values):
