@@ -235,6 +235,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--full", action="store_true", help="also all windows of 2048 tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--table", action="store_true",
+                        help="only print the table of the rows already kept under --out (loads no model)")
     parser.add_argument("--smoke-layers", type=int, default=0,
                         help="smoke test: keep only the first N decoder blocks (0: all, the protocol)")
     args = parser.parse_args()
@@ -247,6 +249,22 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    settings = {k: getattr(args, k) for k in ("model", "calib_windows", "calib_seqlen", "compute_dtype", "batch_size")}
+    if args.eval_windows != 40:  # the protocol's 40 stays implicit, so that rows kept from before still match
+        settings["eval_windows"] = args.eval_windows
+    if args.smoke_layers:
+        settings["smoke_layers"] = args.smoke_layers
+    results = {}
+    for name in ROWS:
+        path = out_dir / f"{name}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == settings:
+                results[name] = saved
+    if args.table:
+        print_table(results)
+        return
+
     model, tokenizer, _ = load_model(args.model)
     if args.smoke_layers:
         blocks = adapter_for(model).get_blocks(model)
@@ -256,19 +274,6 @@ def main() -> None:
     valid_ids = encode_text(tokenizer, (SHARED / "tokenized" / "valid.txt").read_text(encoding="utf-8"))
     windows = windows_from_ids(valid_ids, args.calib_windows, args.calib_seqlen, seed=0, source="valid.txt")
     eval_ids = encode_text(tokenizer, wikitext2_test_text(SHARED / "raw" / "wiki.test.raw"))
-    settings = {k: getattr(args, k) for k in ("model", "calib_windows", "calib_seqlen", "compute_dtype", "batch_size")}
-    if args.eval_windows != 40:  # the protocol's 40 stays implicit, so that rows kept from before still match
-        settings["eval_windows"] = args.eval_windows
-    if args.smoke_layers:
-        settings["smoke_layers"] = args.smoke_layers
-
-    results = {}
-    for name in ROWS:
-        path = out_dir / f"{name}.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == settings:
-                results[name] = saved
     for name in args.rows:
         if name in results and (not args.full or "ppl_full" in results[name]):
             print(f"{name}: kept from {out_dir}", flush=True)
