@@ -70,7 +70,8 @@ from pvq.codec import (
 from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
 
-from .base import QuantizationError
+from .base import QuantizationError, is_int, is_number
+from .pvq import MAX_TABLE_BYTES, check_gain_settings
 
 __all__ = [
     "ACT_GAINS",
@@ -96,11 +97,8 @@ __all__ = [
 ACT_METHODS = ("rtn", "pvq")
 ACT_GAINS = ("fp16", "beta")
 ACT_SEARCH_METHODS = ("paper", "greedy", "refined")
-RECONSTRUCTIONS = ("centroid", "quantile")
 RTN_MIN_BITS, RTN_MAX_BITS = 2, 8
 PVQ_MAX_BITS = 8
-MAX_GAIN_BITS = 16
-MAX_TABLE_BYTES = 1 << 30
 RECORD_KIND = "simulated-activation-quantization"
 RECORD_VERSION = 1
 QUANTIZER_ATTRIBUTE = "input_quantizer"  # child of each quantized linear
@@ -110,14 +108,6 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 
 class ActQuantError(QuantizationError):
     """Activation-quantization settings or inputs that cannot work (the message says what to change)."""
-
-
-def _is_int(value) -> bool:
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
-
-
-def _is_number(value) -> bool:
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
 
 
 def _divisors_hint(widths: Iterable[int], near: int) -> str:
@@ -172,7 +162,7 @@ class ActQuantConfig:
     def __post_init__(self) -> None:
         if self.method not in ACT_METHODS:
             raise ActQuantError(f"activation method must be one of {ACT_METHODS}, got {self.method!r}")
-        if not _is_number(self.bits) or not math.isfinite(float(self.bits)):
+        if not is_number(self.bits) or not math.isfinite(float(self.bits)):
             raise ActQuantError(f"activation bits must be a number, got {self.bits!r}")
         if self.method == "rtn":
             if float(self.bits) != int(self.bits) or not RTN_MIN_BITS <= self.bits <= RTN_MAX_BITS:
@@ -181,21 +171,18 @@ class ActQuantConfig:
                 )
         elif not 0 < self.bits <= PVQ_MAX_BITS:
             raise ActQuantError(f"pvq activation shape bits must be in (0, {PVQ_MAX_BITS}], got {self.bits!r}")
-        if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size >= 2):
+        if not is_int(self.group_size) or not (self.group_size == -1 or self.group_size >= 2):
             raise ActQuantError(
                 f"activation group_size must be an integer >= 2 or -1 (one group per token), got {self.group_size!r}"
             )
         for name in ("symmetric", "encode"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ActQuantError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if not _is_number(self.clip_ratio) or not 0 < self.clip_ratio <= 1:
+        if not is_number(self.clip_ratio) or not 0 < self.clip_ratio <= 1:
             raise ActQuantError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
         if self.gain not in ACT_GAINS:
             raise ActQuantError(f"activation gain must be one of {ACT_GAINS}, got {self.gain!r}")
-        if not _is_int(self.gain_bits) or not 1 <= self.gain_bits <= MAX_GAIN_BITS:
-            raise ActQuantError(f"activation gain_bits must be an integer in 1..{MAX_GAIN_BITS}, got {self.gain_bits!r}")
-        if self.reconstruction not in RECONSTRUCTIONS:
-            raise ActQuantError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
+        check_gain_settings(self.gain_bits, self.reconstruction, ActQuantError, "activation ")
         if self.search_method not in ACT_SEARCH_METHODS:
             raise ActQuantError(f"search_method must be one of {ACT_SEARCH_METHODS}, got {self.search_method!r}")
         if self.method == "pvq" and self.group_size != -1:
@@ -612,7 +599,7 @@ def act_quant_of(model: nn.Module) -> dict[str, Any] | None:
 
 def _input_width(module: nn.Module, name: str) -> int:
     width = getattr(module, "in_features", None)
-    if not isinstance(module, nn.Module) or not _is_int(width):
+    if not isinstance(module, nn.Module) or not is_int(width):
         raise ActQuantError(f"{name!r} is a {type(module).__name__}, not a linear layer with in_features")
     return int(width)
 
@@ -695,7 +682,7 @@ def install_act_quant_record(model: nn.Module, record: dict[str, Any]) -> None:
     if record.get("kind") != RECORD_KIND:
         raise ActQuantError(f"unknown activation quantization kind {record.get('kind')!r} (this pvq builds {RECORD_KIND!r})")
     version = record.get("version")
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         raise ActQuantError(f"activation quantization record version {version!r} is not a valid version")
     if version > RECORD_VERSION:
         raise ActQuantError(f"activation quantization record version {version} is newer than this pvq ({RECORD_VERSION}); upgrade pvq")

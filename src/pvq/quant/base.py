@@ -76,3 +76,13 @@ def check_config(config: Any, cls: type) -> Any:
     if not isinstance(config, cls):
         raise QuantizationError(f"config must be a {cls.__name__}, got {type(config).__name__}")
     return config
+
+
+def is_int(value) -> bool:
+    """An integer that is not a bool (config fields: True is not a count)."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+
+
+def is_number(value) -> bool:
+    """An int or float that is not a bool."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))

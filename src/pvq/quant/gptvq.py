@@ -72,7 +72,7 @@ import torch
 from pvq.codec import pack_codes, unpack_codes
 from pvq.codec.errors import CodecError
 
-from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, proxy_loss
+from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, is_int, proxy_loss
 from .hessian import check_percdamp, inverse_hessian_cholesky
 
 __all__ = ["CONFIG", "GPTVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
@@ -88,10 +88,6 @@ SCALE_BITS = 16
 _QMIN, _QMAX = -(1 << (CODEBOOK_BITS - 1)), (1 << (CODEBOOK_BITS - 1)) - 1
 #: Elements of a (groups, points, centroids) distance tensor computed at once.
 _CHUNK = 1 << 22
-
-
-def _is_int(value) -> bool:
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
 
 
 @dataclass(frozen=True)
@@ -124,7 +120,7 @@ class GPTVQConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_int(self.dim) or self.dim not in DIMS:
+        if not is_int(self.dim) or self.dim not in DIMS:
             raise QuantizationError(f"dim (vector dimension d) must be one of {DIMS}, got {self.dim!r}")
         if isinstance(self.bits, (bool, np.bool_)) or not isinstance(self.bits, (int, float, np.integer, np.floating)):
             raise QuantizationError(f"bits must be a number, got {self.bits!r}")
@@ -136,7 +132,7 @@ class GPTVQConfig:
             )
         for name in ("group_size", "group_columns"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise QuantizationError(f"{name} must be a positive integer, got {v!r}")
         if self.group_columns % self.dim:
             raise QuantizationError(f"group_columns {self.group_columns} is not a multiple of dim {self.dim}")
@@ -153,7 +149,7 @@ class GPTVQConfig:
                 f"{self.centroids * self.dim} (the codebook would then still cost "
                 f"{self.codebook_bits_each / (self.centroids * self.dim):.2f} bits per weight)"
             )
-        if not _is_int(self.kmeans_iters) or self.kmeans_iters < 0:
+        if not is_int(self.kmeans_iters) or self.kmeans_iters < 0:
             raise QuantizationError(f"kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}")
         if self.init not in INITS:
             raise QuantizationError(f"init must be one of {INITS}, got {self.init!r}")
@@ -162,10 +158,10 @@ class GPTVQConfig:
         for name in ("codebook_update", "error_feedback"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise QuantizationError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if not _is_int(self.update_iters) or self.update_iters < 0:
+        if not is_int(self.update_iters) or self.update_iters < 0:
             raise QuantizationError(f"update_iters must be an integer >= 0, got {self.update_iters!r}")
         check_percdamp(self.percdamp)
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise QuantizationError(f"seed must be a non-negative integer, got {self.seed!r}")
 
     @property

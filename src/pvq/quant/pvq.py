@@ -81,7 +81,7 @@ from pvq.codec import (
 from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
 
-from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, proxy_loss
+from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, is_int, proxy_loss
 from .hessian import check_percdamp, inverse_hessian_cholesky
 
 __all__ = ["CONFIG", "PVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
@@ -97,8 +97,13 @@ MAX_TABLE_BYTES = 1 << 30
 LAZY_BLOCK = 128
 
 
-def _is_int(value) -> bool:
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+def check_gain_settings(gain_bits, reconstruction, error: type[Exception] = QuantizationError, what: str = "") -> None:
+    """Gain index bits (1..MAX_GAIN_BITS) and Beta reconstruction, shared by weight and
+    activation PVQ; `error`/`what` name the caller's error type and field prefix."""
+    if not is_int(gain_bits) or not 1 <= gain_bits <= MAX_GAIN_BITS:
+        raise error(f"{what}gain_bits must be an integer in 1..{MAX_GAIN_BITS}, got {gain_bits!r}")
+    if reconstruction not in RECONSTRUCTIONS:
+        raise error(f"reconstruction must be one of {RECONSTRUCTIONS}, got {reconstruction!r}")
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ class PVQConfig:
     act_order: bool = True
 
     def __post_init__(self) -> None:
-        if not _is_int(self.group_size) or self.group_size < 2:
+        if not is_int(self.group_size) or self.group_size < 2:
             raise QuantizationError(f"group_size (D) must be an integer >= 2, got {self.group_size!r}")
         if isinstance(self.shape_bits, bool) or not isinstance(self.shape_bits, (int, float, np.integer, np.floating)):
             raise QuantizationError(f"shape_bits must be a number, got {self.shape_bits!r}")
@@ -140,19 +145,16 @@ class PVQConfig:
             raise QuantizationError(f"shape_bits must be in (0, {MAX_SHAPE_BITS}], got {self.shape_bits!r}")
         if self.gain not in GAIN_FORMATS:
             raise QuantizationError(f"gain must be one of {GAIN_FORMATS}, got {self.gain!r}")
-        if not _is_int(self.gain_bits) or not 1 <= self.gain_bits <= MAX_GAIN_BITS:
-            raise QuantizationError(f"gain_bits must be an integer in 1..{MAX_GAIN_BITS}, got {self.gain_bits!r}")
-        if self.reconstruction not in RECONSTRUCTIONS:
-            raise QuantizationError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
+        check_gain_settings(self.gain_bits, self.reconstruction)
         for name in ("use_hessian", "hessian_refine", "act_order"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise QuantizationError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_percdamp(self.percdamp)
         if self.search_method not in SEARCH_METHODS:
             raise QuantizationError(f"search_method must be one of {SEARCH_METHODS}, got {self.search_method!r}")
-        if not _is_int(self.refine_candidates) or self.refine_candidates < 1:
+        if not is_int(self.refine_candidates) or self.refine_candidates < 1:
             raise QuantizationError(f"refine_candidates must be an integer >= 1, got {self.refine_candidates!r}")
-        if not _is_int(self.refine_max_moves) or self.refine_max_moves < 0:
+        if not is_int(self.refine_max_moves) or self.refine_max_moves < 0:
             raise QuantizationError(f"refine_max_moves must be an integer >= 0, got {self.refine_max_moves!r}")
         if self.pulses < 1:
             raise QuantizationError(
