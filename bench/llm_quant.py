@@ -81,6 +81,9 @@ ROWS.update({
                                       "act_order": False}),
     "pvq-d32-s3.125-emp4": ("pvq", {"group_size": 32, "shape_bits": 3.125, "gain": "empirical", "gain_bits": 4}),
     "pvq-d32-s2.375-emp4": ("pvq", {"group_size": 32, "shape_bits": 2.375, "gain": "empirical", "gain_bits": 4}),
+    # matching GPTVQ's ~2.25 and ~4.25 bits per weight (issue 5)
+    "pvq-d32-s2.125-emp4": ("pvq", {"group_size": 32, "shape_bits": 2.125, "gain": "empirical", "gain_bits": 4}),
+    "pvq-d32-s4.125-emp4": ("pvq", {"group_size": 32, "shape_bits": 4.125, "gain": "empirical", "gain_bits": 4}),
     "pvq-d16-s2.25-emp4": ("pvq", {"group_size": 16, "shape_bits": 2.25, "gain": "empirical", "gain_bits": 4}),
     "pvq-d64-s2.25-fp16": ("pvq", {"group_size": 64, "shape_bits": 2.25, "gain": "fp16"}),
     "pvq-d16-s2.25-beta4": ("pvq", {"group_size": 16, "shape_bits": 2.25, "gain": "beta", "gain_bits": 4}),
