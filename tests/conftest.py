@@ -73,3 +73,29 @@ def real_model(real_model_assets):
     from pvq.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def printable_char_tokenizer():
+    """A Hugging Face fast tokenizer with one token per printable ASCII character (and
+    newline), ids 2.. (0 <unk>, 1 <s>): small enough for the tiny test models' vocab of
+    256, saveable with the model so that `pvq.models.load_model` finds it."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable))
+    vocab = {"<unk>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # any character, newlines included
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+
+
+def save_tiny_model(directory, seed: int = 0, **kwargs):
+    """A tiny random Llama and the printable-character tokenizer saved in `directory`."""
+    from pvq.models import tiny_llama
+
+    model = tiny_llama(seed=seed, **kwargs)
+    model.save_pretrained(directory)
+    printable_char_tokenizer().save_pretrained(directory)
+    return directory

@@ -357,3 +357,55 @@ def test_the_real_task_files_have_the_manifest_counts():
         golds = {it.gold for it in items} if name != "lambada_openai" else set()
         if golds:
             assert golds == set(range(len(items[0].requests))), name
+
+
+# ----------------------------------------------------------------------------- pvq eval
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from conftest import save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-eval")
+    save_tiny_model(root / "model")
+    (root / "wiki.test.raw").write_text(" \n = Title = \n \n" + "the quick brown fox jumps over the lazy dog . " * 40
+                                        + "\n \n")
+    return root
+
+
+def test_cli_eval_tasks_table_and_json(tiny_model_dir, tmp_path, capsys):
+    from pvq.cli import main
+
+    root = _write_tasks_dir(tmp_path / "tasks")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_model_dir / "model"), "--tasks", "all", "--tasks-dir", str(root), "--limit", "1",
+                 "--seqlen", "64", "--eval-text", str(tiny_model_dir / "wiki.test.raw"), "--device", "cpu",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("task"))
+    assert header.split() == ["task", "metric", "value", "stderr", "items"]
+    for name in TASKS:
+        assert name in text
+    assert "wikitext2" in text and "average accuracy" in text
+    saved = json.loads(out.read_text())
+    assert saved["ppl"] > 1 and saved["limit"] == 1
+    assert set(saved["tasks"]) == set(TASKS) and saved["tasks"]["hellaswag"]["items"] == 1
+    assert set(saved["tasks"]["piqa"]["metrics"]) == {"acc", "acc_norm"}
+    assert 0 <= saved["average_accuracy"] <= 1
+
+
+def test_cli_eval_tasks_only_and_bad_input(tiny_model_dir, tmp_path, capsys):
+    from pvq.cli import main
+
+    root = _write_tasks_dir(tmp_path / "tasks")
+    assert main(["eval", str(tiny_model_dir / "model"), "--tasks", "winogrande,lambada_openai", "--no-ppl",
+                 "--tasks-dir", str(root), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "perplexity" in text and "wikitext2" not in text and "piqa" not in text
+    with pytest.raises(SystemExit, match="unknown task 'mmlu'; known: piqa"):
+        main(["eval", str(tiny_model_dir / "model"), "--tasks", "mmlu", "--tasks-dir", str(root)])
+    with pytest.raises(SystemExit, match="--no-ppl leaves nothing to evaluate"):
+        main(["eval", str(tiny_model_dir / "model"), "--no-ppl"])
+    (root / "mosaicml-gauntlet" / "winogrande.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match=r"winogrande\.jsonl, line 1: missing field 'context_options'"):
+        main(["eval", str(tiny_model_dir / "model"), "--tasks", "winogrande", "--tasks-dir", str(root)])

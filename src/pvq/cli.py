@@ -99,6 +99,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pvq.eval.perplexity import perplexity_details, wikitext2_test_text
+    from pvq.eval.tasks import average_accuracy, evaluate_task, load_task, resolve_task_names, results_table, task_rows
     from pvq.formats import is_checkpoint, load_checkpoint
     from pvq.models import load_model
     from pvq.models import adapter_for
@@ -106,14 +107,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pvq.quant.activations import ActQuantConfig, act_quant_of, act_quant_summary, install_act_quant
 
     act = _act_config(args)
+    task_names = resolve_task_names(args.tasks) if args.tasks else []
+    if args.no_ppl and not task_names:
+        raise SystemExit("pvq eval: error: --no-ppl leaves nothing to evaluate; give --tasks")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"pvq eval: error: --limit must be >= 1, got {args.limit}")
+    # read every task file before the model: a missing or malformed file fails at once
+    task_items = {name: load_task(name, args.tasks_dir, args.limit) for name in task_names}
+    device = _default_device(args.device)
     if is_checkpoint(args.model):
-        model, tokenizer, manifest = load_checkpoint(args.model, mode=args.mode)
+        model, tokenizer, manifest = load_checkpoint(args.model, mode=args.mode, device=device)
         what = f"packed checkpoint ({manifest['settings'].get('method', '?')}, {manifest['stats']['bits_per_weight']:.3f} bits/weight)"
         if act is not None and act_quant_of(model) is not None:
             raise SystemExit(f"{args.model} already records activation quantization ({act_quant_summary(act_quant_of(model))}); "
                              "drop --act-method to use it")
     else:
-        model, tokenizer, _ = load_model(args.model)
+        model, tokenizer, _ = load_model(args.model, device=device)
         what = "float model"
     if act is not None:
         install_act_quant(model, ActQuantConfig(**act), adapter_for(model).quantized_layer_names(model))
@@ -121,13 +130,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         what += f"\nactivations: {act_quant_summary(act_quant_of(model))}"
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer to encode the evaluation text")
-    ids = encode_text(tokenizer, wikitext2_test_text(args.eval_text))
-    res = perplexity_details(model, ids, seqlen=args.seqlen, max_windows=args.max_windows or None,
-                             batch_size=args.batch_size)
-    out = {"model": args.model, "kind": what, "act_quant": act_quant_of(model), "ppl": res.ppl, "nll": res.nll, "windows": res.n_windows,
-           "seqlen": res.seqlen, "tokens": res.n_tokens, "seconds": res.seconds}
-    print(f"{args.model}: {what}\nWikiText-2 test perplexity {res.ppl:.3f} over {res.n_windows} windows of {res.seqlen} tokens "
-          f"({res.seconds:.0f} s)")
+    out: dict = {"model": args.model, "kind": what, "act_quant": act_quant_of(model)}
+    rows = []
+    print(f"{args.model}: {what}")
+    if not args.no_ppl:
+        ids = encode_text(tokenizer, wikitext2_test_text(args.eval_text))
+        res = perplexity_details(model, ids, seqlen=args.seqlen, max_windows=args.max_windows or None,
+                                 batch_size=args.batch_size)
+        out.update(ppl=res.ppl, nll=res.nll, windows=res.n_windows, seqlen=res.seqlen, tokens=res.n_tokens,
+                   seconds=res.seconds)
+        print(f"WikiText-2 test perplexity {res.ppl:.3f} over {res.n_windows} windows of {res.seqlen} tokens "
+              f"({res.seconds:.0f} s)")
+        rows.append(("wikitext2", f"ppl ({res.seqlen})", res.ppl, None, f"{res.n_windows} windows"))
+    if task_names:
+        results = {name: evaluate_task(model, tokenizer, name, batch_size=args.task_batch_size, items=items)
+                   for name, items in task_items.items()}
+        rows += task_rows(results)
+        out["tasks"] = {name: r.to_dict() for name, r in results.items()}
+        out["limit"] = args.limit
+        out["average_accuracy"] = average_accuracy(results)
+        print()
+        print(results_table(rows))
+        if out["average_accuracy"] is not None:
+            print(f"average accuracy (acc_norm where reported, else acc) over {len(results)} tasks: "
+                  f"{out['average_accuracy']:.4f}" + (f"  [first {args.limit} items per task]" if args.limit else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
@@ -202,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-eval", action="store_true", help="skip perplexity and agreement with the float model")
     q.set_defaults(func=_cmd_quantize)
 
-    ev = sub.add_parser("eval", help="WikiText-2 perplexity of a float model or a packed checkpoint")
+    ev = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot tasks of a float model or a packed checkpoint")
     ev.add_argument("model", help="packed checkpoint directory, hub id, local directory, .gguf, or smollm2-135m")
     ev.add_argument("--seqlen", type=int, default=2048)
     ev.add_argument("--max-windows", type=int, default=0, help="first N windows only (0: all)")
@@ -210,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mode", choices=["load", "fly"], default="load", help="checkpoint decoding: once on load, or every forward")
     ev.add_argument("--eval-text", default=None, help="WikiText-2 raw test file")
     ev.add_argument("--json", default=None, help="also write the result as JSON")
+    ev.add_argument("--device", default="auto", help="where the model runs (auto: cuda if present, else cpu)")
+    ev.add_argument("--tasks", default=None,
+                    help="zero-shot tasks, comma-separated, or 'all': piqa, arc_easy, arc_challenge, hellaswag, "
+                         "winogrande, lambada_openai (scored as lm-evaluation-harness does)")
+    ev.add_argument("--limit", type=int, default=None, help="first N items of each task only (quick runs)")
+    ev.add_argument("--tasks-dir", default=None,
+                    help="task data folder (default: $PVQ_TASKS_DIR, else ../shared/assets/tasks beside the checkout)")
+    ev.add_argument("--task-batch-size", type=int, default=16, help="sequences per forward when scoring tasks")
+    ev.add_argument("--no-ppl", action="store_true", help="skip WikiText-2 perplexity (tasks only)")
     _add_act_args(ev)
     ev.set_defaults(func=_cmd_eval)
     return parser
@@ -217,11 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pvq.eval.perplexity import EvalDataError
+    from pvq.eval.tasks import UnknownTaskError
     from pvq.quant.activations import ActQuantError
 
     try:
         return args.func(args)
-    except ActQuantError as e:  # bad activation settings: the message says what to change
+    except (ActQuantError, EvalDataError, UnknownTaskError) as e:  # the message says what to change
         raise SystemExit(f"pvq {args.command}: error: {e}") from None
 
 
