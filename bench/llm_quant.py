@@ -54,8 +54,8 @@ import torch
 
 from pvq.eval.perplexity import perplexity_details, wikitext2_test_text
 from pvq.models import adapter_for, load_model
-from pvq.pipeline import encode_text, quantize_model, windows_from_ids
-from pvq.quant import get_method
+from pvq.pipeline import encode_text, quantize_model, quantize_weights, windows_from_ids
+from pvq.quant import get_method, uses_hessian
 from pvq.quant.activations import ActQuantConfig, ActQuantizer, install_act_quant
 from pvq.rotation import rotate_model
 
@@ -131,22 +131,6 @@ def row_spec(spec) -> tuple[str | None, dict, dict]:
     return method, fields, (rest[0] if rest else {})
 
 
-def uses_hessian(method: str, cfg: dict) -> bool:
-    return method in ("gptq", "gptvq") or (method == "pvq" and cfg.get("use_hessian", True))
-
-
-def quantize_directly(model, adapter, method_name: str, config) -> dict:
-    """Weight-only methods: quantize each linear from its weight alone, in place."""
-    method = get_method(method_name)
-    out = {}
-    for name in adapter.quantized_layer_names(model):
-        module = model.get_submodule(name)
-        qt = method.quantize(module.weight.data.float(), None, config)
-        module.weight.data.copy_(method.dequantize(qt).to(module.weight.dtype))
-        out[name] = qt
-    return out
-
-
 def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir: Path) -> dict:
     model = copy.deepcopy(base_model)
     row: dict = {"row": name}
@@ -168,7 +152,7 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
             losses = [r.proxy_loss for r in result.report if r.proxy_loss is not None]
             row["mean_proxy_loss"] = sum(losses) / len(losses) if losses else None
         else:
-            result = quantize_directly(model, adapter, method_name, config)
+            result = quantize_weights(model, adapter, method_name, config)
         row["quant_seconds"] = time.perf_counter() - t0
         stored = sum(qt.stored_bytes for qt in result.values())
         weights = sum(qt.shape[0] * qt.shape[1] for qt in result.values())

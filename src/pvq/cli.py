@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_snr(args: argparse.Namespace) -> int:
@@ -159,6 +160,49 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pvq.sweep import SweepOptions, run_sweep
+
+    opts = SweepOptions(
+        model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()], bits=args.bits,
+        out=args.out, group_size=args.group_size, pvq_group_size=args.pvq_group_size, pvq_gain_bits=args.pvq_gain_bits,
+        vq_columns=args.vq_columns, rotate=args.rotate, rotate_seed=args.rotate_seed, calib_text=args.calib_text,
+        calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen, seed=args.seed, eval_text=args.eval_text,
+        eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows or None,
+        tasks=args.tasks.split(",") if args.tasks else (), tasks_dir=args.tasks_dir, limit=args.limit,
+        task_batch_size=args.task_batch_size, float_point=not args.no_float, device=_default_device(args.device),
+        compute_dtype=args.compute_dtype, batch_size=args.batch_size, redo_changed=args.redo_changed,
+    )
+    run_sweep(opts)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"written: {args.out}/results.csv, results.md, ppl_vs_bpw.png"
+          + (", acc_vs_bpw.png" if args.tasks else "") + f", points/*.json")
+    return 0
+
+
+def _cmd_plot_gains(args: argparse.Namespace) -> int:
+    from pvq.eval.gains import layer_gains, plot_gain_histograms
+    from pvq.models import load_model
+
+    model, _, _ = load_model(args.model, checksum=False)
+    if args.rotate:
+        from pvq.rotation import rotate_model
+
+        rotate_model(model, seed=args.rotate_seed)
+    gains = layer_gains(model, args.group_size, args.layers)
+    title = f"{args.model}{' rotated' if args.rotate else ''}: normalised group gains, D={args.group_size}"
+    plot_gain_histograms(gains, args.out, quantity=args.quantity, title=title)
+    print(f"{args.out}: {len(gains)} layers ({', '.join(g.name for g in gains)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvq", description="Pyramid Vector Quantization for LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,18 +291,70 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-ppl", action="store_true", help="skip WikiText-2 perplexity (tasks only)")
     _add_act_args(ev)
     ev.set_defaults(func=_cmd_eval)
+
+    sw = sub.add_parser(
+        "sweep", help="a grid of methods x bit widths on one model: points (resumable), results.csv/.md, Pareto plots",
+        description="bits per method: rtn/gptq integer bits with a float16 scale and zero point per --group-size "
+                    "columns (b + (16 + b)/g); pvq D=--pvq-group-size (16) with b shape bits and 4-bit fitted gains "
+                    "(b + 4/16 = b + 0.25, plus a float16 norm per row); gptvq 2-D vectors with b index bits and "
+                    "codebooks costing <= 0.25 bits per weight.")
+    sw.add_argument("model", nargs="?", default="smollm2-135m", help="hub id, local directory, .gguf, or smollm2-135m")
+    sw.add_argument("--methods", default="rtn,gptq,pvq", help="comma-separated: rtn, gptq, pvq, gptvq")
+    sw.add_argument("--bits", type=_float_list, default=[2.0, 3.0, 4.0], help="comma-separated bit widths (default 2,3,4)")
+    sw.add_argument("--out", default="sweep-out", help="output folder (points/*.json, results.csv/.md, *.png)")
+    sw.add_argument("--group-size", type=int, default=64, help="rtn/gptq: columns per scale and zero point (default 64)")
+    sw.add_argument("--pvq-group-size", type=int, default=16, help="pvq: dimension D (default 16)")
+    sw.add_argument("--pvq-gain-bits", type=int, default=4, help="pvq: bits per fitted gain index (default 4)")
+    sw.add_argument("--vq-columns", type=int, default=256, help="gptvq: columns per codebook block (default 256)")
+    sw.add_argument("--rotate", action="store_true", help="rotate every point's float model first (fused Hadamard)")
+    sw.add_argument("--rotate-seed", type=int, default=0)
+    sw.add_argument("--calib-text", default=None, help="calibration text file (default: sampled from the model, seeded)")
+    sw.add_argument("--calib-windows", type=int, default=32)
+    sw.add_argument("--calib-seqlen", type=int, default=512)
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--eval-text", default=None, help="WikiText-2 raw test file (default: ../shared/assets/...)")
+    sw.add_argument("--eval-seqlen", type=int, default=512)
+    sw.add_argument("--eval-windows", type=int, default=40, help="perplexity windows (0: all)")
+    sw.add_argument("--tasks", default=None, help="zero-shot tasks per point, comma-separated or 'all'")
+    sw.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    sw.add_argument("--tasks-dir", default=None, help="task data folder (default: $PVQ_TASKS_DIR or ../shared/assets/tasks)")
+    sw.add_argument("--task-batch-size", type=int, default=16)
+    sw.add_argument("--no-float", action="store_true", help="leave out the float reference point")
+    sw.add_argument("--redo-changed", action="store_true",
+                    help="recompute kept points whose settings differ (default: refuse with the differences)")
+    sw.add_argument("--device", default="auto", help="compute device (auto: cuda if present)")
+    sw.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    sw.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    sw.set_defaults(func=_cmd_sweep)
+
+    pl = sub.add_parser("plot", help="plots of a model")
+    plot_sub = pl.add_subparsers(dest="plot", required=True)
+    pg = plot_sub.add_parser(
+        "gains", help="histograms of normalised group gains against the Beta(D/2, D(G-1)/2) law (paper 3.4, App. D)")
+    pg.add_argument("model", help="hub id, local directory, .gguf, or smollm2-135m")
+    pg.add_argument("--group-size", type=int, default=16, help="D, columns per group (default 16)")
+    pg.add_argument("--rotate", action="store_true", help="rotate the model first (the paper's setting)")
+    pg.add_argument("--rotate-seed", type=int, default=0)
+    pg.add_argument("--layers", nargs="+", default=None,
+                    help="layer names (default: q/o/up/down_proj of the first, middle and last block)")
+    pg.add_argument("--quantity", choices=["energy", "gain"], default="energy",
+                    help="plot u = ||w_g||^2/||w||^2 (Beta density) or the gain sqrt(u) (transformed density)")
+    pg.add_argument("--out", default="gains.png")
+    pg.set_defaults(func=_cmd_plot_gains)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pvq.eval.gains import GainPlotError
     from pvq.eval.perplexity import EvalDataError
     from pvq.eval.tasks import UnknownTaskError
     from pvq.quant.activations import ActQuantError
+    from pvq.sweep import SweepError
 
     try:
         return args.func(args)
-    except (ActQuantError, EvalDataError, UnknownTaskError) as e:  # the message says what to change
+    except (ActQuantError, EvalDataError, UnknownTaskError, SweepError, GainPlotError) as e:  # the message says what to change
         raise SystemExit(f"pvq {args.command}: error: {e}") from None
 
 

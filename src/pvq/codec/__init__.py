@@ -8,13 +8,21 @@ baselines used to judge them.
 from .counts import code_bits, count_table, cumulative_table, pulses_for_bits, pyramid_count, word_tables
 from .enumeration import decode, decode_reference, encode, encode_reference, ints_to_words, words_to_ints
 from .errors import CodecError
-from .gain import BetaGainQuantizer, beta_gain_parameters, empirical_gain_codebook, nearest_level
+from .gain import (
+    BetaGainQuantizer,
+    beta_gain_density,
+    beta_gain_parameters,
+    empirical_gain_codebook,
+    nearest_level,
+    normalised_group_gains,
+)
 from .packing import pack_codes, packed_size, unpack_codes
 from .search import brute_force_search, search
 
 __all__ = [
     "BetaGainQuantizer",
     "CodecError",
+    "beta_gain_density",
     "beta_gain_parameters",
     "brute_force_search",
     "code_bits",
@@ -27,6 +35,7 @@ __all__ = [
     "encode_reference",
     "ints_to_words",
     "nearest_level",
+    "normalised_group_gains",
     "pack_codes",
     "packed_size",
     "pulses_for_bits",

@@ -27,7 +27,10 @@ from scipy.special import betainc, betaincc, betaincinv, betaln
 
 from pvq.codec.errors import CodecError
 
-__all__ = ["beta_gain_parameters", "BetaGainQuantizer", "GAIN_RECONSTRUCTIONS", "empirical_gain_codebook", "nearest_level"]
+__all__ = [
+    "beta_gain_parameters", "beta_gain_density", "BetaGainQuantizer", "GAIN_RECONSTRUCTIONS", "empirical_gain_codebook",
+    "nearest_level", "normalised_group_gains",
+]
 
 MAX_GAIN_BITS = 16
 GAIN_RECONSTRUCTIONS = ("quantile", "centroid")
@@ -46,6 +49,39 @@ def beta_gain_parameters(group_size: int, num_groups: int) -> tuple[float, float
     group_size = _check_positive_int(group_size, "group_size", 1)
     num_groups = _check_positive_int(num_groups, "num_groups", 2)
     return group_size / 2.0, group_size * (num_groups - 1) / 2.0
+
+
+def normalised_group_gains(rows: np.ndarray, group_size: int) -> np.ndarray:
+    """Normalised gains g = ||w_g|| / ||w|| of rows (R, G*D) cut into G groups of D
+    consecutive values: shape (R, G), the squares of each row summing to 1, so that
+    g^2 = u ~ Beta(D/2, D(G-1)/2) for Gaussian rows. Rows that are all zero are dropped
+    (their gains are undefined)."""
+    group_size = _check_positive_int(group_size, "group_size", 1)
+    w = np.asarray(rows, dtype=np.float64)
+    if w.ndim != 2:
+        raise CodecError(f"rows must be a 2-D array (rows, columns), got shape {w.shape}")
+    if w.shape[1] % group_size or w.shape[1] // group_size < 2:
+        raise CodecError(f"{w.shape[1]} columns do not split into >= 2 groups of {group_size}")
+    if not np.all(np.isfinite(w)):
+        raise CodecError("rows must be finite")
+    R, C = w.shape
+    gains = np.linalg.norm(w.reshape(R, C // group_size, group_size), axis=2)
+    norms = np.sqrt((gains**2).sum(axis=1))
+    keep = norms > 0
+    return gains[keep] / norms[keep, None]
+
+
+def beta_gain_density(x: np.ndarray, group_size: int, num_groups: int, squared: bool = True) -> np.ndarray:
+    """Density the Beta gain model gives to the normalised group energy u = g^2
+    (``squared=True``: the Beta(D/2, D(G-1)/2) pdf at x) or to the normalised gain g
+    itself (``squared=False``: the change of variables u = g^2, f_g(x) = 2 x f_u(x^2))."""
+    from scipy.stats import beta as beta_law
+
+    a, b = beta_gain_parameters(group_size, num_groups)
+    x = np.asarray(x, dtype=np.float64)
+    if squared:
+        return beta_law.pdf(x, a, b)
+    return 2.0 * x * beta_law.pdf(x * x, a, b)
 
 
 @lru_cache(maxsize=64)

@@ -8,6 +8,7 @@ from .quantize_model import (
     QuantizeResult,
     capture_block_inputs,
     quantize_model,
+    quantize_weights,
 )
 from .workdir import WorkDirError
 
@@ -22,6 +23,7 @@ __all__ = [
     "capture_block_inputs",
     "encode_text",
     "quantize_model",
+    "quantize_weights",
     "sample_windows",
     "windows_from_ids",
 ]

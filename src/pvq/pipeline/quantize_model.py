@@ -423,6 +423,27 @@ def quantize_model(
         model.train(was_training)
 
 
+@torch.no_grad()
+def quantize_weights(model: nn.Module, adapter: ArchitectureAdapter, method: str, config: Any = None) -> QuantizeResult:
+    """Methods that need no Hessian (rtn, pvq without it): quantize every linear the
+    adapter lists from its weight alone, in place (no calibration forwards; no proxy loss).
+    Returns {layer name: QuantizedTensor} with a per-layer `report`, like `quantize_model`."""
+    method_name, method_obj = _resolve_method(method)
+    config = _resolve_config(method_obj, config)
+    adapter.validate(model)
+    result = QuantizeResult()
+    for name in adapter.quantized_layer_names(model):
+        module = model.get_submodule(name)
+        t0 = time.perf_counter()
+        qt = method_obj.quantize(module.weight.data.float(), None, config)
+        module.weight.data.copy_(torch.as_tensor(method_obj.dequantize(qt)).to(module.weight.dtype))
+        block = int(name[len(adapter.blocks) + 1 :].split(".")[0])
+        result[name] = qt
+        result.report.append(LayerReport(name, block, -1, tuple(qt.shape), qt.proxy_loss, qt.bits_per_weight,
+                                         time.perf_counter() - t0))
+    return result
+
+
 def _check_resumable(state: dict, settings: dict, fingerprint: dict, work_dir: Path) -> None:
     diffs = [
         f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in settings.items() if k != "calibration_sha256" and state.get(k) != v

@@ -45,6 +45,19 @@ METHODS: dict[str, Method] = {
 }
 
 
+def uses_hessian(name: str, config: Any) -> bool:
+    """Whether method `name` with `config` (its config object or a dict of its fields)
+    needs a calibration Hessian: gptq and gptvq always, pvq unless use_hessian is False,
+    rtn never (its weights are quantized from the weights alone)."""
+    get_method(name)
+    if name == "rtn":
+        return False
+    if name == "pvq":
+        flag = config.get("use_hessian", True) if isinstance(config, dict) else getattr(config, "use_hessian", True)
+        return bool(flag)
+    return True
+
+
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]
@@ -52,4 +65,5 @@ def get_method(name: str) -> Method:
         raise QuantizationError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "Method", "QuantizationError", "QuantizedTensor", "check_weight", "get_method", "proxy_loss"]
+__all__ = ["METHODS", "Method", "QuantizationError", "QuantizedTensor", "check_weight", "get_method", "proxy_loss",
+           "uses_hessian"]

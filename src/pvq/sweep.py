@@ -1,0 +1,431 @@
+"""Sweeps: a grid of methods x bit widths on one model, one JSON file per point, then a
+CSV, a Markdown table and the Pareto plots (perplexity / average accuracy against the
+measured bits per weight), as in the paper's figures.
+
+What "bits" means per method (`method_config`): every method gets the same ~0.25 bits per
+weight of side information on top of "bits", so that points line up on the bpw axis:
+
+* ``rtn``, ``gptq``: integer bits b (2..8) with a float16 scale and a b-bit zero point per
+  group of `group_size` input columns (default 64): b + (16 + b) / 64, e.g. 3.297 at b = 3.
+* ``pvq``: D = `pvq_group_size` (default 16), shape bits = b (fractional allowed; K is the
+  largest pulse count with code_bits(D, K) <= b D), 4-bit gains fitted per layer
+  (``gain="empirical"``) and a float16 norm per row, Hessian-aware: code_bits / D + 4 / D +
+  16 / columns, e.g. 3.25 + 0.03 at b = 3.
+* ``gptvq`` (optional): 2-D vectors with b index bits per weight (2b an integer), int8
+  codebooks of 2^(2b) entries over `vq_columns` columns x the fewest rows that keep the
+  codebook cost at or below 0.25 bits per weight.
+
+Each point starts from a fresh copy of the float model (rotated first with --rotate),
+is quantized (methods without a Hessian directly from the weights, the others through
+`pvq.pipeline.quantize_model` on the sweep's calibration windows, the same for every
+point), and is evaluated on WikiText-2 perplexity and, if asked, zero-shot tasks. Bits
+per weight are measured from the stored tensors of the quantized linears.
+
+Resumable: a finished point is written atomically as ``<out>/points/<name>.json``
+together with the settings that produced it; a rerun reuses a point whose settings are
+identical and refuses one whose settings differ (`redo_changed` recomputes it instead);
+a point interrupted during quantization continues from its last finished block
+(``<out>/points/<name>.work``, removed once the point is written).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from pvq.eval.perplexity import default_wikitext2_test_path, perplexity_details, wikitext2_test_text
+from pvq.eval.tasks import average_accuracy, default_tasks_dir, evaluate_task, load_task, resolve_task_names
+from pvq.models import adapter_for, load_model
+from pvq.pipeline import calibration_windows, encode_text, quantize_model, quantize_weights
+from pvq.pipeline.workdir import atomic_write_json, atomic_write_text
+from pvq.quant import QuantizationError, get_method, uses_hessian
+from pvq.rotation import rotate_model
+
+log = logging.getLogger(__name__)
+
+SWEEP_METHODS = ("rtn", "gptq", "pvq", "gptvq")
+#: side information every method gets on top of "bits" (bits per weight)
+SIDE_BITS = 0.25
+FLOAT_POINT = "float"
+
+
+class SweepError(ValueError):
+    """Sweep settings that cannot run, or a kept point made with other settings."""
+
+
+@dataclass
+class SweepOptions:
+    model: str = "smollm2-135m"
+    methods: Sequence[str] = ("rtn", "gptq", "pvq")
+    bits: Sequence[float] = (2, 3, 4)
+    out: str = "sweep-out"
+    group_size: int = 64  # rtn / gptq: input columns per scale and zero point
+    pvq_group_size: int = 16  # pvq: D
+    pvq_gain_bits: int = 4
+    vq_columns: int = 256  # gptvq: columns per codebook block
+    rotate: bool = False
+    rotate_seed: int = 0
+    calib_text: str | None = None  # None: sampled from the float model (seeded)
+    calib_windows: int = 32
+    calib_seqlen: int = 512
+    seed: int = 0
+    eval_text: str | None = None  # WikiText-2 raw test file; None: the default location
+    eval_seqlen: int = 512
+    eval_windows: int | None = 40  # None: all windows
+    tasks: Sequence[str] = ()
+    tasks_dir: str | None = None
+    limit: int | None = None
+    task_batch_size: int = 16
+    float_point: bool = True  # also evaluate the float model (the reference line)
+    device: str = "cpu"
+    compute_dtype: str = "float32"
+    batch_size: int = 8
+    redo_changed: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    method: str | None  # None: the float model
+    bits: float | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def _integer_bits(method: str, bits: float) -> int:
+    if float(bits) != int(bits) or not 2 <= int(bits) <= 8:
+        raise SweepError(f"{method}: bits must be an integer in 2..8, got {bits:g}")
+    return int(bits)
+
+
+def method_config(method: str, bits: float, opts: SweepOptions) -> dict[str, Any]:
+    """The config fields of `method` at sweep width `bits` (see the module docstring),
+    checked by building the method's config (SweepError names what is wrong)."""
+    if method in ("rtn", "gptq"):
+        fields: dict[str, Any] = {"bits": _integer_bits(method, bits), "group_size": opts.group_size}
+    elif method == "pvq":
+        fields = {"group_size": opts.pvq_group_size, "shape_bits": float(bits), "gain": "empirical",
+                  "gain_bits": opts.pvq_gain_bits}
+    elif method == "gptvq":
+        dim = 2
+        if abs(bits * dim - round(bits * dim)) > 1e-9:
+            raise SweepError(f"gptvq: bits x 2 must be an integer (2-D vectors), got bits {bits:g}")
+        codebook_bits = (1 << round(bits * dim)) * dim * 8 + 16  # int8 entries + float16 scale
+        rows = math.ceil(codebook_bits / (SIDE_BITS * opts.vq_columns))
+        fields = {"dim": dim, "bits": float(bits), "group_size": rows * opts.vq_columns,
+                  "group_columns": opts.vq_columns}
+    else:
+        raise SweepError(f"unknown method {method!r}; a sweep takes: {', '.join(SWEEP_METHODS)}")
+    try:
+        config = get_method(method).config_class(**fields)
+    except QuantizationError as e:
+        raise SweepError(f"{method} at {bits:g} bits: {e}") from None
+    return asdict(config)
+
+
+def point_name(method: str, bits: float) -> str:
+    return f"{method}-{bits:g}b"
+
+
+def plan_points(opts: SweepOptions) -> list[Point]:
+    """The grid's points (float first when asked), each with its checked config."""
+    methods = list(dict.fromkeys(opts.methods))
+    if not methods:
+        raise SweepError("no methods given")
+    unknown = [m for m in methods if m not in SWEEP_METHODS]
+    if unknown:
+        raise SweepError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"a sweep takes: {', '.join(SWEEP_METHODS)}")
+    if not opts.bits:
+        raise SweepError("no bit widths given")
+    points = [Point(FLOAT_POINT, None, None)] if opts.float_point else []
+    for method in methods:
+        for bits in dict.fromkeys(float(b) for b in opts.bits):
+            points.append(Point(point_name(method, bits), method, bits, method_config(method, bits, opts)))
+    return points
+
+
+def _file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def point_settings(point: Point, opts: SweepOptions, task_names: list[str]) -> dict[str, Any]:
+    """Everything a point's figures depend on; a kept point is reused only if equal."""
+    eval_text = Path(opts.eval_text) if opts.eval_text else default_wikitext2_test_path()
+    settings: dict[str, Any] = {
+        "model": opts.model,
+        "method": point.method or "float",
+        "config": point.config,
+        "rotate": {"enabled": True, "seed": opts.rotate_seed} if opts.rotate else {"enabled": False},
+        "eval": {"text": str(eval_text), "seqlen": opts.eval_seqlen, "windows": opts.eval_windows},
+        "tasks": {"names": task_names, "limit": opts.limit,
+                  "dir": str(opts.tasks_dir or default_tasks_dir())} if task_names else None,
+    }
+    if point.method is not None and uses_hessian(point.method, point.config):
+        calib: dict[str, Any] = {"windows": opts.calib_windows, "seqlen": opts.calib_seqlen, "seed": opts.seed,
+                                 "batch_size": opts.batch_size, "compute_dtype": opts.compute_dtype}
+        if opts.calib_text:
+            calib.update(text=str(opts.calib_text), sha256=_file_digest(opts.calib_text))
+        else:
+            calib["text"] = "sampled from the model"
+        settings["calibration"] = calib
+    return settings
+
+
+def _diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(saved) | set(now), key=str):
+            out += _diff(saved.get(k), now.get(k), f"{prefix}{k}.")
+        return out
+    return [] if saved == now else [f"{prefix.rstrip('.')}: kept {saved!r}, now {now!r}"]
+
+
+# ----------------------------------------------------------------------------- one point
+
+
+class _Calibration:
+    """The sweep's calibration windows, made on first use (the same for every point)."""
+
+    def __init__(self, base_model, tokenizer, opts: SweepOptions):
+        self.base_model, self.tokenizer, self.opts = base_model, tokenizer, opts
+        self._windows: torch.Tensor | None = None
+
+    def windows(self) -> torch.Tensor:
+        if self._windows is None:
+            o = self.opts
+            # sampled from the unrotated float model, so the same with and without --rotate
+            self._windows = calibration_windows(self.tokenizer, o.calib_text, o.calib_windows, o.calib_seqlen, o.seed,
+                                                model=self.base_model)
+        return self._windows
+
+
+def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, eval_ids: torch.Tensor,
+              task_items: dict[str, list], opts: SweepOptions, work_dir: Path) -> dict[str, Any]:
+    """Quantize a fresh copy of the float model as `point` says and evaluate it."""
+    t_start = time.perf_counter()
+    model = copy.deepcopy(base_model)
+    row: dict[str, Any] = {"point": point.name, "method": point.method or "float", "bits": point.bits}
+    if opts.rotate:
+        rotate_model(model, seed=opts.rotate_seed)
+    if point.method is None:
+        row.update(bpw_nominal=16.0, bpw_measured=16.0, quant_seconds=0.0, mean_proxy_loss=None)
+    else:
+        method = get_method(point.method)
+        config = method.config_class(**point.config)
+        adapter = adapter_for(model)
+        t0 = time.perf_counter()
+        if uses_hessian(point.method, config):
+            result = quantize_model(
+                model, adapter, calibration.windows(), point.method, config, device=opts.device, work_dir=work_dir,
+                batch_size=opts.batch_size, compute_dtype=getattr(torch, opts.compute_dtype), progress=opts.progress,
+            )
+        else:
+            result = quantize_weights(model, adapter, point.method, config)
+        quant_seconds = time.perf_counter() - t0
+        weights = sum(qt.shape[0] * qt.shape[1] for qt in result.values())
+        stored = sum(qt.stored_bytes for qt in result.values())
+        nominal = sum(method.nominal_bits_per_weight(config, qt.shape[1]) * qt.shape[0] * qt.shape[1]
+                      for qt in result.values()) / weights
+        losses = [r.proxy_loss for r in result.report if r.proxy_loss is not None]
+        row.update(bpw_nominal=nominal, bpw_measured=stored * 8 / weights, quant_seconds=quant_seconds,
+                   mean_proxy_loss=sum(losses) / len(losses) if losses else None, quantized_layers=len(result))
+        del result
+    model.to(opts.device)
+    t0 = time.perf_counter()
+    ppl = perplexity_details(model, eval_ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows,
+                             progress=opts.progress)
+    row.update(ppl=ppl.ppl, eval_windows=ppl.n_windows, eval_seqlen=ppl.seqlen)
+    if task_items:
+        tasks = {name: evaluate_task(model, tokenizer, name, batch_size=opts.task_batch_size, items=items,
+                                     progress=opts.progress).to_dict()
+                 for name, items in task_items.items()}
+        row.update(tasks=tasks, avg_acc=average_accuracy(tasks))
+    row["eval_seconds"] = time.perf_counter() - t0
+    row["wall_seconds"] = time.perf_counter() - t_start
+    return row
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _read_point(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SweepError(f"kept point {path} cannot be read ({e}); delete it to recompute the point") from None
+    if not isinstance(saved, dict) or "settings" not in saved or "row" not in saved:
+        raise SweepError(f"kept point {path} is not a sweep point (no settings/row); delete it to recompute it")
+    return saved
+
+
+def run_sweep(opts: SweepOptions) -> list[dict[str, Any]]:
+    """Run (or resume) the sweep; returns the rows of the grid's points in plan order and
+    writes results.csv, results.md and the plots under opts.out."""
+    points = plan_points(opts)
+    task_names = resolve_task_names(list(opts.tasks)) if opts.tasks else []
+    out = Path(opts.out)
+    point_dir = out / "points"
+    point_dir.mkdir(parents=True, exist_ok=True)
+
+    rows: dict[str, dict] = {}
+    pending: list[tuple[Point, dict]] = []
+    for point in points:
+        settings = point_settings(point, opts, task_names)
+        path = point_dir / f"{point.name}.json"
+        if path.is_file():
+            saved = _read_point(path)
+            if saved["settings"] == settings:
+                rows[point.name] = saved["row"]
+                log.info("%s: kept from %s", point.name, path)
+                continue
+            if not opts.redo_changed:
+                diffs = "; ".join(_diff(saved["settings"], settings))
+                raise SweepError(f"point {point.name} in {path} was made with different settings ({diffs}); "
+                                 "use another --out, delete the file, or --redo-changed to recompute it")
+        pending.append((point, settings))
+
+    if pending:
+        task_items = {name: load_task(name, opts.tasks_dir, opts.limit) for name in task_names}  # fail early
+        base_model, tokenizer, _ = load_model(opts.model, device="cpu")
+        if tokenizer is None:
+            raise SweepError(f"{opts.model} has no tokenizer")
+        eval_ids = encode_text(tokenizer, wikitext2_test_text(opts.eval_text))
+        calibration = _Calibration(base_model, tokenizer, opts)
+        for k, (point, settings) in enumerate(pending, 1):
+            print(f"[sweep {k}/{len(pending)}] {point.name}: running", flush=True)
+            work_dir = point_dir / f"{point.name}.work"
+            row = run_point(point, base_model, tokenizer, calibration, eval_ids, task_items, opts, work_dir)
+            atomic_write_json(point_dir / f"{point.name}.json", {"settings": settings, "row": row}, sort_keys=False)
+            shutil.rmtree(work_dir, ignore_errors=True)  # its blocks are no longer needed to resume
+            rows[point.name] = row
+            print(f"[sweep {k}/{len(pending)}] {point.name}: {format_point(row)}", flush=True)
+
+    ordered = [rows[p.name] for p in points]
+    write_reports(ordered, out, title=f"{opts.model}{' (rotated)' if opts.rotate else ''}", task_names=task_names,
+                  limit=opts.limit)
+    return ordered
+
+
+def format_point(row: dict[str, Any]) -> str:
+    text = f"bpw {row['bpw_measured']:.3f}, PPL {row['ppl']:.2f}"
+    if row.get("avg_acc") is not None:
+        text += f", avg acc {row['avg_acc']:.4f}"
+    return text
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _task_columns(rows: list[dict], task_names: list[str]) -> list[tuple[str, str]]:
+    cols = []
+    for name in task_names:
+        metrics: list[str] = []
+        for r in rows:
+            for m in (r.get("tasks", {}).get(name, {}).get("metrics", {})):
+                if m not in metrics:
+                    metrics.append(m)
+        cols += [(name, m) for m in metrics]
+    return cols
+
+
+def results_table_rows(rows: list[dict], task_names: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows of strings) shared by the CSV and the Markdown table."""
+    tcols = _task_columns(rows, task_names)
+    header = ["point", "method", "bits", "bpw_nominal", "bpw_measured", "ppl"]
+    header += [f"{t}:{m}" for t, m in tcols]
+    if task_names:
+        header.append("avg_acc")
+    header += ["quant_seconds", "mean_proxy_loss"]
+
+    def num(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    table = []
+    for r in rows:
+        cells = [r["point"], r["method"], num(r.get("bits"), "g"), num(r["bpw_nominal"], ".4f"),
+                 num(r["bpw_measured"], ".4f"), num(r["ppl"], ".4f")]
+        for t, m in tcols:
+            cells.append(num(r.get("tasks", {}).get(t, {}).get("metrics", {}).get(m, {}).get("value"), ".4f"))
+        if task_names:
+            cells.append(num(r.get("avg_acc"), ".4f"))
+        cells += [num(r.get("quant_seconds"), ".1f"), num(r.get("mean_proxy_loss"), ".4g")]
+        table.append(cells)
+    return header, table
+
+
+def write_reports(rows: list[dict], out: Path, title: str, task_names: list[str], limit: int | None = None) -> None:
+    header, table = results_table_rows(rows, task_names)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(table)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    lines = [f"# Sweep: {title}", ""]
+    windows = sorted({r["eval_windows"] for r in rows})
+    seqlens = sorted({r["eval_seqlen"] for r in rows})
+    lines.append(f"PPL: WikiText-2 test, {'/'.join(map(str, windows))} windows of {'/'.join(map(str, seqlens))} tokens. "
+                 "bpw: bits per weight of the quantized linears as stored.")
+    if task_names:
+        lines.append(f"Tasks: {', '.join(task_names)}" + (f", first {limit} items each" if limit else ", all items")
+                     + "; avg_acc = mean of acc_norm where reported, else acc.")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c or "-" for c in cells) + " |" for cells in table]
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    plot_pareto(rows, out / "ppl_vs_bpw.png", "ppl", "WikiText-2 perplexity", title, log_y=True)
+    if task_names:
+        plot_pareto(rows, out / "acc_vs_bpw.png", "avg_acc", "average zero-shot accuracy", title, log_y=False)
+
+
+def plot_pareto(rows: list[dict], path: Path, key: str, ylabel: str, title: str, log_y: bool) -> None:
+    """One line per method of `key` against the measured bits per weight; the float
+    model as a dashed horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "float"):
+        pts = sorted((r["bpw_measured"], r[key]) for r in rows
+                     if r["method"] == method and r.get(key) is not None and math.isfinite(r[key]))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    for r in rows:
+        if r["method"] == "float" and r.get(key) is not None:
+            ax.axhline(r[key], color="k", linestyle="--", linewidth=1, label=f"float16 ({r[key]:.3g})")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (measured)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+__all__ = ["FLOAT_POINT", "SIDE_BITS", "SWEEP_METHODS", "Point", "SweepError", "SweepOptions",
+           "method_config", "plan_points", "point_settings", "run_point", "run_sweep", "write_reports"]
