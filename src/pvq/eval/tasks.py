@@ -35,7 +35,9 @@ sample standard deviation over sqrt(n)); perplexity has none here (lm-eval boots
 
 Batching: all requests of a task are tokenized, sorted by length (longest first,
 index as tie-break: deterministic), right-padded into batches with an attention mask, and
-the log-softmax is taken only at the continuation positions.
+the log-softmax is taken only at the continuation positions (the head itself runs only on
+the batch's last positions that hold a continuation, where the model takes
+`logits_to_keep`).
 
 Known differences from lm-eval's data (MANIFEST): the HellaSwag file is llama.cpp's
 preprocessed text, whose context is one field (lm-eval capitalises ctx_b); ARC,
@@ -385,6 +387,16 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers causal LMs do)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
 def loglikelihoods(
     model,
@@ -416,6 +428,7 @@ def loglikelihoods(
         if not targets[i]:  # nothing to score (lm-eval: log-likelihood 0, greedy)
             results[i] = Loglikelihood(0.0, True, 0)
     device = _device(model)
+    keep_supported = _accepts_logits_to_keep(model)
     was_training = model.training
     model.eval()
     from tqdm.auto import tqdm
@@ -429,10 +442,17 @@ def loglikelihoods(
             for r, i in enumerate(batch):  # right padding: real tokens never see the padding
                 ids[r, : len(sequences[i])] = torch.tensor(sequences[i])
                 mask[r, : len(sequences[i])] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            kwargs = {}
+            # the head (and its memory) only where a continuation token is predicted: the
+            # last `keep` positions cover every row's continuation
+            first = min(len(sequences[i]) - len(targets[i]) for i in batch)
+            if keep_supported:
+                kwargs["logits_to_keep"] = width - first
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs).logits
+            offset = width - logits.shape[1]  # position of logits[:, 0]
             for r, i in enumerate(batch):
                 n, m = len(sequences[i]), len(targets[i])
-                logp = F.log_softmax(logits[r, n - m : n].float(), dim=-1)
+                logp = F.log_softmax(logits[r, n - m - offset : n - offset].float(), dim=-1)
                 target = torch.tensor(targets[i], device=logp.device)
                 picked = logp.gather(1, target[:, None])[:, 0]
                 greedy = bool((logp.argmax(-1) == target).all())
