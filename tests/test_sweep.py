@@ -216,3 +216,14 @@ def test_cli_plot_gains_writes_a_png(tiny_dir, tmp_path, capsys, extra):
     assert "model.layers.1.mlp.down_proj" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="does not split into >= 2 groups of 64"):
         main(["plot", "gains", str(tiny_dir / "model"), "--group-size", "64", "--out", str(out)])
+
+
+def test_which_methods_need_calibration():
+    from pvq.quant import QuantizationError, uses_hessian
+
+    assert not uses_hessian("rtn", {"bits": 3})
+    assert uses_hessian("gptq", {}) and uses_hessian("gptvq", {})
+    assert uses_hessian("pvq", {}) and not uses_hessian("pvq", {"use_hessian": False})
+    assert not uses_hessian("pvq", get_method("pvq").config_class(use_hessian=False))
+    with pytest.raises(QuantizationError, match="unknown method 'awq'"):
+        uses_hessian("awq", {})
