@@ -59,6 +59,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pvq.models.loading import start_token_id
+
 from .perplexity import EvalDataError
 
 TASKS_DIR_ENV = "PVQ_TASKS_DIR"
@@ -342,14 +344,10 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def _prefix_token(tokenizer, model) -> int:
     """Context for an empty context (lm-eval's prefix token: BOS, else EOS)."""
-    for obj in (tokenizer, getattr(model, "config", None)):
-        for attr in ("bos_token_id", "eos_token_id"):
-            v = getattr(obj, attr, None) if obj is not None else None
-            if isinstance(v, (list, tuple)):
-                v = v[0] if v else None
-            if isinstance(v, int):
-                return v
-    raise ValueError("an empty context needs a BOS or EOS token, and neither the tokenizer nor the model defines one")
+    token = start_token_id(tokenizer, model)
+    if token is None:
+        raise ValueError("an empty context needs a BOS or EOS token, and neither the tokenizer nor the model defines one")
+    return token
 
 
 def encode_request(tokenizer, context: str, continuation: str, cache: dict[str, list[int]] | None = None,

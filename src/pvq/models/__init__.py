@@ -10,7 +10,7 @@ from .adapters import (
     supported_model_types,
     tiny_llama,
 )
-from .loading import DEMO_MODELS, ModelLoadError, demo_model_path, load_model, resolve_spec
+from .loading import DEMO_MODELS, ModelLoadError, demo_model_path, load_model, resolve_spec, start_token_id
 
 __all__ = [
     "ADAPTERS",
@@ -23,6 +23,7 @@ __all__ = [
     "demo_model_path",
     "load_model",
     "resolve_spec",
+    "start_token_id",
     "supported_model_types",
     "tiny_llama",
 ]

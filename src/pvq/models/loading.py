@@ -147,3 +147,18 @@ def load_model(
     )
     log.info("loaded %s (%s, %d parameters) in %.1f s", spec, info["architecture"], info["parameters"], info["load_seconds"])
     return model, tokenizer, info
+
+
+def start_token_id(tokenizer, model=None) -> int | None:
+    """The id a sequence may start from: BOS, else EOS, looked up on the tokenizer, then the
+    model's config and generation config (the first integer found; None if there is none).
+    Used to start sampled calibration text and as lm-eval's prefix for an empty context."""
+    sources = (tokenizer, getattr(model, "config", None), getattr(model, "generation_config", None))
+    for obj in sources:
+        for attr in ("bos_token_id", "eos_token_id"):
+            v = getattr(obj, attr, None) if obj is not None else None
+            if isinstance(v, (list, tuple)):
+                v = v[0] if v else None
+            if isinstance(v, int):
+                return v
+    return None

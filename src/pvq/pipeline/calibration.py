@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pvq.models.loading import start_token_id
+
 log = logging.getLogger(__name__)
 
 
@@ -62,14 +64,10 @@ def windows_from_ids(ids: torch.Tensor, n_windows: int, seqlen: int, seed: int, 
 
 
 def _bos_id(tokenizer, model) -> int:
-    for obj in (tokenizer, getattr(model, "config", None), getattr(model, "generation_config", None)):
-        for attr in ("bos_token_id", "eos_token_id"):
-            v = getattr(obj, attr, None) if obj is not None else None
-            if isinstance(v, (list, tuple)):
-                v = v[0] if v else None
-            if isinstance(v, int):
-                return v
-    raise CalibrationError("neither the tokenizer nor the model config defines a BOS (or EOS) token to sample from")
+    token = start_token_id(tokenizer, model)
+    if token is None:
+        raise CalibrationError("neither the tokenizer nor the model config defines a BOS (or EOS) token to sample from")
+    return token
 
 
 @torch.no_grad()
