@@ -13,7 +13,8 @@ starts from a fresh copy of the float model. Rows whose method does not use a He
 quantized directly from the weights (no calibration forwards, so no proxy loss).
 
 Resumable: every finished row is kept as JSON under --out and skipped on a rerun; a
-row interrupted mid-way resumes from its last finished block (pipeline work dir).
+row interrupted mid-way resumes from its last finished block (pipeline work dir; rows
+that differ only in their activation quantization share one).
 Bits per weight are measured from the stored tensors of all quantized linears.
 
 Rotation and activations (issue 4, the paper's Table 3 layout). A row may carry
@@ -133,6 +134,19 @@ def row_spec(spec) -> tuple[str | None, dict, dict]:
     return method, fields, (rest[0] if rest else {})
 
 
+def weights_work_dir(name: str) -> str:
+    """The pipeline work directory of a row. Activation quantization is installed after the
+    weights are quantized, so rows that differ only in their activations share one: the
+    first row (in ROWS order) with the same weights names it."""
+    method, fields, extras = row_spec(ROWS[name])
+    weights = (method, fields, bool(extras.get("rotate")))
+    for other, spec in ROWS.items():
+        m, f, e = row_spec(spec)
+        if (m, f, bool(e.get("rotate"))) == weights:
+            return f"{other}.work"
+    return f"{name}.work"
+
+
 def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir: Path, kept: dict | None = None) -> dict:
     """Quantize and evaluate one row. With `kept` (the row's saved JSON), only the
     evaluations it lacks are run; its quantization is then rebuilt (for calibrated rows from
@@ -151,7 +165,7 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
         t0 = time.perf_counter()
         if uses_hessian(method_name, fields):
             result = quantize_model(
-                model, adapter, windows, method_name, config, work_dir=out_dir / f"{name}.work",
+                model, adapter, windows, method_name, config, work_dir=out_dir / weights_work_dir(name),
                 batch_size=args.batch_size, compute_dtype=getattr(torch, args.compute_dtype),
             )
             losses = [r.proxy_loss for r in result.report if r.proxy_loss is not None]
