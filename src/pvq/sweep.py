@@ -412,7 +412,7 @@ def plot_pareto(rows: list[dict], path: Path, key: str, ylabel: str, title: str,
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     for r in rows:
         if r["method"] == "float" and r.get(key) is not None:
-            ax.axhline(r[key], color="k", linestyle="--", linewidth=1, label=f"float16 ({r[key]:.3g})")
+            ax.axhline(r[key], color="k", linestyle="--", linewidth=1, label=f"float model ({r[key]:.3g})")
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel("bits per weight (measured)")
