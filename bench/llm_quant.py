@@ -168,14 +168,11 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
                 model, adapter, windows, method_name, config, work_dir=out_dir / weights_work_dir(name),
                 batch_size=args.batch_size, compute_dtype=getattr(torch, args.compute_dtype),
             )
-            losses = [r.proxy_loss for r in result.report if r.proxy_loss is not None]
-            row["mean_proxy_loss"] = sum(losses) / len(losses) if losses else None
+            row["mean_proxy_loss"] = result.mean_proxy_loss
         else:
             result = quantize_weights(model, adapter, method_name, config)
         row["quant_seconds"] = time.perf_counter() - t0
-        stored = sum(qt.stored_bytes for qt in result.values())
-        weights = sum(qt.shape[0] * qt.shape[1] for qt in result.values())
-        row.update(method=method_name, config=fields, bpw_measured=stored * 8 / weights,
+        row.update(method=method_name, config=fields, bpw_measured=result.measured_bits_per_weight,
                    bpw_nominal=method.nominal_bits_per_weight(config, base_model.config.hidden_size))
     if extras.get("act"):
         adapter = adapter_for(model)

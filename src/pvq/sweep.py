@@ -243,12 +243,10 @@ def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, ev
             result = quantize_weights(model, adapter, point.method, config)
         quant_seconds = time.perf_counter() - t0
         weights = sum(qt.shape[0] * qt.shape[1] for qt in result.values())
-        stored = sum(qt.stored_bytes for qt in result.values())
         nominal = sum(method.nominal_bits_per_weight(config, qt.shape[1]) * qt.shape[0] * qt.shape[1]
                       for qt in result.values()) / weights
-        losses = [r.proxy_loss for r in result.report if r.proxy_loss is not None]
-        row.update(bpw_nominal=nominal, bpw_measured=stored * 8 / weights, quant_seconds=quant_seconds,
-                   mean_proxy_loss=sum(losses) / len(losses) if losses else None, quantized_layers=len(result))
+        row.update(bpw_nominal=nominal, bpw_measured=result.measured_bits_per_weight, quant_seconds=quant_seconds,
+                   mean_proxy_loss=result.mean_proxy_loss, quantized_layers=len(result))
         del result
     model.to(opts.device)
     t0 = time.perf_counter()

@@ -92,6 +92,18 @@ class QuantizeResult(dict):
         self.block_seconds: list[float | None] = []
         self.resumed_blocks: int = 0
 
+    @property
+    def measured_bits_per_weight(self) -> float:
+        """Bytes stored for all the quantized layers x 8 / their weight count."""
+        weights = sum(qt.shape[0] * qt.shape[1] for qt in self.values())
+        return sum(qt.stored_bytes for qt in self.values()) * 8 / weights
+
+    @property
+    def mean_proxy_loss(self) -> float | None:
+        """Mean of the layers' proxy losses (None when no layer has one: no Hessian)."""
+        losses = [r.proxy_loss for r in self.report if r.proxy_loss is not None]
+        return sum(losses) / len(losses) if losses else None
+
 
 # -- small helpers ------------------------------------------------------------------------------
 def _map_tensors(obj, fn):
