@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pvq.quant import QuantizationError
-from pvq.quant.hessian import inverse_hessian_cholesky
+from pvq.quant.hessian import diagonal_block_inverses, feed_back_vector_error, inverse_hessian_cholesky
 from pvq.quant.synthetic import synthetic_layer
 
 
@@ -94,3 +94,30 @@ def test_gives_up_after_retries():
 def test_bad_input(H, percdamp, message):
     with pytest.raises(QuantizationError, match=message):
         inverse_hessian_cholesky(H, percdamp=percdamp)
+
+
+def test_diagonal_block_inverses():
+    _, H = synthetic_layer(8, 96, seed=3)
+    U = inverse_hessian_cholesky(H).U
+    A = diagonal_block_inverses(U, 16)
+    assert A.shape == (6, 16, 16) and A.dtype == torch.float64
+    for b in range(6):
+        block = U[16 * b : 16 * (b + 1), 16 * b : 16 * (b + 1)].double()
+        assert torch.allclose(block @ A[b], torch.eye(16, dtype=torch.float64), atol=1e-9)
+    with pytest.raises(QuantizationError, match="96 columns do not split into blocks of 36"):
+        diagonal_block_inverses(U, 36)
+
+
+def test_vector_feedback_with_d1_is_gptq_column_feedback():
+    # with vectors of one column the block feedback is GPTQ's: w[:, j+1:] -= (w_j - q_j) / U_jj * U[j, j+1:]
+    _, H = synthetic_layer(8, 32, seed=4)
+    U = inverse_hessian_cholesky(H).U
+    W = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    A = diagonal_block_inverses(U, 1).float()
+    W1, Err1 = W[:, 8:24].clone(), torch.empty(5, 16)
+    residual = torch.full((5, 1), 0.25)
+    feed_back_vector_error(W1, Err1, residual, A[8 + 3], U, 8, 24, 3, 4)
+    expected = W[:, 8:24].clone()
+    expected[:, 4:] -= (0.25 / U[11, 11]) * U[11, 12:24]
+    assert torch.allclose(W1, expected, atol=1e-6)
+    assert torch.allclose(Err1[:, 3], torch.full((5,), 0.25) / U[11, 11])

@@ -72,8 +72,21 @@ import torch
 from pvq.codec import pack_codes, unpack_codes
 from pvq.codec.errors import CodecError
 
-from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, is_int, proxy_loss
-from .hessian import check_percdamp, inverse_hessian_cholesky
+from .base import (
+    QuantizationError,
+    QuantizedTensor,
+    as_float32,
+    check_config,
+    check_weight,
+    is_int,
+    proxy_loss,
+)
+from .hessian import (
+    check_percdamp,
+    diagonal_block_inverses,
+    feed_back_vector_error,
+    inverse_hessian_cholesky,
+)
 
 __all__ = ["CONFIG", "GPTVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
 
@@ -510,11 +523,8 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTVQCo
         W[:, inv.dead] = 0.0
         ud = torch.diagonal(U).double()
         col_weights = 1.0 / (ud * ud)
-        # A_v = U_vv^{-1} for every vector's d x d diagonal block (float64)
-        diag_blocks = torch.stack([U[j : j + d, j : j + d] for j in range(0, C, d)]).double()
-        A_all = torch.linalg.solve_triangular(diag_blocks, torch.eye(d, dtype=torch.float64).expand_as(diag_blocks),
-                                              upper=True)
-        A32_all = A_all.float()
+        # A_v = U_vv^{-1} for every vector's d x d diagonal block, its metric and feedback
+        A32_all = diagonal_block_inverses(U, d).float()
     else:
         col_weights = torch.ones(C, dtype=torch.float64)
     gen = torch.Generator().manual_seed(int(config.seed))
@@ -551,10 +561,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTVQCo
             q = book[rows, k]
             indices[:, v] = k
             if feedback:
-                E = (x - q) @ A32_all[v]
-                Err1[:, lo:hi] = E
-                if hi < c1 - c0:
-                    W1[:, hi:].addmm_(E, U[c0 + lo : c0 + hi, c0 + hi : c1], alpha=-1.0)
+                feed_back_vector_error(W1, Err1, x - q, A32_all[v], U, c0, c1, lo, hi)
         if feedback and c1 < C:
             W[:, c1:].addmm_(Err1, U[c0:c1, c1:], alpha=-1.0)
 

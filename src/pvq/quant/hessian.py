@@ -27,7 +27,8 @@ import torch
 
 from .base import QuantizationError
 
-__all__ = ["InverseHessian", "check_percdamp", "inverse_hessian_cholesky"]
+__all__ = ["InverseHessian", "check_percdamp", "diagonal_block_inverses", "feed_back_vector_error",
+           "inverse_hessian_cholesky"]
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +101,32 @@ def inverse_hessian_cholesky(
         f"({damping / scale:.4g} x mean diag) after {max_retries} retries; "
         "check the calibration statistics"
     )
+
+
+def diagonal_block_inverses(U: torch.Tensor, d: int) -> torch.Tensor:
+    """``A_b = U_bb^{-1}`` for every d x d diagonal block b of U, as a (C/d, d, d) float64 tensor.
+
+    A vector quantizer that codes d columns at a time measures the error of a block in
+    the metric ``A_b A_b^T`` (the block's share of the inverse Hessian) and feeds
+    ``(w - q) A_b`` forward, the d-column form of GPTQ's ``(w - q) / U_qq``."""
+    C = U.shape[0]
+    if C % d:
+        raise QuantizationError(f"{C} columns do not split into blocks of {d}")
+    blocks = torch.stack([U[j : j + d, j : j + d] for j in range(0, C, d)]).double()
+    return torch.linalg.solve_triangular(blocks, torch.eye(d, dtype=torch.float64).expand_as(blocks), upper=True)
+
+
+def feed_back_vector_error(
+    W1: torch.Tensor, Err1: torch.Tensor, residual: torch.Tensor, A: torch.Tensor, U: torch.Tensor,
+    block_start: int, block_end: int, lo: int, hi: int,
+) -> None:
+    """GPTQ's error feedback for the vector of columns [lo, hi) of a lazy block, in place.
+
+    W1 is the working copy of the block's columns [block_start, block_end) of W, Err1 the
+    block's scaled errors (kept so the caller updates the columns after the block in one
+    product, ``W[:, block_end:] -= Err1 @ U[block, block_end:]``). residual = w - q of the
+    vector, A its `diagonal_block_inverses` entry (float32)."""
+    E = residual @ A
+    Err1[:, lo:hi] = E
+    if hi < block_end - block_start:
+        W1[:, hi:].addmm_(E, U[block_start + lo : block_start + hi, block_start + hi : block_end], alpha=-1.0)

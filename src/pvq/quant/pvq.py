@@ -81,8 +81,21 @@ from pvq.codec import (
 from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
 
-from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, is_int, proxy_loss
-from .hessian import check_percdamp, inverse_hessian_cholesky
+from .base import (
+    QuantizationError,
+    QuantizedTensor,
+    as_float32,
+    check_config,
+    check_weight,
+    is_int,
+    proxy_loss,
+)
+from .hessian import (
+    check_percdamp,
+    diagonal_block_inverses,
+    feed_back_vector_error,
+    inverse_hessian_cholesky,
+)
 
 __all__ = ["CONFIG", "PVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
 
@@ -399,9 +412,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
     Q = torch.empty((R, C), dtype=torch.float32)
     if use_h:
         # A_g = U_gg^{-1} for every group at once (float64), the block metrics
-        diag_blocks = torch.stack([U[g * D : (g + 1) * D, g * D : (g + 1) * D] for g in range(G)]).double()
-        eye = torch.eye(D, dtype=torch.float64).expand(G, D, D)
-        A_all = torch.linalg.solve_triangular(diag_blocks, eye, upper=True)
+        A_all = diagonal_block_inverses(U, D)
         A32_all = A_all.float()
         A_all = A_all.numpy()
     # lazy blocks: feedback inside a block of ~LAZY_BLOCK columns goes to its own copy,
@@ -447,10 +458,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
             Qb = torch.from_numpy(_reconstruct(p, s_hat))
             Q[:, i1 + lo : i1 + hi] = Qb
             if use_h:
-                E = (Wb - Qb) @ A32_all[g]
-                Err1[:, lo:hi] = E
-                if hi < i2 - i1:
-                    W1[:, hi:].addmm_(E, U[i1 + lo : i1 + hi, i1 + hi : i2], alpha=-1.0)
+                feed_back_vector_error(W1, Err1, Wb - Qb, A32_all[g], U, i1, i2, lo, hi)
         if use_h and i2 < C:
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
 
