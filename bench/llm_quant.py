@@ -251,7 +251,8 @@ def main() -> None:
                              "their finished work directory)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--table", action="store_true",
-                        help="only print the table of the rows already kept under --out (loads no model)")
+                        help="only print the table of the rows already kept under --out (those of --rows or "
+                             "--study if given; loads no model)")
     parser.add_argument("--smoke-layers", type=int, default=0,
                         help="smoke test: keep only the first N decoder blocks (0: all, the protocol)")
     args = parser.parse_args()
@@ -276,8 +277,8 @@ def main() -> None:
             saved = json.loads(path.read_text())
             if saved.get("settings") == settings:
                 results[name] = saved
-    if args.table:
-        print_table(results)
+    if args.table:  # the kept rows of --rows / --study (default: all)
+        print_table({name: r for name, r in results.items() if name in args.rows})
         return
 
     model, tokenizer, _ = load_model(args.model)
