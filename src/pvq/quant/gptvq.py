@@ -72,21 +72,8 @@ import torch
 from pvq.codec import pack_codes, unpack_codes
 from pvq.codec.errors import CodecError
 
-from .base import (
-    QuantizationError,
-    QuantizedTensor,
-    as_float32,
-    check_config,
-    check_weight,
-    is_int,
-    proxy_loss,
-)
-from .hessian import (
-    check_percdamp,
-    diagonal_block_inverses,
-    feed_back_vector_error,
-    inverse_hessian_cholesky,
-)
+from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, is_int, proxy_loss
+from .hessian import check_percdamp, diagonal_block_inverses, feed_back_vector_error, inverse_hessian_cholesky
 
 __all__ = ["CONFIG", "GPTVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
 

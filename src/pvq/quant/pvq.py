@@ -81,21 +81,8 @@ from pvq.codec import (
 from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
 
-from .base import (
-    QuantizationError,
-    QuantizedTensor,
-    as_float32,
-    check_config,
-    check_weight,
-    is_int,
-    proxy_loss,
-)
-from .hessian import (
-    check_percdamp,
-    diagonal_block_inverses,
-    feed_back_vector_error,
-    inverse_hessian_cholesky,
-)
+from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, is_int, proxy_loss
+from .hessian import check_percdamp, diagonal_block_inverses, feed_back_vector_error, inverse_hessian_cholesky
 
 __all__ = ["CONFIG", "PVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
 
