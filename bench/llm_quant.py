@@ -26,8 +26,9 @@ calibrated with float activations as in QuaRot; the head and the KV cache stay f
 Rows of `--study rotation`:
 
 * weight-only at ~3.25 bits per weight, each with and without rotation: RTN and GPTQ
-  3-bit with a scale per 64 (3.30 bpw with the zero point), GPTQ with act-order, PVQ
-  D=16 with 3-bit shapes and 4-bit gains (fitted levels and Beta levels; 3.25 + row norms);
+  3-bit with a scale per 64 (3.30 bpw with the zero point), PVQ D=16 with 3-bit shapes
+  and 4-bit fitted gains (3.25 + row norms); (rows for GPTQ with act-order and PVQ with
+  Beta gains, rotated, exist too: `--rows gptq-3b-g64-act-rot pvq-d16-s3-beta4-rot`);
 * weights and activations at ~4.1 bits each, all rotated: weights RTN / GPTQ 4-bit with
   a scale and zero point per 192 (4.10 bpw) or PVQ D=16, 3.875-bit shapes, 4-bit fitted
   gains (4.125 bpw); activations RTN 4-bit symmetric with a float16 scale per 192 values
@@ -109,8 +110,7 @@ A_PVQ = {"method": "pvq", "bits": 4.0, "group_size": 192, "gain": "fp16"}  # (76
 W_PVQ_4 = {"group_size": 16, "shape_bits": 3.875, "gain": "empirical", "gain_bits": 4}  # 4.125 bpw
 ROTATION_STUDY = [
     "float", "float-rot",
-    "rtn-3b-g64", "rtn-3b-g64-rot", "gptq-3b-g64", "gptq-3b-g64-rot", "gptq-3b-g64-act", "gptq-3b-g64-act-rot",
-    "pvq-d16-s3-emp4", "pvq-d16-s3-emp4-rot", "pvq-d16-s3-beta4", "pvq-d16-s3-beta4-rot",
+    "rtn-3b-g64", "rtn-3b-g64-rot", "gptq-3b-g64", "gptq-3b-g64-rot", "pvq-d16-s3-emp4", "pvq-d16-s3-emp4-rot",
     "a4-rtn-rot", "a4-pvq-rot",
     "w4a4-rtn-rtn-rot", "w4a4-gptq-rtn-rot", "w4a4-pvq-rtn-rot", "w4a4-pvq-pvq-rot",
 ]
