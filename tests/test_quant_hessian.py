@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pvq.quant import QuantizationError
-from pvq.quant.hessian import diagonal_block_inverses, feed_back_vector_error, inverse_hessian_cholesky
+from pvq.quant.hessian import (diagonal_block_inverses, feed_back_block_error, feed_back_vector_error,
+                               inverse_hessian_cholesky)
 from pvq.quant.synthetic import synthetic_layer
 
 
@@ -121,3 +122,18 @@ def test_vector_feedback_with_d1_is_gptq_column_feedback():
     expected[:, 4:] -= (0.25 / U[11, 11]) * U[11, 12:24]
     assert torch.allclose(W1, expected, atol=1e-6)
     assert torch.allclose(Err1[:, 3], torch.full((5,), 0.25) / U[11, 11])
+
+
+def test_block_feedback_reaches_only_later_columns():
+    _, H = synthetic_layer(8, 32, seed=5)
+    U = inverse_hessian_cholesky(H).U
+    W = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    Err1 = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    out = W.clone()
+    feed_back_block_error(out, Err1, U, 8, 16)
+    assert torch.equal(out[:, :16], W[:, :16])
+    expected = W[:, 16:] - sum(Err1[:, [j]] * U[8 + j, 16:] for j in range(8))
+    assert torch.allclose(out[:, 16:], expected, atol=1e-5)
+    last = W.clone()
+    feed_back_block_error(last, Err1, U, 24, 32)  # the last block: nothing after it
+    assert torch.equal(last, W)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, proxy_loss
-from .hessian import check_percdamp, inverse_hessian_cholesky
+from .hessian import check_percdamp, feed_back_block_error, inverse_hessian_cholesky
 from .rtn import (
     check_bits,
     check_group_size,
@@ -133,8 +133,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTQCon
             err = (w - q) / U1[i, i]
             W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
             Err1[:, i] = err
-        if i2 < C:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+        feed_back_block_error(W, Err1, U, i1, i2)
 
     tensors = pack_grid(codes, scales, zeros, bits)
     meta = {

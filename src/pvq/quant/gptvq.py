@@ -73,7 +73,8 @@ from pvq.codec import pack_codes, unpack_codes
 from pvq.codec.errors import CodecError
 
 from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, is_int, proxy_loss
-from .hessian import check_percdamp, diagonal_block_inverses, feed_back_vector_error, inverse_hessian_cholesky
+from .hessian import (check_percdamp, diagonal_block_inverses, feed_back_block_error, feed_back_vector_error,
+                      inverse_hessian_cholesky)
 
 __all__ = ["CONFIG", "GPTVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
 
@@ -549,8 +550,8 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTVQCo
             indices[:, v] = k
             if feedback:
                 feed_back_vector_error(W1, Err1, x - q, A32_all[v], U, c0, c1, lo, hi)
-        if feedback and c1 < C:
-            W[:, c1:].addmm_(Err1, U[c0:c1, c1:], alpha=-1.0)
+        if feedback:
+            feed_back_block_error(W, Err1, U, c0, c1)
 
     Q = _reconstruct(codes_all, scales_all, indices, row_bounds, col_bounds, d)
     loss = proxy_loss(W0, Q, hessian.detach().to("cpu")) if use_h else None

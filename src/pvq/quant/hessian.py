@@ -27,8 +27,8 @@ import torch
 
 from .base import QuantizationError
 
-__all__ = ["InverseHessian", "check_percdamp", "diagonal_block_inverses", "feed_back_vector_error",
-           "inverse_hessian_cholesky"]
+__all__ = ["InverseHessian", "check_percdamp", "diagonal_block_inverses", "feed_back_block_error",
+           "feed_back_vector_error", "inverse_hessian_cholesky"]
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,18 @@ def feed_back_vector_error(
     """GPTQ's error feedback for the vector of columns [lo, hi) of a lazy block, in place.
 
     W1 is the working copy of the block's columns [block_start, block_end) of W, Err1 the
-    block's scaled errors (kept so the caller updates the columns after the block in one
-    product, ``W[:, block_end:] -= Err1 @ U[block, block_end:]``). residual = w - q of the
+    block's scaled errors (kept for `feed_back_block_error`, which updates the columns after
+    the block in one product once the block is done). residual = w - q of the
     vector, A its `diagonal_block_inverses` entry (float32)."""
     E = residual @ A
     Err1[:, lo:hi] = E
     if hi < block_end - block_start:
         W1[:, hi:].addmm_(E, U[block_start + lo : block_start + hi, block_start + hi : block_end], alpha=-1.0)
+
+
+def feed_back_block_error(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, block_start: int, block_end: int) -> None:
+    """GPTQ's lazy-batch update, in place: once the columns [block_start, block_end) are
+    quantized, their scaled errors Err1 reach every later column in one product,
+    ``W[:, block_end:] -= Err1 @ U[block, block_end:]`` (the same sum as column by column)."""
+    if block_end < W.shape[1]:
+        W[:, block_end:].addmm_(Err1, U[block_start:block_end, block_end:], alpha=-1.0)

@@ -82,7 +82,8 @@ from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
 
 from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, is_int, proxy_loss
-from .hessian import check_percdamp, diagonal_block_inverses, feed_back_vector_error, inverse_hessian_cholesky
+from .hessian import (check_percdamp, diagonal_block_inverses, feed_back_block_error, feed_back_vector_error,
+                      inverse_hessian_cholesky)
 
 __all__ = ["CONFIG", "PVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
 
@@ -446,8 +447,8 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
             Q[:, i1 + lo : i1 + hi] = Qb
             if use_h:
                 feed_back_vector_error(W1, Err1, Wb - Qb, A32_all[g], U, i1, i2, lo, hi)
-        if use_h and i2 < C:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+        if use_h:
+            feed_back_block_error(W, Err1, U, i1, i2)
 
     if group_order is not None:
         order = group_order.numpy()
