@@ -51,17 +51,17 @@ import json
 import os
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from pvq.eval.perplexity import perplexity_details, wikitext2_test_rows
+from pvq.formats import decoded_weights
 from pvq.models import adapter_for, load_model
-from pvq.pipeline import encode_text, quantize_model, quantize_weights, windows_from_ids
-from pvq.quant import get_method, uses_hessian
-from pvq.quant.activations import ActQuantConfig, ActQuantizer, install_act_quant
-from pvq.rotation import rotate_model
+from pvq.oneshot import Recipe, oneshot
+from pvq.pipeline import encode_text, windows_from_ids
+from pvq.quant import get_method
+from pvq.quant.activations import ActQuantConfig, ActQuantizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets" / "wikitext-2"
 
@@ -154,36 +154,36 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
     model = copy.deepcopy(base_model)
     row: dict = {"row": name}
     method_name, fields, extras = row_spec(spec)
-    if extras.get("rotate"):
-        t0 = time.perf_counter()
-        rotate_model(model, seed=0)
-        row.update(rotate=True, rotate_seconds=time.perf_counter() - t0)
+    recipe = Recipe(method=method_name, config=dict(fields), rotate=bool(extras.get("rotate")), act=extras.get("act"),
+                    compute_dtype=args.compute_dtype, batch_size=args.batch_size)
+    result = oneshot(model, tokenizer, recipe, windows=windows if recipe.needs_calibration() else None,
+                     work_dir=str(out_dir / weights_work_dir(name)), progress=True)
+    if recipe.rotate:
+        row.update(rotate=True, rotate_seconds=result.seconds["rotation"])
     if method_name is not None:
         method = get_method(method_name)
-        config = method.config_class(**fields)
-        adapter = adapter_for(model)
-        t0 = time.perf_counter()
-        if uses_hessian(method_name, fields):
-            result = quantize_model(
-                model, adapter, windows, method_name, config, work_dir=out_dir / weights_work_dir(name),
-                batch_size=args.batch_size, compute_dtype=getattr(torch, args.compute_dtype),
-            )
-            row["mean_proxy_loss"] = result.mean_proxy_loss
-        else:
-            result = quantize_weights(model, adapter, method_name, config)
-        row["quant_seconds"] = time.perf_counter() - t0
-        row.update(method=method_name, config=fields, bpw_measured=result.measured_bits_per_weight,
-                   bpw_nominal=method.nominal_bits_per_weight(config, base_model.config.hidden_size))
-    if extras.get("act"):
-        adapter = adapter_for(model)
+        q = result.quantized
+        if q.mean_proxy_loss is not None:
+            row["mean_proxy_loss"] = q.mean_proxy_loss
+        row["quant_seconds"] = result.seconds["quantization"]
+        row.update(method=method_name, config=fields, bpw_measured=q.measured_bits_per_weight,
+                   bpw_nominal=method.nominal_bits_per_weight(recipe.method_config(), base_model.config.hidden_size))
+    if result.act_record is not None:
         act = ActQuantConfig(**extras["act"])
-        record = install_act_quant(model, act, adapter.quantized_layer_names(model))
+        record = result.act_record
         widths = [model.get_submodule(n).in_features for n in record["layers"]]
         per_width = {int(w): v for w, v in record["bits_per_value"].items()}
         row.update(act=act.to_dict(), act_simulated=True, act_describe=act.describe(),
                    bits_per_activation=sum(per_width[w] * w for w in widths) / sum(widths))
     if kept is not None:
         row = {**row, **kept}
+    with decoded_weights(model):  # many forwards: decode each quantized layer once
+        _evaluate_row(row, model, eval_ids, args)
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def _evaluate_row(row: dict, model, eval_ids, args) -> None:
     if "ppl_quick" not in row:
         quick = perplexity_details(model, eval_ids["blank-lines"], seqlen=512, max_windows=args.eval_windows, progress=False)
         row["ppl_quick"] = quick.ppl
@@ -197,8 +197,6 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
                                                      progress=False).ppl
     if args.full and "ppl_full" not in row:
         row["ppl_full"] = perplexity_details(model, eval_ids["blank-lines"], seqlen=2048, progress=False).ppl
-    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return row
 
 
 def print_table(results: dict[str, dict]) -> None:

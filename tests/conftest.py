@@ -99,3 +99,15 @@ def save_tiny_model(directory, seed: int = 0, **kwargs):
     model.save_pretrained(directory)
     printable_char_tokenizer().save_pretrained(directory)
     return directory
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run `pvq argv`, expect the one-line error and exit code 2, return the line."""
+    from pvq.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # progress bars may come before it
+    assert line.startswith(f"pvq {argv[0]}: error: ") and "Traceback" not in err, err
+    return line

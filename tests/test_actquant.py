@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import re
 import json
 import shutil
 
 import numpy as np
 import pytest
+from conftest import cli_error
 import torch
 
 pytest.importorskip("transformers")
@@ -16,9 +18,9 @@ from pvq.codec import decode, pulses_for_bits, search, unpack_codes
 from pvq.codec.scalar import uniform_rtn
 from pvq.formats import (
     CheckpointActQuantError,
-    CheckpointVersionError,
-    PVQLinear,
+    QuantizedLinear,
     load_checkpoint,
+    quantized_model,
     save_checkpoint,
 )
 from pvq.models import adapter_for, tiny_llama
@@ -231,8 +233,8 @@ def test_quantizers_see_every_linear_input_including_the_online_hadamard_output(
         q = model.get_submodule(name).get_submodule(QUANTIZER_ATTRIBUTE)
         q.register_forward_hook(lambda m, a, o, name=name: seen.setdefault(name, a[0]))
     for i, layer in enumerate(model.model.layers):
-        assert isinstance(layer.mlp.down_proj_input_rotation, OnlineHadamard)
-        layer.mlp.down_proj_input_rotation.register_forward_hook(lambda m, a, o, i=i: rotated.setdefault(i, o))
+        assert isinstance(layer.mlp.down_proj.input_rotation, OnlineHadamard)
+        layer.mlp.down_proj.input_rotation.register_forward_hook(lambda m, a, o, i=i: rotated.setdefault(i, o))
     with torch.no_grad():
         model(_ids())
     assert set(seen) == set(names)
@@ -252,9 +254,9 @@ def test_checkpoint_round_trip_with_act_quant_gives_equal_logits(tmp_path, act):
     model = tiny_llama(seed=0)
     rotate_model(model, seed=3)
     adapter = adapter_for(model)
-    result = quantize_model(model, adapter, _ids(4, 16, seed=3), "pvq",
-                            {"group_size": 16, "shape_bits": 3.0, "gain": "beta", "gain_bits": 4}, progress=False)
-    _round_dense_fp16(model, result)
+    config = {"group_size": 16, "shape_bits": 3.0, "gain": "beta", "gain_bits": 4}
+    result = quantize_model(model, adapter, _ids(4, 16, seed=3), "pvq", config, progress=False)
+    quantized_model(model, dict(result), "pvq", config)
     ids = _ids()
     with torch.no_grad():
         weights_only = model(ids).logits
@@ -262,17 +264,16 @@ def test_checkpoint_round_trip_with_act_quant_gives_equal_logits(tmp_path, act):
     with torch.no_grad():
         expected = model(ids).logits
     assert not torch.equal(expected, weights_only)
-    manifest = save_checkpoint(tmp_path / "ck", model, dict(result))
-    assert manifest["format_version"] == 3 and manifest["act_quant"] == json.loads(json.dumps(record))
-    assert not any("quantizer" in k for k in manifest["dense"])  # rebuilt, not stored
-    for mode in ("load", "fly"):
-        loaded, _, man = load_checkpoint(tmp_path / "ck", mode=mode)
-        assert act_quant_of(loaded) == man["act_quant"]
-        down = loaded.model.layers[1].mlp.down_proj
-        assert isinstance(down, PVQLinear) and isinstance(getattr(down, QUANTIZER_ATTRIBUTE), ActQuantizer)
-        with torch.no_grad():
-            assert torch.equal(loaded(ids).logits, expected), mode
-    loaded, _, _ = load_checkpoint(tmp_path / "ck", act_quant=False)
+    save_checkpoint(model, tmp_path / "ck")
+    qc = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
+    assert qc["act_quant"] == json.loads(json.dumps(record))
+    loaded, _, info = load_checkpoint(tmp_path / "ck")
+    assert act_quant_of(loaded) == info["quantization_config"]["act_quant"]
+    down = loaded.model.layers[1].mlp.down_proj
+    assert isinstance(down, QuantizedLinear) and isinstance(getattr(down, QUANTIZER_ATTRIBUTE), ActQuantizer)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+    remove_act_quant(loaded)
     assert act_quant_of(loaded) is None
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, weights_only)
@@ -285,31 +286,33 @@ def test_checkpoint_round_trip_with_act_quant_gives_equal_logits(tmp_path, act):
 def test_act_quant_record_errors(tmp_path):
     model = tiny_llama(seed=0)
     names = adapter_for(model).quantized_layer_names(model)
+    result = quantize_model(model, adapter_for(model), _ids(2, 16, seed=3), "rtn", {"bits": 4, "group_size": 32},
+                            progress=False)
+    quantized_model(model, dict(result), "rtn", {"bits": 4, "group_size": 32})
     record = install_act_quant(model, ActQuantConfig("rtn", 4, 32), names)
     with pytest.raises(ActQuantError, match="already quantizes its activations"):
         install_act_quant(model, ActQuantConfig("rtn", 4, 32), names)
-    save_checkpoint(tmp_path / "ck", model)
+    save_checkpoint(model, tmp_path / "ck")
 
     def edited(name, edit):
         dst = tmp_path / name
         shutil.copytree(tmp_path / "ck", dst)
-        manifest = json.loads((dst / "manifest.json").read_text())
-        edit(manifest)
-        (dst / "manifest.json").write_text(json.dumps(manifest))
+        config = json.loads((dst / "config.json").read_text())
+        edit(config["quantization_config"])
+        (dst / "config.json").write_text(json.dumps(config))
         return dst
 
-    with pytest.raises(CheckpointVersionError, match="activation quantization needs format_version 3"):
-        load_checkpoint(edited("v2", lambda m: m.update(format_version=2)))
     with pytest.raises(CheckpointActQuantError, match="unknown activation quantization kind"):
-        load_checkpoint(edited("kind", lambda m: m["act_quant"].update(kind="int4-kernels")))
+        load_checkpoint(edited("kind", lambda m: m["act_quant"].update(kind="int4-kernels")), verify=False)
     with pytest.raises(CheckpointActQuantError, match="newer than this pvq"):
-        load_checkpoint(edited("ver", lambda m: m["act_quant"].update(version=99)))
+        load_checkpoint(edited("ver", lambda m: m["act_quant"].update(version=99)), verify=False)
     with pytest.raises(CheckpointActQuantError, match="unknown activation quantization setting"):
-        load_checkpoint(edited("cfg", lambda m: m["act_quant"]["config"].update(mystery=1)))
+        load_checkpoint(edited("cfg", lambda m: m["act_quant"]["config"].update(mystery=1)), verify=False)
     with pytest.raises(CheckpointActQuantError, match="does not divide"):
-        load_checkpoint(edited("gs", lambda m: m["act_quant"]["config"].update(group_size=48)))
+        load_checkpoint(edited("gs", lambda m: m["act_quant"]["config"].update(group_size=48)), verify=False)
     with pytest.raises(CheckpointActQuantError, match="not a module"):
-        load_checkpoint(edited("layer", lambda m: m["act_quant"]["layers"].append("model.layers.9.mlp.down_proj")))
+        load_checkpoint(edited("layer", lambda m: m["act_quant"]["layers"].append("model.layers.9.mlp.down_proj")),
+                        verify=False)
     fresh = tiny_llama(seed=0)
     install_act_quant_record(fresh, record)
     assert act_quant_of(fresh) == record
@@ -351,19 +354,19 @@ def test_job_and_cli_with_act_quant(tiny_dir, tmp_path, capsys):
     assert report["act_quant_seconds_in_ppl"] > 0
     text = format_report(report)
     assert "simulated (fake) quantization, pvq D=32" in text and "bits/activation  4.5000" in text
-    manifest = json.loads((tmp_path / "job" / "manifest.json").read_text())
-    assert manifest["settings"]["act_quant"]["simulated"] and manifest["act_quant"]["config"]["method"] == "pvq"
+    qc = json.loads((tmp_path / "job" / "config.json").read_text())["quantization_config"]
+    assert qc["act_quant"]["config"]["method"] == "pvq" and report["recipe"]["act"]["method"] == "pvq"
 
     common = ["--calib-text", str(tiny_dir / "calib.txt"), "--calib-windows", "2", "--calib-seqlen", "32",
               "--eval-text", str(tiny_dir / "wiki.test.raw"), "--eval-seqlen", "64", "--eval-windows", "2",
               "--device", "cpu", "--method", "rtn", "--group-size", "32"]
-    with pytest.raises(SystemExit, match=r"does not divide the input width 64 .* --act-group-size"):
-        main(["quantize", str(tiny_dir / "model"), "--out", str(tmp_path / "bad"), "--act-method", "rtn",
-              "--act-group-size", "48", *common])
+    assert main(["quantize", str(tiny_dir / "model"), "--out", str(tmp_path / "bad"), "--act-method", "rtn",
+                 "--act-group-size", "48", *common]) == 2
+    assert re.search(r"does not divide the input width 64 .* --act-group-size", capsys.readouterr().err)
     assert not (tmp_path / "bad").exists()  # refused before quantizing
-    with pytest.raises(SystemExit, match="rtn activation bits must be an integer in 2..8"):
-        main(["quantize", str(tiny_dir / "model"), "--out", str(tmp_path / "bad"), "--act-method", "rtn",
-              "--act-bits", "12", *common])
+    assert main(["quantize", str(tiny_dir / "model"), "--out", str(tmp_path / "bad"), "--act-method", "rtn",
+                 "--act-bits", "12", *common]) == 2
+    assert "rtn activation bits must be an integer in 2..8" in capsys.readouterr().err
     assert main(["quantize", str(tiny_dir / "model"), "--out", str(tmp_path / "cli"), "--act-method", "rtn",
                  "--act-bits", "6", "--act-group-size", "16", *common]) == 0
     assert "activations      simulated (fake) quantization, rtn 6-bit symmetric D=16" in capsys.readouterr().out
@@ -371,7 +374,6 @@ def test_job_and_cli_with_act_quant(tiny_dir, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "cli"), *ev, "--json", str(tmp_path / "e.json")]) == 0
     assert "activations: simulated (fake) quantization, rtn 6-bit" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["act_quant"]["config"]["bits"] == 6
-    with pytest.raises(SystemExit, match="already records activation quantization"):
-        main(["eval", str(tmp_path / "cli"), *ev, "--act-method", "pvq"])
+    assert re.search("already records activation quantization", cli_error(capsys, ["eval", str(tmp_path / "cli"), *ev, "--act-method", "pvq"]))
     assert main(["eval", str(tiny_dir / "model"), *ev, "--act-method", "pvq", "--act-bits", "3", "--act-group-size", "32"]) == 0
     assert "float model\nactivations: simulated (fake) quantization, pvq D=32" in capsys.readouterr().out

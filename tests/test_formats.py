@@ -1,23 +1,19 @@
-"""Packed checkpoints: save -> load round trips, determinism, and every integrity check.
+"""pvq checkpoints as Hugging Face directories: QuantizedLinear, save -> from_pretrained round
+trips (bit-identical logits), integrity, bad input, legacy conversion, generation.
 
-Logit comparisons are exact (`torch.equal`), not approximate: the checkpoint stores the
-quantized payloads losslessly and the dense tensors (embeddings, norms, biases) as
-float16. The in-memory reference model therefore gets (a) every quantized linear's
-weight replaced by `dequantize(qt)` (the very function the loaded `PVQLinear` calls) and
-(b) every dense tensor rounded to float16 and back (exact in float32). Both models then
-hold bit-identical float32 tensors, run the same architecture from the same config and
-the same ops (`nn.Linear.forward` is `F.linear`), so their logits are bit-identical; any
-tolerance would hide a format bug (a wrong scale dtype, a swapped tensor, a lost bias).
+Logit comparisons are exact (`torch.equal`): the in-memory pvq model and the reloaded one
+hold the same payload buffers (integers), decode them with the same function, and hold
+the same dense tensors (`quantized_model` rounds them to the stored float16 in memory).
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import os
 import pickle
 import shutil
+import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -25,615 +21,489 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import pvq  # noqa: E402
-from pvq.codec import code_bits, decode, encode, pack_codes, pulses_for_bits, search, unpack_codes  # noqa: E402
+from conftest import printable_char_tokenizer  # noqa: E402
 from pvq.codec.errors import CodecError  # noqa: E402
 from pvq.formats import (  # noqa: E402
+    INDEX_FILE,
     CheckpointError,
     CheckpointIntegrityError,
+    CheckpointRotationError,
     CheckpointVersionError,
     LayerCodecError,
-    LayerDecodeError,
-    PVQLinear,
+    QuantizedLinear,
+    convert_legacy,
+    decoded_weights,
     is_checkpoint,
     load_checkpoint,
-    load_quantized,
-    read_manifest,
+    quantized_model,
     save_checkpoint,
     verify_checkpoint,
 )
-from pvq.quant import METHODS, Method, QuantizedTensor, get_method  # noqa: E402
+from pvq.models import adapter_for, tiny_llama  # noqa: E402
+from pvq.oneshot import Recipe, oneshot  # noqa: E402
+from pvq.quant import METHODS, QuantizationError, get_method  # noqa: E402
+from pvq.quant.activations import ActQuantizer, act_quant_of  # noqa: E402
+from pvq.rotation import OnlineHadamard, rotation_of  # noqa: E402
 
-HAS_PVQ = (Path(pvq.__file__).parent / "quant" / "pvq.py").exists()
-needs_pvq = pytest.mark.skipif(not HAS_PVQ, reason="pvq.quant.pvq not present")
+LEGACY = Path(__file__).parent / "data" / "legacy"
 
-
-# =========================================================================== helpers
-
-
-def tiny_llama(tie: bool = True, bias: bool = False, seed: int = 0) -> torch.nn.Module:
-    """A random 2-block Llama (hidden 64, 4 heads, 2 kv heads, mlp 128, vocab 256)."""
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=256,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        attention_bias=bias,
-        mlp_bias=bias,
-    )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # make norms and biases matter: random, not 1 / 0
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.05)
-    return model
+#: one small config per method (all fit the tiny Llama: widths 64 and 128)
+CONFIGS = {
+    "rtn": {"bits": 3, "group_size": 32},
+    "gptq": {"bits": 4, "group_size": 16, "act_order": True},
+    "pvq": {"group_size": 16, "shape_bits": 3.0, "gain": "empirical", "gain_bits": 4},
+    "gptvq": {"dim": 2, "bits": 2.0, "group_size": 256, "group_columns": 32, "kmeans_iters": 2, "update_iters": 2},
+}
 
 
-def decoder_linears(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+def ids(batch: int = 2, length: int = 11, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def quantize_in_memory(model: torch.nn.Module, method: str = "rtn", config=None) -> dict[str, QuantizedTensor]:
-    """Quantize every decoder linear (weight only, no Hessian), put the dequantized weights
-    into the model and round every other float tensor to float16, as the checkpoint will."""
-    m = get_method(method)
-    if config is None:
-        config = m.config_class(bits=4, group_size=32) if method == "rtn" else m.config_class()
-    quantized = {}
+def logits(model, x=None) -> torch.Tensor:
     with torch.no_grad():
-        for name in decoder_linears(model):
-            linear = model.get_submodule(name)
-            qt = m.quantize(linear.weight.detach(), None, config)
-            linear.weight.copy_(m.dequantize(qt))
-            quantized[name] = qt
-        skip = {f"{n}.weight" for n in quantized}
-        for key, value in model.state_dict().items():
-            if key not in skip and value.is_floating_point():
-                value.copy_(value.to(torch.float16).to(value.dtype))
-    return quantized
+        return model(ids() if x is None else x).logits
 
 
-def input_ids(seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (2, 11), generator=g)
+def windows() -> torch.Tensor:
+    return ids(4, 16, seed=3)
 
 
-@torch.no_grad()
-def logits(model, ids):
-    return model(ids).logits
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def write_manifest(root: Path, manifest: dict) -> None:
-    (root / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=2))
-
-
-def rewrite_safetensors(root: Path, fname: str, edit) -> None:
-    """Apply `edit` to the tensors of a file, rewrite it and record its new size and
-    checksum in the manifest (a consistent but semantically broken checkpoint)."""
-    import hashlib
-
-    path = root / fname
-    if fname == "dense.safetensors":
-        from safetensors.torch import load, save
-    else:
-        from safetensors.numpy import load, save
-    tensors = dict(load(path.read_bytes()))
-    edit(tensors)
-    data = save(tensors)
-    path.write_bytes(data)
-    manifest = read_json(root / "manifest.json")
-    manifest["files"][fname] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    write_manifest(root, manifest)
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(254)}
-    vocab.update({"[UNK]": 254, "[PAD]": 255})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
-
-
-# ---- a throwaway codec-based method whose decoder lets CodecError through unwrapped
-
-
-def _toy_quantize(weight, hessian=None, config=None):
-    D, bits = 8, 2.0
-    K = pulses_for_bits(D, bits)
-    W = weight.detach().double().numpy()
-    R, C = W.shape
-    groups = W.reshape(-1, D)
-    points = search(groups, K)
-    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
-    gains = (groups * unit).sum(axis=1).astype(np.float16)
-    nbits = code_bits(D, K)
-    return QuantizedTensor(
-        method="toy",
-        shape=(R, C),
-        tensors={"codes": pack_codes(encode(points, K), nbits), "gains": gains},
-        meta={"D": D, "K": K, "code_bits": nbits, "code_order": "row-major"},
-    )
-
-
-def _toy_dequantize(qt):
-    R, C = qt.shape
-    D, K, nbits = qt.meta["D"], qt.meta["K"], qt.meta["code_bits"]
-    points = decode(unpack_codes(qt.tensors["codes"], R * C // D, nbits), D, K).astype(np.float64)
-    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
-    return torch.from_numpy((unit * qt.tensors["gains"].astype(np.float64)[:, None]).reshape(R, C).astype(np.float32))
-
-
-@pytest.fixture
-def toy_method(monkeypatch):
-    mod = types.ModuleType("pvq.quant._toy_formats")
-    mod.CONFIG, mod.quantize, mod.dequantize = dict, _toy_quantize, _toy_dequantize
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setitem(METHODS, "toy", Method("toy", "_toy_formats"))
-    return get_method("toy")
-
-
-# =========================================================================== fixtures
+def quantize(method: str, *, rotate: bool = False, act: dict | None = None, seed: int = 0, **model_kw):
+    model = tiny_llama(seed=seed, **model_kw)
+    recipe = Recipe(method=method, config=CONFIGS[method], rotate=rotate, act=act, batch_size=2)
+    oneshot(model, None, recipe, windows=windows(), progress=False)
+    return model
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tied tiny Llama quantized with RTN, saved once; tests copy it before breaking it."""
-    model = tiny_llama(tie=True)
-    quantized = quantize_in_memory(model)
-    root = tmp_path_factory.mktemp("ckpt") / "tied"
-    manifest = save_checkpoint(root, model, quantized, source={"model": "tiny-llama"}, settings={"method": "rtn"})
-    ids = input_ids()
-    return {"root": root, "model": model, "quantized": quantized, "manifest": manifest, "ids": ids, "logits": logits(model, ids)}
+    """A PVQ tiny model saved with its tokenizer: (model, path, expected logits)."""
+    root = tmp_path_factory.mktemp("ck") / "pvq"
+    model = quantize("pvq")
+    save_checkpoint(model, root, tokenizer=printable_char_tokenizer())
+    return model, root, logits(model)
 
 
-@pytest.fixture
-def ckpt(saved, tmp_path) -> Path:
-    """A private copy of the saved checkpoint, free to corrupt."""
-    dst = tmp_path / "copy"
-    shutil.copytree(saved["root"], dst)
+def edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of a checkpoint with config.json edited (the index is not updated)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
     return dst
+
+
+# =========================================================================== the contract + the layer
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_payload_spec_matches_what_quantize_stores(method):
+    m = get_method(method)
+    W = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    X = torch.randn(300, 64, generator=torch.Generator().manual_seed(1))
+    config = m.make_config(CONFIGS[method])
+    qt = m.quantize(W, X.T @ X / 300, config)
+    spec = m.payload_spec(config, W.shape)
+    assert sorted(spec) == sorted(qt.tensors)
+    for name, ts in spec.items():
+        assert ts.matches(qt.tensors[name]), (name, ts, qt.tensors[name].dtype, qt.tensors[name].shape)
+    layout = m.layout(config, W.shape)
+    assert all(qt.meta[k] == v for k, v in layout.items())
+    assert m.needs_hessian(config) == (method != "rtn")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_quantized_linear_is_built_empty_and_filled_by_its_state_dict(method):
+    m = get_method(method)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    X = torch.randn(300, 64, generator=torch.Generator().manual_seed(1))
+    qt = m.quantize(W, X.T @ X / 300, m.make_config(CONFIGS[method]))
+    bias = torch.randn(32)
+    full = QuantizedLinear.from_quantized(qt, CONFIGS[method], bias, name="layer")
+    assert all(v.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32) for k, v in full.state_dict().items()
+               if k != "bias")
+    assert full.stored_bytes == qt.stored_bytes and full.bits_per_weight == qt.bits_per_weight
+    empty = QuantizedLinear(64, 32, method, CONFIGS[method], bias=True)
+    empty.load_state_dict(full.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(empty(x), torch.nn.functional.linear(x, m.dequantize(qt), bias))
+    assert empty.last_kernel == "dequantize"
+    # a cast of the model never changes a stored bit (float16 arrays are held as int16 bits)
+    before = {k: v.clone() for k, v in empty.state_dict().items() if k != "bias"}
+    empty.to(torch.bfloat16).to(torch.float32)
+    assert all(torch.equal(before[k], v) for k, v in empty.state_dict().items() if k != "bias")
+    with pytest.raises(QuantizationError, match=r"layer 'layer' \(.*\): tensor"):
+        full.set_payload({k: (v[:-1] if v.ndim else v) for k, v in qt.tensors.items()})
+
+
+def test_decoded_weights_context_gives_the_same_outputs(saved):
+    model, _, expected = saved
+    with decoded_weights(model):
+        assert torch.equal(logits(model), expected)
+        assert {m.last_kernel for m in model.modules() if isinstance(m, QuantizedLinear)} == {"decoded"}
+    assert all(m._decoded_weight is None for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
 # =========================================================================== round trips
 
 
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_rtn_round_trip_logits_exact(tmp_path, tie):
-    model = tiny_llama(tie=tie, seed=3)
-    quantized = quantize_in_memory(model)
-    ids = input_ids()
-    ref = logits(model, ids)
-    manifest = save_checkpoint(tmp_path / "ck", model, quantized)
-    assert manifest["tied_embeddings"] is tie
-    assert ("lm_head.weight" in manifest["tied"]) is tie
-    assert ("lm_head.weight" in manifest["dense"]) is (not tie)
-    for mode in ("load", "fly"):
-        loaded, tok, man = load_checkpoint(tmp_path / "ck", mode=mode)
-        assert tok is None and man == manifest
-        assert not loaded.training
-        linears = [m for m in loaded.modules() if isinstance(m, PVQLinear)]
-        assert len(linears) == 14 and all(m.mode == mode for m in linears)
-        assert not any(isinstance(m, torch.nn.Linear) and ".layers." in n for n, m in loaded.named_modules())
-        emb, head = loaded.get_input_embeddings().weight, loaded.get_output_embeddings().weight
-        assert (emb is head) is tie
-        assert torch.equal(logits(loaded, ids), ref), mode
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_round_trips_through_from_pretrained_bit_exactly(tmp_path, method):
+    model = quantize(method, tie_embeddings=(method != "gptq"))
+    expected = logits(model)
+    index = save_checkpoint(model, tmp_path / "ck", tokenizer=printable_char_tokenizer())
+    assert "model.safetensors" in index["files"] and "config.json" in index["files"]
+    qc = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "pvq" and qc["method"] == method and qc["format_version"] == 4
+    assert len(qc["layers"]) == 14 and qc["config"] == json.loads(json.dumps(
+        __import__("dataclasses").asdict(get_method(method).make_config(CONFIGS[method]))))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 14
+    assert torch.equal(logits(loaded), expected)
+    again, tok, info = pvq.load(tmp_path / "ck")
+    assert torch.equal(logits(again), expected) and tok is not None
+    assert info["stats"]["quantized_layers"] == 14
+    # state_dict round trip into a model built from the checkpoint
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(logits(again), expected)
 
 
-def test_bias_is_stored_dense_and_used(tmp_path):
-    model = tiny_llama(tie=False, bias=True, seed=4)
-    quantized = quantize_in_memory(model)
-    ids = input_ids()
-    ref = logits(model, ids)
-    manifest = save_checkpoint(tmp_path / "ck", model, quantized)
-    assert "model.layers.0.self_attn.q_proj.bias" in manifest["dense"]
-    assert "model.layers.1.mlp.down_proj.bias" in manifest["dense"]
-    for mode in ("load", "fly"):
-        loaded, _, _ = pvq.load(tmp_path / "ck", mode=mode)
-        q_proj = loaded.model.layers[0].self_attn.q_proj
-        assert isinstance(q_proj, PVQLinear) and q_proj.bias is not None
-        assert torch.equal(q_proj.bias, model.model.layers[0].self_attn.q_proj.bias)
-        assert torch.equal(logits(loaded, ids), ref)
+@pytest.mark.parametrize("act", [None, {"method": "rtn", "bits": 8, "group_size": -1},
+                                 {"method": "pvq", "bits": 4.0, "group_size": 32}])
+def test_rotated_and_activation_quantized_models_round_trip(tmp_path, act):
+    model = quantize("pvq", rotate=True, act=act)
+    expected = logits(model)
+    save_checkpoint(model, tmp_path / "ck")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert rotation_of(loaded) == rotation_of(model) and act_quant_of(loaded) == act_quant_of(model)
+    down = loaded.model.layers[1].mlp.down_proj
+    assert isinstance(down, QuantizedLinear) and isinstance(down.input_rotation, OnlineHadamard)
+    assert (act is None) == (getattr(down, "input_quantizer", None) is None)
+    if act is not None:
+        assert isinstance(down.input_quantizer, ActQuantizer)
+    assert torch.equal(logits(loaded), expected)
+    state = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert state["tie_word_embeddings"] is False
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ck" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not any("rotation" in k or "signs" in k or "quantizer" in k for k in keys)  # rebuilt, never stored
+    assert "model.layers.0.mlp.down_proj.codes" in keys and "model.layers.0.mlp.down_proj.weight" not in keys
 
 
-@needs_pvq
-@pytest.mark.parametrize("gain", ["fp16", "beta"])
-def test_pvq_round_trip_logits_exact(tmp_path, gain):
-    m = get_method("pvq")
-    config = m.config_class(group_size=16, shape_bits=3.0, gain=gain, use_hessian=False)
-    model = tiny_llama(tie=True, seed=5)
-    quantized = quantize_in_memory(model, "pvq", config)
-    ids = input_ids()
-    ref = logits(model, ids)
-    manifest = save_checkpoint(tmp_path / "ck", model, quantized, settings={"method": "pvq", "gain": gain})
-    layer = manifest["layers"]["model.layers.0.self_attn.q_proj"]
-    assert layer["method"] == "pvq" and layer["meta"]["code_order"] == "row-major"
-    assert layer["tensors"]["codes"]["dtype"] == "uint8"
-    for mode in ("load", "fly"):
-        loaded, _, _ = load_checkpoint(tmp_path / "ck", mode=mode)
-        assert torch.equal(logits(loaded, ids), ref), mode
+def test_loading_never_allocates_a_float_weight_for_a_quantized_layer(saved, monkeypatch):
+    _, root, _ = saved
+    shapes = []
+    real = QuantizedLinear.__init__
+
+    def spy(self, *a, **kw):
+        real(self, *a, **kw)
+        shapes.append({t: getattr(self, t).device.type for t in self.payload_spec})
+
+    monkeypatch.setattr(QuantizedLinear, "__init__", spy)
+    made = []
+    real_linear = torch.nn.Linear.reset_parameters
+
+    def linear_spy(self):
+        made.append(self.weight.device.type)
+        return real_linear(self)
+
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", linear_spy)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(root)
+    assert len(shapes) == 14 and all(d == "meta" for s in shapes for d in s.values())
+    assert all(d == "meta" for d in made)  # the float linears existed only as shapes
+    assert not any(isinstance(m, torch.nn.Linear) and m.weight.shape[0] in (64, 128) and "layers" in n
+                   for n, m in loaded.named_modules())
 
 
-def test_load_and_fly_layers_agree_and_fly_decodes_every_call(saved, monkeypatch):
-    rtn = sys.modules[get_method("rtn").dequantize.__module__]
-    calls = []
-    real = rtn.dequantize
-    monkeypatch.setattr(rtn, "dequantize", lambda qt: calls.append(1) or real(qt))
-    fly, _, _ = load_checkpoint(saved["root"], mode="fly", check_decode=False)
-    assert not calls  # nothing decoded at load
-    layer = fly.model.layers[0].mlp.up_proj
-    assert "weight" not in dict(layer.named_buffers())
-    x = torch.randn(3, 5, 64)
-    y1, y2 = layer(x), layer(x)
-    assert len(calls) == 2  # one decode per forward, nothing cached
-    qt = saved["quantized"]["model.layers.0.mlp.up_proj"]
-    eager = PVQLinear(qt, mode="load")
-    assert torch.equal(y1, y2) and torch.equal(y1, eager(x))
-    assert torch.equal(eager.weight, real(qt))
+def test_loaded_memory_is_the_packed_size(tmp_path):
+    """Peak memory of from_pretrained on a model whose linears hold 192 MiB in float32: the
+    load must stay far below that (measured in a fresh process: VmHWM over the baseline)."""
+    model = tiny_llama(seed=0, hidden=1024, layers=2, heads=8, kv_heads=8, intermediate=8192, vocab=256)
+    float_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and "layers" in n)
+    oneshot(model, None, Recipe(method="rtn", config={"bits": 2, "group_size": 128}), progress=False)
+    save_checkpoint(model, tmp_path / "ck")
+    del model
+    code = (
+        "import sys, torch, pvq, transformers\n"
+        "from transformers.models.llama import modeling_llama\n"
+        "def hwm():\n"
+        "    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5'); base = hwm()\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print(hwm() - base)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck")], capture_output=True, text=True, check=True)
+    grown = int(out.stdout.strip().splitlines()[-1])
+    assert grown < 0.35 * float_bytes, (grown / 2**20, float_bytes / 2**20)
 
 
-def test_pvqlinear_keeps_stored_arrays(saved):
-    qt = saved["quantized"]["model.layers.1.self_attn.o_proj"]
-    layer = PVQLinear(qt, mode="load", name="o_proj")
-    assert layer.stored_bytes == qt.stored_bytes and layer.bits_per_weight == qt.bits_per_weight
-    assert "method=rtn" in repr(layer) and "bits_per_weight=4.625" in repr(layer)
-    assert set(layer.state_dict()) == set()  # stored arrays are non-persistent buffers
-    layer.to(torch.bfloat16)  # casts the weight, never the stored float16 scales
-    assert layer.weight.dtype == torch.bfloat16
-    assert layer.stored_tensors()["scales"].dtype == torch.float16
-    layer.half()
-    back = layer.quantized_tensor()
-    assert back.method == qt.method and back.shape == qt.shape and back.meta == qt.meta
-    assert set(back.tensors) == set(qt.tensors)
-    for name, arr in qt.tensors.items():
-        assert back.tensors[name].dtype == arr.dtype and np.array_equal(back.tensors[name], arr)
-    layer.set_mode("fly")
-    assert "weight" not in layer._buffers
-    layer.set_mode("load", dtype=torch.float32)
-    assert torch.equal(layer.weight, get_method("rtn").dequantize(qt))
+def test_sharded_save_and_device_map(tmp_path):
+    model = quantize("rtn")
+    expected = logits(model)
+    index = save_checkpoint(model, tmp_path / "ck", max_shard_size="20KB")
+    shards = [n for n in index["files"] if n.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in index["files"]
+    loaded, _, _ = load_checkpoint(tmp_path / "ck", device_map="cpu")
+    assert torch.equal(logits(loaded), expected)
 
 
-# =========================================================================== manifest + stats
-
-
-def test_manifest_layout_and_measured_bits(saved):
-    root, manifest = saved["root"], saved["manifest"]
-    assert read_json(root / "manifest.json") == manifest == verify_checkpoint(root)
-    assert manifest["format"] == "pvq-checkpoint" and manifest["format_version"] == 1
-    assert manifest["model_type"] == "llama" and manifest["config"]["hidden_size"] == 64
-    assert manifest["source"] == {"model": "tiny-llama"} and manifest["settings"] == {"method": "rtn"}
-    assert sorted(manifest["files"]) == ["blocks-000.safetensors", "blocks-001.safetensors", "dense.safetensors"]
-    assert sorted(p.name for p in root.iterdir()) == sorted([*manifest["files"], "manifest.json"])
-    assert sorted(manifest["layers"]) == sorted(saved["quantized"])
-    assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"} and manifest["tied_embeddings"]
-    for name, layer in manifest["layers"].items():
-        block = int(name.split(".")[2])
-        assert {t["file"] for t in layer["tensors"].values()} == {f"blocks-{block:03d}.safetensors"}
-        assert layer["tensors"]["codes"]["key"] == f"{name}.codes"
-    # dense: everything except the quantized weights; float16; lm_head stored once (tied)
-    model_keys = set(saved["model"].state_dict())
-    assert set(manifest["dense"]) | set(manifest["tied"]) == model_keys - {f"{n}.weight" for n in saved["quantized"]}
-    assert {e["dtype"] for e in manifest["dense"].values()} == {"float16"}
-    # measured bits: the bytes actually stored in the block files
-    stored = 0
-    for fname in ("blocks-000.safetensors", "blocks-001.safetensors"):
-        stored += sum(a.nbytes for a in safetensors_numpy.load_file(str(root / fname)).values())
-    weights = sum(r * c for r, c in (layer["shape"] for layer in manifest["layers"].values()))
-    stats = manifest["stats"]
-    assert stats["quantized_bytes"] == stored == sum(q.stored_bytes for q in saved["quantized"].values())
-    assert stats["quantized_weights"] == weights == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)  # q,o; k,v; mlp
-    assert stats["bits_per_weight"] == stored * 8 / weights
-    assert stats["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 32)  # 4-bit codes + fp16 scale + 4-bit zero per 32
-    assert stats["total_bytes"] == stats["quantized_bytes"] + stats["dense_bytes"]
-    assert stats["file_bytes"] == sum(f["bytes"] for f in manifest["files"].values())
-
-
-def test_dense_float16_overflow_falls_back_to_bfloat16(tmp_path):
-    model = tiny_llama(tie=False, seed=6)
-    quantized = quantize_in_memory(model)
-    with torch.no_grad():
-        model.model.norm.weight[3] = 1e6  # beyond float16's 65504
-        model.model.norm.weight.copy_(model.model.norm.weight.to(torch.bfloat16).float())
-    ids = input_ids()
-    ref = logits(model, ids)
-    manifest = save_checkpoint(tmp_path / "ck", model, quantized)
-    assert manifest["dense"]["model.norm.weight"]["dtype"] == "bfloat16"
-    assert manifest["dense"]["model.layers.0.input_layernorm.weight"]["dtype"] == "float16"
-    loaded, _, _ = load_checkpoint(tmp_path / "ck")
-    assert loaded.model.norm.weight[3].item() == 999424.0  # 1e6 in bfloat16, not inf
-    assert torch.equal(loaded.model.norm.weight, model.model.norm.weight)
-    assert torch.equal(logits(loaded, ids), ref)
-
-
-def test_save_is_deterministic_and_a_fixed_point(saved, tmp_path):
-    tok = word_tokenizer()
-    a = save_checkpoint(tmp_path / "a", saved["model"], saved["quantized"], tokenizer=tok, report={"ppl": 12.5})
-    b = save_checkpoint(tmp_path / "b", saved["model"], saved["quantized"], tokenizer=tok, report={"ppl": 12.5})
-    assert a == b
-    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*"))
-    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*"))
-    assert files_a == files_b
-    for rel in files_a:
-        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
-    # the same bytes as the checkpoint saved without tokenizer/report, for the tensor files
-    for fname in saved["manifest"]["files"]:
-        assert (tmp_path / "a" / fname).read_bytes() == (saved["root"] / fname).read_bytes()
-    # saving a loaded model (PVQLinear layers collected from the model) gives the same tensor files
-    loaded, _, _ = load_checkpoint(saved["root"], mode="fly")
-    c = save_checkpoint(tmp_path / "c", loaded)
-    assert c["files"] == saved["manifest"]["files"] and c["layers"] == saved["manifest"]["layers"]
-
-
-def test_tokenizer_and_report_travel_with_the_checkpoint(saved, tmp_path):
-    tok = word_tokenizer()
-    manifest = save_checkpoint(tmp_path / "ck", saved["model"], saved["quantized"], tokenizer=tok, report={"wikitext2_ppl": 9.75})
-    assert manifest["tokenizer"]["files"] and all(f in manifest["files"] for f in manifest["tokenizer"]["files"])
-    assert read_json(tmp_path / "ck" / "report.json") == {"wikitext2_ppl": 9.75}
-    model, tok2, _ = load_checkpoint(tmp_path / "ck")
-    assert tok2 is not None and tok2("w1 w7 nope")["input_ids"] == tok("w1 w7 nope")["input_ids"] == [1, 7, 254]
-    # tokenizer files are checksummed too
-    tfile = tmp_path / "ck" / "tokenizer.json"
-    tfile.write_text(tfile.read_text().replace('"w7"', '"w8"', 1).replace('"w8": 8', '"w7": 8', 1))
-    with pytest.raises(CheckpointIntegrityError, match="tokenizer.json"):
-        load_checkpoint(tmp_path / "ck")
-
-
-def test_load_quantized_returns_the_payloads(saved):
-    got = load_quantized(saved["root"])
-    assert sorted(got) == sorted(saved["quantized"])
-    for name, qt in saved["quantized"].items():
-        assert got[name].shape == qt.shape and got[name].meta == qt.meta
-        for t, arr in qt.tensors.items():
-            assert got[name].tensors[t].dtype == arr.dtype and np.array_equal(got[name].tensors[t], arr)
+def test_save_is_deterministic_and_a_fixed_point(tmp_path):
+    a = quantize("pvq")
+    b = quantize("pvq")
+    ia = save_checkpoint(a, tmp_path / "a", tokenizer=printable_char_tokenizer(), report={"seconds": 1.0})
+    ib = save_checkpoint(b, tmp_path / "b", tokenizer=printable_char_tokenizer(), report={"seconds": 2.0})
+    assert ia == ib
+    for name in [*ia["files"], INDEX_FILE]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    loaded, tok, _ = load_checkpoint(tmp_path / "a")
+    ic = save_checkpoint(loaded, tmp_path / "c", tokenizer=tok)
+    assert {k: v for k, v in ic["files"].items() if k.endswith("safetensors")} == \
+        {k: v for k, v in ia["files"].items() if k.endswith("safetensors")}
 
 
 def test_no_pickle_on_save_or_load(saved, tmp_path, monkeypatch):
-    def forbidden(*a, **k):
+    def refuse(*a, **k):
         raise AssertionError("pickle used")
 
-    for mod, attr in ((pickle, "load"), (pickle, "loads"), (torch, "load"), (torch, "save")):
-        monkeypatch.setattr(mod, attr, forbidden)
-    save_checkpoint(tmp_path / "ck", saved["model"], saved["quantized"])
-    model, _, _ = load_checkpoint(tmp_path / "ck")
-    assert torch.equal(logits(model, saved["ids"]), saved["logits"])
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    model, root, expected = saved
+    save_checkpoint(model, tmp_path / "ck")
+    loaded, _, _ = load_checkpoint(root)
+    assert torch.equal(logits(loaded), expected)
 
 
-# =========================================================================== atomic save
-
-
-def test_overwrite_rules(saved, tmp_path):
+def test_overwrite_rules_and_interrupted_save(saved, tmp_path):
+    model, _, _ = saved
     dst = tmp_path / "ck"
-    save_checkpoint(dst, saved["model"], saved["quantized"])
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        save_checkpoint(dst, saved["model"], saved["quantized"])
-    save_checkpoint(dst, saved["model"], saved["quantized"], settings={"run": 2}, overwrite=True)
-    assert read_manifest(dst)["settings"] == {"run": 2}
-    other = tmp_path / "notes"
+    save_checkpoint(model, dst)
+    with pytest.raises(CheckpointError, match="already holds a pvq checkpoint"):
+        save_checkpoint(model, dst)
+    save_checkpoint(model, dst, overwrite=True)
+    other = tmp_path / "other"
     other.mkdir()
-    (other / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="not a pvq checkpoint"):
-        save_checkpoint(other, saved["model"], saved["quantized"], overwrite=True)
-    assert (other / "keep.txt").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "notes"]  # no temporary leftovers
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not a pvq checkpoint; refusing"):
+        save_checkpoint(model, other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "mine"
 
-
-def test_interrupted_save_leaves_nothing(saved, tmp_path):
     class Exploding:
-        def save_pretrained(self, directory):
-            (Path(directory) / "tokenizer.json").write_text("{}")
-            raise KeyboardInterrupt
+        def save_pretrained(self, path):
+            raise RuntimeError("disk full")
 
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path / "ck", saved["model"], saved["quantized"], tokenizer=Exploding())
-    assert list(tmp_path.iterdir()) == []
-    # and an interrupted overwrite keeps the old checkpoint intact
-    save_checkpoint(tmp_path / "ck", saved["model"], saved["quantized"])
-    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path / "ck", saved["model"], saved["quantized"], tokenizer=Exploding(), overwrite=True)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(model, tmp_path / "new", tokenizer=Exploding())
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(model, dst, tokenizer=Exploding(), overwrite=True)
+    verify_checkpoint(dst)  # the old checkpoint is untouched
 
 
-def test_save_rejects_bad_layers(saved, tmp_path):
-    model, q = saved["model"], saved["quantized"]
-    qt = q["model.layers.0.self_attn.q_proj"]
-    with pytest.raises(CheckpointError, match="not a module"):
-        save_checkpoint(tmp_path / "a", model, {"model.layers.0.self_attn.q_proj.weight": qt})
-    with pytest.raises(CheckpointError, match=r"shape \(64, 64\).*\(32, 64\)"):
-        save_checkpoint(tmp_path / "b", model, {"model.layers.0.self_attn.k_proj": qt})
-    with pytest.raises(CheckpointError, match="tied"):
-        head_qt = get_method("rtn").quantize(model.lm_head.weight.detach(), None, get_method("rtn").config_class(bits=4, group_size=32))
-        save_checkpoint(tmp_path / "c", model, {**q, "lm_head": head_qt})
-    assert not any(tmp_path.iterdir())
+# =========================================================================== integrity + bad input
 
 
-# =========================================================================== integrity errors
+def test_verify_and_integrity_errors(saved, tmp_path):
+    _, root, _ = saved
+    assert is_checkpoint(root) and verify_checkpoint(root)["format_version"] == 4
 
+    def damaged(name, damage):
+        dst = tmp_path / name
+        shutil.copytree(root, dst)
+        damage(dst)
+        return dst
 
-def test_truncated_file(ckpt):
-    path = ckpt / "blocks-001.safetensors"
-    path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(CheckpointIntegrityError, match=r"'blocks-001.safetensors' has \d+ bytes, the manifest records"):
-        load_checkpoint(ckpt)
-
-
-def test_flipped_byte_fails_checksum(ckpt):
-    path = ckpt / "dense.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-100] ^= 0x01  # inside the tensor data: still a valid safetensors file
-    path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointIntegrityError, match="'dense.safetensors' fails its checksum"):
-        load_checkpoint(ckpt)
-    with pytest.raises(CheckpointIntegrityError, match="dense.safetensors"):
-        verify_checkpoint(ckpt)
-
-
-def test_flipped_byte_in_a_block_fails_checksum(ckpt):
-    path = ckpt / "blocks-000.safetensors"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x80
-    path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointIntegrityError, match="'blocks-000.safetensors' fails its checksum"):
-        load_checkpoint(ckpt, mode="fly")
-
-
-def test_missing_file(ckpt):
-    (ckpt / "blocks-000.safetensors").unlink()
-    with pytest.raises(CheckpointIntegrityError, match="'blocks-000.safetensors' is missing"):
-        load_checkpoint(ckpt)
-
-
-def test_missing_manifest(ckpt):
-    (ckpt / "manifest.json").unlink()
-    assert not is_checkpoint(ckpt)
-    with pytest.raises(CheckpointIntegrityError, match="no manifest.json"):
-        load_checkpoint(ckpt)
+    cases = [
+        ("truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-7]),
+         "'model.safetensors' has .* bytes, the index records"),
+        ("flipped", lambda d: (d / "model.safetensors").write_bytes(
+            (lambda b: b[:-1] + bytes([b[-1] ^ 1]))((d / "model.safetensors").read_bytes())), "fails its checksum"),
+        ("missing", lambda d: (d / "model.safetensors").unlink(), "'model.safetensors' is missing"),
+        ("noindex", lambda d: (d / INDEX_FILE).unlink(), f"has no {INDEX_FILE}"),
+        ("extra", lambda d: shutil.copy(d / "model.safetensors", d / "extra.safetensors"),
+         "weight files the index does not list"),
+        ("symlink", lambda d: ((d / "tokenizer.json").unlink(), os.symlink("/etc/hostname", d / "tokenizer.json")),
+         "symbolic link"),
+        ("escape", lambda d: (d / INDEX_FILE).write_text(json.dumps(
+            {**json.loads((d / INDEX_FILE).read_text()), "files": {"../x": {"sha256": "0", "bytes": 1},
+                                                                    "config.json": {"sha256": "0", "bytes": 1}}})),
+         "not a plain relative file name"),
+        ("version", lambda d: (d / INDEX_FILE).write_text(json.dumps(
+            {**json.loads((d / INDEX_FILE).read_text()), "format_version": 5})), "format_version 5"),
+    ]
+    for name, damage, message in cases:
+        bad = damaged(name, damage)
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(bad)
+    with pytest.raises(CheckpointIntegrityError):
+        verify_checkpoint(tmp_path / "flipped")
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "message"),
+    "edit,error,message",
     [
-        ("format_version", 4, "format_version 4 is newer than this pvq"),
-        ("format_version", "1", "format_version '1' is not a valid version"),
-        ("format", "gguf", "format 'gguf' is not 'pvq-checkpoint'"),
+        (lambda c: c["quantization_config"].update(method="mystery"), CheckpointError, "unknown method 'mystery'"),
+        (lambda c: c["quantization_config"].update(format_version=9), CheckpointVersionError, "newer than this pvq"),
+        (lambda c: c["quantization_config"].update(format_version=3), CheckpointVersionError, "pvq convert"),
+        (lambda c: c["quantization_config"].update(colour="red"), CheckpointError, "unknown field.*'colour'"),
+        (lambda c: c["quantization_config"]["config"].update(group_size=24), CheckpointError,
+         "layer 'model.layers.0.mlp.down_proj'.*not divisible by group_size D=24"),
+        (lambda c: c["quantization_config"]["config"].update(shape_bits=2.0), CheckpointError,
+         r"layer 'model.layers.0.self_attn.q_proj' \(pvq\): stored tensor 'codes'.*payload spec"),
+        (lambda c: c["quantization_config"]["config"].update(gain_bits=5), CheckpointError,
+         "stored tensor 'gain_codebook'|tensor 'gain_indices'"),
+        (lambda c: c["quantization_config"]["layers"].append("model.layers.7.mlp.up_proj"), CheckpointError,
+         "does not have"),
+        (lambda c: c["quantization_config"].update(rotation={"kind": "spin"}), CheckpointRotationError,
+         "unknown rotation kind 'spin'"),
+        (lambda c: c["quantization_config"].update(act_quant={"kind": "int4"}), CheckpointError,
+         "unknown activation quantization kind"),
     ],
 )
-def test_unknown_format_or_version(ckpt, field, value, message):
-    manifest = read_json(ckpt / "manifest.json")
-    manifest[field] = value
-    write_manifest(ckpt, manifest)
-    with pytest.raises(CheckpointVersionError, match=message):
-        pvq.load(ckpt)
+def test_bad_quantization_config_names_the_field(saved, tmp_path, edit, error, message):
+    _, root, _ = saved
+    bad = edited_copy(root, tmp_path / "bad", edit)
+    with pytest.raises(error, match=message):
+        load_checkpoint(bad, verify=False)
+    with pytest.raises(CheckpointIntegrityError, match="config.json"):
+        load_checkpoint(bad)  # verified: the edit itself is caught first
 
 
-def test_manifest_missing_a_layer_tensor(ckpt):
-    manifest = read_json(ckpt / "manifest.json")
-    del manifest["layers"]["model.layers.1.mlp.gate_proj"]["tensors"]["zeros"]
-    write_manifest(ckpt, manifest)
-    with pytest.raises(CheckpointError, match=r"'blocks-001.safetensors' holds tensors the manifest does not list: \['model.layers.1.mlp.gate_proj.zeros'\]"):
-        load_checkpoint(ckpt)
+def test_payload_of_the_wrong_dtype_names_the_layer(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, root, _ = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.row_norms"] = tensors["model.layers.1.mlp.up_proj.row_norms"].to(torch.int32)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"layer 'model.layers.1.mlp.up_proj' \(pvq\): stored tensor 'row_norms'"):
+        load_checkpoint(bad, verify=False)
 
 
-def test_layer_tensor_missing_everywhere(ckpt):
-    """Manifest and file agree (checksums updated) but the layer lacks a tensor its method needs."""
-    rewrite_safetensors(ckpt, "blocks-001.safetensors", lambda t: t.pop("model.layers.1.mlp.gate_proj.scales"))
-    manifest = read_json(ckpt / "manifest.json")
-    del manifest["layers"]["model.layers.1.mlp.gate_proj"]["tensors"]["scales"]
-    write_manifest(ckpt, manifest)
-    with pytest.raises(LayerDecodeError, match=r"layer 'model.layers.1.mlp.gate_proj' \(rtn\).*scales"):
-        load_checkpoint(ckpt)
+def test_codes_out_of_range_name_the_layer(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
 
-
-def test_shape_mismatch_manifest_vs_file(ckpt):
-    manifest = read_json(ckpt / "manifest.json")
-    manifest["layers"]["model.layers.0.self_attn.v_proj"]["tensors"]["scales"]["shape"] = [2, 32]
-    write_manifest(ckpt, manifest)
-    with pytest.raises(CheckpointError, match=r"layer 'model.layers.0.self_attn.v_proj' tensor 'scales': shape mismatch, the manifest records \[2, 32\] but 'blocks-000.safetensors' holds \[32, 2\]"):
-        load_checkpoint(ckpt)
-
-
-def test_dtype_mismatch_manifest_vs_file(ckpt):
-    manifest = read_json(ckpt / "manifest.json")
-    manifest["dense"]["model.norm.weight"]["dtype"] = "bfloat16"
-    write_manifest(ckpt, manifest)
-    with pytest.raises(CheckpointError, match="'model.norm.weight': dtype mismatch"):
-        load_checkpoint(ckpt)
-
-
-def test_every_tensor_needs_a_value(ckpt):
-    manifest = read_json(ckpt / "manifest.json")
-    del manifest["tied"]["lm_head.weight"]  # the head would silently stay uninitialised
-    write_manifest(ckpt, manifest)
-    with pytest.raises(CheckpointError, match=r"no value for 1 tensor\(s\) of the rebuilt model: \['lm_head.weight'\]"):
-        load_checkpoint(ckpt)
-
-
-def test_dense_tensor_missing_everywhere(ckpt):
-    rewrite_safetensors(ckpt, "dense.safetensors", lambda t: t.pop("model.layers.0.input_layernorm.weight"))
-    manifest = read_json(ckpt / "manifest.json")
-    del manifest["dense"]["model.layers.0.input_layernorm.weight"]
-    write_manifest(ckpt, manifest)
-    with pytest.raises(CheckpointError, match=r"\['model.layers.0.input_layernorm.weight'\]"):
-        load_checkpoint(ckpt)
-
-
-def test_layer_not_in_architecture(ckpt):
-    manifest = read_json(ckpt / "manifest.json")
-    manifest["layers"]["model.layers.7.mlp.up_proj"] = manifest["layers"].pop("model.layers.1.mlp.up_proj")
-    write_manifest(ckpt, manifest)
-    with pytest.raises(CheckpointError, match="'model.layers.7.mlp.up_proj' of the checkpoint is not a module"):
-        load_checkpoint(ckpt)
-
-
-def test_file_names_cannot_escape_the_directory(ckpt):
-    manifest = read_json(ckpt / "manifest.json")
-    manifest["files"]["../dense.safetensors"] = manifest["files"]["dense.safetensors"]
-    write_manifest(ckpt, manifest)
-    with pytest.raises(CheckpointError, match="not a plain relative file name"):
-        load_checkpoint(ckpt)
-
-
-def test_remote_code_is_never_loaded(ckpt):
-    manifest = read_json(ckpt / "manifest.json")
-    manifest["model_type"] = "evil_remote_arch"
-    manifest["config"]["model_type"] = "evil_remote_arch"
-    manifest["config"]["auto_map"] = {"AutoModelForCausalLM": "someone/repo--modeling.Evil"}
-    write_manifest(ckpt, manifest)
-    with pytest.raises(CheckpointError, match="never load remote code"):
-        load_checkpoint(ckpt)
-
-
-# =========================================================================== codes out of range
-
-
-def _all_ones_codes(quantized: dict[str, QuantizedTensor], name: str) -> dict[str, QuantizedTensor]:
-    """A copy of `quantized` whose layer `name` has every code bit set (past N(D, K))."""
-    broken = dict(quantized)
-    qt = copy.copy(quantized[name])
-    qt.tensors = {**qt.tensors, "codes": np.full_like(qt.tensors["codes"], 0xFF)}
-    broken[name] = qt
-    return broken
-
-
-def test_toy_codes_out_of_range_name_the_layer(tmp_path, toy_method):
-    model = tiny_llama(tie=True, seed=7)
-    quantized = {n: toy_method.quantize(model.get_submodule(n).weight.detach(), None, None) for n in decoder_linears(model)}
-    name = "model.layers.1.self_attn.k_proj"
-    save_checkpoint(tmp_path / "ok", model, quantized)
-    load_checkpoint(tmp_path / "ok", mode="fly")  # the toy method itself round-trips
-    save_checkpoint(tmp_path / "bad", model, _all_ones_codes(quantized, name))  # saving never decodes
-    for mode in ("load", "fly"):
-        with pytest.raises(LayerCodecError, match=rf"layer '{name}' \(toy\): cannot decode the stored codes: .*out of range") as info:
-            load_checkpoint(tmp_path / "bad", mode=mode)
-        assert isinstance(info.value, CodecError)
-    # fly without the load-time check: the forward that decodes the layer names it
-    fly, _, _ = load_checkpoint(tmp_path / "bad", mode="fly", check_decode=False)
-    with pytest.raises(LayerCodecError, match=rf"layer '{name}'"):
-        logits(fly, input_ids())
-
-
-@needs_pvq
-def test_pvq_codes_out_of_range_name_the_layer(tmp_path):
-    m = get_method("pvq")
-    model = tiny_llama(tie=True, seed=8)
-    quantized = quantize_in_memory(model, "pvq", m.config_class(group_size=16, shape_bits=3.0, use_hessian=False))
+    _, root, _ = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    tensors = load_file(bad / "model.safetensors")
     name = "model.layers.0.mlp.down_proj"
-    save_checkpoint(tmp_path / "bad", model, _all_ones_codes(quantized, name))
-    for mode in ("load", "fly"):
-        with pytest.raises(LayerDecodeError, match=rf"layer '{name}' \(pvq\).*out of range"):
-            load_checkpoint(tmp_path / "bad", mode=mode)
+    tensors[f"{name}.codes"] = torch.full_like(tensors[f"{name}.codes"], 0xFF)  # every code past N(D, K)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LayerCodecError, match=rf"layer '{name}' \(pvq\): cannot decode the stored codes") as info:
+        load_checkpoint(bad, verify=False)
+    assert isinstance(info.value, CodecError)
+    unchecked, _, _ = load_checkpoint(bad, verify=False, check_decode=False)
+    with pytest.raises(LayerCodecError, match=rf"layer '{name}'"):
+        logits(unchecked)
+
+
+def test_remote_code_is_never_loaded(saved, tmp_path):
+    _, root, _ = saved
+    bad = edited_copy(root, tmp_path / "bad",
+                      lambda c: c.update(auto_map={"AutoModelForCausalLM": "someone/repo--modeling.Evil"}))
+    try:
+        model, _, _ = load_checkpoint(bad, verify=False)
+    except Exception as e:  # refused: fine, as long as nothing was imported from the hub
+        assert "Evil" not in sys.modules, e
+    else:
+        assert type(model).__module__.startswith("transformers.")
+
+
+def test_save_refuses_transforms_without_their_record(tmp_path):
+    model = quantize("rtn", rotate=True)
+    del model._pvq_rotation
+    with pytest.raises(CheckpointError, match="no rotation record"):
+        save_checkpoint(model, tmp_path / "ck")
+
+
+def test_save_refuses_non_finite_dense_tensors(tmp_path):
+    model = quantize("rtn")
+    with torch.no_grad():
+        model.model.norm.weight[3] = float("nan")
+    with pytest.raises(CheckpointError, match="'model.norm.weight' has non-finite values"):
+        save_checkpoint(model, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_quantized_model_checks_its_input():
+    model = tiny_llama(seed=0)
+    qt = get_method("rtn").quantize(torch.randn(64, 64), None, get_method("rtn").make_config(CONFIGS["rtn"]))
+    with pytest.raises(CheckpointError, match="has shape"):
+        quantized_model(model, {"model.layers.0.mlp.down_proj": qt}, "rtn", CONFIGS["rtn"])
+    with pytest.raises(CheckpointError, match="not a module"):
+        quantized_model(model, {"model.layers.9.mlp.down_proj": qt}, "rtn", CONFIGS["rtn"])
+
+
+# =========================================================================== legacy checkpoints
+
+
+@pytest.mark.parametrize("name", ["v1-pvq", "v3-gptq-rot-act"])
+def test_legacy_checkpoints_convert_bit_exactly(tmp_path, name):
+    """tests/data/legacy holds two pvq 0.1 checkpoints (written by pvq 0.1's `pvq quantize` on
+    a tiny Llama) and the logits pvq 0.1's loader gave for them."""
+    from safetensors.torch import load_file
+
+    with pytest.raises(CheckpointVersionError, match=r"pvq 0.1 checkpoint .* pvq convert"):
+        load_checkpoint(LEGACY / name)
+    convert_legacy(LEGACY / name, tmp_path / "new")
+    model, tok, info = load_checkpoint(tmp_path / "new")
+    ref = load_file(LEGACY / f"{name}.logits.safetensors")
+    assert torch.equal(logits(model, ref["input_ids"]), ref["logits"])
+    assert tok is not None
+    assert (info["quantization_config"]["rotation"] is not None) == name.startswith("v3")
+
+
+def test_legacy_conversion_refuses_a_damaged_source(tmp_path):
+    src = tmp_path / "old"
+    shutil.copytree(LEGACY / "v1-pvq", src)
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["settings"]["config"]["shape_bits"] = 2.0
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="stored meta pulses=.* the recorded pvq config gives"):
+        convert_legacy(src, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+# =========================================================================== generate + CLI
+
+
+def test_generate_and_verify_cli(saved, capsys, tmp_path):
+    from pvq.cli import main
+
+    _, root, _ = saved
+    assert main(["generate", str(root), "--prompt", "hello", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "decode           5 tokens" in captured.err and "dequantize (14 layers)" in captured.err
+    assert "resident after load" in captured.err
+    assert main(["verify", str(root)]) == 0
+    assert "ok: 5 files match their sha256; 14 quantized layers decode" in capsys.readouterr().out
+    assert main(["verify", str(LEGACY / "v1-pvq")]) == 2
+    assert "pvq convert" in capsys.readouterr().err
+    assert main(["convert", str(LEGACY / "v1-pvq"), str(tmp_path / "conv")]) == 0
+    assert main(["verify", str(tmp_path / "conv")]) == 0
+    # a float model directory generates too (for comparison)
+    float_dir = tmp_path / "float"
+    tiny_llama(seed=0).save_pretrained(float_dir)
+    printable_char_tokenizer().save_pretrained(float_dir)
+    assert main(["generate", str(float_dir), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    assert "torch F.linear (float)" in capsys.readouterr().err
+
+
+def test_payload_arrays_are_the_numpy_view_of_the_buffers(saved):
+    model, _, _ = saved
+    layer = model.model.layers[0].self_attn.q_proj
+    payload = layer.payload()
+    assert payload["row_norms"].dtype == np.float16 and payload["codes"].dtype == np.uint8
+    qt = layer.quantized_tensor()
+    assert torch.equal(get_method("pvq").dequantize(qt), layer.dequantize())
+    assert adapter_for(tiny_llama()).quantized_layer_names(tiny_llama())[0] == "model.layers.0.self_attn.q_proj"

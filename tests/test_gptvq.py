@@ -263,7 +263,7 @@ def test_corrupt_payload_is_a_clear_error(layer):
 
 def test_pipeline_checkpoint_round_trip(tmp_path):
     pytest.importorskip("transformers")
-    from pvq.formats import PVQLinear, load_checkpoint, save_checkpoint
+    from pvq.formats import QuantizedLinear, load_checkpoint, quantized_model, save_checkpoint
     from pvq.models import adapter_for, tiny_llama
     from pvq.pipeline import quantize_model
 
@@ -273,24 +273,19 @@ def test_pipeline_checkpoint_round_trip(tmp_path):
     result = quantize_model(model, adapter_for(model), windows, "gptvq", config, batch_size=2, progress=False)
     assert len(result) == 14 and all(qt.method == "gptvq" for qt in result.values())
     assert all(r.proxy_loss is not None and math.isfinite(r.proxy_loss) for r in result.report)
-    with torch.no_grad():  # the checkpoint stores dense tensors as float16
-        skip = {f"{n}.weight" for n in result}
-        for key, value in model.state_dict().items():
-            if key not in skip and value.is_floating_point():
-                value.copy_(value.to(torch.float16).to(value.dtype))
-        ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    quantized_model(model, dict(result), "gptvq", config)
+    layer = model.model.layers[0].self_attn.k_proj
+    assert {k: str(v.dtype) for k, v in layer.state_dict().items()} == {
+        "indices": "torch.uint8", "codebooks": "torch.int8", "codebook_scales": "torch.int16"}  # float16 bits
+    assert layer.payload()["codebook_scales"].dtype == np.float16
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
         ref = model(ids).logits
-    manifest = save_checkpoint(tmp_path / "ck", model, dict(result), settings={"method": "gptvq"})
-    layer = manifest["layers"]["model.layers.0.self_attn.k_proj"]
-    assert layer["method"] == "gptvq" and layer["shape"] == [32, 64]
-    assert {k: v["dtype"] for k, v in layer["tensors"].items()} == {
-        "indices": "uint8", "codebooks": "int8", "codebook_scales": "float16"}
+    save_checkpoint(model, tmp_path / "ck")
+    loaded, _, info = load_checkpoint(tmp_path / "ck")
     weights = sum(qt.shape[0] * qt.shape[1] for qt in result.values())
-    assert manifest["stats"]["bits_per_weight"] == pytest.approx(
-        sum(qt.stored_bytes for qt in result.values()) * 8 / weights)
-    assert manifest["stats"]["bits_per_weight"] == pytest.approx(2 + (16 * 2 * 8 + 16) / 256, rel=0.01)
-    for mode in ("load", "fly"):
-        loaded, _, _ = load_checkpoint(tmp_path / "ck", mode=mode)
-        assert sum(isinstance(m, PVQLinear) for m in loaded.modules()) == 14
-        with torch.no_grad():
-            assert torch.equal(loaded(ids).logits, ref), mode
+    assert info["stats"]["bits_per_weight"] == pytest.approx(sum(qt.stored_bytes for qt in result.values()) * 8 / weights)
+    assert info["stats"]["bits_per_weight"] == pytest.approx(2 + (16 * 2 * 8 + 16) / 256, rel=0.01)
+    assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 14
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)

@@ -67,8 +67,8 @@ def test_cli_quantize_and_eval(tiny_dir, tmp_path, capsys):
     assert main(["quantize", *args]) == 0
     assert "measured" in capsys.readouterr().out
     assert main(["eval", str(out), "--seqlen", "64", "--eval-text", str(tiny_dir / "wiki.test.raw"),
-                 "--mode", "fly", "--json", str(tmp_path / "e.json")]) == 0
-    assert "packed checkpoint (rtn" in capsys.readouterr().out
+                 "--decode-once", "--json", str(tmp_path / "e.json")]) == 0
+    assert "pvq checkpoint (rtn" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["ppl"] > 1
 
 
@@ -110,3 +110,5 @@ def test_main_job_on_the_whole_real_model(real_model_assets, tmp_path):
     # the quantizer's working memory (one block's activations, Hessians, codes) is below the
     # float model's size: model + working memory < 2x the model
     assert 0 < report["quantization_working_memory_bytes"] < report["float_model_memory_bytes"]
+    # the loaded checkpoint holds packed payloads + float32 embedding/norms: under half the float32 model
+    assert report["loaded_model_bytes"] < 0.5 * report["float_model_memory_bytes"]

@@ -52,7 +52,7 @@ def test_round_trip(layer, losses, name):
     qt = losses[name]
     Q = pvq.dequantize(qt)
     assert Q.dtype == torch.float32 and Q.shape == W.shape
-    assert proxy_loss(W, Q, H) == qt.proxy_loss
+    assert proxy_loss(W, Q, H) == pytest.approx(qt.proxy_loss, rel=1e-12)  # einsum order may vary with threads
     json.dumps(qt.meta)
     # the codes are pyramid points of P(64, K), row-major
     K, G = qt.meta["pulses"], qt.meta["num_groups"]

@@ -8,7 +8,10 @@ import json
 import math
 from pathlib import Path
 
+import re
+
 import pytest
+from conftest import cli_error
 import torch
 from torch import nn
 
@@ -402,10 +405,7 @@ def test_cli_eval_tasks_only_and_bad_input(tiny_model_dir, tmp_path, capsys):
                  "--tasks-dir", str(root), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "perplexity" in text and "wikitext2" not in text and "piqa" not in text
-    with pytest.raises(SystemExit, match="unknown task 'mmlu'; known: piqa"):
-        main(["eval", str(tiny_model_dir / "model"), "--tasks", "mmlu", "--tasks-dir", str(root)])
-    with pytest.raises(SystemExit, match="--no-ppl leaves nothing to evaluate"):
-        main(["eval", str(tiny_model_dir / "model"), "--no-ppl"])
+    assert re.search("unknown task 'mmlu'; known: piqa", cli_error(capsys, ["eval", str(tiny_model_dir / "model"), "--tasks", "mmlu", "--tasks-dir", str(root)]))
+    assert re.search("--no-ppl leaves nothing to evaluate", cli_error(capsys, ["eval", str(tiny_model_dir / "model"), "--no-ppl"]))
     (root / "mosaicml-gauntlet" / "winogrande.jsonl").write_text("{}\n")
-    with pytest.raises(SystemExit, match=r"winogrande\.jsonl, line 1: missing field 'context_options'"):
-        main(["eval", str(tiny_model_dir / "model"), "--tasks", "winogrande", "--tasks-dir", str(root)])
+    assert re.search(r"winogrande\.jsonl, line 1: missing field 'context_options'", cli_error(capsys, ["eval", str(tiny_model_dir / "model"), "--tasks", "winogrande", "--tasks-dir", str(root)]))

@@ -6,6 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from pvq.errors import PVQError
+
+
+class CLIError(PVQError):
+    """A command line that cannot run (conflicting or out-of-range options)."""
+
 
 def _cmd_snr(args: argparse.Namespace) -> int:
     from pvq.eval.snr import run_snr_experiment
@@ -89,6 +95,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, work_dir=args.work_dir, eval_text=args.eval_text,
         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows or None, evaluate=not args.no_eval,
         overwrite=args.overwrite, rotate=args.rotate, rotate_seed=args.rotate_seed, act=_act_config(args),
+        max_shard_size=args.max_shard_size,
     )
     report = run_quantize_job(opts)
     print(format_report(report))
@@ -96,31 +103,30 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import contextlib
     import json
-    from pathlib import Path
 
-    from pvq.eval.perplexity import perplexity_details, wikitext2_test_text
-    from pvq.eval.tasks import average_accuracy, evaluate_task, load_task, resolve_task_names, results_table, task_rows
-    from pvq.formats import is_checkpoint, load_checkpoint
+    from pvq.eval.tasks import load_task, resolve_task_names
+    from pvq.formats import decoded_weights, is_checkpoint, is_legacy_checkpoint, load_checkpoint
     from pvq.models import load_model
     from pvq.models import adapter_for
-    from pvq.pipeline import encode_text
     from pvq.quant.activations import ActQuantConfig, act_quant_of, act_quant_summary, install_act_quant
 
     act = _act_config(args)
     task_names = resolve_task_names(args.tasks) if args.tasks else []
     if args.no_ppl and not task_names:
-        raise SystemExit("pvq eval: error: --no-ppl leaves nothing to evaluate; give --tasks")
+        raise CLIError("--no-ppl leaves nothing to evaluate; give --tasks")
     if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"pvq eval: error: --limit must be >= 1, got {args.limit}")
+        raise CLIError(f"--limit must be >= 1, got {args.limit}")
     # read every task file before the model: a missing or malformed file fails at once
     task_items = {name: load_task(name, args.tasks_dir, args.limit) for name in task_names}
     device = _default_device(args.device)
-    if is_checkpoint(args.model):
-        model, tokenizer, manifest = load_checkpoint(args.model, mode=args.mode, device=device)
-        what = f"packed checkpoint ({manifest['settings'].get('method', '?')}, {manifest['stats']['bits_per_weight']:.3f} bits/weight)"
+    if is_checkpoint(args.model) or is_legacy_checkpoint(args.model):
+        model, tokenizer, info = load_checkpoint(args.model, device=device)
+        what = (f"pvq checkpoint ({info['quantization_config']['method']}, "
+                f"{info['stats']['bits_per_weight']:.3f} bits/weight)")
         if act is not None and act_quant_of(model) is not None:
-            raise SystemExit(f"{args.model} already records activation quantization ({act_quant_summary(act_quant_of(model))}); "
+            raise CLIError(f"{args.model} already records activation quantization ({act_quant_summary(act_quant_of(model))}); "
                              "drop --act-method to use it")
     else:
         model, tokenizer, _ = load_model(args.model, device=device)
@@ -130,10 +136,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if act_quant_of(model) is not None:
         what += f"\nactivations: {act_quant_summary(act_quant_of(model))}"
     if tokenizer is None:
-        raise SystemExit(f"{args.model} has no tokenizer to encode the evaluation text")
+        raise CLIError(f"{args.model} has no tokenizer to encode the evaluation text")
     out: dict = {"model": args.model, "kind": what, "act_quant": act_quant_of(model)}
-    rows = []
     print(f"{args.model}: {what}")
+    with decoded_weights(model) if args.decode_once else contextlib.nullcontext():
+        _evaluate(args, model, tokenizer, task_names, task_items, out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def _evaluate(args, model, tokenizer, task_names, task_items, out) -> None:
+    from pvq.eval.perplexity import perplexity_details, wikitext2_test_text
+    from pvq.eval.tasks import average_accuracy, evaluate_task, results_table, task_rows
+    from pvq.pipeline import encode_text
+
+    rows = []
     if not args.no_ppl:
         ids = encode_text(tokenizer, wikitext2_test_text(args.eval_text))
         res = perplexity_details(model, ids, seqlen=args.seqlen, max_windows=args.max_windows or None,
@@ -155,9 +173,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if out["average_accuracy"] is not None:
             print(f"average accuracy (acc_norm where reported, else acc) over {len(results)} tasks: "
                   f"{out['average_accuracy']:.4f}" + (f"  [first {args.limit} items per task]" if args.limit else ""))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+    return None
 
 
 def _float_list(text: str) -> list[float]:
@@ -183,7 +199,77 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     run_sweep(opts)
     print((Path(args.out) / "results.md").read_text())
     print(f"written: {args.out}/results.csv, results.md, ppl_vs_bpw.png"
-          + (", acc_vs_bpw.png" if args.tasks else "") + f", points/*.json")
+          + (", acc_vs_bpw.png" if args.tasks else "") + ", points/*.json")
+    return 0
+
+
+def _load_any(spec: str, device: str, dtype: str):
+    """(model, tokenizer, description) of a pvq checkpoint directory or a float model spec."""
+    from pvq.formats import is_checkpoint, is_legacy_checkpoint, load_checkpoint
+    from pvq.models import load_model
+
+    if is_checkpoint(spec) or is_legacy_checkpoint(spec):
+        model, tokenizer, info = load_checkpoint(spec, device=device, dtype=dtype)
+        qc = info["quantization_config"]
+        return model, tokenizer, f"pvq checkpoint, {qc['method']} {info['stats']['bits_per_weight']:.3f} bits/weight"
+    import torch
+
+    model, tokenizer, _ = load_model(spec, device=device, dtype=getattr(torch, dtype))
+    return model, tokenizer, f"float model ({dtype})"
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from pvq.generate import generate_text
+    from pvq.jobs import resident_memory_bytes
+
+    if args.max_new_tokens < 1:
+        raise CLIError("--max-new-tokens must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _default_device(args.device)
+    rss0 = resident_memory_bytes()
+    model, tokenizer, what = _load_any(args.model, device, args.dtype)
+    rss1 = resident_memory_bytes()
+    if tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer")
+    print(f"{args.model}: {what}", file=sys.stderr)
+    stats = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                          out=sys.stdout)
+    mib = 2**20
+    kernels = ", ".join(f"{k} ({n} layers)" for k, n in sorted(stats["kernels"].items())) or "torch F.linear (float)"
+    lines = [
+        f"prefill          {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s "
+        f"({stats['prefill_tokens_per_second']:.1f} tokens/s)",
+        f"decode           {stats['new_tokens']} tokens, {stats['decode_tokens_per_second']:.2f} tokens/s "
+        f"(greedy, {torch.get_num_threads()} torch threads)",
+        f"kernels          {kernels}",
+    ]
+    if rss0 is not None and rss1 is not None:
+        lines.append(f"memory           +{(rss1 - rss0) / mib:.0f} MiB resident after load; "
+                     f"{resident_memory_bytes() / mib:.0f} MiB now")
+    print("\n" + "\n".join(lines), file=sys.stderr)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pvq.formats import load_checkpoint, verify_checkpoint
+
+    index = verify_checkpoint(args.checkpoint)
+    model, _, info = load_checkpoint(args.checkpoint, load_tokenizer=False)  # decodes every layer once
+    st = info["stats"]
+    print(f"{args.checkpoint}: ok: {len(index['files'])} files match their sha256; {st['quantized_layers']} quantized "
+          f"layers decode ({st['bits_per_weight']:.4f} bits/weight, {st['quantized_bytes']} payload bytes)")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from pvq.formats import convert_legacy
+
+    index = convert_legacy(args.old, args.new, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    print(f"{args.new}: written ({len(index['files'])} files); load it with pvq.load or "
+          "transformers.AutoModelForCausalLM.from_pretrained after `import pvq`")
     return 0
 
 
@@ -225,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=["pvq", "gptq", "gptvq", "rtn"], default="pvq")
     q.add_argument("--out", default="pvq-out", help="checkpoint directory to write (default pvq-out)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    q.add_argument("--max-shard-size", default=None,
+                   help="largest safetensors shard, e.g. 2GB or 500MB (default: transformers' default, 50GB)")
     q.add_argument("--group-size", type=int, default=16,
                    help="columns per group: PVQ dimension D, or the scalar group size (-1: per output channel)")
     q.add_argument("--shape-bits", type=float, default=3.0, help="PVQ shape bits per weight, fractional allowed")
@@ -277,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seqlen", type=int, default=2048)
     ev.add_argument("--max-windows", type=int, default=0, help="first N windows only (0: all)")
     ev.add_argument("--batch-size", type=int, default=1)
-    ev.add_argument("--mode", choices=["load", "fly"], default="load", help="checkpoint decoding: once on load, or every forward")
+    ev.add_argument("--decode-once", action="store_true",
+                    help="decode every quantized layer once and keep the float weights while evaluating (faster, "
+                         "the float model's memory); default: packed, each forward decodes layer by layer")
     ev.add_argument("--eval-text", default=None, help="WikiText-2 raw test file")
     ev.add_argument("--json", default=None, help="also write the result as JSON")
     ev.add_argument("--device", default="auto", help="where the model runs (auto: cuda if present, else cpu)")
@@ -327,6 +417,28 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     sw.set_defaults(func=_cmd_sweep)
 
+    gen = sub.add_parser("generate", help="stream greedy text from a pvq checkpoint (or a float model) and time it")
+    gen.add_argument("model", help="pvq checkpoint directory, or a float model: hub id, local directory, .gguf, smollm2-135m")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="dtype of the dense tensors and the compute (default float32)")
+    gen.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    gen.set_defaults(func=_cmd_generate)
+
+    ver = sub.add_parser("verify", help="check a pvq checkpoint: every file's sha256, every layer's payload decodes")
+    ver.add_argument("checkpoint")
+    ver.set_defaults(func=_cmd_verify)
+
+    conv = sub.add_parser("convert", help="rewrite a pvq 0.1 checkpoint (manifest.json) as a Hugging Face directory")
+    conv.add_argument("old", help="the pvq 0.1 checkpoint directory")
+    conv.add_argument("new", help="the directory to write")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at NEW")
+    conv.add_argument("--max-shard-size", default=None, help="largest safetensors shard (default: transformers')")
+    conv.set_defaults(func=_cmd_convert)
+
     pl = sub.add_parser("plot", help="plots of a model")
     plot_sub = pl.add_subparsers(dest="plot", required=True)
     pg = plot_sub.add_parser(
@@ -345,17 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from pvq.eval.gains import GainPlotError
-    from pvq.eval.perplexity import EvalDataError
-    from pvq.eval.tasks import UnknownTaskError
-    from pvq.quant.activations import ActQuantError
-    from pvq.sweep import SweepError
-
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ActQuantError, EvalDataError, UnknownTaskError, SweepError, GainPlotError) as e:  # the message says what to change
-        raise SystemExit(f"pvq {args.command}: error: {e}") from None
+    except (PVQError, FileExistsError) as e:  # the message says what to change
+        if args.debug:
+            raise
+        print(f"pvq {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

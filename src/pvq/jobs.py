@@ -18,12 +18,12 @@ import torch
 
 from pvq.eval.perplexity import next_token_agreement, perplexity_details, wikitext2_test_text
 from pvq.formats import load_checkpoint, save_checkpoint
-from pvq.models import adapter_for, load_model
-from pvq.pipeline import calibration_windows, encode_text, quantize_model
+from pvq.models import load_model
+from pvq.oneshot import Recipe, oneshot
+from pvq.pipeline import encode_text
 from pvq.pipeline.quantize_model import jsonable
 from pvq.quant import get_method
-from pvq.quant.activations import ActQuantConfig, act_quant_summary, check_act_quant, install_act_quant
-from pvq.rotation import rotate_model
+from pvq.quant.activations import act_quant_summary
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class JobOptions:
     # after the weights are quantized (their Hessians come from float activations); None:
     # float activations. Fields of pvq.quant.activations.ActQuantConfig.
     act: dict[str, Any] | None = None
+    max_shard_size: str | None = None  # transformers' default when None
 
 
 def peak_memory_bytes() -> int:
@@ -117,32 +118,16 @@ def dir_bytes(path: str | Path) -> int:
 
 def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     t_start = time.perf_counter()
+    recipe = Recipe(method=opts.method, config=dict(opts.config), rotate=opts.rotate, rotate_seed=opts.rotate_seed,
+                    act=opts.act, calib_text=opts.calib_text, calib_windows=opts.calib_windows,
+                    calib_seqlen=opts.calib_seqlen, seed=opts.seed, compute_dtype=opts.compute_dtype,
+                    batch_size=opts.batch_size)
     method = get_method(opts.method)
-    config = method.config_class(**opts.config)
-    act_config = ActQuantConfig(**opts.act) if opts.act is not None else None
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts.compute_dtype]
+    config = recipe.method_config()  # bad settings fail here, before the model is loaded
 
     model, tokenizer, source = load_model(opts.model, device="cpu")
-    adapter = adapter_for(model)
-    if act_config is not None:  # refuse bad settings before the long part
-        check_act_quant(model, act_config, adapter.quantized_layer_names(model))
     model_memory = float_model_memory_bytes(model)
     float16_bytes = float_model_bytes(model)
-
-    t0 = time.perf_counter()
-    windows = calibration_windows(
-        tokenizer, opts.calib_text, opts.calib_windows, opts.calib_seqlen, opts.seed, model=model
-    )
-    calib_seconds = time.perf_counter() - t0
-
-    # The rotation comes after the calibration windows (sampled from the unrotated model, so
-    # the same with and without it) and before any Hessian is collected.
-    rotation = None
-    rotate_seconds = 0.0
-    if opts.rotate:
-        t0 = time.perf_counter()
-        rotation = rotate_model(model, seed=opts.rotate_seed)
-        rotate_seconds = time.perf_counter() - t0
 
     work_dir = opts.work_dir or f"{opts.out.rstrip('/')}.work"
     # The quantization's own memory: what the process holds beyond what it held before
@@ -150,61 +135,46 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     peak_before = peak_memory_bytes()
     rss_before = resident_memory_bytes()
     peak_reset = reset_peak_memory() and rss_before is not None
-    t0 = time.perf_counter()
-    result = quantize_model(
-        model, adapter, windows, opts.method, config, device=opts.device, work_dir=work_dir,
-        batch_size=opts.batch_size, compute_dtype=dtype,
-    )
-    quant_seconds = time.perf_counter() - t0
+    result = oneshot(model, tokenizer, recipe, device=opts.device, work_dir=work_dir)
     quant_peak = peak_memory_bytes()
-    act_record = None
-    if act_config is not None:
-        act_record = install_act_quant(model, act_config, adapter.quantized_layer_names(model))
 
-    nominal = method.nominal_bits_per_weight(config)
-    settings = {"method": opts.method, "config": asdict(config), "calibration": {
-        "text": opts.calib_text or "sampled from the model", "windows": opts.calib_windows,
-        "seqlen": opts.calib_seqlen, "seed": opts.seed}, "compute_dtype": opts.compute_dtype,
-        "rotate": {"enabled": opts.rotate, "seed": opts.rotate_seed} if opts.rotate else {"enabled": False}}
-    if act_config is not None:
-        settings["act_quant"] = {"simulated": True, "config": act_config.to_dict()}
+    quantized = result.quantized
     layer_report = [
         {"layer": r.name, "proxy_loss": r.proxy_loss, "bits_per_weight": r.bits_per_weight, "seconds": r.seconds}
-        for r in result.report
+        for r in quantized.report
     ]
-    manifest = save_checkpoint(
-        opts.out, model, dict(result), tokenizer=tokenizer, source=jsonable(source), settings=settings,
-        report={"layers": layer_report}, overwrite=opts.overwrite,
-    )
-    stats = manifest["stats"]
     report: dict[str, Any] = {
         "model": opts.model,
         "method": opts.method,
         "config": asdict(config),
         "checkpoint": str(opts.out),
-        "bits_per_weight_nominal": nominal,
-        "bits_per_weight_measured": stats["bits_per_weight"],
-        "checkpoint_bytes": dir_bytes(opts.out),
+        "bits_per_weight_nominal": method.nominal_bits_per_weight(config),
+        "bits_per_weight_measured": quantized.measured_bits_per_weight,
         "float16_model_bytes": float16_bytes,
         "float_model_memory_bytes": model_memory,
         "quantization_peak_memory_bytes": quant_peak,
         "memory_before_quantization_bytes": rss_before,
         # None where the phase's peak cannot be isolated (no resettable VmHWM)
         "quantization_working_memory_bytes": quant_peak - rss_before if peak_reset else None,
-        "quantized_layers": stats["quantized_layers"],
-        "calibration_seconds": calib_seconds,
-        "quantization_seconds": quant_seconds,
-        "rotation": rotation_summary(rotation),
-        "rotation_seconds": rotate_seconds,
-        "act_quant": act_quant_summary(act_record),
-        "bits_per_activation": _mean_bits_per_activation(model, act_record) if act_record else None,
+        "quantized_layers": len(quantized),
+        "calibration_seconds": result.seconds["calibration"],
+        "quantization_seconds": result.seconds["quantization"],
+        "rotation": rotation_summary(result.rotation),
+        "rotation_seconds": result.seconds["rotation"],
+        "act_quant": act_quant_summary(result.act_record),
+        "bits_per_activation": _mean_bits_per_activation(model, result.act_record) if result.act_record else None,
         "mean_proxy_loss": _mean([r["proxy_loss"] for r in layer_report]),
+        "source": jsonable(source),
+        "recipe": recipe.to_dict(),
     }
+    save_checkpoint(model, opts.out, tokenizer=tokenizer, overwrite=opts.overwrite, max_shard_size=opts.max_shard_size,
+                    report={"layers": layer_report, "source": jsonable(source), "recipe": recipe.to_dict()})
+    report["checkpoint_bytes"] = dir_bytes(opts.out)
 
     if opts.evaluate:
-        del model, result  # the float reference is loaded afresh rather than kept as a copy
+        del model, result, quantized  # the float reference is loaded afresh rather than kept as a copy
         reference, _, _ = load_model(opts.model, device="cpu")
-        loaded, _, _ = load_checkpoint(opts.out, mode="load")
+        loaded, _, info = load_checkpoint(opts.out)
         text = wikitext2_test_text(opts.eval_text)
         ids = encode_text(tokenizer, text)
         t0 = time.perf_counter()
@@ -219,11 +189,13 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
             ppl_float=ppl_float.ppl, ppl_quantized=ppl_quant.ppl, eval_windows=ppl_quant.n_windows,
             eval_seqlen=opts.eval_seqlen, kl_vs_float=agreement["kl"], top1_agreement=agreement["top1_agreement"],
             agreement_tokens=agreement["n_tokens"], eval_seconds=time.perf_counter() - t0,
+            loaded_model_bytes=info["stats"]["quantized_bytes"] + info["stats"]["dense_bytes_in_memory"],
         )
-        if act_record is not None:
+        if act_seconds is not None:
             report["act_quant_seconds_in_ppl"] = act_seconds
     report["wall_seconds"] = time.perf_counter() - t_start
     report["peak_memory_bytes"] = max(peak_before, peak_memory_bytes())
+    # the job's report (timings) lives beside the checkpoint files, outside its integrity index
     Path(opts.out, "job_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 
@@ -280,6 +252,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"vs float         KL {report['kl_vs_float']:.4f} nats/token   top-1 agreement "
             f"{100 * report['top1_agreement']:.1f}% ({report['agreement_tokens']} tokens)",
         ]
+        if report.get("loaded_model_bytes") is not None:
+            lines.append(
+                f"loaded model     {report['loaded_model_bytes'] / mib:.1f} MiB of tensors after pvq.load (packed "
+                f"payloads + float32 embeddings and norms) vs {report['float_model_memory_bytes'] / mib:.1f} MiB for "
+                f"the float model ({report['loaded_model_bytes'] / report['float_model_memory_bytes']:.3f}x); "
+                "`pvq generate` reports resident memory")
         if report.get("act_quant_seconds_in_ppl") is not None:
             lines.append(f"act. quantizer   {report['act_quant_seconds_in_ppl']:.1f} s of the quantized model's perplexity "
                          f"run (simulated quantization, host)")

@@ -30,6 +30,8 @@ a point interrupted during quantization continues from its last finished block
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import copy
 import csv
 import hashlib
@@ -47,11 +49,12 @@ import torch
 
 from pvq.eval.perplexity import default_wikitext2_test_path, perplexity_details, wikitext2_test_text
 from pvq.eval.tasks import average_accuracy, default_tasks_dir, evaluate_task, load_task, resolve_task_names
-from pvq.models import adapter_for, load_model
-from pvq.pipeline import calibration_windows, encode_text, quantize_model, quantize_weights
+from pvq.formats import decoded_weights
+from pvq.models import load_model
+from pvq.oneshot import Recipe, oneshot
+from pvq.pipeline import calibration_windows, encode_text
 from pvq.pipeline.workdir import atomic_write_json, atomic_write_text
 from pvq.quant import QuantizationError, get_method, uses_hessian
-from pvq.rotation import rotate_model
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ SIDE_BITS = 0.25
 FLOAT_POINT = "float"
 
 
-class SweepError(ValueError):
+class SweepError(PVQError, ValueError):
     """Sweep settings that cannot run, or a kept point made with other settings."""
 
 
@@ -225,39 +228,30 @@ def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, ev
     t_start = time.perf_counter()
     model = copy.deepcopy(base_model)
     row: dict[str, Any] = {"point": point.name, "method": point.method or "float", "bits": point.bits}
-    if opts.rotate:
-        rotate_model(model, seed=opts.rotate_seed)
+    recipe = Recipe(method=point.method, config=dict(point.config), rotate=opts.rotate, rotate_seed=opts.rotate_seed,
+                    calib_text=opts.calib_text, calib_windows=opts.calib_windows, calib_seqlen=opts.calib_seqlen,
+                    seed=opts.seed, compute_dtype=opts.compute_dtype, batch_size=opts.batch_size)
+    result = oneshot(model, tokenizer, recipe, windows=calibration.windows() if recipe.needs_calibration() else None,
+                     device=opts.device, work_dir=str(work_dir), progress=opts.progress)
     if point.method is None:
         row.update(bpw_nominal=16.0, bpw_measured=16.0, quant_seconds=0.0, mean_proxy_loss=None)
     else:
-        method = get_method(point.method)
-        config = method.config_class(**point.config)
-        adapter = adapter_for(model)
-        t0 = time.perf_counter()
-        if uses_hessian(point.method, config):
-            result = quantize_model(
-                model, adapter, calibration.windows(), point.method, config, device=opts.device, work_dir=work_dir,
-                batch_size=opts.batch_size, compute_dtype=getattr(torch, opts.compute_dtype), progress=opts.progress,
-            )
-        else:
-            result = quantize_weights(model, adapter, point.method, config)
-        quant_seconds = time.perf_counter() - t0
-        weights = sum(qt.shape[0] * qt.shape[1] for qt in result.values())
-        nominal = sum(method.nominal_bits_per_weight(config, qt.shape[1]) * qt.shape[0] * qt.shape[1]
-                      for qt in result.values()) / weights
-        row.update(bpw_nominal=nominal, bpw_measured=result.measured_bits_per_weight, quant_seconds=quant_seconds,
-                   mean_proxy_loss=result.mean_proxy_loss, quantized_layers=len(result))
-        del result
+        q = result.quantized
+        row.update(bpw_nominal=result.bits_per_weight_nominal, bpw_measured=q.measured_bits_per_weight,
+                   quant_seconds=result.seconds["quantization"], mean_proxy_loss=q.mean_proxy_loss,
+                   quantized_layers=len(q))
+    del result
     model.to(opts.device)
     t0 = time.perf_counter()
-    ppl = perplexity_details(model, eval_ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows,
-                             progress=opts.progress)
-    row.update(ppl=ppl.ppl, eval_windows=ppl.n_windows, eval_seqlen=ppl.seqlen)
-    if task_items:
-        tasks = {name: evaluate_task(model, tokenizer, name, batch_size=opts.task_batch_size, items=items,
-                                     progress=opts.progress).to_dict()
-                 for name, items in task_items.items()}
-        row.update(tasks=tasks, avg_acc=average_accuracy(tasks))
+    with decoded_weights(model):  # many forwards: decode each quantized layer once
+        ppl = perplexity_details(model, eval_ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows,
+                                 progress=opts.progress)
+        row.update(ppl=ppl.ppl, eval_windows=ppl.n_windows, eval_seqlen=ppl.seqlen)
+        if task_items:
+            tasks = {name: evaluate_task(model, tokenizer, name, batch_size=opts.task_batch_size, items=items,
+                                         progress=opts.progress).to_dict()
+                     for name, items in task_items.items()}
+            row.update(tasks=tasks, avg_acc=average_accuracy(tasks))
     row["eval_seconds"] = time.perf_counter() - t0
     row["wall_seconds"] = time.perf_counter() - t_start
     return row

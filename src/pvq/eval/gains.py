@@ -16,6 +16,8 @@ The plot shows u (``quantity="energy"``, the paper's s_g) or the gain g = sqrt(u
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from pvq.models import adapter_for
 QUANTITIES = ("energy", "gain")
 
 
-class GainPlotError(ValueError):
+class GainPlotError(PVQError, ValueError):
     """Settings a gain histogram cannot be made with (the message says which layer/why)."""
 
 

@@ -9,6 +9,8 @@ tokens; this equals GPTQ's exp(mean over windows of the window's mean NLL)).
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import math
 import os
 import time
@@ -22,7 +24,7 @@ WIKITEXT2_TEST_ENV = "PVQ_WIKITEXT2_TEST"
 _RELATIVE = Path("assets") / "wikitext-2" / "raw" / "wiki.test.raw"
 
 
-class EvalDataError(FileNotFoundError):
+class EvalDataError(PVQError, FileNotFoundError):
     """Evaluation data that is missing or unusable."""
 
 

@@ -46,6 +46,8 @@ WinoGrande and LAMBADA come in MosaicML's converted layout (same items and answe
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import bz2
 import json
 import math
@@ -71,7 +73,7 @@ class TaskDataError(EvalDataError):
     """A task file that is missing or has a malformed line (the message names it)."""
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(PVQError, ValueError):
     """A task name that is not known (the message lists the known ones)."""
 
 

@@ -1,18 +1,21 @@
-"""Packed checkpoints (safetensors + JSON manifest) and the `PVQLinear` module that runs them.
+"""pvq models as standard artifacts: quantized layers that own their packed data, Hugging
+Face directories that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
-    save_checkpoint(path, model, quantized, tokenizer=..., source=..., settings=..., report=...)
-    model, tokenizer, manifest = load_checkpoint(path, mode="load" | "fly", device=..., dtype=...)
+    model = quantized_model(model, quantized, method, config)   # in memory, after the pipeline
+    save_checkpoint(model, path, tokenizer=..., max_shard_size=...)
+    model, tokenizer, info = load_checkpoint(path, device=..., dtype=...)
+    verify_checkpoint(path); convert_legacy(old, new)
 """
 
 from .checkpoint import (
-    DENSE_FILE,
     FORMAT,
-    FORMAT_VERSION,
-    MANIFEST_FILE,
+    INDEX_FILE,
+    REPORT_FILE,
+    checkpoint_stats,
     is_checkpoint,
+    is_legacy_checkpoint,
     load_checkpoint,
-    load_quantized,
-    read_manifest,
+    read_index,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -25,27 +28,50 @@ from .errors import (
     LayerCodecError,
     LayerDecodeError,
 )
-from .modules import MODES, PVQLinear, dequantize_layer
+from .hf import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    PVQHfQuantizer,
+    PVQQuantizationConfig,
+    dense_state_dict,
+    quantized_model,
+    register_with_transformers,
+)
+from .kernels import KERNELS, Kernel, decoded_weights, register_kernel, select_kernel
+from .legacy import convert_legacy
+from .linear import QuantizedLinear, replace_linear
 
 __all__ = [
-    "DENSE_FILE",
     "FORMAT",
     "FORMAT_VERSION",
-    "MANIFEST_FILE",
-    "MODES",
+    "INDEX_FILE",
+    "KERNELS",
+    "QUANT_METHOD",
+    "REPORT_FILE",
     "CheckpointActQuantError",
     "CheckpointError",
     "CheckpointIntegrityError",
     "CheckpointRotationError",
     "CheckpointVersionError",
+    "Kernel",
     "LayerCodecError",
     "LayerDecodeError",
-    "PVQLinear",
-    "dequantize_layer",
+    "PVQHfQuantizer",
+    "PVQQuantizationConfig",
+    "QuantizedLinear",
+    "checkpoint_stats",
+    "convert_legacy",
+    "decoded_weights",
+    "dense_state_dict",
     "is_checkpoint",
+    "is_legacy_checkpoint",
     "load_checkpoint",
-    "load_quantized",
-    "read_manifest",
+    "quantized_model",
+    "read_index",
+    "register_kernel",
+    "register_with_transformers",
+    "replace_linear",
     "save_checkpoint",
+    "select_kernel",
     "verify_checkpoint",
 ]

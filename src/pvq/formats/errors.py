@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 from pvq.codec.errors import CodecError
 
 __all__ = [
@@ -15,7 +17,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PVQError, ValueError):
     """A checkpoint that cannot be written or read: bad manifest, missing values, wrong shapes."""
 
 

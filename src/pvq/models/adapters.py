@@ -17,13 +17,15 @@ Adding an architecture is adding one `ArchitectureAdapter` value to `ADAPTERS`.
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(PVQError, ValueError):
     """The model's architecture has no adapter (or does not look like its adapter says)."""
 
 

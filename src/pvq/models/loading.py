@@ -15,6 +15,8 @@ demo alias.
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import hashlib
 import importlib.metadata
 import logging
@@ -29,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PVQError, RuntimeError):
     """A model spec that cannot be resolved or loaded."""
 
 

@@ -13,6 +13,8 @@ Two sources:
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import logging
 import os
 from pathlib import Path
@@ -24,7 +26,7 @@ from pvq.models.loading import start_token_id
 log = logging.getLogger(__name__)
 
 
-class CalibrationError(ValueError):
+class CalibrationError(PVQError, ValueError):
     """Calibration data that cannot provide the requested windows."""
 
 

@@ -40,6 +40,8 @@ weight, so the returned model can be evaluated directly.
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import dataclasses
 import json
 import logging
@@ -65,7 +67,7 @@ class _StopForward(Exception):
     """Raised from a hook to end a forward pass early (private to this module)."""
 
 
-class PipelineError(RuntimeError):
+class PipelineError(PVQError, RuntimeError):
     """Settings or model state the pipeline cannot work with."""
 
 

@@ -15,6 +15,8 @@ so a crash leaves either the old or the new file, never a torn one):
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import hashlib
 import json
 import os
@@ -36,7 +38,7 @@ FORMAT = "pvq-quantize-workdir"
 VERSION = 1
 
 
-class WorkDirError(RuntimeError):
+class WorkDirError(PVQError, RuntimeError):
     """A work directory that cannot be resumed with the given settings."""
 
 

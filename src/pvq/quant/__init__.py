@@ -1,23 +1,27 @@
-"""Quantization algorithms, one per module, each a pure function of (weight, Hessian).
+"""Quantization algorithms, one module per method, each a pure function of (weight, Hessian, config).
 
-Registry: METHODS[name] -> Method(config_class, quantize, dequantize). Modules are
-imported lazily so that `pvq.quant` imports fast and a broken optional method cannot
-break the others.
+Registry: METHODS[name] -> Method, the one contract every caller reads (the pipeline,
+the CLI, the sweep, the benchmarks, the quantized layer and the checkpoint): config
+class, whether a Hessian is needed, nominal bits, layout and payload spec for a layer
+shape, quantize, dequantize (see `base.py`). Adding a method is one new module plus one
+`Method` line here. Modules are imported lazily so that `pvq.quant` imports fast and a
+broken optional method cannot break the others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .base import QuantizationError, QuantizedTensor, check_weight, proxy_loss
+from .base import QuantizationError, QuantizedTensor, TensorSpec, check_payload, check_weight, proxy_loss
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    module: str  # pvq.quant.<module> defines CONFIG, quantize, dequantize, nominal_bits_per_weight
+    module: str  # pvq.quant.<module> implements the contract of base.py
 
     def _mod(self):
         return importlib.import_module(f"pvq.quant.{self.module}")
@@ -25,6 +29,32 @@ class Method:
     @property
     def config_class(self) -> type:
         return self._mod().CONFIG
+
+    def make_config(self, config: Any = None) -> Any:
+        """A validated config object from None (defaults), a dict of its fields or a config object."""
+        cls = self.config_class
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(config) - known)
+            if unknown:
+                raise QuantizationError(
+                    f"{self.name} config has no field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+                )
+            return cls(**config)
+        raise QuantizationError(f"{self.name} config must be a {cls.__name__} or a dict, got {type(config).__name__}")
+
+    def needs_hessian(self, config: Any = None) -> bool:
+        return bool(self._mod().needs_hessian(self.make_config(config)))
+
+    def layout(self, config: Any, shape: tuple[int, int]) -> dict[str, Any]:
+        return self._mod().layout(self.make_config(config), tuple(int(s) for s in shape))
+
+    def payload_spec(self, config: Any, shape: tuple[int, int]) -> dict[str, TensorSpec]:
+        return self._mod().payload_spec(self.make_config(config), tuple(int(s) for s in shape))
 
     @property
     def quantize(self) -> Callable[..., QuantizedTensor]:
@@ -47,23 +77,16 @@ METHODS: dict[str, Method] = {
 
 def uses_hessian(name: str, config: Any) -> bool:
     """Whether method `name` with `config` (its config object or a dict of its fields)
-    needs a calibration Hessian: gptq and gptvq always, pvq unless use_hessian is False,
-    rtn never (its weights are quantized from the weights alone)."""
-    get_method(name)
-    if name == "rtn":
-        return False
-    if name == "pvq":
-        flag = config.get("use_hessian", True) if isinstance(config, dict) else getattr(config, "use_hessian", True)
-        return bool(flag)
-    return True
+    needs a calibration Hessian (`Method.needs_hessian`)."""
+    return get_method(name).needs_hessian(config)
 
 
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise QuantizationError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "Method", "QuantizationError", "QuantizedTensor", "check_weight", "get_method", "proxy_loss",
-           "uses_hessian"]
+__all__ = ["METHODS", "Method", "QuantizationError", "QuantizedTensor", "TensorSpec", "check_payload", "check_weight",
+           "get_method", "proxy_loss", "uses_hessian"]

@@ -33,9 +33,9 @@ Bits per value count everything a real encoder stores (`ActQuantConfig.bits_per_
 checked against the bytes of `encode_activations` in the tests).
 
 `install_act_quant(model, config, layer_names)` attaches an `ActQuantizer` as the child
-``input_quantizer`` of each named linear (nn.Linear or PVQLinear) and a forward pre-hook
-that replaces the layer's input by its quantized version; the model's state_dict does not
-change. Layers reading the very same input tensor (q/k/v, gate/up) share one quantization
+``input_quantizer`` of each named linear (nn.Linear or QuantizedLinear), applied by the
+layer's input-transform pre-hook (`pvq.quant.input_transforms`, after an online rotation
+when the model has one); the model's state_dict does not change. Layers reading the very same input tensor (q/k/v, gate/up) share one quantization
 per forward (a one-entry cache keyed on the tensor's identity and version). The settings
 are described by a JSON-ready record (`act_quant_of(model)`) that packed checkpoints store
 and `install_act_quant_record` rebuilds on load. Inference only: no gradient flows through
@@ -71,6 +71,7 @@ from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
 
 from .base import QuantizationError, is_int, is_number
+from .input_transforms import INPUT_TRANSFORMS, attach_input_transform, detach_input_transform
 from .pvq import MAX_TABLE_BYTES, check_gain_settings
 
 __all__ = [
@@ -101,7 +102,7 @@ RTN_MIN_BITS, RTN_MAX_BITS = 2, 8
 PVQ_MAX_BITS = 8
 RECORD_KIND = "simulated-activation-quantization"
 RECORD_VERSION = 1
-QUANTIZER_ATTRIBUTE = "input_quantizer"  # child of each quantized linear
+QUANTIZER_ATTRIBUTE = INPUT_TRANSFORMS[1]  # "input_quantizer", child of each quantized linear
 _MODEL_ATTRIBUTE = "_pvq_act_quant"
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -585,13 +586,6 @@ class ActQuantizer(nn.Module):
         return f"simulated (fake) quantization: {self.config.describe()}"
 
 
-def _pre_hook(module: nn.Module, args):
-    quantizer = module._modules.get(QUANTIZER_ATTRIBUTE)
-    if quantizer is None or not args:
-        return None
-    return (quantizer(args[0]), *args[1:])
-
-
 def act_quant_of(model: nn.Module) -> dict[str, Any] | None:
     """The activation-quantization record of a model (JSON-ready), or None."""
     return getattr(model, _MODEL_ATTRIBUTE, None)
@@ -649,8 +643,7 @@ def install_act_quant(model: nn.Module, config: ActQuantConfig, layer_names: Ite
         module = model.get_submodule(name)
         quantizer = ActQuantizer(config, name)
         quantizer.shared = shared
-        module.add_module(QUANTIZER_ATTRIBUTE, quantizer)
-        module.register_forward_pre_hook(_pre_hook)
+        attach_input_transform(module, QUANTIZER_ATTRIBUTE, quantizer)
     record = {
         "kind": RECORD_KIND,
         "version": RECORD_VERSION,
@@ -665,12 +658,9 @@ def install_act_quant(model: nn.Module, config: ActQuantConfig, layer_names: Ite
 
 def remove_act_quant(model: nn.Module) -> None:
     """Undo `install_act_quant` (the model computes with float activations again)."""
-    for module in model.modules():
-        if QUANTIZER_ATTRIBUTE in module._modules and isinstance(module._modules[QUANTIZER_ATTRIBUTE], ActQuantizer):
-            del module._modules[QUANTIZER_ATTRIBUTE]
-            for key, hook in list(module._forward_pre_hooks.items()):
-                if hook is _pre_hook:
-                    del module._forward_pre_hooks[key]
+    for module in list(model.modules()):
+        if isinstance(module._modules.get(QUANTIZER_ATTRIBUTE), ActQuantizer):
+            detach_input_transform(module, QUANTIZER_ATTRIBUTE)
     if hasattr(model, _MODEL_ATTRIBUTE):
         delattr(model, _MODEL_ATTRIBUTE)
 

@@ -1,15 +1,23 @@
 """What every quantization method returns, and the proxy loss they are judged by.
 
-A method is a pair of pure functions in its own module (`rtn.py`, `gptq.py`, `pvq.py`):
+A method is one module (`rtn.py`, `gptq.py`, `pvq.py`, `gptvq.py`) exposing one contract:
+    CONFIG                              its typed, validated config class
+    needs_hessian(config) -> bool       whether quantize needs a calibration Hessian
+    nominal_bits_per_weight(config, columns) -> float
+    layout(config, shape) -> dict       the JSON-able settings the decoder reads
+    payload_spec(config, shape) -> {name: TensorSpec}   the stored arrays, before any data
     quantize(weight, hessian, config) -> QuantizedTensor
     dequantize(qt) -> torch.Tensor (float32, shape qt.shape)
-`QuantizedTensor.tensors` holds exactly what a packed checkpoint stores for the layer
-(numpy arrays: bit-packed codes as uint8, scales, gains, ...) and `meta` the JSON-able
-settings needed to rebuild the weight from them. Bits per weight are measured from
-these stored arrays, never computed from nominal settings.
+`QuantizedTensor.tensors` holds exactly the arrays `payload_spec` announces (numpy:
+bit-packed codes as uint8, scales, gains, ...) and `meta` at least the `layout`. Because
+the spec follows from (config, shape) alone, a quantized layer can be built empty and
+filled by `load_state_dict`. Bits per weight are measured from the stored arrays, never
+computed from nominal settings.
 """
 
 from __future__ import annotations
+
+from pvq.errors import PVQError
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +26,33 @@ import numpy as np
 import torch
 
 
-class QuantizationError(ValueError):
+class QuantizationError(PVQError, ValueError):
     """Input a quantizer cannot work with: non-finite weights, mismatched shapes,
     a layer width that is not a multiple of the group size, bad settings."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and numpy dtype name of one stored array of a quantized layer."""
+
+    shape: tuple[int, ...]
+    dtype: str  # "uint8", "int8", "int16", "int32" or "float16"
+
+    def matches(self, arr: np.ndarray) -> bool:
+        return tuple(arr.shape) == tuple(self.shape) and arr.dtype.name == self.dtype
+
+
+def check_payload(tensors: dict[str, np.ndarray], spec: dict[str, TensorSpec], where: str) -> None:
+    """QuantizationError naming `where` and the field unless `tensors` is exactly `spec`."""
+    missing, extra = sorted(set(spec) - set(tensors)), sorted(set(tensors) - set(spec))
+    if missing or extra:
+        raise QuantizationError(f"{where}: stored tensors {sorted(tensors)} differ from the spec {sorted(spec)}")
+    for name, ts in spec.items():
+        arr = tensors[name]
+        if not ts.matches(arr):
+            raise QuantizationError(
+                f"{where}: tensor {name!r} is {arr.dtype.name} {tuple(arr.shape)}, the spec says {ts.dtype} {tuple(ts.shape)}"
+            )
 
 
 @dataclass

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, proxy_loss
+from .base import QuantizationError, QuantizedTensor, TensorSpec, as_float32, check_config, check_weight, proxy_loss
 from .hessian import check_percdamp, feed_back_block_error, inverse_hessian_cholesky
 from .rtn import (
     check_bits,
@@ -44,9 +44,12 @@ from .rtn import (
     resolve_group_size,
 )
 from .rtn import dequantize as _grid_dequantize_payload
+from .rtn import layout as _grid_layout
 from .rtn import nominal_bits_per_weight as _grid_nominal_bits
+from .rtn import payload_spec as _grid_payload_spec
 
-__all__ = ["CONFIG", "GPTQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
+__all__ = ["CONFIG", "GPTQConfig", "dequantize", "layout", "needs_hessian", "nominal_bits_per_weight", "payload_spec",
+           "quantize"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,25 @@ def nominal_bits_per_weight(config: GPTQConfig, columns: int | None = None) -> f
 
 def _perm_dtype(columns: int):
     return np.int16 if columns <= np.iinfo(np.int16).max else np.int32
+
+
+def needs_hessian(config: GPTQConfig) -> bool:
+    """Always: GPTQ's error feedback is driven by the layer's Hessian."""
+    return True
+
+
+def layout(config: GPTQConfig, shape: tuple[int, int]) -> dict:
+    """RTN's grid layout, plus whether the columns were processed in act-order (a stored permutation)."""
+    return {**_grid_layout(config, shape), "act_order": bool(config.act_order)}
+
+
+def payload_spec(config: GPTQConfig, shape: tuple[int, int]) -> dict[str, TensorSpec]:
+    """RTN's grid payload, plus ``perm`` (in_features,) int16/int32 with act_order."""
+    spec = _grid_payload_spec(config, shape)
+    if config.act_order:
+        C = int(shape[1])
+        spec["perm"] = TensorSpec((C,), np.dtype(_perm_dtype(C)).name)
+    return spec
 
 
 def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTQConfig | None = None) -> QuantizedTensor:

@@ -69,14 +69,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pvq.codec import pack_codes, unpack_codes
+from pvq.codec import pack_codes, packed_size, unpack_codes
 from pvq.codec.errors import CodecError
 
-from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, is_int, proxy_loss
+from .base import (QuantizationError, QuantizedTensor, TensorSpec, as_float32, check_config, check_weight, is_int,
+                   proxy_loss)
 from .hessian import (check_percdamp, diagonal_block_inverses, feed_back_block_error, feed_back_vector_error,
                       inverse_hessian_cholesky)
 
-__all__ = ["CONFIG", "GPTVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
+__all__ = ["CONFIG", "GPTVQConfig", "dequantize", "layout", "needs_hessian", "nominal_bits_per_weight", "payload_spec",
+           "quantize"]
 
 DIMS = (1, 2, 4)
 INITS = ("mahalanobis", "kpp")
@@ -490,6 +492,40 @@ def _check_fits(R: int, C: int, config: GPTVQConfig) -> tuple[int, int]:
             "lower bits or raise group_size"
         )
     return block, rows_per_group
+
+
+def needs_hessian(config: GPTVQConfig) -> bool:
+    """Always: GPTVQ's assignment metric and error feedback come from the Hessian."""
+    return True
+
+
+def layout(config: GPTVQConfig, shape: tuple[int, int]) -> dict:
+    """What the decoder reads: d, index width, codebook size and the row-group x column-block tiling."""
+    R, C = (int(s) for s in shape)
+    block, rows_per_group = _check_fits(R, C, config)
+    return {
+        "dim": int(config.dim),
+        "index_bits": int(config.index_bits),
+        "centroids": int(config.centroids),
+        "group_columns": int(block),
+        "rows_per_group": int(rows_per_group),
+        "row_groups": len(_partition(R, rows_per_group)),
+        "column_blocks": len(_partition(C, block)),
+        "codebook_bits": CODEBOOK_BITS,
+        "code_order": "row-major",
+    }
+
+
+def payload_spec(config: GPTVQConfig, shape: tuple[int, int]) -> dict[str, TensorSpec]:
+    """``indices`` bit-packed, ``codebooks`` int8 (RG, CB, K, d), ``codebook_scales`` float16 (RG, CB)."""
+    R, C = (int(s) for s in shape)
+    lay = layout(config, shape)
+    d, K, RG, CB = lay["dim"], lay["centroids"], lay["row_groups"], lay["column_blocks"]
+    return {
+        "indices": TensorSpec((packed_size(R * (C // d), lay["index_bits"]),), "uint8"),
+        "codebooks": TensorSpec((RG, CB, K, d), "int8"),
+        "codebook_scales": TensorSpec((RG, CB), "float16"),
+    }
 
 
 def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTVQConfig | None = None) -> QuantizedTensor:

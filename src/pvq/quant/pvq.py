@@ -74,6 +74,7 @@ from pvq.codec import (
     encode,
     nearest_level,
     pack_codes,
+    packed_size,
     pulses_for_bits,
     search,
     unpack_codes,
@@ -81,11 +82,13 @@ from pvq.codec import (
 from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
 
-from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, is_int, proxy_loss
+from .base import (QuantizationError, QuantizedTensor, TensorSpec, as_float32, check_config, check_weight, is_int,
+                   proxy_loss)
 from .hessian import (check_percdamp, diagonal_block_inverses, feed_back_block_error, feed_back_vector_error,
                       inverse_hessian_cholesky)
 
-__all__ = ["CONFIG", "PVQConfig", "dequantize", "nominal_bits_per_weight", "quantize"]
+__all__ = ["CONFIG", "PVQConfig", "dequantize", "layout", "needs_hessian", "nominal_bits_per_weight", "payload_spec",
+           "quantize"]
 
 GAIN_FORMATS = ("fp16", "beta", "empirical")
 RECONSTRUCTIONS = ("quantile", "centroid")
@@ -192,6 +195,56 @@ def nominal_bits_per_weight(config: PVQConfig, columns: int | None = None) -> fl
     (`columns` is accepted for a signature common to all methods and not needed.)"""
     gain = 16 if config.gain == "fp16" else config.gain_bits
     return (config.code_bits + gain) / config.group_size
+
+
+def needs_hessian(config: PVQConfig) -> bool:
+    """Unless use_hessian is False (plain PVQ with least-squares gains)."""
+    return bool(config.use_hessian)
+
+
+def _groups(D: int, C: int) -> int:
+    if C % D != 0:
+        divisors = [d for d in range(2, C + 1) if C % d == 0]
+        near = sorted(divisors, key=lambda d: (abs(d - D), d))[:2]
+        raise QuantizationError(
+            f"in_features C={C} is not divisible by group_size D={D}; pick a divisor of {C} "
+            f"(nearest: {' or '.join(map(str, sorted(near)))})"
+        )
+    return C // D
+
+
+def layout(config: PVQConfig, shape: tuple[int, int]) -> dict:
+    """What the decoder reads: D, groups per row, K, code width and the gain format."""
+    D = int(config.group_size)
+    G = _groups(D, int(shape[1]))
+    out = {
+        "group_size": D,
+        "num_groups": G,
+        "pulses": int(config.pulses),
+        "code_bits": int(config.code_bits),
+        "gain": config.gain,
+        "gain_bits": 16 if config.gain == "fp16" else int(config.gain_bits),
+        "code_order": "row-major",
+    }
+    if config.gain == "beta":
+        out["reconstruction"] = config.reconstruction
+    return out
+
+
+def payload_spec(config: PVQConfig, shape: tuple[int, int]) -> dict[str, TensorSpec]:
+    """``codes`` (R*G Fischer codes bit-packed), then the gains of the chosen format (module docstring)."""
+    R = int(shape[0])
+    lay = layout(config, shape)
+    G, gain_bits = lay["num_groups"], lay["gain_bits"]
+    spec = {"codes": TensorSpec((packed_size(R * G, lay["code_bits"]),), "uint8")}
+    if config.gain == "fp16":
+        spec["gains"] = TensorSpec((R, G), "float16")
+    else:
+        spec["gain_indices"] = TensorSpec((packed_size(R * G, gain_bits),), "uint8")
+        spec["row_norms"] = TensorSpec((R,), "float16")
+        if config.gain == "empirical":
+            spec["gain_codebook"] = TensorSpec((1 << gain_bits,), "float16")
+    return spec
 
 
 # --------------------------------------------------------------------------- kernels
@@ -348,14 +401,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
     check_weight(weight, hessian)
     R, C = weight.shape
     D = int(config.group_size)
-    if C % D != 0:
-        divisors = [d for d in range(2, C + 1) if C % d == 0]
-        near = sorted(divisors, key=lambda d: (abs(d - D), d))[:2]
-        raise QuantizationError(
-            f"in_features C={C} is not divisible by group_size D={D}; pick a divisor of {C} "
-            f"(nearest: {' or '.join(map(str, sorted(near)))})"
-        )
-    G = C // D
+    G = _groups(D, C)
     if config.gain == "beta" and G < 2:
         raise QuantizationError(
             f"Beta gains need at least 2 groups per row, got C={C}, D={D} (use gain='fp16' or a smaller D)"

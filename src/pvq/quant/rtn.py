@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pvq.codec import pack_codes, unpack_codes
+from pvq.codec import pack_codes, packed_size, unpack_codes
 from pvq.codec.errors import CodecError
 
-from .base import QuantizationError, QuantizedTensor, as_float32, check_config, check_weight, proxy_loss
+from .base import QuantizationError, QuantizedTensor, TensorSpec, as_float32, check_config, check_weight, proxy_loss
 
 __all__ = [
     "CONFIG",
@@ -40,7 +40,10 @@ __all__ = [
     "grid_dequantize",
     "grid_params",
     "grid_quantize",
+    "layout",
+    "needs_hessian",
     "nominal_bits_per_weight",
+    "payload_spec",
     "pack_grid",
     "quantize",
     "resolve_group_size",
@@ -103,6 +106,30 @@ def nominal_bits_per_weight(config: RTNConfig, columns: int | None = None) -> fl
             raise QuantizationError("per-row groups (group_size -1/0): pass columns to get the nominal bits")
         gs = columns
     return config.bits + (16 + config.bits) / gs
+
+
+def needs_hessian(config: RTNConfig) -> bool:
+    """Never: RTN rounds the weights alone (a Hessian, when given, only scores the result)."""
+    return False
+
+
+def layout(config: RTNConfig, shape: tuple[int, int]) -> dict:
+    """What the decoder reads: bits, the layer's resolved group size and group count."""
+    R, C = (int(s) for s in shape)
+    gs = resolve_group_size(config.group_size, C)
+    return {"bits": int(config.bits), "group_size": int(gs), "num_groups": int(C // gs), "code_order": "row-major"}
+
+
+def payload_spec(config: RTNConfig, shape: tuple[int, int]) -> dict[str, TensorSpec]:
+    """``codes`` and ``zeros`` bit-packed at `bits` (uint8 streams), ``scales`` float16 (R, G)."""
+    R, C = (int(s) for s in shape)
+    lay = layout(config, shape)
+    bits, G = lay["bits"], lay["num_groups"]
+    return {
+        "codes": TensorSpec((packed_size(R * C, bits),), "uint8"),
+        "scales": TensorSpec((R, G), "float16"),
+        "zeros": TensorSpec((packed_size(R * G, bits),), "uint8"),
+    }
 
 
 # --------------------------------------------------------------------------- the grid

@@ -22,8 +22,9 @@ Hidden states are row vectors x, a linear is y = x W^T + b.
    an attention head reads does not matter. q/k (and RoPE) are untouched.
 5. Online Hadamard before down_proj: the SiLU-gated product is not a rotated stream, so
    a randomized Hadamard R of the intermediate size is applied to down_proj's input in
-   the forward pass (an `OnlineHadamard` module in the MLP, computed by the fast
-   transform) and down_proj's weight is pre-multiplied: W_d <- Q^T W_d R. For weight
+   the forward pass (an `OnlineHadamard`, the ``input_rotation`` child of down_proj
+   applied by its input-transform pre-hook, `pvq.quant.input_transforms`; computed by
+   the fast transform) and down_proj's weight is pre-multiplied: W_d <- Q^T W_d R. For weight
    quantization this is the only place the layout needs one (QuaRot's other online
    transforms serve activation / KV-cache quantization).
 
@@ -57,6 +58,8 @@ from pvq.models.adapters import (
     adapter_for,
 )
 
+from pvq.quant.input_transforms import INPUT_TRANSFORMS, attach_input_transform
+
 from .hadamard import RandomizedHadamard, RotationError, hadamard_transform
 
 __all__ = [
@@ -66,6 +69,7 @@ __all__ = [
     "OnlineHadamard",
     "RotationLayout",
     "install_rotation",
+    "refresh_online_transforms",
     "rotate_model",
     "rotation_layout_for",
     "rotation_of",
@@ -73,7 +77,7 @@ __all__ = [
 
 RECORD_KIND = "fused-randomized-hadamard"
 RECORD_VERSION = 1
-ONLINE_ATTRIBUTE = "down_proj_input_rotation"  # child of the MLP holding the online transform
+ONLINE_ATTRIBUTE = INPUT_TRANSFORMS[0]  # "input_rotation", child of down_proj holding the online transform
 _MODEL_ATTRIBUTE = "_pvq_rotation"
 
 
@@ -87,10 +91,8 @@ class RotationLayout:
     value: str  # rotated per KV head on its output side
     attn_output: str  # writes to the residual; rotated per attention head on its input side
     post_norm: str
-    mlp: str
     mlp_inputs: tuple[str, ...]  # read the post_norm output
     mlp_output: str  # writes to the residual; gets the online transform on its input
-    mlp_classes: tuple[str, ...]  # MLP classes computing down(act(gate(x)) * up(x))
 
 
 LLAMA_ROTATION = RotationLayout(
@@ -100,10 +102,8 @@ LLAMA_ROTATION = RotationLayout(
     value="self_attn.v_proj",
     attn_output="self_attn.o_proj",
     post_norm="post_attention_layernorm",
-    mlp="mlp",
     mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
     mlp_output="mlp.down_proj",
-    mlp_classes=("LlamaMLP", "MistralMLP", "Qwen2MLP"),
 )
 
 ROTATION_LAYOUTS: dict[str, RotationLayout] = {"llama": LLAMA_ROTATION}  # by adapter name
@@ -138,29 +138,12 @@ class OnlineHadamard(nn.Module):
         return f"n={self.n}, K={K}, label={self.label!r}"
 
 
-class _OnlineRotatedMLP:
-    """Mixin for a gated MLP (down(act(gate(x)) * up(x))) whose down_proj input goes
-    through the online transform first."""
-
-    def forward(self, x):
-        rotation = getattr(self, ONLINE_ATTRIBUTE)
-        return self.down_proj(rotation(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
-
-
-_ROTATED_CLASSES: dict[type, type] = {}
-
-
-def _rotated_class(cls: type) -> type:
-    if issubclass(cls, _OnlineRotatedMLP):
-        return cls
-    if cls not in _ROTATED_CLASSES:
-        _ROTATED_CLASSES[cls] = type(f"OnlineRotated{cls.__name__}", (_OnlineRotatedMLP, cls), {"__module__": __name__})
-    return _ROTATED_CLASSES[cls]
-
-
-def _install_online(mlp: nn.Module, rotation: RandomizedHadamard) -> None:
-    mlp.add_module(ONLINE_ATTRIBUTE, OnlineHadamard(rotation))
-    mlp.__class__ = _rotated_class(type(mlp))
+def _install_online(layer: nn.Module, rotation: RandomizedHadamard) -> None:
+    """The layer (down_proj) multiplies x R instead of x: an input transform, no class change."""
+    device = next((t.device for t in [*layer.parameters(), *layer.buffers()]), torch.device("cpu"))
+    if device.type == "meta":  # a model being loaded: the transform is built on the host, moved after loading
+        device = torch.device("cpu")
+    attach_input_transform(layer, ONLINE_ATTRIBUTE, OnlineHadamard(rotation).to(device))
 
 
 # =========================================================================== layout checks
@@ -276,13 +259,6 @@ def rotation_layout_for(model: nn.Module, check_values: bool = True) -> tuple[Ar
             raise UnsupportedArchitectureError(
                 f"cannot rotate {_arch(model)}: {prefix}: {layout.value} has {v.out_features} outputs and "
                 f"{layout.attn_output} {o.in_features} inputs, not {n_kv} and {n_heads} heads of one head_dim"
-            )
-        mlp = block.get_submodule(layout.mlp)
-        base = [c.__name__ for c in type(mlp).__mro__]
-        if not any(name in layout.mlp_classes for name in base) or not hasattr(mlp, "act_fn"):
-            raise UnsupportedArchitectureError(
-                f"cannot rotate {_arch(model)}: {prefix}.{layout.mlp} is {type(mlp).__name__}; the online Hadamard "
-                f"before {layout.mlp_output} needs a gated MLP of a known kind ({', '.join(layout.mlp_classes)})"
             )
     return adapter, layout
 
@@ -406,7 +382,7 @@ def rotate_model(model: nn.Module, seed: int = 0, *, online_down_proj: bool = Tr
         if plan["online"] is not None:
             R = plan["online"][i]
             Wd = R.apply(Wd)  # few rows: the fast transform beats building the dense matrix
-            _install_online(block.get_submodule(layout.mlp), R)
+            _install_online(down, R)
         write_rotated(down, Wd)
 
     record = _record(model, adapter, layout, seed, sizes, plan, tied)
@@ -494,5 +470,22 @@ def install_rotation(model: nn.Module, record: dict[str, Any]) -> None:
         built.append(RandomizedHadamard.from_record(rec))
     if online:
         for i, name in enumerate(names):
-            _install_online(blocks[i].get_submodule(layout.mlp), built[1 + len(blocks) + i])
+            _install_online(blocks[i].get_submodule(layout.mlp_output), built[1 + len(blocks) + i])
     setattr(model, _MODEL_ATTRIBUTE, dict(record))
+
+
+def refresh_online_transforms(model: nn.Module) -> None:
+    """Build the online transforms of a rotated model again from its record, on the
+    device of their layers. transformers' ``from_pretrained`` re-materialises
+    non-persistent buffers after loading (without their values); the pvq quantizer
+    calls this once the weights are in place."""
+    record = rotation_of(model)
+    if record is None:
+        return
+    for name, rec in (record.get("online") or {}).items():
+        layer = model.get_submodule(name)
+        if layer._modules.get(ONLINE_ATTRIBUTE) is None:
+            raise RotationError(f"{name!r} has no online transform to refresh")
+        device = next((t.device for t in [*layer.parameters(), *layer.buffers()] if t.device.type != "meta"),
+                      torch.device("cpu"))
+        layer._modules[ONLINE_ATTRIBUTE] = OnlineHadamard(RandomizedHadamard.from_record(rec)).to(device)

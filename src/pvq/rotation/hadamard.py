@@ -38,6 +38,8 @@ checked against when it is rebuilt.
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import functools
 import hashlib
 import math
@@ -65,7 +67,7 @@ __all__ = [
 MAX_PALEY_ORDER = 4096  # largest K built by a Paley construction (a dense K x K table)
 
 
-class RotationError(ValueError):
+class RotationError(PVQError, ValueError):
     """A rotation that cannot be built or rebuilt (bad size, seed, record, or model layout)."""
 
 

@@ -1,0 +1,393 @@
+"""transformers integration: a pvq model is a normal Hugging Face model directory.
+
+`import pvq` registers the quantization method ``"pvq"`` with transformers
+(`register_quantization_config` / `register_quantizer`, the route AQLM, VPTQ and HIGGS
+use), so ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds a pvq checkpoint:
+
+* `PVQQuantizationConfig` is the ``quantization_config`` of ``config.json``: the format
+  version, the method and its config (once), per-layer overrides, the list of quantized
+  layers, the rotation record, the activation-quantization record and the dtype the
+  dense tensors are stored in. It is validated field by field when read.
+* `PVQHfQuantizer` turns every listed ``nn.Linear`` of the model (still on the meta
+  device, so no float weight of a quantized layer is ever allocated) into an empty
+  `QuantizedLinear` whose persistent buffers transformers then fills from the
+  safetensors shards, installs the recorded online rotations and activation quantizers,
+  and after loading checks every payload against its spec. Saving goes through
+  transformers' ``save_pretrained``; the quantizer hands it the state_dict with the dense
+  floats in the stored dtype (float16, bfloat16 where a value would overflow).
+
+`quantized_model` turns a model whose linears were quantized by the pipeline into the
+same structure in memory, so the in-memory model and the reloaded one are one thing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from pvq.quant import QuantizationError, QuantizedTensor, get_method
+from pvq.quant.activations import ActQuantError, act_quant_of, install_act_quant_record
+from pvq.quant.input_transforms import input_transforms_of
+from pvq.rotation import RotationError, install_rotation, refresh_online_transforms, rotation_of
+
+from .errors import CheckpointActQuantError, CheckpointError, CheckpointRotationError, CheckpointVersionError
+from .linear import STORAGE_DTYPES, QuantizedLinear, replace_linear
+
+__all__ = [
+    "DENSE_DTYPES",
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "PVQHfQuantizer",
+    "PVQQuantizationConfig",
+    "dense_state_dict",
+    "quantized_model",
+    "register_with_transformers",
+]
+
+QUANT_METHOD = "pvq"
+#: 1-3: the manifest.json checkpoints of pvq 0.1 (`pvq convert`); 4: Hugging Face directories.
+FORMAT_VERSION = 4
+DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+_FIELDS = ("quant_method", "format_version", "pvq_version", "method", "config", "layers", "layer_overrides",
+           "rotation", "act_quant", "dense_dtype")
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise CheckpointError(f"quantization_config: {message}")
+
+
+class PVQQuantizationConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a pvq model (see the module docstring).
+
+    method / config: the method of every quantized layer and its config fields;
+    layers: the quantized modules' names; layer_overrides: {layer: {"method", "config"}}
+    for layers quantized with other settings; rotation / act_quant: the JSON records of
+    `pvq.rotation` and `pvq.quant.activations` (None: none); dense_dtype: how the
+    float tensors that are not quantized are stored.
+    """
+
+    def __init__(
+        self,
+        method: str = "pvq",
+        config: dict[str, Any] | None = None,
+        layers: list[str] | None = None,
+        layer_overrides: dict[str, dict[str, Any]] | None = None,
+        rotation: dict[str, Any] | None = None,
+        act_quant: dict[str, Any] | None = None,
+        dense_dtype: str = "float16",
+        format_version: int = FORMAT_VERSION,
+        pvq_version: str | None = None,
+        quant_method: str = QUANT_METHOD,
+        **unknown: Any,
+    ) -> None:
+        import pvq
+
+        _need(not unknown, f"unknown field(s) {', '.join(map(repr, sorted(unknown)))}; known: {', '.join(_FIELDS)}")
+        _need(quant_method == QUANT_METHOD, f"quant_method is {quant_method!r}, not {QUANT_METHOD!r}")
+        if isinstance(format_version, bool) or not isinstance(format_version, int) or format_version < 1:
+            raise CheckpointVersionError(f"quantization_config: format_version {format_version!r} is not a version number")
+        if format_version > FORMAT_VERSION:
+            raise CheckpointVersionError(
+                f"quantization_config: format_version {format_version} is newer than this pvq reads ({FORMAT_VERSION}); "
+                "upgrade pvq"
+            )
+        if format_version < FORMAT_VERSION:
+            raise CheckpointVersionError(
+                f"quantization_config: format_version {format_version} is an older pvq layout; convert it with "
+                "`pvq convert OLD NEW`"
+            )
+        self.quant_method = QUANT_METHOD
+        self.format_version = FORMAT_VERSION
+        self.pvq_version = pvq_version or pvq.__version__
+        self.method = method
+        self.config = dict(config or {})
+        self._config_obj = self._method_config("", method, self.config)
+        _need(isinstance(layers, list) and all(isinstance(n, str) and n for n in layers),
+              "'layers' must be a list of module names")
+        _need(len(set(layers)) == len(layers), "'layers' names a module twice")
+        self.layers = list(layers)
+        overrides = layer_overrides or {}
+        _need(isinstance(overrides, dict), "'layer_overrides' must be an object")
+        self._override_objs: dict[str, tuple[str, Any]] = {}
+        for name, entry in overrides.items():
+            _need(name in self.layers, f"layer_overrides names {name!r}, which is not in 'layers'")
+            _need(isinstance(entry, dict) and set(entry) <= {"method", "config"},
+                  f"layer_overrides[{name!r}] must be an object with 'method' and 'config'")
+            m = entry.get("method", method)
+            self._override_objs[name] = (m, self._method_config(f"layer_overrides[{name!r}].", m, entry.get("config") or {}))
+        self.layer_overrides = copy.deepcopy(overrides)
+        _need(rotation is None or isinstance(rotation, dict), "'rotation' must be an object or null")
+        _need(act_quant is None or isinstance(act_quant, dict), "'act_quant' must be an object or null")
+        self.rotation = copy.deepcopy(rotation)
+        self.act_quant = copy.deepcopy(act_quant)
+        _need(dense_dtype in DENSE_DTYPES, f"dense_dtype must be one of {sorted(DENSE_DTYPES)}, got {dense_dtype!r}")
+        self.dense_dtype = dense_dtype
+
+    @staticmethod
+    def _method_config(where: str, method: Any, config: Any) -> Any:
+        _need(isinstance(config, dict), f"{where}config must be an object")
+        try:
+            return get_method(method).make_config(config)
+        except QuantizationError as e:
+            raise CheckpointError(f"quantization_config: {where}{e}") from None
+        except TypeError as e:
+            raise CheckpointError(f"quantization_config: {where}config: {e}") from None
+
+    def layer_settings(self, name: str) -> tuple[str, Any]:
+        """(method, config object) of one quantized layer."""
+        return self._override_objs.get(name, (self.method, self._config_obj))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "format_version": self.format_version,
+            "pvq_version": self.pvq_version,
+            "method": self.method,
+            "config": copy.deepcopy(self.config),
+            "layers": list(self.layers),
+            "layer_overrides": copy.deepcopy(self.layer_overrides),
+            "rotation": copy.deepcopy(self.rotation),
+            "act_quant": copy.deepcopy(self.act_quant),
+            "dense_dtype": self.dense_dtype,
+        }
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+def _store_dtype(value: torch.Tensor, dense: torch.dtype) -> torch.dtype:
+    """The dtype a dense float tensor is stored in: `dense`, or bfloat16 where float16
+    would overflow a finite value (a bfloat16 tensor stays bfloat16)."""
+    if dense == torch.float16:
+        if value.dtype == torch.bfloat16:
+            return torch.bfloat16
+        finite = value[torch.isfinite(value)]
+        if finite.numel() and float(finite.abs().max()) > _FP16_MAX:
+            return torch.bfloat16
+    return dense
+
+
+def dense_state_dict(model: nn.Module, dense_dtype: str = "float16") -> dict[str, torch.Tensor]:
+    """The model's state_dict with every float tensor cast to its stored dtype (payload
+    buffers are integers and stay as they are); a non-finite value is refused, naming the tensor."""
+    dense = DENSE_DTYPES[dense_dtype]
+    out = {}
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            if value.device.type == "meta":
+                raise CheckpointError(f"tensor {key!r} is on the meta device (has no value) and cannot be saved")
+            if not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"tensor {key!r} has non-finite values; refusing to save it")
+            value = value.to(_store_dtype(value, dense))
+        out[key] = value
+    return out
+
+
+def round_dense_to_storage(model: nn.Module, dense_dtype: str = "float16") -> None:
+    """Round every float parameter and buffer in place to what its stored dtype holds, so
+    that the in-memory model computes exactly what the saved and reloaded one does."""
+    dense = DENSE_DTYPES[dense_dtype]
+    with torch.no_grad():
+        for tensor in model.state_dict(keep_vars=True).values():  # what is saved (non-persistent buffers are not)
+            if tensor.is_floating_point() and tensor.device.type != "meta":
+                tensor.copy_(tensor.to(_store_dtype(tensor, dense)).to(tensor.dtype))
+
+
+_SAFETENSORS_DTYPES = {"U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "U16": "uint16",
+                       "U32": "uint32", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+                       "BOOL": "bool"}
+
+
+def _check_stored_payloads(model: nn.Module, checkpoint_files: list[str]) -> None:
+    """Compare the safetensors headers (shapes and dtypes, no data read) with the payload
+    spec of every quantized layer, before transformers loads anything: an error names the
+    layer and the field instead of a size-mismatch report."""
+    from safetensors import safe_open
+
+    stored: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in checkpoint_files:
+        if not str(path).endswith(".safetensors"):
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                stored[key] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        for tname, spec in module.payload_spec.items():
+            key = f"{name}.{tname}"
+            want = (tuple(spec.shape), str(STORAGE_DTYPES[spec.dtype]).removeprefix("torch."))
+            if key not in stored:
+                raise CheckpointError(f"layer {name!r} ({module.method}): stored tensor {tname!r} is missing from the checkpoint")
+            if stored[key] != want:
+                shape, dtype = stored[key]
+                raise CheckpointError(
+                    f"layer {name!r} ({module.method}): stored tensor {tname!r} is {dtype} {shape}, the "
+                    f"{module.method} payload spec says {spec.dtype} {tuple(spec.shape)}"
+                    + (" (held as int16 bits)" if spec.dtype == "float16" else "")
+                )
+
+
+class PVQHfQuantizer(HfQuantizer):
+    """Loads pre-quantized pvq models (see the module docstring); quantizing happens in pvq."""
+
+    requires_calibration = True
+    quantization_config: PVQQuantizationConfig
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        cfg = self.quantization_config
+        # The online rotations and activation quantizers hold no stored tensors: they are
+        # rebuilt from their records on the CPU (the model itself is still on meta).
+        with torch.device("cpu"):
+            if cfg.rotation is not None:
+                try:
+                    install_rotation(model, cfg.rotation)
+                except (RotationError, ValueError) as e:
+                    raise CheckpointRotationError(f"the recorded rotation cannot be rebuilt: {e}") from e
+            for name in cfg.layers:
+                try:
+                    module = model.get_submodule(name)
+                except AttributeError:
+                    raise CheckpointError(
+                        f"quantization_config lists layer {name!r}, which the {model.config.model_type} model does not have"
+                    ) from None
+                if not isinstance(module, nn.Linear):
+                    raise CheckpointError(f"quantized layer {name!r} is a {type(module).__name__} in the model, not nn.Linear")
+                method, config = cfg.layer_settings(name)
+                try:
+                    with torch.device("meta"):
+                        layer = QuantizedLinear(module.in_features, module.out_features, method, config,
+                                                bias=module.bias is not None,
+                                                dtype=module.bias.dtype if module.bias is not None else None, name=name)
+                except QuantizationError as e:
+                    raise CheckpointError(f"layer {name!r}: the recorded {method} config does not fit its shape: {e}") from None
+                replace_linear(model, name, layer)
+            if cfg.act_quant is not None:
+                try:
+                    install_act_quant_record(model, cfg.act_quant)
+                except ActQuantError as e:
+                    raise CheckpointActQuantError(f"the recorded activation quantization cannot be rebuilt: {e}") from e
+        if kwargs.get("checkpoint_files"):
+            _check_stored_payloads(model, kwargs["checkpoint_files"])
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        refresh_online_transforms(model)
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear):
+                module.check_payload()
+                device = getattr(module, next(iter(module.payload_spec))).device
+                for transform in input_transforms_of(module).values():
+                    transform.to(device)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        return dense_state_dict(model, self.quantization_config.dense_dtype), {}
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+_REGISTERED = False
+
+
+def register_with_transformers() -> None:
+    """Register ``"pvq"`` with transformers' quantizer registry (once; `import pvq` does it)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(PVQQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(PVQHfQuantizer)
+    _REGISTERED = True
+
+
+def quantized_model(
+    model: nn.Module,
+    quantized: dict[str, QuantizedTensor],
+    method: str,
+    config: Any,
+    *,
+    dense_dtype: str = "float16",
+) -> nn.Module:
+    """Turn `model` (a transformers causal LM) into a pvq model in place and return it.
+
+    Every linear named in `quantized` becomes a `QuantizedLinear` holding that payload
+    (checked against the spec of (config, shape)); its float weight is dropped. The
+    model gets a `PVQQuantizationConfig` (recording its rotation and activation
+    quantization as they are now and when saved) and the quantizer transformers uses on
+    save, and its dense tensors are rounded to `dense_dtype` so that save and reload
+    give bit-identical logits."""
+    register_with_transformers()
+    method_obj = get_method(method)
+    config = method_obj.make_config(config)
+    for name in sorted(quantized):
+        qt = quantized[name]
+        if qt.method != method:
+            raise CheckpointError(f"layer {name!r} was quantized with {qt.method}, not {method}")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"quantized layer {name!r} is not a module of the model") from None
+        if not isinstance(module, nn.Linear):
+            raise CheckpointError(f"quantized layer {name!r} is a {type(module).__name__}, not nn.Linear")
+        if tuple(qt.shape) != (module.out_features, module.in_features):
+            raise CheckpointError(f"quantized layer {name!r} has shape {tuple(qt.shape)}, the model's linear "
+                                  f"{(module.out_features, module.in_features)}")
+        layer = QuantizedLinear.from_quantized(qt, config, module.bias, name=name)
+        device = module.weight.device
+        replace_linear(model, name, layer.to(device))
+    from dataclasses import asdict
+
+    qcfg = PVQQuantizationConfig(method=method, config=asdict(config), layers=sorted(quantized),
+                                 rotation=rotation_of(model), act_quant=act_quant_of(model), dense_dtype=dense_dtype)
+    model.config.quantization_config = qcfg
+    model.hf_quantizer = PVQHfQuantizer(qcfg, pre_quantized=True)
+    model.quantization_method = QUANT_METHOD
+    round_dense_to_storage(model, dense_dtype)
+    return model
+
+
+def refresh_records(model: nn.Module) -> PVQQuantizationConfig:
+    """The model's quantization config with its rotation and activation records as they are now."""
+    qcfg = getattr(model.config, "quantization_config", None)
+    if not isinstance(qcfg, PVQQuantizationConfig):
+        raise CheckpointError("the model is not a pvq model (its config has no pvq quantization_config)")
+    rotation, act = rotation_of(model), act_quant_of(model)
+    transforms = [t for m in model.modules() for t in input_transforms_of(m)]
+    if rotation is None and "input_rotation" in transforms:
+        raise CheckpointError("the model has online Hadamard transforms but no rotation record; it cannot be rebuilt on load")
+    if act is None and "input_quantizer" in transforms:
+        raise CheckpointError("the model has activation quantizers but no activation quantization record; "
+                              "it cannot be rebuilt on load")
+    qcfg.rotation = copy.deepcopy(rotation)
+    qcfg.act_quant = copy.deepcopy(act)
+    return qcfg
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Measured bits per weight over the model's quantized layers (stored bytes x 8 / weights)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    weights = sum(m.in_features * m.out_features for m in layers)
+    return sum(m.stored_bytes for m in layers) * 8 / weights if weights else math.nan

@@ -1,0 +1,203 @@
+"""`QuantizedLinear`: a linear layer whose weight lives only as a method's packed payload.
+
+The layer is built *empty* from (in_features, out_features, method, config): the method's
+`payload_spec` (`pvq.quant`) gives the name, shape and dtype of every stored array
+(bit-packed codes, scales, gains, codebooks, norms, permutations), and each becomes a
+**persistent buffer**, so ``model.state_dict()`` is the checkpoint and
+``load_state_dict`` / transformers' ``from_pretrained`` fill it. No float weight is ever
+held: a forward decodes the weight where it needs it (one layer at a time) through the
+kernel chosen in `pvq.formats.kernels.select_kernel`, the one place a faster kernel
+plugs in.
+
+Float16 arrays of a payload (scales, gains, norms, codebook scales) are held as their
+int16 bit patterns (the spec says "float16", the buffer is int16): every buffer of the
+payload is an integer tensor, so ``model.to(dtype)``, ``model.half()`` or
+``from_pretrained(dtype=...)`` can never change a stored bit. Decoding views them back.
+The layer's bias, when it has one, is an ordinary float parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pvq.codec.errors import CodecError
+from pvq.quant import QuantizationError, QuantizedTensor, TensorSpec, check_payload, get_method
+from pvq.quant.input_transforms import attach_input_transform, input_transforms_of
+
+from .errors import CheckpointError, LayerCodecError, LayerDecodeError
+
+__all__ = ["STORAGE_DTYPES", "QuantizedLinear", "replace_linear"]
+
+#: torch dtype holding each numpy dtype of a payload spec (float16 as its int16 bits).
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "float16": torch.int16,
+}
+
+
+def _to_buffer(arr: np.ndarray, spec: TensorSpec) -> torch.Tensor:
+    arr = np.ascontiguousarray(arr)
+    if spec.dtype == "float16":
+        arr = arr.view(np.int16)
+    return torch.from_numpy(arr.copy())
+
+
+def _to_array(buf: torch.Tensor, spec: TensorSpec) -> np.ndarray:
+    arr = buf.detach().cpu().numpy()
+    return arr.view(np.float16) if spec.dtype == "float16" else arr
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x W^T + b`` with W decoded from the stored payload of `method` (rtn, gptq, pvq, gptvq).
+
+    Args:
+        in_features, out_features: the layer's shape (W is out_features x in_features).
+        method: a `pvq.quant` method name; config: its config object or a dict of its fields.
+        bias: whether the layer has a bias (a float parameter of `dtype`).
+        name: the layer's name in its model, for error messages.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        method: str,
+        config: Any = None,
+        bias: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.method = method
+        method_obj = get_method(method)
+        self.config = method_obj.make_config(config)
+        self.layer_name = name
+        shape = (self.out_features, self.in_features)
+        self.layout = method_obj.layout(self.config, shape)
+        self.payload_spec: dict[str, TensorSpec] = method_obj.payload_spec(self.config, shape)
+        for tname, spec in self.payload_spec.items():
+            if hasattr(nn.Module, tname) or tname in ("bias", "weight"):
+                raise QuantizationError(f"payload tensor name {tname!r} of method {method!r} collides with a module attribute")
+            self.register_buffer(tname, torch.empty(spec.shape, dtype=STORAGE_DTYPES[spec.dtype], device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.last_kernel: str | None = None  # name of the kernel the last forward used
+        self._decoded_weight: torch.Tensor | None = None  # set only inside kernels.decoded_weights
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_quantized(
+        cls, qt: QuantizedTensor, config: Any, bias: torch.Tensor | None = None, *, name: str | None = None
+    ) -> QuantizedLinear:
+        """A layer holding `qt`'s payload (checked against the spec of (config, shape)) and `bias`."""
+        R, C = (int(s) for s in qt.shape)
+        layer = cls(C, R, qt.method, config, bias=bias is not None,
+                    dtype=bias.dtype if bias is not None else None, name=name)
+        layer.set_payload(qt.tensors)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def set_payload(self, tensors: dict[str, np.ndarray]) -> None:
+        """Fill the stored arrays (QuantizationError naming the layer and field if they do not fit the spec)."""
+        check_payload({k: np.asarray(v) for k, v in tensors.items()}, self.payload_spec, self._label())
+        for tname, spec in self.payload_spec.items():
+            buf = getattr(self, tname)
+            setattr(self, tname, _to_buffer(np.asarray(tensors[tname]), spec).to(buf.device))
+
+    # ------------------------------------------------------------------ stored data
+
+    def _label(self) -> str:
+        return f"layer {self.layer_name!r} ({self.method})" if self.layer_name else f"quantized layer ({self.method})"
+
+    @property
+    def stored_bytes(self) -> int:
+        return int(sum(getattr(self, t).numel() * getattr(self, t).element_size() for t in self.payload_spec))
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.stored_bytes * 8 / (self.out_features * self.in_features)
+
+    def payload(self) -> dict[str, np.ndarray]:
+        """The stored arrays as numpy (host views where the buffers are on the CPU; float16 restored)."""
+        return {t: _to_array(getattr(self, t), spec) for t, spec in self.payload_spec.items()}
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        """The payload as a `QuantizedTensor` (copies) with the layout as its meta."""
+        return QuantizedTensor(self.method, (self.out_features, self.in_features),
+                               {t: a.copy() for t, a in self.payload().items()}, dict(self.layout))
+
+    def check_payload(self) -> None:
+        """CheckpointError naming the layer and field if a buffer's shape or dtype left the spec
+        (e.g. a checkpoint whose tensors transformers loaded as they were stored)."""
+        for tname, spec in self.payload_spec.items():
+            buf = getattr(self, tname)
+            want = STORAGE_DTYPES[spec.dtype]
+            if tuple(buf.shape) != tuple(spec.shape) or buf.dtype != want:
+                raise CheckpointError(
+                    f"{self._label()}: stored tensor {tname!r} is {str(buf.dtype).removeprefix('torch.')} "
+                    f"{tuple(buf.shape)}, the {self.method} payload spec says {spec.dtype} {tuple(spec.shape)}"
+                )
+            if buf.device.type == "meta":
+                raise CheckpointError(f"{self._label()}: stored tensor {tname!r} received no value")
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out_features, in_features) on the host, decoded now.
+
+        A codec failure (code out of range, truncated stream) is a `LayerCodecError`, any
+        other decoder failure a `LayerDecodeError`, both naming the layer."""
+        qt = QuantizedTensor(self.method, (self.out_features, self.in_features), self.payload(), self.layout)
+        try:
+            weight = get_method(self.method).dequantize(qt)
+        except Exception as e:  # noqa: BLE001 - any decoder failure must name the layer
+            if isinstance(e, CodecError) or isinstance(e.__context__, CodecError):  # methods wrap codec errors
+                raise LayerCodecError(f"{self._label()}: cannot decode the stored codes: {e}") from e
+            raise LayerDecodeError(f"{self._label()}: cannot dequantize: {type(e).__name__}: {e}") from e
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise LayerDecodeError(f"{self._label()}: decoded weight has shape {tuple(weight.shape)}")
+        return weight
+
+    def check_decode(self) -> None:
+        """Decode once and refuse non-finite weights (a damaged payload fails here, naming the layer)."""
+        if not torch.isfinite(self.dequantize()).all():
+            raise LayerDecodeError(f"{self._label()}: decoded weight has non-finite values")
+
+    # ------------------------------------------------------------------ nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import select_kernel
+
+        kernel = select_kernel(self, x)
+        self.last_kernel = kernel.name
+        return kernel.forward(self, x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"method={self.method}, bits_per_weight={self.bits_per_weight:.4g}")
+
+
+def replace_linear(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
+    """Put `layer` in place of the module `name` of `model`; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = parent._modules.get(child)
+    if old is None:
+        raise CheckpointError(f"{name!r} is not a module of the model")
+    # input transforms (online rotation, activation quantizer) move with the layer
+    for tname, transform in input_transforms_of(old).items():
+        attach_input_transform(layer, tname, transform)
+    parent._modules[child] = layer
+    return old

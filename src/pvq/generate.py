@@ -1,0 +1,85 @@
+"""Greedy text generation with timing: what `pvq generate` and `bench/runtime.py` run.
+
+`generate_text` streams the continuation of a prompt through transformers' ``generate``
+(greedy, KV cache) and times it from the streamer's callbacks: prefill is the time from
+the start to the first new token (the forward over the whole prompt), decode the time per
+token after it. It reports which kernel each quantized layer ran.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import IO, Any
+
+import torch
+
+__all__ = ["generate_text"]
+
+
+class _TimedStreamer:
+    """A transformers streamer that prints decoded text as it comes and records the time of every token."""
+
+    def __init__(self, tokenizer: Any, out: IO[str] | None) -> None:
+        from transformers import TextStreamer
+
+        self.text = TextStreamer(tokenizer, skip_prompt=True) if out is not None else None
+        self.times: list[float] = []
+        self.out = out
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+        if self.text is not None:
+            self.text.put(value)
+
+    def end(self) -> None:
+        if self.text is not None:
+            self.text.end()
+
+
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    chat: bool = False,
+    out: IO[str] | None = None,
+) -> dict[str, Any]:
+    """Greedy continuation of `prompt` (printed to `out` as it is generated); returns the
+    text, token counts, prefill and decode speed, and {kernel: layers that ran it}."""
+    from pvq.formats import QuantizedLinear
+
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    streamer = _TimedStreamer(tokenizer, out)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, streamer=streamer, pad_token_id=pad)
+    t_end = time.perf_counter()
+    new = output[0, ids.shape[1]:]
+    token_times = streamer.times[1:]  # the first put is the prompt itself
+    first = token_times[0] if token_times else t_end
+    prefill = first - t0
+    decode_tokens = max(len(token_times) - 1, 0)
+    decode_seconds = (token_times[-1] - first) if decode_tokens else 0.0
+    kernels: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear) and m.last_kernel:
+            kernels[m.last_kernel] = kernels.get(m.last_kernel, 0) + 1
+    return {
+        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": int(new.numel()),
+        "prefill_seconds": prefill,
+        "prefill_tokens_per_second": ids.shape[1] / prefill if prefill > 0 else float("nan"),
+        "decode_seconds": decode_seconds,
+        "decode_tokens_per_second": decode_tokens / decode_seconds if decode_seconds > 0 else float("nan"),
+        "kernels": kernels,
+    }

@@ -1,0 +1,139 @@
+"""One runner for every path that quantizes a model: the main job, `pvq sweep`, the benchmarks
+and the Python API (llm-compressor's ``oneshot`` idea).
+
+    result = oneshot(model, tokenizer, Recipe(method="pvq", config={...}, rotate=True))
+    result.model.save_pretrained(...)   # or pvq.formats.save_checkpoint(result.model, ...)
+
+Order: refuse bad settings (method config, activation quantization against the model)
+-> calibration windows (only when the method needs a Hessian; sampled from the float
+model unless a text is given) -> fused rotation -> layer-by-layer quantization (resumable
+in `work_dir`) -> the quantized linears become `QuantizedLinear`s owning their payloads
+(`pvq.formats.quantized_model`) -> simulated activation quantization. ``method=None``
+("float") skips the weights and keeps the model float (rotation and activations only).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pvq.formats import quantized_model
+from pvq.models import adapter_for
+from pvq.pipeline import QuantizeResult, calibration_windows, quantize_model, quantize_weights
+from pvq.quant import get_method
+from pvq.quant.activations import ActQuantConfig, check_act_quant, install_act_quant
+from pvq.rotation import rotate_model
+
+__all__ = ["COMPUTE_DTYPES", "OneshotResult", "Recipe", "oneshot"]
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Recipe:
+    """Everything that decides the quantized model (the fields of the CLI's flags).
+
+    method: rtn | gptq | pvq | gptvq, or None for float weights; config: its config
+    fields; rotate / rotate_seed: fused randomized-Hadamard rotation first; act: fields
+    of `ActQuantConfig` (simulated activation quantization) or None; calib_*: the
+    calibration windows (text None: sampled from the model, seeded); compute_dtype and
+    batch_size: of the calibration forwards; dense_dtype: how the float tensors are stored.
+    """
+
+    method: str | None = "pvq"
+    config: dict[str, Any] = field(default_factory=dict)
+    rotate: bool = False
+    rotate_seed: int = 0
+    act: dict[str, Any] | None = None
+    calib_text: str | None = None
+    calib_windows: int = 32
+    calib_seqlen: int = 512
+    seed: int = 0
+    compute_dtype: str = "float32"
+    batch_size: int = 8
+    dense_dtype: str = "float16"
+
+    def method_config(self) -> Any:
+        """The validated config object of the method (None for float weights)."""
+        return None if self.method is None else get_method(self.method).make_config(self.config)
+
+    def needs_calibration(self) -> bool:
+        return self.method is not None and get_method(self.method).needs_hessian(self.method_config())
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.method is not None:
+            out["config"] = asdict(self.method_config())  # every field, defaults included
+        return out
+
+
+@dataclass
+class OneshotResult:
+    model: nn.Module  # quantized in place: QuantizedLinear layers owning their payloads
+    quantized: QuantizeResult | None  # per-layer payloads and report (None for float weights)
+    rotation: dict[str, Any] | None
+    act_record: dict[str, Any] | None
+    windows: torch.Tensor | None  # the calibration windows used (None without calibration)
+    seconds: dict[str, float]  # calibration, rotation, quantization
+
+    @property
+    def bits_per_weight_nominal(self) -> float | None:
+        if self.quantized is None:
+            return None
+        method = get_method(next(iter(self.quantized.values())).method)
+        config = method.make_config(self.model.config.quantization_config.config)
+        weights = sum(qt.shape[0] * qt.shape[1] for qt in self.quantized.values())
+        return sum(method.nominal_bits_per_weight(config, qt.shape[1]) * qt.shape[0] * qt.shape[1]
+                   for qt in self.quantized.values()) / weights
+
+
+def oneshot(
+    model: nn.Module,
+    tokenizer: Any,
+    recipe: Recipe,
+    *,
+    windows: torch.Tensor | None = None,
+    device: str = "cpu",
+    work_dir: str | None = None,
+    progress: bool = True,
+) -> OneshotResult:
+    """Quantize `model` in place as `recipe` says (see the module docstring)."""
+    config = recipe.method_config()  # QuantizationError for bad settings, before any work
+    if recipe.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {recipe.compute_dtype!r}")
+    adapter = adapter_for(model)
+    layer_names = adapter.quantized_layer_names(model)
+    act_config = ActQuantConfig(**recipe.act) if recipe.act is not None else None
+    if act_config is not None:
+        check_act_quant(model, act_config, layer_names)
+    seconds = {"calibration": 0.0, "rotation": 0.0, "quantization": 0.0}
+
+    if windows is None and recipe.needs_calibration():
+        t0 = time.perf_counter()
+        windows = calibration_windows(tokenizer, recipe.calib_text, recipe.calib_windows, recipe.calib_seqlen,
+                                      recipe.seed, model=model)
+        seconds["calibration"] = time.perf_counter() - t0
+    # The rotation comes after the calibration windows (sampled from the unrotated model, so
+    # the same with and without it) and before any Hessian is collected.
+    rotation = None
+    if recipe.rotate:
+        t0 = time.perf_counter()
+        rotation = rotate_model(model, seed=recipe.rotate_seed)
+        seconds["rotation"] = time.perf_counter() - t0
+    result = None
+    if recipe.method is not None:
+        t0 = time.perf_counter()
+        if recipe.needs_calibration():
+            result = quantize_model(model, adapter, windows, recipe.method, config, device=device, work_dir=work_dir,
+                                    batch_size=recipe.batch_size, compute_dtype=COMPUTE_DTYPES[recipe.compute_dtype],
+                                    progress=progress)
+        else:
+            result = quantize_weights(model, adapter, recipe.method, config)
+        seconds["quantization"] = time.perf_counter() - t0
+        quantized_model(model, dict(result), recipe.method, config, dense_dtype=recipe.dense_dtype)
+    act_record = install_act_quant(model, act_config, layer_names) if act_config is not None else None
+    return OneshotResult(model, result, rotation, act_record, windows if recipe.needs_calibration() else None, seconds)
