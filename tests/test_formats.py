@@ -158,6 +158,12 @@ def test_every_method_round_trips_through_from_pretrained_bit_exactly(tmp_path, 
     assert "model.safetensors" in index["files"] and "config.json" in index["files"]
     qc = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "pvq" and qc["method"] == method and qc["format_version"] == 4
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ck" / "model.safetensors", "pt") as f:
+        stored = set(f.keys())
+    tied = method != "gptq"
+    assert ("lm_head.weight" in stored) != tied and "model.embed_tokens.weight" in stored  # tied: stored once
     assert len(qc["layers"]) == 14 and qc["config"] == json.loads(json.dumps(
         __import__("dataclasses").asdict(get_method(method).make_config(CONFIGS[method]))))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
@@ -267,6 +273,21 @@ def test_save_is_deterministic_and_a_fixed_point(tmp_path):
         {k: v for k, v in ia["files"].items() if k.endswith("safetensors")}
 
 
+def test_checkpoint_bytes_do_not_depend_on_the_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    indexes = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model = tiny_llama(seed=0, hidden=256, intermediate=512)
+            oneshot(model, None, Recipe(method="gptq", config={"bits": 3, "group_size": 64, "act_order": True}),
+                    windows=ids(8, 64), progress=False)
+            indexes.append(save_checkpoint(model, tmp_path / f"t{threads}"))
+    finally:
+        torch.set_num_threads(before)
+    assert indexes[0] == indexes[1]
+
+
 def test_no_pickle_on_save_or_load(saved, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("pickle used")
@@ -287,6 +308,10 @@ def test_overwrite_rules_and_interrupted_save(saved, tmp_path):
     with pytest.raises(CheckpointError, match="already holds a pvq checkpoint"):
         save_checkpoint(model, dst)
     save_checkpoint(model, dst, overwrite=True)
+    (dst / "my-notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"files pvq did not write \(my-notes.txt\)"):
+        save_checkpoint(model, dst, overwrite=True)
+    (dst / "my-notes.txt").unlink()
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -305,6 +330,12 @@ def test_overwrite_rules_and_interrupted_save(saved, tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint(model, dst, tokenizer=Exploding(), overwrite=True)
     verify_checkpoint(dst)  # the old checkpoint is untouched
+    # what a killed save left (its process is gone) is removed by the next save
+    stale = tmp_path / ".ck.partial-999999999-abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    save_checkpoint(model, dst, overwrite=True)
+    assert not stale.exists()
 
 
 # =========================================================================== integrity + bad input
@@ -328,7 +359,9 @@ def test_verify_and_integrity_errors(saved, tmp_path):
         ("missing", lambda d: (d / "model.safetensors").unlink(), "'model.safetensors' is missing"),
         ("noindex", lambda d: (d / INDEX_FILE).unlink(), f"has no {INDEX_FILE}"),
         ("extra", lambda d: shutil.copy(d / "model.safetensors", d / "extra.safetensors"),
-         "weight files the index does not list"),
+         "files its index does not list \\(extra.safetensors\\)"),
+        ("tokmap", lambda d: (d / "special_tokens_map.json").write_text('{"bos_token": "x"}'),
+         "files its index does not list \\(special_tokens_map.json\\)"),
         ("symlink", lambda d: ((d / "tokenizer.json").unlink(), os.symlink("/etc/hostname", d / "tokenizer.json")),
          "symbolic link"),
         ("escape", lambda d: (d / INDEX_FILE).write_text(json.dumps(
@@ -359,8 +392,12 @@ def test_verify_and_integrity_errors(saved, tmp_path):
          r"layer 'model.layers.0.self_attn.q_proj' \(pvq\): stored tensor 'codes'.*payload spec"),
         (lambda c: c["quantization_config"]["config"].update(gain_bits=5), CheckpointError,
          "stored tensor 'gain_codebook'|tensor 'gain_indices'"),
+        (lambda c: c["quantization_config"]["layers"].append("model.layers.1.mlp.side_proj"), CheckpointError,
+         "lists layer 'model.layers.1.mlp.side_proj', which is not a module"),
         (lambda c: c["quantization_config"]["layers"].append("model.layers.7.mlp.up_proj"), CheckpointError,
-         "does not have"),
+         "num_hidden_layers 2, the quantization_config's layers cover 8 decoder blocks"),
+        (lambda c: c.update(num_hidden_layers=200000), CheckpointError,
+         "num_hidden_layers 200000, the quantization_config's layers cover 2 decoder blocks"),
         (lambda c: c["quantization_config"].update(rotation={"kind": "spin"}), CheckpointRotationError,
          "unknown rotation kind 'spin'"),
         (lambda c: c["quantization_config"].update(act_quant={"kind": "int4"}), CheckpointError,
@@ -376,6 +413,23 @@ def test_bad_quantization_config_names_the_field(saved, tmp_path, edit, error, m
         load_checkpoint(bad)  # verified: the edit itself is caught first
 
 
+def test_a_config_asking_for_a_huge_model_is_refused_before_building(saved, tmp_path):
+    """The memory bomb: config.json edited to ask for 200000 layers or a huge vocabulary, the
+    index updated to match (a consistent tamper): refused from the stored tensors' headers."""
+    import hashlib
+
+    _, root, _ = saved
+    for field, value, message in (("num_hidden_layers", 200000, "num_hidden_layers 200000, the stored tensors hold 2"),
+                                  ("vocab_size", 1 << 30, "the stored embedding is \\[256, 64\\]")):
+        bad = edited_copy(root, tmp_path / field, lambda c: c.update({field: value}))
+        index = json.loads((bad / INDEX_FILE).read_text())
+        data = (bad / "config.json").read_bytes()
+        index["files"]["config.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        (bad / INDEX_FILE).write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(bad)
+
+
 def test_payload_of_the_wrong_dtype_names_the_layer(saved, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -386,6 +440,19 @@ def test_payload_of_the_wrong_dtype_names_the_layer(saved, tmp_path):
     tensors["model.layers.1.mlp.up_proj.row_norms"] = tensors["model.layers.1.mlp.up_proj.row_norms"].to(torch.int32)
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"layer 'model.layers.1.mlp.up_proj' \(pvq\): stored tensor 'row_norms'"):
+        load_checkpoint(bad, verify=False)
+
+
+def test_non_finite_dense_tensor_is_refused_on_load(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, root, _ = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.input_layernorm.weight"][5] = float("inf")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'model.layers.1.input_layernorm.weight' has non-finite values"):
         load_checkpoint(bad, verify=False)
 
 
@@ -491,6 +558,13 @@ def test_generate_and_verify_cli(saved, capsys, tmp_path):
     assert "pvq convert" in capsys.readouterr().err
     assert main(["convert", str(LEGACY / "v1-pvq"), str(tmp_path / "conv")]) == 0
     assert main(["verify", str(tmp_path / "conv")]) == 0
+    # a directory saved by plain save_pretrained from from_pretrained's output (no integrity index)
+    plain = tmp_path / "plain"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(root)
+    loaded.save_pretrained(plain)
+    printable_char_tokenizer().save_pretrained(plain)
+    assert main(["generate", str(plain), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
+    assert "loaded without the integrity check" in capsys.readouterr().err
     # a float model directory generates too (for comparison)
     float_dir = tmp_path / "float"
     tiny_llama(seed=0).save_pretrained(float_dir)

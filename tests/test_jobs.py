@@ -72,6 +72,37 @@ def test_cli_quantize_and_eval(tiny_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "e.json").read_text())["ppl"] > 1
 
 
+def test_main_job_without_evaluation_text_still_reports(tiny_dir, tmp_path, monkeypatch, capsys):
+    """No ../shared and no --eval-text: the job checks that before quantizing, then compares
+    with the float model on held-out text sampled from it instead of crashing at the end."""
+    import pvq.eval.perplexity as perplexity
+
+    monkeypatch.setattr(perplexity, "default_wikitext2_test_path", lambda: tmp_path / "nowhere" / "wiki.test.raw")
+    report = run_quantize_job(JobOptions(
+        model=str(tiny_dir / "model"), method="rtn", config={"bits": 4, "group_size": 32}, out=str(tmp_path / "ck"),
+        eval_seqlen=32, agreement_windows=2,
+    ))
+    assert "ppl_quantized" not in report and report["agreement_tokens"] == 2 * 31
+    assert "sampled from the float model" in report["eval_data"]
+    assert "perplexity       not measured" in format_report(report)
+
+
+def test_job_refuses_late_failures_before_quantizing(tiny_dir, tmp_path, capsys):
+    from conftest import cli_error
+
+    base = [str(tiny_dir / "model"), "--method", "rtn", "--group-size", "32", "--calib-windows", "2",
+            "--calib-seqlen", "32", "--device", "cpu"]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x.txt").write_text("mine")
+    assert "not a pvq checkpoint" in cli_error(capsys, ["quantize", *base, "--out", str(tmp_path / "taken")])
+    assert "not found" in cli_error(capsys, ["quantize", *base, "--out", str(tmp_path / "a"),
+                                             "--eval-text", str(tmp_path / "missing.raw")])
+    assert "longer than the model's 512 positions" in cli_error(
+        capsys, ["quantize", *base, "--out", str(tmp_path / "b"), "--eval-seqlen", "4096"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "a.work").exists() and not (tmp_path / "b.work").exists()
+
+
 def test_cli_quantize_gptvq(tiny_dir, tmp_path, capsys):
     out = tmp_path / "cli-gptvq"
     args = [str(tiny_dir / "model"), "--method", "gptvq", "--vq-dim", "2", "--vq-bits", "2", "--vq-group-size", "256",

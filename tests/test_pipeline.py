@@ -280,8 +280,8 @@ def test_resume_after_an_interruption_gives_identical_bytes(tmp_path, monkeypatc
         for (k, a), b in zip(clean.state_dict().items(), other_model.state_dict().values()):
             assert torch.equal(a, b), k
     files_a, files_b = _files(tmp_path / "a"), _files(tmp_path / "b")
-    assert sorted(files_a) == ["block_0000.json", "block_0000.safetensors", "block_0001.json", "block_0001.safetensors",
-                               "block_0002.json", "block_0002.safetensors", "state.json"]
+    assert sorted(files_a) == [".pvq-workdir", "block_0000.json", "block_0000.safetensors", "block_0001.json",
+                               "block_0001.safetensors", "block_0002.json", "block_0002.safetensors", "state.json"]
     for name in files_a:
         if name.endswith(".safetensors"):
             assert files_a[name] == files_b[name], name
@@ -291,6 +291,65 @@ def test_resume_after_an_interruption_gives_identical_bytes(tmp_path, monkeypatc
         done = quantize_model(tiny_llama(seed=0, layers=3), adapter_for(clean), windows, "rtn", config,
                               work_dir=tmp_path / "a", batch_size=4, progress=False)
         assert calls["n"] == 0 and done.resumed_blocks == 3 and list(done) == list(full)
+
+
+def _interrupted_run(tmp_path, monkeypatch, name, windows, config, blocks_done):
+    model = tiny_llama(seed=0, layers=3)
+    with monkeypatch.context() as m:
+        _fail_at(m, call=7 * blocks_done + 1)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_model(model, adapter_for(model), windows, "rtn", config, work_dir=tmp_path / name, batch_size=4,
+                           progress=False)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("damage", ["block", "block-json", "hidden", "state", "missing-block"])
+def test_a_damaged_work_directory_is_detected_and_recomputed(tmp_path, monkeypatch, caplog, damage):
+    """Flip a byte in a finished block, its JSON, the saved hidden states or the state file,
+    then resume: the damage is reported, the damaged part recomputed, and the result is the
+    same bytes as an undamaged run."""
+    windows = _windows(n=6, seqlen=16)
+    config = RTNConfig(bits=3, group_size=32)
+    clean = tiny_llama(seed=0, layers=3)
+    full = quantize_model(clean, adapter_for(clean), windows, "rtn", config, batch_size=4, progress=False)
+    work = _interrupted_run(tmp_path, monkeypatch, "w", windows, config, blocks_done=2)
+
+    def flip(path):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    if damage == "block":
+        flip(work / "block_0000.safetensors")
+    elif damage == "block-json":
+        (work / "block_0001.json").write_text((work / "block_0001.json").read_text().replace('"group": 0', '"group": 1', 1))
+    elif damage == "hidden":
+        flip(work / "hidden.safetensors")
+    elif damage == "state":
+        (work / "state.json").write_text((work / "state.json").read_text().replace('"blocks_done": 2', '"blocks_done": 3'))
+    else:
+        (work / "block_0001.safetensors").unlink()
+    model = tiny_llama(seed=0, layers=3)
+    with caplog.at_level("WARNING"):
+        again = quantize_model(model, adapter_for(model), windows, "rtn", config, work_dir=work, batch_size=4,
+                               progress=False)
+    assert any(w in caplog.text for w in ("does not match its recorded digest", "damaged", "not valid JSON")), caplog.text
+    assert list(again) == list(full)
+    for name, qt in full.items():
+        assert all(again[name].tensors[k].tobytes() == qt.tensors[k].tobytes() for k in qt.tensors), name
+    for (k, a), b in zip(clean.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_foreign_work_directory_is_refused(tmp_path):
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / "thesis.tex").write_text("precious")
+    m = tiny_llama(seed=0)
+    with pytest.raises(WorkDirError, match="holds files pvq did not write"):
+        quantize_model(m, adapter_for(m), _windows(n=2, seqlen=16), "rtn", RTNConfig(bits=3, group_size=32),
+                       work_dir=work, progress=False)
+    assert sorted(p.name for p in work.iterdir()) == ["thesis.tex"]
 
 
 def test_resume_refuses_different_settings(tmp_path):
@@ -315,7 +374,7 @@ def test_resume_refuses_different_settings(tmp_path):
         run(model=tiny_llama(seed=1))
     res = run(model=tiny_llama(seed=1), resume=False)  # starts afresh
     assert res.resumed_blocks == 0 and len(res) == 14
-    assert {p.suffix for p in work.iterdir()} == {".json", ".safetensors"}  # no pickle
+    assert {p.suffix for p in work.iterdir() if p.name != ".pvq-workdir"} == {".json", ".safetensors"}  # no pickle
 
 
 def test_bad_inputs_are_clear_errors():

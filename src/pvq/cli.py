@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -78,11 +79,30 @@ def _act_config(args: argparse.Namespace) -> dict | None:
 
 
 def _default_device(choice: str) -> str:
-    if choice != "auto":
-        return choice
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {choice!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {choice}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {choice}: only {torch.cuda.device_count()} CUDA device(s)")
+    return choice
+
+
+def _check_writable(path: str | None, option: str) -> None:
+    """Refuse, before any long work, an output file whose folder does not exist or is not writable."""
+    if path is None:
+        return
+    folder = Path(path).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise CLIError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"{option} {path}: folder {folder} is not writable")
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -108,11 +128,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from pvq.eval.tasks import load_task, resolve_task_names
     from pvq.formats import decoded_weights, is_checkpoint, is_legacy_checkpoint, load_checkpoint
+    from pvq.generate import warm_imports
+    from pvq.jobs import resident_memory_bytes
     from pvq.models import load_model
     from pvq.models import adapter_for
     from pvq.quant.activations import ActQuantConfig, act_quant_of, act_quant_summary, install_act_quant
 
     act = _act_config(args)
+    _check_writable(args.json, "--json")
     task_names = resolve_task_names(args.tasks) if args.tasks else []
     if args.no_ppl and not task_names:
         raise CLIError("--no-ppl leaves nothing to evaluate; give --tasks")
@@ -121,6 +144,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # read every task file before the model: a missing or malformed file fails at once
     task_items = {name: load_task(name, args.tasks_dir, args.limit) for name in task_names}
     device = _default_device(args.device)
+    warm_imports(args.model)
+    rss0 = resident_memory_bytes()
     if is_checkpoint(args.model) or is_legacy_checkpoint(args.model):
         model, tokenizer, info = load_checkpoint(args.model, device=device)
         what = (f"pvq checkpoint ({info['quantization_config']['method']}, "
@@ -137,7 +162,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         what += f"\nactivations: {act_quant_summary(act_quant_of(model))}"
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer to encode the evaluation text")
+    rss1 = resident_memory_bytes()
     out: dict = {"model": args.model, "kind": what, "act_quant": act_quant_of(model)}
+    if rss0 is not None and rss1 is not None:
+        out["resident_bytes_after_load"] = rss1 - rss0
+        what += f"; +{(rss1 - rss0) / 2**20:.0f} MiB resident after load"
     print(f"{args.model}: {what}")
     with decoded_weights(model) if args.decode_once else contextlib.nullcontext():
         _evaluate(args, model, tokenizer, task_names, task_items, out)
@@ -147,6 +176,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args, model, tokenizer, task_names, task_items, out) -> None:
+    import math
+
     from pvq.eval.perplexity import perplexity_details, wikitext2_test_text
     from pvq.eval.tasks import average_accuracy, evaluate_task, results_table, task_rows
     from pvq.pipeline import encode_text
@@ -156,6 +187,8 @@ def _evaluate(args, model, tokenizer, task_names, task_items, out) -> None:
         ids = encode_text(tokenizer, wikitext2_test_text(args.eval_text))
         res = perplexity_details(model, ids, seqlen=args.seqlen, max_windows=args.max_windows or None,
                                  batch_size=args.batch_size)
+        if not math.isfinite(res.ppl):
+            raise CLIError(f"{args.model}: perplexity is {res.ppl} (the model's log-probabilities are not finite)")
         out.update(ppl=res.ppl, nll=res.nll, windows=res.n_windows, seqlen=res.seqlen, tokens=res.n_tokens,
                    seconds=res.seconds)
         print(f"WikiText-2 test perplexity {res.ppl:.3f} over {res.n_windows} windows of {res.seqlen} tokens "
@@ -205,11 +238,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _load_any(spec: str, device: str, dtype: str):
     """(model, tokenizer, description) of a pvq checkpoint directory or a float model spec."""
-    from pvq.formats import is_checkpoint, is_legacy_checkpoint, load_checkpoint
+    from pvq.formats import INDEX_FILE, is_checkpoint, is_legacy_checkpoint, load_checkpoint
     from pvq.models import load_model
 
     if is_checkpoint(spec) or is_legacy_checkpoint(spec):
-        model, tokenizer, info = load_checkpoint(spec, device=device, dtype=dtype)
+        verify = is_legacy_checkpoint(spec) or (Path(spec) / INDEX_FILE).is_file()
+        if not verify:
+            print(f"warning: {spec} has no {INDEX_FILE} (saved by plain save_pretrained): loaded without the "
+                  "integrity check", file=sys.stderr)
+        model, tokenizer, info = load_checkpoint(spec, device=device, dtype=dtype, verify=verify)
         qc = info["quantization_config"]
         return model, tokenizer, f"pvq checkpoint, {qc['method']} {info['stats']['bits_per_weight']:.3f} bits/weight"
     import torch
@@ -221,7 +258,7 @@ def _load_any(spec: str, device: str, dtype: str):
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from pvq.generate import generate_text
+    from pvq.generate import generate_text, warm_imports
     from pvq.jobs import resident_memory_bytes
 
     if args.max_new_tokens < 1:
@@ -229,6 +266,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _default_device(args.device)
+    warm_imports(args.model)
     rss0 = resident_memory_bytes()
     model, tokenizer, what = _load_any(args.model, device, args.dtype)
     rss1 = resident_memory_bytes()
@@ -462,11 +500,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (PVQError, FileExistsError) as e:  # the message says what to change
+    except (PVQError, OSError) as e:  # the message says what to change (OSError: names the file)
         if args.debug:
             raise
-        print(f"pvq {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the library's message looked like
+        print(f"pvq {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"pvq {args.command}: interrupted (finished blocks are kept in the work directory; rerun to resume)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

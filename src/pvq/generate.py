@@ -13,7 +13,29 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["generate_text"]
+__all__ = ["generate_text", "warm_imports"]
+
+
+def warm_imports(spec: str) -> None:
+    """Import transformers and the modelling code of `spec`'s architecture (config.json's
+    model_type; llama for a GGUF or hub id) now, so that a resident-memory figure taken
+    around the load counts the model and not the code."""
+    import json
+    from pathlib import Path
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = "llama"
+    config = Path(spec) / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type", model_type)
+        except (OSError, ValueError, AttributeError):
+            pass
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if isinstance(name, str):
+        getattr(transformers, name, None)
 
 
 class _TimedStreamer:

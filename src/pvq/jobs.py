@@ -16,16 +16,22 @@ from typing import Any
 
 import torch
 
-from pvq.eval.perplexity import next_token_agreement, perplexity_details, wikitext2_test_text
-from pvq.formats import load_checkpoint, save_checkpoint
-from pvq.models import load_model
+from pvq.errors import PVQError
+from pvq.eval.perplexity import EvalDataError, next_token_agreement, perplexity_details, wikitext2_test_text
+from pvq.formats import check_destination, decoded_weights, load_checkpoint, save_checkpoint
+from pvq.models import load_model, start_token_id
 from pvq.oneshot import Recipe, oneshot
-from pvq.pipeline import encode_text
+from pvq.pipeline import encode_text, sample_windows
+from pvq.pipeline.workdir import check_claimable
 from pvq.pipeline.quantize_model import jsonable
 from pvq.quant import get_method
 from pvq.quant.activations import act_quant_summary
 
 log = logging.getLogger(__name__)
+
+
+class JobError(PVQError, ValueError):
+    """Job options that cannot run on the chosen model."""
 
 
 @dataclass
@@ -124,12 +130,31 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
                     batch_size=opts.batch_size)
     method = get_method(opts.method)
     config = recipe.method_config()  # bad settings fail here, before the model is loaded
+    # everything that can fail after the long part is checked before it
+    check_destination(Path(opts.out), opts.overwrite)
+    work_dir = opts.work_dir or f"{opts.out.rstrip('/')}.work"
+    if recipe.needs_calibration():
+        check_claimable(Path(work_dir))
+    eval_text = None
+    if opts.evaluate:
+        try:
+            eval_text = wikitext2_test_text(opts.eval_text)
+        except EvalDataError as e:
+            if opts.eval_text is not None:
+                raise
+            log.warning("%s; the quantized model will be compared with the float model on held-out text sampled "
+                        "from the float model (KL, top-1 agreement; no perplexity)", e)
 
     model, tokenizer, source = load_model(opts.model, device="cpu")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    for what, n in (("--calib-seqlen", opts.calib_seqlen), ("--eval-seqlen", opts.eval_seqlen)):
+        if isinstance(positions, int) and n > positions:
+            raise JobError(f"{what} {n} is longer than the model's {positions} positions")
+        if n < 2:
+            raise JobError(f"{what} must be at least 2, got {n}")
     model_memory = float_model_memory_bytes(model)
     float16_bytes = float_model_bytes(model)
 
-    work_dir = opts.work_dir or f"{opts.out.rstrip('/')}.work"
     # The quantization's own memory: what the process holds beyond what it held before
     # (runtime, the float model) at the phase's peak; the model is quantized in place.
     peak_before = peak_memory_bytes()
@@ -175,29 +200,43 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         del model, result, quantized  # the float reference is loaded afresh rather than kept as a copy
         reference, _, _ = load_model(opts.model, device="cpu")
         loaded, _, info = load_checkpoint(opts.out)
-        text = wikitext2_test_text(opts.eval_text)
-        ids = encode_text(tokenizer, text)
         t0 = time.perf_counter()
-        ppl_float = perplexity_details(reference, ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
-        ppl_quant = perplexity_details(loaded, ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
-        act_seconds = act_quant_seconds(loaded)
-        n_agree = min(opts.agreement_windows, ppl_quant.n_windows)
-        agreement = next_token_agreement(
-            reference, loaded, ids[: n_agree * opts.eval_seqlen], seqlen=opts.eval_seqlen
-        )
+        # evaluation runs many forwards: each quantized layer is decoded once for it (same outputs
+        # as the packed path, which decodes layer by layer in every forward)
+        with decoded_weights(loaded):
+            _evaluate(report, opts, tokenizer, reference, loaded, eval_text)
         report.update(
-            ppl_float=ppl_float.ppl, ppl_quantized=ppl_quant.ppl, eval_windows=ppl_quant.n_windows,
-            eval_seqlen=opts.eval_seqlen, kl_vs_float=agreement["kl"], top1_agreement=agreement["top1_agreement"],
-            agreement_tokens=agreement["n_tokens"], eval_seconds=time.perf_counter() - t0,
+            eval_seconds=time.perf_counter() - t0,
             loaded_model_bytes=info["stats"]["quantized_bytes"] + info["stats"]["dense_bytes_in_memory"],
         )
-        if act_seconds is not None:
-            report["act_quant_seconds_in_ppl"] = act_seconds
     report["wall_seconds"] = time.perf_counter() - t_start
     report["peak_memory_bytes"] = max(peak_before, peak_memory_bytes())
     # the job's report (timings) lives beside the checkpoint files, outside its integrity index
     Path(opts.out, "job_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
+
+
+def _evaluate(report: dict[str, Any], opts: JobOptions, tokenizer, reference, loaded, eval_text: str | None) -> None:
+    """Perplexity of both models (when there is evaluation text), KL and top-1 agreement."""
+    if eval_text is not None:
+        ids = encode_text(tokenizer, eval_text)
+        ppl_float = perplexity_details(reference, ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
+        ppl_quant = perplexity_details(loaded, ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
+        report.update(ppl_float=ppl_float.ppl, ppl_quantized=ppl_quant.ppl, eval_windows=ppl_quant.n_windows,
+                      eval_data="WikiText-2 test")
+        n_agree = min(opts.agreement_windows, ppl_quant.n_windows)
+        agree_ids = ids[: n_agree * opts.eval_seqlen]
+    else:  # no evaluation text: held-out text sampled from the float model (another seed than calibration)
+        agree_ids = sample_windows(reference, opts.agreement_windows, opts.eval_seqlen, opts.seed + 1,
+                                   start_token_id(tokenizer, reference))
+        report["eval_data"] = (f"{opts.agreement_windows} held-out windows sampled from the float model "
+                               f"(seed {opts.seed + 1}); no WikiText-2 test text found")
+    act_seconds = act_quant_seconds(loaded)
+    agreement = next_token_agreement(reference, loaded, agree_ids, seqlen=opts.eval_seqlen)
+    report.update(eval_seqlen=opts.eval_seqlen, kl_vs_float=agreement["kl"],
+                  top1_agreement=agreement["top1_agreement"], agreement_tokens=agreement["n_tokens"])
+    if act_seconds is not None:
+        report["act_quant_seconds_in_ppl"] = act_seconds
 
 
 def rotation_summary(record: dict[str, Any] | None) -> str | None:
@@ -246,12 +285,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"activations      {report['act_quant']}")
         lines.append(f"bits/activation  {report['bits_per_activation']:.4f} (mean over the quantized layer inputs)")
     if "ppl_quantized" in report:
-        lines += [
-            f"perplexity       WikiText-2 test, {report['eval_windows']} windows x {report['eval_seqlen']}: "
-            f"float {report['ppl_float']:.2f}   quantized {report['ppl_quantized']:.2f}",
-            f"vs float         KL {report['kl_vs_float']:.4f} nats/token   top-1 agreement "
-            f"{100 * report['top1_agreement']:.1f}% ({report['agreement_tokens']} tokens)",
-        ]
+        lines.append(f"perplexity       WikiText-2 test, {report['eval_windows']} windows x {report['eval_seqlen']}: "
+                     f"float {report['ppl_float']:.2f}   quantized {report['ppl_quantized']:.2f}")
+    elif "eval_data" in report:
+        lines.append(f"perplexity       not measured: {report['eval_data']}")
+    if "kl_vs_float" in report:
+        lines.append(f"vs float         KL {report['kl_vs_float']:.4f} nats/token   top-1 agreement "
+                     f"{100 * report['top1_agreement']:.1f}% ({report['agreement_tokens']} tokens)")
         if report.get("loaded_model_bytes") is not None:
             lines.append(
                 f"loaded model     {report['loaded_model_bytes'] / mib:.1f} MiB of tensors after pvq.load (packed "

@@ -262,11 +262,18 @@ def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, ev
 
 def _read_point(path: Path) -> dict[str, Any]:
     try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SweepError(f"kept point {path} cannot be read ({e}); delete it to recompute the point") from None
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise SweepError(f"kept point {path} cannot be read ({type(e).__name__}: {e}); delete it to recompute the "
+                         "point") from None
     if not isinstance(saved, dict) or "settings" not in saved or "row" not in saved:
         raise SweepError(f"kept point {path} is not a sweep point (no settings/row); delete it to recompute it")
+    row = saved["row"]
+    numbers = ("bpw_nominal", "bpw_measured", "ppl")
+    if not isinstance(row, dict) or not isinstance(row.get("point"), str) or any(
+            isinstance(row.get(k), bool) or not isinstance(row.get(k), (int, float)) for k in numbers):
+        raise SweepError(f"kept point {path} is damaged (its row lacks {', '.join(numbers)} or the point name); "
+                         "delete it to recompute the point")
     return saved
 
 

@@ -320,7 +320,14 @@ def load_task(name: str, tasks_dir: str | os.PathLike | None = None, limit: int 
         resolve_task_names([name])  # raises with the list of known tasks
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    return spec.loader(Path(tasks_dir) if tasks_dir is not None else default_tasks_dir(), limit)
+    root = Path(tasks_dir) if tasks_dir is not None else default_tasks_dir()
+    try:
+        return spec.loader(root, limit)
+    except (UnicodeDecodeError, EOFError, OSError, RecursionError, ValueError) as e:
+        if isinstance(e, TaskDataError):
+            raise
+        # a file that is not UTF-8, a truncated or damaged bz2 stream, JSON nested too deeply
+        raise TaskDataError(f"{name}: cannot read its data under {root}: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -44,6 +44,7 @@ __all__ = [
     "FORMAT",
     "INDEX_FILE",
     "REPORT_FILE",
+    "check_destination",
     "checkpoint_stats",
     "is_checkpoint",
     "load_checkpoint",
@@ -124,7 +125,7 @@ def checkpoint_stats(model: torch.nn.Module) -> dict[str, Any]:
 # =========================================================================== save
 
 
-def _check_destination(path: Path, overwrite: bool) -> bool:
+def check_destination(path: Path, overwrite: bool) -> bool:
     """True when an existing checkpoint at `path` is to be replaced."""
     if not path.exists() and not path.is_symlink():
         return False
@@ -136,7 +137,25 @@ def _check_destination(path: Path, overwrite: bool) -> bool:
         raise CheckpointError(f"{path} is a non-empty directory that is not a pvq checkpoint; refusing to overwrite it")
     if not overwrite:
         raise CheckpointError(f"{path} already holds a pvq checkpoint; pass overwrite=True (--overwrite) to replace it")
+    foreign = _foreign_files(path)
+    if foreign:
+        raise CheckpointError(f"{path} holds files pvq did not write ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it: move them first")
     return True
+
+
+#: files pvq writes beside the indexed ones (reports: timings, outside the integrity index)
+OWN_UNINDEXED = (INDEX_FILE, REPORT_FILE, "job_report.json")
+
+
+def _foreign_files(path: Path) -> list[str]:
+    """Files in the checkpoint directory `path` that its index (or pvq 0.1 manifest) does not list."""
+    listed: set[str] = {*OWN_UNINDEXED, LEGACY_MANIFEST}
+    for name in (INDEX_FILE, LEGACY_MANIFEST):  # both list their files under "files"
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, RecursionError):
+            listed |= set(json.loads((path / name).read_text(encoding="utf-8")).get("files", {}))
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.relative_to(path).as_posix() not in listed)
 
 
 def _move_into_place(tmp: Path, path: Path, replace_existing: bool) -> None:
@@ -151,6 +170,27 @@ def _move_into_place(tmp: Path, path: Path, replace_existing: bool) -> None:
         os.replace(old, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Delete what a killed save of `path` left behind (``.NAME.partial-PID-*`` and
+    ``.NAME.old-PID-*`` siblings whose process no longer runs), with a warning."""
+    import logging
+
+    for p in path.parent.glob(f".{path.name}.*-*-*"):
+        kind, _, rest = p.name[len(path.name) + 2:].partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("partial", "old") or not pid.isdigit() or not p.is_dir() or p.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that save is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        logging.getLogger(__name__).warning("removing %s, left by an interrupted save of %s", p, path)
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -171,12 +211,13 @@ def save_checkpoint(
     takes it ("2GB", bytes); None: transformers' default.
     """
     path = Path(path)
-    replace_existing = _check_destination(path, overwrite)
+    replace_existing = check_destination(path, overwrite)
     refresh_records(model)
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.check_payload()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(path)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
@@ -259,13 +300,51 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
         if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and isinstance(info.get("bytes"), int)
                 and not isinstance(info.get("bytes"), bool)):
             raise CheckpointIntegrityError(f"{ipath}: entry {name!r} needs 'sha256' and 'bytes'")
-    weights = [p.name for p in root.iterdir() if p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json")]
-    unlisted = sorted(set(weights) - set(files))
+    present = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    unlisted = [n for n in present if n not in files and n not in OWN_UNINDEXED and not _inert(n)]
     if unlisted:
-        raise CheckpointIntegrityError(f"{root} holds weight files the index does not list: {unlisted}")
+        raise CheckpointIntegrityError(
+            f"{root} holds files its index does not list ({', '.join(unlisted[:5])}{', ...' if len(unlisted) > 5 else ''}); "
+            "transformers could read them, so the checkpoint is refused: remove them"
+        )
     if not any(n.endswith(".safetensors") for n in files):
         raise CheckpointIntegrityError(f"{ipath} lists no safetensors file")
     return index
+
+
+def _inert(name: str) -> bool:
+    """Files a Hugging Face repository carries that no loader reads (README, licence, git attributes)."""
+    base = PurePosixPath(name).name
+    return "/" not in name and (base.lower().endswith(".md") or base.upper().startswith("LICENSE") or base == ".gitattributes")
+
+
+def _check_config_against_files(root: Path, config: dict, files: dict) -> None:
+    """Before anything is built: the embedding stored in the shards has the shape the config
+    gives, and the config's layer count is the one the stored tensors cover (a config that
+    asks for a huge model fails here, not in the allocator)."""
+    import re
+
+    from safetensors import safe_open
+
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    shapes: dict[str, list[int]] = {}
+    for name in files:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(root / name), framework="pt") as f:
+                    for key in f.keys():
+                        shapes[key] = list(f.get_slice(key).get_shape())
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointIntegrityError(f"checkpoint file {name!r} is not a readable safetensors file: {e}") from None
+    blocks = {int(m.group(1)) for key in shapes if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", key))}
+    n_layers = text.get("num_hidden_layers")
+    if blocks and n_layers != max(blocks) + 1:
+        raise CheckpointError(f"config.json says num_hidden_layers {n_layers!r}, the stored tensors hold "
+                              f"{max(blocks) + 1} decoder blocks")
+    emb = next((shapes[k] for k in shapes if k.endswith("embed_tokens.weight")), None)
+    want = [text.get("vocab_size"), text.get("hidden_size")]
+    if emb is not None and emb != want:
+        raise CheckpointError(f"config.json says vocab_size x hidden_size {want}, the stored embedding is {emb}")
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -289,6 +368,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{root}/config.json has no pvq quantization_config; it is not a pvq checkpoint")
+    _check_config_against_files(root, config, index["files"])
     return index
 
 

@@ -180,13 +180,18 @@ def dense_state_dict(model: nn.Module, dense_dtype: str = "float16") -> dict[str
     buffers are integers and stay as they are); a non-finite value is refused, naming the tensor."""
     dense = DENSE_DTYPES[dense_dtype]
     out = {}
+    cast: dict[tuple, torch.Tensor] = {}  # tied tensors (one storage) stay one tensor, so transformers saves them once
     for key, value in model.state_dict().items():
         if value.is_floating_point():
             if value.device.type == "meta":
                 raise CheckpointError(f"tensor {key!r} is on the meta device (has no value) and cannot be saved")
-            if not bool(torch.isfinite(value).all()):
-                raise CheckpointError(f"tensor {key!r} has non-finite values; refusing to save it")
-            value = value.to(_store_dtype(value, dense))
+            ident = (value.device.type, value.untyped_storage().data_ptr(), value.storage_offset(),
+                     tuple(value.shape), tuple(value.stride()), value.dtype)
+            if ident not in cast:
+                if not bool(torch.isfinite(value).all()):
+                    raise CheckpointError(f"tensor {key!r} has non-finite values; refusing to save it")
+                cast[ident] = value.to(_store_dtype(value, dense))
+            value = cast[ident]
         out[key] = value
     return out
 
@@ -237,6 +242,18 @@ def _check_stored_payloads(model: nn.Module, checkpoint_files: list[str]) -> Non
                 )
 
 
+def _linear(model: nn.Module, name: str, what: str) -> nn.Linear:
+    """The nn.Linear `name` of `model`, else CheckpointError ("{what} {name!r} ...")."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{what} {name!r}, which is not a module of the "
+                              f"{getattr(model.config, 'model_type', '?')} model") from None
+    if not isinstance(module, nn.Linear):
+        raise CheckpointError(f"{what} {name!r}, which is a {type(module).__name__} in the model, not nn.Linear")
+    return module
+
+
 class PVQHfQuantizer(HfQuantizer):
     """Loads pre-quantized pvq models (see the module docstring); quantizing happens in pvq."""
 
@@ -254,14 +271,7 @@ class PVQHfQuantizer(HfQuantizer):
                 except (RotationError, ValueError) as e:
                     raise CheckpointRotationError(f"the recorded rotation cannot be rebuilt: {e}") from e
             for name in cfg.layers:
-                try:
-                    module = model.get_submodule(name)
-                except AttributeError:
-                    raise CheckpointError(
-                        f"quantization_config lists layer {name!r}, which the {model.config.model_type} model does not have"
-                    ) from None
-                if not isinstance(module, nn.Linear):
-                    raise CheckpointError(f"quantized layer {name!r} is a {type(module).__name__} in the model, not nn.Linear")
+                module = _linear(model, name, "quantization_config lists layer")
                 method, config = cfg.layer_settings(name)
                 try:
                     with torch.device("meta"):
@@ -280,8 +290,25 @@ class PVQHfQuantizer(HfQuantizer):
             _check_stored_payloads(model, kwargs["checkpoint_files"])
         return model
 
+    def update_attn_implementation(self, config):
+        """Called with the model's config before the model is built: the layer count the
+        config asks for must be the one the quantized layers cover (no building of a huge
+        model from a tampered config.json)."""
+        import re
+
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        blocks = {int(m.group(1)) for n in self.quantization_config.layers if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", n))}
+        n_layers = getattr(text, "num_hidden_layers", None)
+        if blocks and n_layers != max(blocks) + 1:
+            raise CheckpointError(f"config.json says num_hidden_layers {n_layers!r}, the quantization_config's layers "
+                                  f"cover {max(blocks) + 1} decoder blocks")
+        return config
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         refresh_online_transforms(model)
+        for key, value in model.state_dict().items():
+            if value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"stored tensor {key!r} has non-finite values")
         for module in model.modules():
             if isinstance(module, QuantizedLinear):
                 module.check_payload()
@@ -346,12 +373,7 @@ def quantized_model(
         qt = quantized[name]
         if qt.method != method:
             raise CheckpointError(f"layer {name!r} was quantized with {qt.method}, not {method}")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"quantized layer {name!r} is not a module of the model") from None
-        if not isinstance(module, nn.Linear):
-            raise CheckpointError(f"quantized layer {name!r} is a {type(module).__name__}, not nn.Linear")
+        module = _linear(model, name, "quantized layer")
         if tuple(qt.shape) != (module.out_features, module.in_features):
             raise CheckpointError(f"quantized layer {name!r} has shape {tuple(qt.shape)}, the model's linear "
                                   f"{(module.out_features, module.in_features)}")

@@ -132,9 +132,24 @@ def load_model(
         source, kwargs = info["path"], {"local_files_only": True}
     else:
         source = info["path"]
+
+    def load(**extra):
+        return (AutoTokenizer.from_pretrained(source, **kwargs, **extra),
+                AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **extra))
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        if kind == "hub":
+            try:  # the local cache first: no network round trip for a model already here
+                tokenizer, model = load(local_files_only=True)
+            except OSError:
+                if "/" not in source:  # hub ids are org/name: a bare word is a typo, not a download
+                    raise ModelLoadError(
+                        f"model {source!r} is not a local directory or .gguf file, not a demo alias "
+                        f"({', '.join(DEMO_MODELS)}) and not in the Hugging Face cache; a hub model id looks like "
+                        "org/name") from None
+                tokenizer, model = load()
+        else:
+            tokenizer, model = load()
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load model {str(spec)!r} ({kind}: {source}): {e}") from e
     model.to(device)

@@ -81,6 +81,7 @@ def sample_windows(
     start_token: int,
     batch_size: int = 16,
     temperature: float = 1.0,
+    progress: bool = True,
 ) -> torch.Tensor:
     """`n_windows` sequences of `seqlen` tokens sampled from the model, each starting with
     `start_token` (seeded; the result depends on seed and batch_size)."""
@@ -91,12 +92,17 @@ def sample_windows(
     was_training = model.training
     model.eval()
     out_batches = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_windows * (seqlen - 1), desc="sampling calibration text", unit="tok", unit_scale=True,
+               disable=not progress)
     try:
         for b0 in range(0, n_windows, batch_size):
             b = min(batch_size, n_windows - b0)
             ids = torch.full((b, seqlen), start_token, dtype=torch.long, device=device)
             step_input, past = ids[:, :1], None
             for t in range(1, seqlen):
+                bar.update(b)
                 out = model(input_ids=step_input, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 logits = out.logits[:, -1, :].float()
@@ -107,6 +113,7 @@ def sample_windows(
             out_batches.append(ids.cpu())
             log.info("sampled calibration windows %d-%d of %d", b0 + 1, b0 + b, n_windows)
     finally:
+        bar.close()
         model.train(was_training)
     return torch.cat(out_batches)
 

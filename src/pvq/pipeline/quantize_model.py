@@ -356,10 +356,10 @@ def quantize_model(
     was_training = model.training
     model.eval()
     try:
-        start, hidden_resumed, state = 0, None, None
+        start, hidden_resumed, state, replay = 0, None, None, False
         if work_dir is not None:
             work_dir = Path(work_dir)
-            work_dir.mkdir(parents=True, exist_ok=True)
+            wd.claim(work_dir)
             settings = {
                 "method": method_name,
                 "config": jsonable(config),
@@ -375,20 +375,26 @@ def quantize_model(
                 "rest": wd.module_digest(model, skip_prefix=adapter.blocks),
                 "blocks": [wd.module_digest(b) for b in blocks],
             }
-            state = wd.read_state(work_dir) if resume else None
+            try:
+                state = wd.read_state(work_dir) if resume else None
+            except wd.WorkDirDamaged as e:
+                log.warning("%s: starting the quantization afresh", e)
+                state = None
+                wd.clear(work_dir)
             if not resume:
                 wd.clear(work_dir)
             if state is not None:
                 _check_resumable(state, settings, fingerprint, work_dir)
-                start = int(state["blocks_done"])
+                start, replay = _verified_blocks(work_dir, state, n_blocks)
                 for i in range(start):
                     _restore_block(model, adapter, method_obj, work_dir, i, state, result)
-                if start and start < n_blocks:
+                if start and start < n_blocks and not replay:
                     hidden_resumed = wd.load_hidden(work_dir, start - 1)
                 if start:
                     log.info("resuming from %s: %d of %d blocks already quantized", work_dir, start, n_blocks)
             else:
-                state = {**settings, "model_fingerprint": fingerprint, "quantized_blocks": [], "blocks_done": 0}
+                state = {**settings, "model_fingerprint": fingerprint, "quantized_blocks": [], "blocks_done": 0,
+                         "files": {}}
                 wd.write_state(work_dir, {**state, "device": str(device)})
         result.resumed_blocks = start
         if start >= n_blocks:
@@ -402,6 +408,10 @@ def quantize_model(
                     f"expected {tuple(hidden.shape)} {hidden.dtype}"
                 )
             hidden = hidden_resumed
+        elif replay:  # the saved block inputs were damaged: run the good blocks again to remake them
+            log.warning("recomputing the inputs of block %d by running the %d finished blocks again", start, start)
+            for i in range(start):
+                hidden = _replay_block(model, adapter, i, hidden, kwargs_list, batch_size, device, compute_dtype)
 
         from tqdm.auto import tqdm
 
@@ -417,9 +427,11 @@ def quantize_model(
                 dt = time.perf_counter() - t0
                 result.block_seconds.append(dt)
                 if work_dir is not None:
-                    wd.save_block(work_dir, i, layers, infos)
+                    files = {k: v for k, v in state.get("files", {}).items() if k != wd.HIDDEN_FILE}
+                    files.update(wd.save_block(work_dir, i, layers, infos))
                     if not last:
-                        wd.save_hidden(work_dir, hidden_next, i)
+                        files[wd.HIDDEN_FILE] = wd.save_hidden(work_dir, hidden_next, i)
+                    state["files"] = files
                     state["quantized_blocks"] = state["quantized_blocks"][:i] + [wd.module_digest(blocks[i])]
                     state["blocks_done"] = i + 1
                     wd.write_state(work_dir, {**state, "device": str(device)})
@@ -488,6 +500,53 @@ def _check_resumable(state: dict, settings: dict, fingerprint: dict, work_dir: P
             f"work directory {work_dir} was made from a different model ({'; '.join(problems)}); "
             "load the same model afresh, use another work directory, or pass resume=False"
         )
+
+
+def _verified_blocks(work_dir: Path, state: dict, n_blocks: int) -> tuple[int, bool]:
+    """(finished blocks whose files match their recorded digests, whether the block inputs
+    must be recomputed). The first damaged block and every later one are discarded (and
+    the state rewritten), with a warning; so is a damaged hidden-state file."""
+    done = int(state["blocks_done"])
+    files = state.get("files", {})
+    good = 0
+    for i in range(done):
+        names = [p.name for p in wd.block_paths(work_dir, i)]
+        if not all(wd.intact(work_dir, n, files) for n in names):
+            log.warning("work directory %s: block %d does not match its recorded digest (damaged or edited); "
+                        "discarding it and the %d block(s) after it, recomputing them", work_dir, i, done - i - 1)
+            break
+        good = i + 1
+    replay = False
+    if good < done:
+        wd.discard_from(work_dir, good)
+        keep = {n for i in range(good) for n in (p.name for p in wd.block_paths(work_dir, i))}
+        state["files"] = {k: v for k, v in files.items() if k in keep}
+        state["blocks_done"] = good
+        state["quantized_blocks"] = state.get("quantized_blocks", [])[:good]
+        wd.write_state(work_dir, state)
+        replay = good > 0
+    elif 0 < good < n_blocks and not wd.intact(work_dir, wd.HIDDEN_FILE, files):
+        log.warning("work directory %s: the saved inputs of block %d do not match their recorded digest; "
+                    "recomputing them", work_dir, good)
+        replay = True
+    return good, replay
+
+
+@torch.no_grad()
+def _replay_block(model, adapter, i, hidden, kwargs_list, batch_size, device, compute_dtype) -> torch.Tensor:
+    """Outputs of the (restored, quantized) block i exactly as `_quantize_block` computed them:
+    the block cast to the compute dtype for the forward, then put back."""
+    block = adapter.get_blocks(model)[i]
+    home = _module_home(block)
+    cast = {t.dtype for t in block.parameters()} != {compute_dtype}
+    snapshot = _snapshot(block) if cast else None
+    try:
+        block.to(device=device, dtype=compute_dtype) if cast else block.to(device)
+        return _run_block(block, hidden, kwargs_list, batch_size, device)
+    finally:
+        block.to(home)
+        if cast:
+            _load_snapshot(block, snapshot)
 
 
 @torch.no_grad()

@@ -11,6 +11,16 @@ so a crash leaves either the old or the new file, never a torn one):
     hidden.safetensors         "hidden_states": outputs of the last finished block = the
                                inputs of the next one (n_windows, seqlen, hidden), in the
                                compute dtype; metadata after_block=<index>
+    .pvq-workdir               marker: this directory is pvq's own (any other non-empty
+                               directory is refused, never written into)
+
+Integrity: every file is fsync'd before it is renamed into place, and the state file
+records the sha256 of every block and hidden-state file next to its own digest
+(``state_sha256``). On resume, a block file that does not match is discarded together
+with every later block (they were computed from it) and recomputed; damaged hidden
+states are recomputed by running the good blocks again; a damaged state file restarts
+the run. Each is logged as a warning, and the result is the same bytes as an
+undamaged run.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from pvq.quant import QuantizedTensor
 
 STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.safetensors"
+MARKER_FILE = ".pvq-workdir"
 FORMAT = "pvq-quantize-workdir"
 VERSION = 1
 
@@ -42,17 +53,72 @@ class WorkDirError(PVQError, RuntimeError):
     """A work directory that cannot be resumed with the given settings."""
 
 
+class WorkDirDamaged(WorkDirError):
+    """A work-directory file whose bytes do not match the digest recorded for it."""
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it to `path`, fsync the directory: the new file or the old one, never a torn one."""
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = _tmp(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _replace(tmp, path)
+
+
+def check_claimable(work_dir: Path) -> None:
+    """WorkDirError unless `work_dir` is absent, empty, or pvq's own (marked)."""
+    if work_dir.exists() or work_dir.is_symlink():
+        if not work_dir.is_dir() or work_dir.is_symlink():
+            raise WorkDirError(f"work directory {work_dir} exists and is not a directory")
+        if not (work_dir / MARKER_FILE).is_file() and any(work_dir.iterdir()):
+            raise WorkDirError(f"work directory {work_dir} holds files pvq did not write; refusing to use it "
+                               "(give an empty or new --work-dir)")
+
+
+def claim(work_dir: Path) -> None:
+    """Make `work_dir` pvq's own: create it with a marker, or accept it when empty or already
+    marked; any other existing directory (or a file) is refused and left untouched."""
+    check_claimable(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    marker = work_dir / MARKER_FILE
+    if not marker.is_file():
+        atomic_write_text(marker, "pvq quantization work directory: resumable state, safe to delete\n")
 
 
 def _json_default(obj):
@@ -102,7 +168,8 @@ def windows_digest(windows: torch.Tensor) -> str:
 
 
 # -- QuantizedTensors ----------------------------------------------------------------------------
-def save_block(work_dir: Path, index: int, layers: dict[str, QuantizedTensor], info: dict[str, dict]) -> None:
+def save_block(work_dir: Path, index: int, layers: dict[str, QuantizedTensor], info: dict[str, dict]) -> dict[str, str]:
+    """Write block `index`'s payloads and report; returns {file name: sha256} of both files."""
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {}
     for name, qt in layers.items():
@@ -122,10 +189,11 @@ def save_block(work_dir: Path, index: int, layers: dict[str, QuantizedTensor], i
     st_path, js_path = block_paths(work_dir, index)
     tmp = _tmp(st_path)
     np_save_file(arrays, str(tmp))
-    os.replace(tmp, st_path)
+    _replace(tmp, st_path)
     # insertion order kept (layers in quantization order, meta keys as the method wrote
     # them), so a resumed run hands downstream writers the very same dicts
     atomic_write_json(js_path, {"block": index, "layers": meta}, sort_keys=False)
+    return {st_path.name: file_digest(st_path), js_path.name: file_digest(js_path)}
 
 
 def load_block(work_dir: Path, index: int) -> tuple[dict[str, QuantizedTensor], dict[str, dict]]:
@@ -148,11 +216,13 @@ def load_block(work_dir: Path, index: int) -> tuple[dict[str, QuantizedTensor], 
 
 
 # -- hidden states -------------------------------------------------------------------------------
-def save_hidden(work_dir: Path, hidden: torch.Tensor, after_block: int) -> None:
+def save_hidden(work_dir: Path, hidden: torch.Tensor, after_block: int) -> str:
+    """Write the inputs of block after_block + 1; returns the file's sha256."""
     path = work_dir / HIDDEN_FILE
     tmp = _tmp(path)
     torch_save_file({"hidden_states": hidden.contiguous()}, str(tmp), metadata={"after_block": str(after_block)})
-    os.replace(tmp, path)
+    _replace(tmp, path)
+    return file_digest(path)
 
 
 def load_hidden(work_dir: Path, after_block: int) -> torch.Tensor:
@@ -176,15 +246,29 @@ def read_state(work_dir: Path) -> dict | None:
         return None
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise WorkDirError(f"{path} is not valid JSON ({e}); remove the work directory or pass resume=False") from e
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise WorkDirError(f"{path} is not a version-{VERSION} {FORMAT} state file")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise WorkDirDamaged(f"{path} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
+        raise WorkDirDamaged(f"{path} is not a version-{VERSION} {FORMAT} state file")
+    recorded = state.pop("state_sha256", None)
+    if recorded != _state_digest(state):
+        raise WorkDirDamaged(f"{path} does not match its recorded digest (edited or damaged)")
     return state
 
 
+def _state_digest(state: dict) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
 def write_state(work_dir: Path, state: dict) -> None:
-    atomic_write_json(work_dir / STATE_FILE, {"format": FORMAT, "version": VERSION, **state})
+    body = {**{k: v for k, v in state.items() if k != "state_sha256"}, "format": FORMAT, "version": VERSION}
+    atomic_write_json(work_dir / STATE_FILE, {**body, "state_sha256": _state_digest(body)})
+
+
+def intact(work_dir: Path, name: str, digests: dict[str, str]) -> bool:
+    """Whether work-directory file `name` exists as a regular file with the recorded sha256."""
+    path = work_dir / name
+    return name in digests and path.is_file() and not path.is_symlink() and file_digest(path) == digests[name]
 
 
 def clear(work_dir: Path) -> None:
@@ -192,4 +276,16 @@ def clear(work_dir: Path) -> None:
     (work_dir / STATE_FILE).unlink(missing_ok=True)
     for p in work_dir.glob("block_*.*"):
         p.unlink()
+    (work_dir / HIDDEN_FILE).unlink(missing_ok=True)
+
+
+def discard_from(work_dir: Path, first: int) -> None:
+    """Delete the files of block `first` and every later block, and the hidden states."""
+    for p in work_dir.glob("block_*.*"):
+        try:
+            index = int(p.name.split("_")[1].split(".")[0])
+        except (IndexError, ValueError):
+            continue
+        if index >= first:
+            p.unlink()
     (work_dir / HIDDEN_FILE).unlink(missing_ok=True)
