@@ -4,17 +4,20 @@ Run:  python bench/runtime.py --pvq pvq-out [--gptq gptq-out] [--threads 2] [--o
 
 Every row runs in a fresh process (this script with --worker), so resident memory is that
 of one model alone: the increase of VmRSS over the process after its imports (torch,
-transformers, pvq, the Llama modelling code, or llama_cpp) were done. Per row:
+transformers, pvq, the Llama modelling code, the codec's compiled code, or llama_cpp) were
+done, right after the load and again after the prefill and decode runs (a float model
+loaded from safetensors is memory-mapped: its weights count once a forward has touched
+them; "vs float32" compares the after-the-run figures). Per row:
 
 * bytes: the checkpoint directory on disk (pvq rows), the GGUF file (llama.cpp), or the
   parameters at 4 / 2 bytes each (float32 / bfloat16 rows: what a safetensors file of them holds);
 * load: seconds from the call to a model ready to run (pvq: `pvq.load`, verified, every
-  layer decoded once as a check; float rows: `pvq.models.load_model` of the GGUF, which
-  dequantizes it);
+  layer decoded once as a check; float rows: transformers' `from_pretrained` of the model
+  saved once as float32 safetensors in --float-dir, made from the GGUF when missing);
 * prefill: tokens/s of one forward over `--prompt-tokens` tokens (KV cache on);
 * decode: tokens/s of `--new-tokens` greedy steps after it, one token per forward, KV cache;
 * linear share: the fraction of the decode steps' time spent inside the linear layers
-  (nn.Linear and QuantizedLinear forwards, timed with hooks in a second decode run);
+  (nn.Linear and QuantizedLinear forwards, timed with hooks in a second run of 8 decode steps);
 * llama.cpp: the `llama-cpp-python` package on the demo model's original Q4_1 GGUF,
   `Llama.eval` for the prompt and then one token at a time, greedy (argmax of the logits),
   the same thread count; the row says "not installed" when the package is missing.
@@ -48,9 +51,10 @@ def _torch_worker(row: str, args) -> dict:
 
     import pvq
     from pvq.formats import QuantizedLinear
-    from pvq.models import load_model
-
     torch.set_num_threads(args.threads)
+    from pvq.generate import warm_imports
+
+    warm_imports(getattr(args, row) if row in ("pvq", "gptq") else args.float_dir)
     rss0 = _rss()
     t0 = time.perf_counter()
     if row in ("pvq", "gptq"):
@@ -60,9 +64,9 @@ def _torch_worker(row: str, args) -> dict:
         what = f"{info['quantization_config']['method']} {info['stats']['bits_per_weight']:.3f} bpw"
     else:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[row]
-        model, _, _ = load_model(args.model, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.float_dir, dtype=dtype, local_files_only=True)
         nbytes = sum(p.numel() for p in model.parameters()) * (4 if row == "float32" else 2)
-        what = row
+        what = f"{row} (safetensors, transformers)"
     load_s = time.perf_counter() - t0
     rss = _rss() - rss0
     model.eval()
@@ -70,7 +74,7 @@ def _torch_worker(row: str, args) -> dict:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=gen)
 
-    def run(hooks: bool) -> tuple[float, float, float]:
+    def run(hooks: bool, steps: int) -> tuple[float, float, float]:
         linear_s = [0.0]
         handles = []
         if hooks:
@@ -93,7 +97,7 @@ def _torch_worker(row: str, args) -> dict:
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             linear_s[0] = 0.0
             t0 = time.perf_counter()
-            for _ in range(args.new_tokens):
+            for _ in range(steps):
                 out = model(tok, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -102,11 +106,13 @@ def _torch_worker(row: str, args) -> dict:
             h.remove()
         return prefill, decode, linear_s[0]
 
-    prefill, decode, _ = run(hooks=False)
-    _, decode_hooked, linear = run(hooks=True)
+    prefill, decode, _ = run(hooks=False, steps=args.new_tokens)
+    rss_run = _rss() - rss0
+    _, decode_hooked, linear = run(hooks=True, steps=min(8, args.new_tokens))
     kernels = sorted({m.last_kernel for m in model.modules() if isinstance(m, QuantizedLinear) and m.last_kernel})
     return {
-        "row": row, "what": what, "bytes": nbytes, "rss_bytes": rss, "load_seconds": load_s,
+        "row": row, "what": what, "bytes": nbytes, "rss_bytes": rss, "rss_after_run_bytes": rss_run,
+        "load_seconds": load_s,
         "prefill_tokens_per_second": args.prompt_tokens / prefill,
         "decode_tokens_per_second": args.new_tokens / decode,
         "linear_share": linear / decode_hooked, "threads": torch.get_num_threads(),
@@ -142,7 +148,7 @@ def _llama_cpp_worker(args) -> dict:
     decode = time.perf_counter() - t0
     return {
         "row": "llama.cpp", "what": f"llama.cpp {getattr(llama_cpp, '__version__', '?')}, {gguf.name}",
-        "bytes": gguf.stat().st_size, "rss_bytes": rss, "load_seconds": load_s,
+        "bytes": gguf.stat().st_size, "rss_bytes": rss, "rss_after_run_bytes": _rss() - rss0, "load_seconds": load_s,
         "prefill_tokens_per_second": args.prompt_tokens / prefill,
         "decode_tokens_per_second": args.new_tokens / decode, "linear_share": None, "threads": args.threads,
         "kernels": [],
@@ -152,18 +158,19 @@ def _llama_cpp_worker(args) -> dict:
 def table(results: list[dict]) -> str:
     ref = next((r for r in results if r["row"] == "float32" and "rss_bytes" in r), None)
     mib = 2**20
-    lines = ["| row | model | bytes (MiB) | resident after load (MiB) | vs float32 | load s | prefill tok/s | "
-             "decode tok/s | decode vs float32 | linear share of decode | kernels |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | model | bytes (MiB) | resident after load (MiB) | resident after the run (MiB) | vs float32 | "
+             "load s | prefill tok/s | decode tok/s | decode vs float32 | linear share of decode | kernels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "rss_bytes" not in r:
-            lines.append(f"| {r['row']} | {r['what']} | - | - | - | - | - | - | - | - | - |")
+            lines.append(f"| {r['row']} | {r['what']} | - | - | - | - | - | - | - | - | - | - |")
             continue
-        vs = f"{r['rss_bytes'] / ref['rss_bytes']:.2f}x" if ref else "-"
+        vs = f"{r['rss_after_run_bytes'] / ref['rss_after_run_bytes']:.2f}x" if ref else "-"
         dvs = f"{r['decode_tokens_per_second'] / ref['decode_tokens_per_second']:.2f}x" if ref else "-"
         share = f"{100 * r['linear_share']:.0f}%" if r.get("linear_share") is not None else "-"
         lines.append(
-            f"| {r['row']} | {r['what']} | {r['bytes'] / mib:.1f} | {r['rss_bytes'] / mib:.0f} | {vs} | "
+            f"| {r['row']} | {r['what']} | {r['bytes'] / mib:.1f} | {r['rss_bytes'] / mib:.0f} | "
+            f"{r['rss_after_run_bytes'] / mib:.0f} | {vs} | "
             f"{r['load_seconds']:.1f} | {r['prefill_tokens_per_second']:.0f} | {r['decode_tokens_per_second']:.2f} | "
             f"{dvs} | {share} | {', '.join(r['kernels']) or '-'} |"
         )
@@ -173,6 +180,8 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="the float model (and llama.cpp's GGUF)")
+    parser.add_argument("--float-dir", default="bench-out/float32-hf",
+                        help="the float model saved as float32 safetensors (made from --model when missing)")
     parser.add_argument("--pvq", default=None, help="a pvq checkpoint directory (the default `pvq quantize` output)")
     parser.add_argument("--gptq", default=None, help="a GPTQ 4-bit pvq checkpoint directory")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
@@ -186,11 +195,22 @@ def main() -> None:
         result = _llama_cpp_worker(args) if args.worker == "llama.cpp" else _torch_worker(args.worker, args)
         print("RESULT " + json.dumps(result))
         return
+    if not (Path(args.float_dir) / "config.json").is_file() and {"float32", "bfloat16"} & set(args.rows):
+        # the float rows load a float32 safetensors directory, as a user of transformers would
+        from pvq.models import load_model
+
+        model, tokenizer, _ = load_model(args.model)
+        if getattr(model, "hf_quantizer", None) is not None:  # a GGUF load: its weights are plain float32 now
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(args.float_dir)
+        tokenizer.save_pretrained(args.float_dir)
+        del model
     results = []
     for row in args.rows:
         if row in ("pvq", "gptq") and getattr(args, row) is None:
             continue
-        cmd = [sys.executable, __file__, "--worker", row, "--model", args.model, "--threads", str(args.threads),
+        cmd = [sys.executable, __file__, "--worker", row, "--model", args.model, "--float-dir", args.float_dir,
+               "--threads", str(args.threads),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
         for name in ("pvq", "gptq"):
             if getattr(args, name):

@@ -153,3 +153,163 @@ def test_verify_reports_an_interrupted_save(env, tmp_path, capsys):
     shutil.copytree(env / "ck", bad)
     (bad / "tokenizer.json").unlink()
     assert "'tokenizer.json' is missing" in cli_error(capsys, ["verify", str(bad)])
+
+
+def test_text_files_that_are_not_utf8_name_the_file(env, tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 500)
+    line = cli_error(capsys, quantize_args(env, tmp_path / "o", "--method", "gptq", "--calib-text", str(bad)))
+    assert f"calibration text {bad} cannot be read as UTF-8" in line
+    line = cli_error(capsys, ["eval", str(env / "model"), "--eval-text", str(bad), "--seqlen", "32"])
+    assert f"{bad} cannot be read as UTF-8" in line
+
+
+# --------------------------------------------------------------------------- found by an adversarial pass
+
+
+def _reindexed_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of a checkpoint, edited by `edit(dst)`, with its index recomputed (a consistent tamper)."""
+    import hashlib
+
+    shutil.copytree(src, dst)
+    edit(dst)
+    index = json.loads((dst / "pvq_index.json").read_text())
+    for name in list(index["files"]):
+        data = (dst / name).read_bytes()
+        index["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (dst / "pvq_index.json").write_text(json.dumps(index))
+    return dst
+
+
+def _edit_config(edit):
+    def run(d: Path) -> None:
+        config = json.loads((d / "config.json").read_text())
+        edit(config)
+        (d / "config.json").write_text(json.dumps(config))
+    return run
+
+
+def _drop_tensor(key):
+    def run(d: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(d / "model.safetensors")
+        del tensors[key]
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return run
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_edit_config(lambda c: c["quantization_config"]["layers"].remove("model.layers.0.self_attn.v_proj")),
+     "do not match the model.*model.layers.0.self_attn.v_proj"),
+    (_drop_tensor("model.embed_tokens.weight"), "missing: model.embed_tokens.weight"),
+    (_drop_tensor("model.layers.0.input_layernorm.weight"), "missing: model.layers.0.input_layernorm.weight"),
+    (_edit_config(lambda c: c["quantization_config"].update(dense_dtype=["float16"])), "dense_dtype must be one of"),
+    (_edit_config(lambda c: c["quantization_config"].update(method=["rtn"])), "method must be a method name"),
+    (_edit_config(lambda c: c["quantization_config"]["config"].update(group_size=10**20)), "larger than in_features"),
+])
+def test_consistently_tampered_checkpoints_are_refused(env, tmp_path, capsys, edit, message):
+    bad = _reindexed_copy(env / "ck", tmp_path / "bad", edit)
+    assert __import__("re").search(message, cli_error(capsys, ["verify", str(bad)]))
+    with pytest.raises(PVQError, match=message):
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_transformers_route_verifies_the_index(env, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(env / "ck", bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-3] ^= 1
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(PVQError, match="fails its checksum"):
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_float_models_with_missing_or_damaged_files_are_refused(env, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    fm = tmp_path / "fm"
+    shutil.copytree(env / "model", fm)
+    tensors = load_file(fm / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, fm / "model.safetensors", metadata={"format": "pt"})
+    assert "missing keys: ['model.layers.1.mlp.up_proj.weight']" in cli_error(
+        capsys, ["quantize", str(fm), "--out", str(tmp_path / "o"), "--method", "rtn", "--group-size", "32", "--no-eval"])
+    assert not (tmp_path / "o").exists()
+    (fm / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    assert "could not load model" in cli_error(capsys, ["generate", str(fm), "--prompt", "hi"])
+    for name, text in (("deep", '{"a": ' * 100000 + "1" + "}" * 100000), ("array", "[1, 2]"),
+                       ("listtype", json.dumps({"model_type": ["llama"]}))):
+        d = tmp_path / name
+        shutil.copytree(env / "model", d)
+        (d / "config.json").write_text(text)
+        cli_error(capsys, ["generate", str(d), "--prompt", "hi"])  # one line, exit 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "{ck}", "--prompt", ""], "encodes to no tokens"),
+    (["generate", "{ck}", "--prompt", "hi", "--max-new-tokens", "100000000"], "exceed the model's 512 positions"),
+    (["generate", "{ck}", "--prompt", "hi", "--threads", "-1"], None),
+    (["eval", "{ck}", "--seqlen", "0"], None),
+    (["eval", "{ck}", "--max-windows", "-1"], None),
+    (["eval", "{ck}", "--batch-size", "0"], None),
+])
+def test_out_of_range_options(env, capsys, argv, message):
+    argv = [a.replace("{ck}", str(env / "ck")) for a in argv]
+    if message is None:  # argparse refuses the value: its own one-line error and exit code 2
+        from pvq.cli import main
+
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and "must be at least" in capsys.readouterr().err
+    else:
+        assert message in cli_error(capsys, argv)
+
+
+def test_quantize_options_checked_before_the_work(env, tmp_path, capsys):
+    for extra, message in ((["--max-shard-size", "banana"], "not a size"), (["--max-shard-size", "0"], "must be positive"),
+                           (["--work-dir", str(tmp_path / "same")], "must be separate directories")):
+        out = tmp_path / "same"
+        assert message in cli_error(capsys, quantize_args(env, out, "--method", "gptq", *extra))
+        assert not out.exists()
+    import time
+
+    t0 = time.perf_counter()
+    assert "larger than in_features" in cli_error(capsys, quantize_args(env, tmp_path / "o", "--group-size", str(10**20)))
+    assert time.perf_counter() - t0 < 60
+
+
+def test_per_row_groups_work_end_to_end(env, tmp_path, capsys):
+    from pvq.cli import main
+
+    assert main(quantize_args(env, tmp_path / "o", "--group-size", "-1")) == 0
+    report = json.loads((tmp_path / "o" / "job_report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert report["bits_per_weight_nominal"] > 4 and report["mean_proxy_loss"] is None  # RTN: no Hessian, no NaN
+
+
+def test_a_foreign_manifest_is_not_a_checkpoint(env, tmp_path, capsys):
+    web = tmp_path / "webapp"
+    (web / "sub").mkdir(parents=True)
+    (web / "manifest.json").write_text(json.dumps({"name": "app", "files": {"index.html": {}, "sub/app.js": {}}}))
+    (web / "index.html").write_text("<html>")
+    (web / "sub" / "app.js").write_text("1")
+    assert "not a pvq checkpoint" in cli_error(capsys, quantize_args(env, web, "--overwrite"))
+    assert sorted(p.relative_to(web).as_posix() for p in web.rglob("*") if p.is_file()) == [
+        "index.html", "manifest.json", "sub/app.js"]
+
+
+def test_legacy_conversion_reads_only_listed_regular_files(tmp_path, capsys):
+    legacy = Path(__file__).parent / "data" / "legacy" / "v1-pvq"
+    src = tmp_path / "old"
+    shutil.copytree(legacy, src)
+    (src / "chat_template.jinja").write_text("{{ evil }}")
+    from pvq.formats import convert_legacy
+
+    index = convert_legacy(src, tmp_path / "new")
+    assert "chat_template.jinja" not in index["files"] and not (tmp_path / "new" / "chat_template.jinja").exists()
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(src / "dense.safetensors", outside)
+    (src / "dense.safetensors").unlink()
+    os.symlink(outside, src / "dense.safetensors")
+    assert "symbolic link" in cli_error(capsys, ["convert", str(src), str(tmp_path / "new2")])
+    assert not (tmp_path / "new2").exists()

@@ -23,7 +23,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import pvq  # noqa: E402
-from conftest import printable_char_tokenizer  # noqa: E402
+from conftest import cli_error, printable_char_tokenizer  # noqa: E402
 from pvq.codec.errors import CodecError  # noqa: E402
 from pvq.formats import (  # noqa: E402
     INDEX_FILE,
@@ -87,13 +87,37 @@ def saved(tmp_path_factory):
     return model, root, logits(model)
 
 
-def edited_copy(src: Path, dst: Path, edit) -> Path:
-    """A copy of a checkpoint with config.json edited (the index is not updated)."""
+def reindex(root: Path) -> Path:
+    """Record the current size and sha256 of every indexed file (a consistent tamper, which
+    the integrity check cannot see: the checks behind it must catch it)."""
+    import hashlib
+
+    index = json.loads((root / INDEX_FILE).read_text())
+    for name in index["files"]:
+        data = (root / name).read_bytes()
+        index["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (root / INDEX_FILE).write_text(json.dumps(index))
+    return root
+
+
+def tampered_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of a checkpoint whose model.safetensors tensors are edited, index updated."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return reindex(dst)
+
+
+def edited_copy(src: Path, dst: Path, edit, index: bool = True) -> Path:
+    """A copy of a checkpoint with config.json edited (and the index updated unless `index` is False)."""
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
     edit(config)
     (dst / "config.json").write_text(json.dumps(config))
-    return dst
+    return reindex(dst) if index else dst
 
 
 # =========================================================================== the contract + the layer
@@ -397,7 +421,7 @@ def test_verify_and_integrity_errors(saved, tmp_path):
         (lambda c: c["quantization_config"]["layers"].append("model.layers.7.mlp.up_proj"), CheckpointError,
          "num_hidden_layers 2, the quantization_config's layers cover 8 decoder blocks"),
         (lambda c: c.update(num_hidden_layers=200000), CheckpointError,
-         "num_hidden_layers 200000, the quantization_config's layers cover 2 decoder blocks"),
+         "num_hidden_layers 200000, the (quantization_config's layers cover|stored tensors hold) 2 decoder blocks"),
         (lambda c: c["quantization_config"].update(rotation={"kind": "spin"}), CheckpointRotationError,
          "unknown rotation kind 'spin'"),
         (lambda c: c["quantization_config"].update(act_quant={"kind": "int4"}), CheckpointError,
@@ -408,68 +432,52 @@ def test_bad_quantization_config_names_the_field(saved, tmp_path, edit, error, m
     _, root, _ = saved
     bad = edited_copy(root, tmp_path / "bad", edit)
     with pytest.raises(error, match=message):
-        load_checkpoint(bad, verify=False)
+        load_checkpoint(bad)
+    with pytest.raises(error, match=message):
+        transformers.AutoModelForCausalLM.from_pretrained(bad)  # transformers' own route checks the same
+    unindexed = edited_copy(root, tmp_path / "unindexed", edit, index=False)
     with pytest.raises(CheckpointIntegrityError, match="config.json"):
-        load_checkpoint(bad)  # verified: the edit itself is caught first
+        load_checkpoint(unindexed)  # pvq.load: the integrity check catches the edit itself first
+    with pytest.raises(CheckpointError):
+        transformers.AutoModelForCausalLM.from_pretrained(unindexed)  # the config or the index, whichever first
 
 
 def test_a_config_asking_for_a_huge_model_is_refused_before_building(saved, tmp_path):
     """The memory bomb: config.json edited to ask for 200000 layers or a huge vocabulary, the
     index updated to match (a consistent tamper): refused from the stored tensors' headers."""
-    import hashlib
-
     _, root, _ = saved
     for field, value, message in (("num_hidden_layers", 200000, "num_hidden_layers 200000, the stored tensors hold 2"),
                                   ("vocab_size", 1 << 30, "the stored embedding is \\[256, 64\\]")):
         bad = edited_copy(root, tmp_path / field, lambda c: c.update({field: value}))
-        index = json.loads((bad / INDEX_FILE).read_text())
-        data = (bad / "config.json").read_bytes()
-        index["files"]["config.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        (bad / INDEX_FILE).write_text(json.dumps(index))
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(bad)
 
 
 def test_payload_of_the_wrong_dtype_names_the_layer(saved, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     _, root, _ = saved
-    bad = tmp_path / "bad"
-    shutil.copytree(root, bad)
-    tensors = load_file(bad / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.row_norms"] = tensors["model.layers.1.mlp.up_proj.row_norms"].to(torch.int32)
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    key = "model.layers.1.mlp.up_proj.row_norms"
+    bad = tampered_copy(root, tmp_path / "bad", lambda t: t.update({key: t[key].to(torch.int32)}))
     with pytest.raises(CheckpointError, match=r"layer 'model.layers.1.mlp.up_proj' \(pvq\): stored tensor 'row_norms'"):
-        load_checkpoint(bad, verify=False)
+        load_checkpoint(bad)
 
 
 def test_non_finite_dense_tensor_is_refused_on_load(saved, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     _, root, _ = saved
-    bad = tmp_path / "bad"
-    shutil.copytree(root, bad)
-    tensors = load_file(bad / "model.safetensors")
-    tensors["model.layers.1.input_layernorm.weight"][5] = float("inf")
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = tampered_copy(root, tmp_path / "bad",
+                        lambda t: t["model.layers.1.input_layernorm.weight"].__setitem__(5, float("inf")))
     with pytest.raises(CheckpointError, match="'model.layers.1.input_layernorm.weight' has non-finite values"):
-        load_checkpoint(bad, verify=False)
+        load_checkpoint(bad)
 
 
 def test_codes_out_of_range_name_the_layer(saved, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     _, root, _ = saved
-    bad = tmp_path / "bad"
-    shutil.copytree(root, bad)
-    tensors = load_file(bad / "model.safetensors")
     name = "model.layers.0.mlp.down_proj"
-    tensors[f"{name}.codes"] = torch.full_like(tensors[f"{name}.codes"], 0xFF)  # every code past N(D, K)
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = tampered_copy(root, tmp_path / "bad",  # every code past N(D, K)
+                        lambda t: t.update({f"{name}.codes": torch.full_like(t[f"{name}.codes"], 0xFF)}))
     with pytest.raises(LayerCodecError, match=rf"layer '{name}' \(pvq\): cannot decode the stored codes") as info:
-        load_checkpoint(bad, verify=False)
+        load_checkpoint(bad)
     assert isinstance(info.value, CodecError)
-    unchecked, _, _ = load_checkpoint(bad, verify=False, check_decode=False)
+    unchecked, _, _ = load_checkpoint(bad, check_decode=False)
     with pytest.raises(LayerCodecError, match=rf"layer '{name}'"):
         logits(unchecked)
 
@@ -530,13 +538,19 @@ def test_legacy_checkpoints_convert_bit_exactly(tmp_path, name):
     assert (info["quantization_config"]["rotation"] is not None) == name.startswith("v3")
 
 
-def test_legacy_conversion_refuses_a_damaged_source(tmp_path):
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["settings"]["config"].update(shape_bits=2.0), "stored meta pulses=.* the recorded pvq config gives"),
+    (lambda m: m["config"].update(num_hidden_layers=200000), "num_hidden_layers 200000, the stored tensors hold 2"),
+    (lambda m: m["config"].update(vocab_size=1 << 30), "the stored embedding is"),
+    (lambda m: m["tied"].update({"lm_head.weight": "model.norm.weight"}), "dense tensor 'lm_head.weight'|stored shape"),
+])
+def test_legacy_conversion_refuses_a_damaged_source(tmp_path, edit, message):
     src = tmp_path / "old"
     shutil.copytree(LEGACY / "v1-pvq", src)
     manifest = json.loads((src / "manifest.json").read_text())
-    manifest["settings"]["config"]["shape_bits"] = 2.0
+    edit(manifest)
     (src / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="stored meta pulses=.* the recorded pvq config gives"):
+    with pytest.raises(CheckpointError, match=message):
         convert_legacy(src, tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
@@ -563,8 +577,9 @@ def test_generate_and_verify_cli(saved, capsys, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(root)
     loaded.save_pretrained(plain)
     printable_char_tokenizer().save_pretrained(plain)
-    assert main(["generate", str(plain), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
-    assert "loaded without the integrity check" in capsys.readouterr().err
+    assert "pvq_index.json" in cli_error(capsys, ["generate", str(plain), "--prompt", "hello"])
+    assert main(["generate", str(plain), "--prompt", "hello", "--max-new-tokens", "2", "--no-verify"]) == 0
+    assert "loaded without checking its files" in capsys.readouterr().err
     # a float model directory generates too (for comparison)
     float_dir = tmp_path / "float"
     tiny_llama(seed=0).save_pretrained(float_dir)

@@ -14,6 +14,23 @@ class CLIError(PVQError):
     """A command line that cannot run (conflicting or out-of-range options)."""
 
 
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum (argparse prints the one-line error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+POSITIVE, NONNEGATIVE, SEQLEN = _count(1), _count(0), _count(2)
+
+
 def _cmd_snr(args: argparse.Namespace) -> int:
     from pvq.eval.snr import run_snr_experiment
 
@@ -236,16 +253,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_any(spec: str, device: str, dtype: str):
+def _load_any(spec: str, device: str, dtype: str, verify: bool = True):
     """(model, tokenizer, description) of a pvq checkpoint directory or a float model spec."""
     from pvq.formats import INDEX_FILE, is_checkpoint, is_legacy_checkpoint, load_checkpoint
     from pvq.models import load_model
 
     if is_checkpoint(spec) or is_legacy_checkpoint(spec):
-        verify = is_legacy_checkpoint(spec) or (Path(spec) / INDEX_FILE).is_file()
         if not verify:
-            print(f"warning: {spec} has no {INDEX_FILE} (saved by plain save_pretrained): loaded without the "
-                  "integrity check", file=sys.stderr)
+            print(f"warning: {spec}: --no-verify: loaded without checking its files against {INDEX_FILE}",
+                  file=sys.stderr)
         model, tokenizer, info = load_checkpoint(spec, device=device, dtype=dtype, verify=verify)
         qc = info["quantization_config"]
         return model, tokenizer, f"pvq checkpoint, {qc['method']} {info['stats']['bits_per_weight']:.3f} bits/weight"
@@ -261,14 +277,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pvq.generate import generate_text, warm_imports
     from pvq.jobs import resident_memory_bytes
 
-    if args.max_new_tokens < 1:
-        raise CLIError("--max-new-tokens must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _default_device(args.device)
     warm_imports(args.model)
     rss0 = resident_memory_bytes()
-    model, tokenizer, what = _load_any(args.model, device, args.dtype)
+    model, tokenizer, what = _load_any(args.model, device, args.dtype, verify=not args.no_verify)
     rss1 = resident_memory_bytes()
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer")
@@ -335,9 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
         "snr",
         help="SNR of PVQ vs scalar, Lloyd-Max, E8 and the Shannon bound on a Gaussian source (paper Fig. 3)",
     )
-    snr.add_argument("--samples", type=int, default=512, help="Gaussian rows of 1024 values (default 512)")
+    snr.add_argument("--samples", type=POSITIVE, default=512, help="Gaussian rows of 1024 values (default 512)")
     snr.add_argument("--dims", type=int, nargs="+", default=[8, 16, 32, 64, 128], help="PVQ group sizes D")
-    snr.add_argument("--seed", type=int, default=0)
+    snr.add_argument("--seed", type=NONNEGATIVE, default=0)
     snr.add_argument("--plot", default="pvq_snr.png", help="output PNG (default pvq_snr.png)")
     snr.add_argument("--csv", default=None, help="also write the table as CSV")
     snr.add_argument("--quick", action="store_true", help="fewer samples and rates, for a smoke test")
@@ -371,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vq-columns", type=int, default=256, help="gptvq: columns per codebook block")
     q.add_argument("--codebook-update", action=argparse.BooleanOptionalAction, default=True,
                    help="gptvq: least-squares codebook update after assignment (default on)")
-    q.add_argument("--kmeans-iters", type=int, default=10, help="gptvq: EM iterations of the codebook initialisation")
+    q.add_argument("--kmeans-iters", type=NONNEGATIVE, default=10, help="gptvq: EM iterations of the codebook initialisation")
     q.add_argument("--vq-init", choices=["kpp", "mahalanobis"], default="kpp",
                    help="gptvq: k-means initialisation (kpp: seeded k-means++; mahalanobis: the paper's)")
     q.add_argument("--vq-assignment", choices=["diag", "block"], default="diag",
@@ -379,30 +393,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal")
     q.add_argument("--calib-text", default=None,
                    help="calibration text file (default: text sampled from the model itself, seeded)")
-    q.add_argument("--calib-windows", type=int, default=32, help="calibration windows (paper: 128)")
-    q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (paper: 2048)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--calib-windows", type=POSITIVE, default=32, help="calibration windows (paper: 128)")
+    q.add_argument("--calib-seqlen", type=SEQLEN, default=512, help="tokens per calibration window (paper: 2048)")
+    q.add_argument("--seed", type=NONNEGATIVE, default=0)
     q.add_argument("--rotate", action="store_true",
                    help="rotate the float model first (fused randomized Hadamard, online Hadamard before down_proj); "
                         "recorded in the checkpoint and rebuilt on load")
-    q.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs (default 0)")
+    q.add_argument("--rotate-seed", type=NONNEGATIVE, default=0, help="seed of the rotation's random signs (default 0)")
     _add_act_args(q)
     q.add_argument("--device", default="auto", help="compute device for one block at a time (auto: cuda if present)")
     q.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the calibration forwards (Hessians are always accumulated in float32+)")
-    q.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    q.add_argument("--batch-size", type=POSITIVE, default=8, help="calibration windows per forward")
     q.add_argument("--work-dir", default=None, help="resumable state (default: <out>.work); a rerun continues there")
     q.add_argument("--eval-text", default=None, help="WikiText-2 raw test file (default: ../shared/assets/...)")
-    q.add_argument("--eval-seqlen", type=int, default=512)
-    q.add_argument("--eval-windows", type=int, default=40, help="perplexity windows (0: all)")
+    q.add_argument("--eval-seqlen", type=SEQLEN, default=512)
+    q.add_argument("--eval-windows", type=NONNEGATIVE, default=40, help="perplexity windows (0: all)")
     q.add_argument("--no-eval", action="store_true", help="skip perplexity and agreement with the float model")
     q.set_defaults(func=_cmd_quantize)
 
     ev = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot tasks of a float model or a packed checkpoint")
     ev.add_argument("model", help="packed checkpoint directory, hub id, local directory, .gguf, or smollm2-135m")
-    ev.add_argument("--seqlen", type=int, default=2048)
-    ev.add_argument("--max-windows", type=int, default=0, help="first N windows only (0: all)")
-    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--seqlen", type=SEQLEN, default=2048)
+    ev.add_argument("--max-windows", type=NONNEGATIVE, default=0, help="first N windows only (0: all)")
+    ev.add_argument("--batch-size", type=POSITIVE, default=1)
     ev.add_argument("--decode-once", action="store_true",
                     help="decode every quantized layer once and keep the float weights while evaluating (faster, "
                          "the float model's memory); default: packed, each forward decodes layer by layer")
@@ -412,10 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", default=None,
                     help="zero-shot tasks, comma-separated, or 'all': piqa, arc_easy, arc_challenge, hellaswag, "
                          "winogrande, lambada_openai (scored as lm-evaluation-harness does)")
-    ev.add_argument("--limit", type=int, default=None, help="first N items of each task only (quick runs)")
+    ev.add_argument("--limit", type=POSITIVE, default=None, help="first N items of each task only (quick runs)")
     ev.add_argument("--tasks-dir", default=None,
                     help="task data folder (default: $PVQ_TASKS_DIR, else ../shared/assets/tasks beside the checkout)")
-    ev.add_argument("--task-batch-size", type=int, default=16, help="sequences per forward when scoring tasks")
+    ev.add_argument("--task-batch-size", type=POSITIVE, default=16, help="sequences per forward when scoring tasks")
     ev.add_argument("--no-ppl", action="store_true", help="skip WikiText-2 perplexity (tasks only)")
     _add_act_args(ev)
     ev.set_defaults(func=_cmd_eval)
@@ -435,35 +449,38 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--pvq-gain-bits", type=int, default=4, help="pvq: bits per fitted gain index (default 4)")
     sw.add_argument("--vq-columns", type=int, default=256, help="gptvq: columns per codebook block (default 256)")
     sw.add_argument("--rotate", action="store_true", help="rotate every point's float model first (fused Hadamard)")
-    sw.add_argument("--rotate-seed", type=int, default=0)
+    sw.add_argument("--rotate-seed", type=NONNEGATIVE, default=0)
     sw.add_argument("--calib-text", default=None, help="calibration text file (default: sampled from the model, seeded)")
-    sw.add_argument("--calib-windows", type=int, default=32)
-    sw.add_argument("--calib-seqlen", type=int, default=512)
-    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--calib-windows", type=POSITIVE, default=32)
+    sw.add_argument("--calib-seqlen", type=SEQLEN, default=512)
+    sw.add_argument("--seed", type=NONNEGATIVE, default=0)
     sw.add_argument("--eval-text", default=None, help="WikiText-2 raw test file (default: ../shared/assets/...)")
-    sw.add_argument("--eval-seqlen", type=int, default=512)
-    sw.add_argument("--eval-windows", type=int, default=40, help="perplexity windows (0: all)")
+    sw.add_argument("--eval-seqlen", type=SEQLEN, default=512)
+    sw.add_argument("--eval-windows", type=NONNEGATIVE, default=40, help="perplexity windows (0: all)")
     sw.add_argument("--tasks", default=None, help="zero-shot tasks per point, comma-separated or 'all'")
-    sw.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    sw.add_argument("--limit", type=POSITIVE, default=None, help="first N items of each task")
     sw.add_argument("--tasks-dir", default=None, help="task data folder (default: $PVQ_TASKS_DIR or ../shared/assets/tasks)")
-    sw.add_argument("--task-batch-size", type=int, default=16)
+    sw.add_argument("--task-batch-size", type=POSITIVE, default=16)
     sw.add_argument("--no-float", action="store_true", help="leave out the float reference point")
     sw.add_argument("--redo-changed", action="store_true",
                     help="recompute kept points whose settings differ (default: refuse with the differences)")
     sw.add_argument("--device", default="auto", help="compute device (auto: cuda if present)")
     sw.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    sw.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    sw.add_argument("--batch-size", type=POSITIVE, default=8, help="calibration windows per forward")
     sw.set_defaults(func=_cmd_sweep)
 
     gen = sub.add_parser("generate", help="stream greedy text from a pvq checkpoint (or a float model) and time it")
     gen.add_argument("model", help="pvq checkpoint directory, or a float model: hub id, local directory, .gguf, smollm2-135m")
     gen.add_argument("--prompt", required=True, help="the text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="dtype of the dense tensors and the compute (default float32)")
-    gen.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    gen.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (default: torch's default)")
+    gen.add_argument("--no-verify", action="store_true",
+                     help=f"load a pvq checkpoint without its integrity check (e.g. one saved by plain "
+                          f"save_pretrained, which writes no {'pvq_index.json'})")
     gen.set_defaults(func=_cmd_generate)
 
     ver = sub.add_parser("verify", help="check a pvq checkpoint: every file's sha256, every layer's payload decodes")
@@ -484,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("model", help="hub id, local directory, .gguf, or smollm2-135m")
     pg.add_argument("--group-size", type=int, default=16, help="D, columns per group (default 16)")
     pg.add_argument("--rotate", action="store_true", help="rotate the model first (the paper's setting)")
-    pg.add_argument("--rotate-seed", type=int, default=0)
+    pg.add_argument("--rotate-seed", type=NONNEGATIVE, default=0)
     pg.add_argument("--layers", nargs="+", default=None,
                     help="layer names (default: q/o/up/down_proj of the first, middle and last block)")
     pg.add_argument("--quantity", choices=["energy", "gain"], default="energy",

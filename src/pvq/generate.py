@@ -13,7 +13,13 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["generate_text", "warm_imports"]
+from pvq.errors import PVQError
+
+__all__ = ["GenerationError", "generate_text", "warm_imports"]
+
+
+class GenerationError(PVQError, ValueError):
+    """A prompt or length the model cannot generate from."""
 
 
 def warm_imports(spec: str) -> None:
@@ -30,12 +36,22 @@ def warm_imports(spec: str) -> None:
     config = Path(spec) / "config.json"
     if config.is_file():
         try:
-            model_type = json.loads(config.read_text()).get("model_type", model_type)
-        except (OSError, ValueError, AttributeError):
-            pass
+            found = json.loads(config.read_text()).get("model_type", model_type)
+            model_type = found if isinstance(found, str) else model_type
+        except (OSError, ValueError, AttributeError, RecursionError):
+            pass  # the load itself reports what is wrong with the file
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if isinstance(name, str):
         getattr(transformers, name, None)
+    # the codec's compiled code (numba and its LLVM) is code, not model: load it now too
+    import torch
+
+    from pvq.quant import get_method
+
+    for method, config in (("pvq", {"group_size": 4, "shape_bits": 2.0, "gain": "empirical", "use_hessian": False}),
+                           ("rtn", {"bits": 4, "group_size": 4})):
+        m = get_method(method)
+        m.dequantize(m.quantize(torch.ones(2, 8), None, m.make_config(config)))
 
 
 class _TimedStreamer:
@@ -76,6 +92,14 @@ def generate_text(
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        raise GenerationError("the prompt encodes to no tokens; give some text")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and ids.shape[1] + max_new_tokens > positions:
+        raise GenerationError(f"{ids.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed the model's "
+                              f"{positions} positions; ask for at most {max(positions - ids.shape[1], 0)} new tokens")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     ids = ids.to(device)
     streamer = _TimedStreamer(tokenizer, out)

@@ -18,7 +18,7 @@ import torch
 
 from pvq.errors import PVQError
 from pvq.eval.perplexity import EvalDataError, next_token_agreement, perplexity_details, wikitext2_test_text
-from pvq.formats import check_destination, decoded_weights, load_checkpoint, save_checkpoint
+from pvq.formats import check_destination, decoded_weights, load_checkpoint, save_checkpoint, shard_size_bytes
 from pvq.models import load_model, start_token_id
 from pvq.oneshot import Recipe, oneshot
 from pvq.pipeline import encode_text, sample_windows
@@ -128,13 +128,24 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
                     act=opts.act, calib_text=opts.calib_text, calib_windows=opts.calib_windows,
                     calib_seqlen=opts.calib_seqlen, seed=opts.seed, compute_dtype=opts.compute_dtype,
                     batch_size=opts.batch_size)
-    method = get_method(opts.method)
+    get_method(opts.method)  # an unknown method fails here, naming the known ones
     config = recipe.method_config()  # bad settings fail here, before the model is loaded
     # everything that can fail after the long part is checked before it
     check_destination(Path(opts.out), opts.overwrite)
     work_dir = opts.work_dir or f"{opts.out.rstrip('/')}.work"
+    out_r, work_r = Path(opts.out).resolve(), Path(work_dir).resolve()
+    if out_r == work_r or out_r in work_r.parents or work_r in out_r.parents:
+        raise JobError(f"--work-dir {work_dir} and --out {opts.out} must be separate directories")
     if recipe.needs_calibration():
         check_claimable(Path(work_dir))
+    if opts.max_shard_size is not None:
+        shard_size_bytes(opts.max_shard_size)
+    for what, n in (("--calib-windows", opts.calib_windows), ("--batch-size", opts.batch_size),
+                    ("--agreement-windows", opts.agreement_windows)):
+        if n < 1:
+            raise JobError(f"{what} must be at least 1, got {n}")
+    if opts.eval_windows is not None and opts.eval_windows < 1:
+        raise JobError(f"--eval-windows must be at least 1 (0 on the command line: all), got {opts.eval_windows}")
     eval_text = None
     if opts.evaluate:
         try:
@@ -173,7 +184,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         "method": opts.method,
         "config": asdict(config),
         "checkpoint": str(opts.out),
-        "bits_per_weight_nominal": method.nominal_bits_per_weight(config),
+        "bits_per_weight_nominal": result.bits_per_weight_nominal,
         "bits_per_weight_measured": quantized.measured_bits_per_weight,
         "float16_model_bytes": float16_bytes,
         "float_model_memory_bytes": model_memory,
@@ -212,7 +223,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     report["wall_seconds"] = time.perf_counter() - t_start
     report["peak_memory_bytes"] = max(peak_before, peak_memory_bytes())
     # the job's report (timings) lives beside the checkpoint files, outside its integrity index
-    Path(opts.out, "job_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    Path(opts.out, "job_report.json").write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return report
 
 
@@ -277,7 +288,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"   ({report['quantized_layers']} quantized linear layers)",
         f"size             checkpoint {report['checkpoint_bytes'] / mib:.1f} MiB   vs float16 model "
         f"{report['float16_model_bytes'] / mib:.1f} MiB   ({report['checkpoint_bytes'] / report['float16_model_bytes']:.3f}x)",
-        f"proxy loss       mean over layers {report['mean_proxy_loss']:.4g}",
+        "proxy loss       " + (f"mean over layers {report['mean_proxy_loss']:.4g}" if report["mean_proxy_loss"] is not None
+                                 else "none (the method uses no Hessian)"),
     ]
     if report.get("rotation"):
         lines.append(f"rotation         {report['rotation']}")
@@ -325,5 +337,6 @@ def _memory_line(report: dict[str, Any]) -> str:
 
 
 def _mean(values):
+    """Mean of the values that exist; None when none does (valid JSON, unlike NaN)."""
     vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else float("nan")
+    return sum(vals) / len(vals) if vals else None

@@ -51,7 +51,10 @@ def wikitext2_test_rows(path: str | os.PathLike | None = None) -> list[str]:
             f"WikiText-2 raw test file not found: {p} (give its path, or set ${WIKITEXT2_TEST_ENV}; "
             "it is wikitext-2-raw-v1's wiki.test.raw)"
         )
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise EvalDataError(f"WikiText-2 raw test file {p} cannot be read as UTF-8 text: {e}") from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

@@ -18,6 +18,7 @@ from .checkpoint import (
     load_checkpoint,
     read_index,
     save_checkpoint,
+    shard_size_bytes,
     verify_checkpoint,
 )
 from .errors import (
@@ -75,5 +76,6 @@ __all__ = [
     "replace_linear",
     "save_checkpoint",
     "select_kernel",
+    "shard_size_bytes",
     "verify_checkpoint",
 ]

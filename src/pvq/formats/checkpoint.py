@@ -49,6 +49,7 @@ __all__ = [
     "is_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
+    "shard_size_bytes",
     "verify_checkpoint",
 ]
 
@@ -96,8 +97,15 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def is_legacy_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` is a pvq 0.1 checkpoint (manifest.json, format versions 1-3)."""
-    return (Path(path) / LEGACY_MANIFEST).is_file() and not (Path(path) / "config.json").is_file()
+    """Whether `path` is a pvq 0.1 checkpoint (a manifest.json of format "pvq-checkpoint")."""
+    manifest = Path(path) / LEGACY_MANIFEST
+    if not manifest.is_file() or manifest.is_symlink() or (Path(path) / "config.json").is_file():
+        return False
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == "pvq-checkpoint"
 
 
 def checkpoint_stats(model: torch.nn.Module) -> dict[str, Any]:
@@ -193,6 +201,28 @@ def _remove_stale_partials(path: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def shard_size_bytes(size: int | str) -> int:
+    """Bytes of a shard-size limit as transformers takes it (an int, or "500MB", "2GB", "1GiB");
+    CheckpointError for anything else, so a bad value fails before the work, not at the save."""
+    import re
+
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), flags=re.IGNORECASE)
+        if not m:
+            raise CheckpointError(f"max_shard_size {size!r} is not a size such as 500MB or 2GB")
+        unit = (m.group(2) or "B").upper()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}.get(unit)
+        if scale is None:
+            raise CheckpointError(f"max_shard_size {size!r}: unknown unit {m.group(2)!r}")
+        value = int(float(m.group(1)) * scale)
+    if value < 1:
+        raise CheckpointError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
 def save_checkpoint(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -211,6 +241,8 @@ def save_checkpoint(
     takes it ("2GB", bytes); None: transformers' default.
     """
     path = Path(path)
+    if max_shard_size is not None:
+        shard_size_bytes(max_shard_size)
     replace_existing = check_destination(path, overwrite)
     refresh_records(model)
     for module in model.modules():
@@ -372,6 +404,16 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return index
 
 
+def release_freed_memory() -> None:
+    """Hand the heap memory freed while loading (decoded check weights, conversion buffers)
+    back to the operating system (glibc's malloc_trim; a no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -408,7 +450,11 @@ def load_checkpoint(
     kwargs["dtype"] = "auto" if dtype is None else dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(str(root), **kwargs)
+    model, loading = AutoModelForCausalLM.from_pretrained(str(root), output_loading_info=True, **kwargs)
+    problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise CheckpointError(f"{root}: the stored tensors do not match the model: "
+                              + "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:6]}" for k, v in problems.items()))
     if device_map is None:
         model.to(device)
     model.eval()
@@ -416,6 +462,7 @@ def load_checkpoint(
         for module in model.modules():
             if isinstance(module, QuantizedLinear):
                 module.check_decode()
+    release_freed_memory()
     tokenizer = None
     if load_tokenizer and any((root / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer

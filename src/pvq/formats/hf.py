@@ -91,7 +91,10 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
         import pvq
 
         _need(not unknown, f"unknown field(s) {', '.join(map(repr, sorted(unknown)))}; known: {', '.join(_FIELDS)}")
-        _need(quant_method == QUANT_METHOD, f"quant_method is {quant_method!r}, not {QUANT_METHOD!r}")
+        _need(isinstance(quant_method, str) and quant_method == QUANT_METHOD,
+              f"quant_method is {quant_method!r}, not {QUANT_METHOD!r}")
+        _need(isinstance(method, str), f"method must be a method name, got {method!r}")
+        _need(pvq_version is None or isinstance(pvq_version, str), f"pvq_version must be a string, got {pvq_version!r}")
         if isinstance(format_version, bool) or not isinstance(format_version, int) or format_version < 1:
             raise CheckpointVersionError(f"quantization_config: format_version {format_version!r} is not a version number")
         if format_version > FORMAT_VERSION:
@@ -128,7 +131,8 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
         _need(act_quant is None or isinstance(act_quant, dict), "'act_quant' must be an object or null")
         self.rotation = copy.deepcopy(rotation)
         self.act_quant = copy.deepcopy(act_quant)
-        _need(dense_dtype in DENSE_DTYPES, f"dense_dtype must be one of {sorted(DENSE_DTYPES)}, got {dense_dtype!r}")
+        _need(isinstance(dense_dtype, str) and dense_dtype in DENSE_DTYPES,
+              f"dense_dtype must be one of {sorted(DENSE_DTYPES)}, got {dense_dtype!r}")
         self.dense_dtype = dense_dtype
 
     @staticmethod
@@ -211,10 +215,29 @@ _SAFETENSORS_DTYPES = {"U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int3
                        "BOOL": "bool"}
 
 
+def _verify_local_index(checkpoint_files: list[str]) -> None:
+    """On transformers' own route too: a checkpoint directory with a pvq integrity index is
+    verified against it (every file's size and sha256) before anything is loaded. Without
+    an index (saved by plain save_pretrained) a warning says it is unverified."""
+    import logging
+    from pathlib import Path
+
+    from .checkpoint import INDEX_FILE, verify_checkpoint
+
+    root = Path(checkpoint_files[0]).parent
+    if (root / INDEX_FILE).exists() or (root / INDEX_FILE).is_symlink():
+        verify_checkpoint(root)
+    else:
+        logging.getLogger(__name__).warning("%s has no %s (saved by plain save_pretrained): loading it unverified",
+                                            root, INDEX_FILE)
+
+
 def _check_stored_payloads(model: nn.Module, checkpoint_files: list[str]) -> None:
-    """Compare the safetensors headers (shapes and dtypes, no data read) with the payload
-    spec of every quantized layer, before transformers loads anything: an error names the
-    layer and the field instead of a size-mismatch report."""
+    """Compare the safetensors headers (shapes and dtypes, no data read) with the model,
+    before transformers loads anything: every quantized layer's payload must match its spec
+    (an error names the layer and the field instead of a size-mismatch report), and the
+    stored keys must be exactly the model's (no tensor silently initialised at random, none
+    ignored)."""
     from safetensors import safe_open
 
     stored: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -225,6 +248,16 @@ def _check_stored_payloads(model: nn.Module, checkpoint_files: list[str]) -> Non
             for key in f.keys():
                 sl = f.get_slice(key)
                 stored[key] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+    tied = set((model.get_expanded_tied_weights_keys() or {}) if hasattr(model, "get_expanded_tied_weights_keys") else {})
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - set(stored) - tied)
+    unexpected = sorted(set(stored) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            "the stored tensors do not match the model"
+            + (f"; missing: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}" if missing else "")
+            + (f"; not in the model: {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}" if unexpected else "")
+        )
     for name, module in model.named_modules():
         if not isinstance(module, QuantizedLinear):
             continue
@@ -286,8 +319,10 @@ class PVQHfQuantizer(HfQuantizer):
                     install_act_quant_record(model, cfg.act_quant)
                 except ActQuantError as e:
                     raise CheckpointActQuantError(f"the recorded activation quantization cannot be rebuilt: {e}") from e
-        if kwargs.get("checkpoint_files"):
-            _check_stored_payloads(model, kwargs["checkpoint_files"])
+        files = [str(f) for f in (kwargs.get("checkpoint_files") or [])]
+        if files:
+            _verify_local_index(files)
+            _check_stored_payloads(model, files)
         return model
 
     def update_attn_implementation(self, config):
@@ -312,6 +347,12 @@ class PVQHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, QuantizedLinear):
                 module.check_payload()
+                # own the payload: a buffer loaded as it is stored can be a view into the memory-mapped
+                # shard, which would keep the whole file (its dense tensors too) mapped and resident
+                for name in module.payload_spec:
+                    buf = getattr(module, name)
+                    if buf.device.type == "cpu":
+                        setattr(module, name, buf.clone())
                 device = getattr(module, next(iter(module.payload_spec))).device
                 for transform in input_transforms_of(module).values():
                     transform.to(device)

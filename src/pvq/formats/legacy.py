@@ -69,6 +69,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -78,6 +79,7 @@ import torch
 from pvq.models.loading import sha256_file
 from pvq.quant import QuantizationError, QuantizedTensor
 
+from .checkpoint import _regular_file
 from .errors import (
     CheckpointActQuantError,
     CheckpointError,
@@ -263,9 +265,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 def _check_present(root: Path, manifest: dict) -> None:
     """Every listed file exists with its recorded size (fast: no hashing)."""
     for fname, info in manifest["files"].items():
-        p = root / fname
-        if not p.is_file():
-            raise CheckpointIntegrityError(f"checkpoint file {fname!r} is missing from {root}")
+        p = _regular_file(root, fname)  # no symbolic link followed out of the directory
         size = p.stat().st_size
         if size != info["bytes"]:
             raise CheckpointIntegrityError(
@@ -283,10 +283,7 @@ def _check_digest(fname: str, digest: str, info: dict) -> None:
 def _read_verified(root: Path, fname: str, manifest: dict) -> bytes:
     """The bytes of a listed file, checked against its recorded size and sha256."""
     info = manifest["files"][fname]
-    try:
-        data = (root / fname).read_bytes()
-    except FileNotFoundError:
-        raise CheckpointIntegrityError(f"checkpoint file {fname!r} is missing from {root}") from None
+    data = _regular_file(root, fname).read_bytes()
     if len(data) != info["bytes"]:
         raise CheckpointIntegrityError(
             f"checkpoint file {fname!r} has {len(data)} bytes, the manifest records {info['bytes']} (truncated or altered)"
@@ -424,6 +421,22 @@ def _set_tensor(model: torch.nn.Module, key: str, value: torch.Tensor | torch.nn
 
 
 
+def _load_tokenizer_listed(root: Path, manifest: dict) -> Any:
+    """The tokenizer from the files the manifest lists only (verified, copied aside), so that
+    an unlisted file in the directory cannot change it."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname in manifest["tokenizer"]["files"]:
+            _check_relative_name(fname, "tokenizer file")
+            dst = Path(tmp) / fname
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(_read_verified(root, fname, manifest))
+        return AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
+
+
 def _load_tokenizer(root: Path, manifest: dict) -> Any:
     files = manifest["files"]
     for fname in manifest["tokenizer"]["files"]:
@@ -434,6 +447,21 @@ def _load_tokenizer(root: Path, manifest: dict) -> Any:
 
 
 # =========================================================================== convert
+
+
+def _check_sizes(manifest: dict) -> None:
+    """The recorded config's layer count and embedding shape must be those of the stored
+    tensors (a config asking for a huge model fails here, not in the allocator)."""
+    config = manifest["config"]
+    blocks = {int(m.group(1)) for name in [*manifest["layers"], *manifest["dense"]]
+              if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name))}
+    if blocks and config.get("num_hidden_layers") != max(blocks) + 1:
+        raise CheckpointError(f"the manifest's config says num_hidden_layers {config.get('num_hidden_layers')!r}, "
+                              f"the stored tensors hold {max(blocks) + 1} decoder blocks")
+    emb = next((e["shape"] for k, e in manifest["dense"].items() if k.endswith("embed_tokens.weight")), None)
+    want = [config.get("vocab_size"), config.get("hidden_size")]
+    if emb is not None and list(emb) != want:
+        raise CheckpointError(f"the manifest's config says vocab_size x hidden_size {want}, the stored embedding is {emb}")
 
 
 def convert_legacy(
@@ -485,6 +513,7 @@ def convert_legacy(
                 raise CheckpointError(
                     f"layer {name!r}: stored meta {key}={qt.meta.get(key)!r}, the recorded {method} config gives {value!r}"
                 )
+    _check_sizes(manifest)  # before the float model is built from the recorded config
     dense = _load_files(root, manifest, [(key, f"dense tensor {key!r}", e) for key, e in manifest["dense"].items()], "pt")
     model = _build_model(manifest, torch.float32)
     if manifest.get("rotation") is not None:
@@ -514,6 +543,6 @@ def convert_legacy(
             install_act_quant_record(model, manifest["act_quant"])
         except ActQuantError as e:
             raise CheckpointActQuantError(f"checkpoint {root}: the recorded activation quantization cannot be rebuilt: {e}") from e
-    tokenizer = _load_tokenizer(root, manifest) if manifest.get("tokenizer") else None
+    tokenizer = _load_tokenizer_listed(root, manifest) if manifest.get("tokenizer") else None
     return save_checkpoint(model, dst, tokenizer=tokenizer, overwrite=overwrite, max_shard_size=max_shard_size,
                            report={"converted_from": str(root), "legacy_format_version": manifest["format_version"]})

@@ -134,8 +134,14 @@ def load_model(
         source = info["path"]
 
     def load(**extra):
-        return (AutoTokenizer.from_pretrained(source, **kwargs, **extra),
-                AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **extra))
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs, **extra)
+        model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True,
+                                                             **kwargs, **extra)
+        problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:  # transformers would initialise missing weights at random and go on
+            raise ModelLoadError(f"model {str(spec)!r} ({source}): the stored weights do not match the architecture: "
+                                 + "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:6]}" for k, v in problems.items()))
+        return tokenizer, model
 
     try:
         if kind == "hub":
@@ -150,8 +156,10 @@ def load_model(
                 tokenizer, model = load()
         else:
             tokenizer, model = load()
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load model {str(spec)!r} ({kind}: {source}): {e}") from e
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged files raise many types (SafetensorError, RecursionError, ...)
+        raise ModelLoadError(f"could not load model {str(spec)!r} ({kind}: {source}): {type(e).__name__}: {e}") from e
     model.to(device)
     model.eval()
     info.update(

@@ -135,7 +135,11 @@ def calibration_windows(
         path = Path(text_path)
         if not path.is_file():
             raise CalibrationError(f"calibration text not found: {path}")
-        ids = encode_text(tokenizer, path.read_text(encoding="utf-8"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise CalibrationError(f"calibration text {path} cannot be read as UTF-8 text: {e}") from None
+        ids = encode_text(tokenizer, text)
         return windows_from_ids(ids, n_windows, seqlen, seed, source=f"calibration text {path}")
     if model is None:
         raise CalibrationError("calibration_windows needs a text file or a model to sample calibration text from")

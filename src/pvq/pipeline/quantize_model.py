@@ -479,7 +479,7 @@ def _check_resumable(state: dict, settings: dict, fingerprint: dict, work_dir: P
     if diffs:
         raise wd.WorkDirError(
             f"work directory {work_dir} holds a run with different settings ({'; '.join(diffs)}); "
-            "use another work directory or resume=False to start afresh"
+            "use another --work-dir, or delete this one to start afresh (resume=False in Python)"
         )
     saved = state["model_fingerprint"]
     done = int(state["blocks_done"])

@@ -101,6 +101,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     _replace(tmp, path)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def check_claimable(work_dir: Path) -> None:
     """WorkDirError unless `work_dir` is absent, empty, or pvq's own (marked)."""
     if work_dir.exists() or work_dir.is_symlink():
@@ -116,6 +126,10 @@ def claim(work_dir: Path) -> None:
     marked; any other existing directory (or a file) is refused and left untouched."""
     check_claimable(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in work_dir.glob(".*.tmp*"):  # temporary files of a killed run (never renamed into place)
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
     marker = work_dir / MARKER_FILE
     if not marker.is_file():
         atomic_write_text(marker, "pvq quantization work directory: resumable state, safe to delete\n")

@@ -86,6 +86,9 @@ def resolve_group_size(group_size: int, columns: int) -> int:
     """Effective group size for a layer of `columns` inputs; QuantizationError if it does not divide."""
     if group_size in (-1, 0):
         return columns
+    if group_size > columns:
+        raise QuantizationError(f"group_size {group_size} is larger than in_features {columns}; "
+                                f"pick a divisor of {columns} or -1 for one group per row")
     if columns % group_size != 0:
         below = max(d for d in range(1, group_size) if columns % d == 0) if group_size > 1 else None
         above = next((d for d in range(group_size + 1, columns + 1) if columns % d == 0), None)
