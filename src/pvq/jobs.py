@@ -21,7 +21,7 @@ from pvq.eval.perplexity import EvalDataError, next_token_agreement, perplexity_
 from pvq.formats import check_destination, decoded_weights, load_checkpoint, save_checkpoint, shard_size_bytes
 from pvq.models import load_model, start_token_id
 from pvq.oneshot import Recipe, oneshot
-from pvq.pipeline import encode_text, sample_windows
+from pvq.pipeline import calibration_windows, encode_text, sample_windows
 from pvq.pipeline.workdir import check_claimable
 from pvq.pipeline.quantize_model import jsonable
 from pvq.quant import get_method
@@ -166,12 +166,17 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     model_memory = float_model_memory_bytes(model)
     float16_bytes = float_model_bytes(model)
 
-    # The quantization's own memory: what the process holds beyond what it held before
-    # (runtime, the float model) at the phase's peak; the model is quantized in place.
+    # Calibration windows first (sampled from the float model, or tokenized from a file), then
+    # the quantization's own memory: what the process holds beyond what it held before
+    # (runtime, the float model, the windows) at the phase's peak; the model is quantized in place.
+    t0 = time.perf_counter()
+    windows = (calibration_windows(tokenizer, recipe.calib_text, recipe.calib_windows, recipe.calib_seqlen,
+                                   recipe.seed, model=model) if recipe.needs_calibration() else None)
+    calib_seconds = time.perf_counter() - t0
     peak_before = peak_memory_bytes()
     rss_before = resident_memory_bytes()
     peak_reset = reset_peak_memory() and rss_before is not None
-    result = oneshot(model, tokenizer, recipe, device=opts.device, work_dir=work_dir)
+    result = oneshot(model, tokenizer, recipe, windows=windows, device=opts.device, work_dir=work_dir)
     quant_peak = peak_memory_bytes()
 
     quantized = result.quantized
@@ -193,7 +198,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         # None where the phase's peak cannot be isolated (no resettable VmHWM)
         "quantization_working_memory_bytes": quant_peak - rss_before if peak_reset else None,
         "quantized_layers": len(quantized),
-        "calibration_seconds": result.seconds["calibration"],
+        "calibration_seconds": calib_seconds,
         "quantization_seconds": result.seconds["quantization"],
         "rotation": rotation_summary(result.rotation),
         "rotation_seconds": result.seconds["rotation"],

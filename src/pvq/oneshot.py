@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pvq.formats import quantized_model
+from pvq.formats.hf import finite_absmax
 from pvq.models import adapter_for
 from pvq.pipeline import QuantizeResult, calibration_windows, quantize_model, quantize_weights
 from pvq.quant import QuantizationError, get_method
@@ -104,7 +105,7 @@ def oneshot(
     """Quantize `model` in place as `recipe` says (see the module docstring)."""
     config = recipe.method_config()  # QuantizationError for bad settings, before any work
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and finite_absmax(tensor) is None:
             raise QuantizationError(f"model tensor {name!r} has non-finite values; refusing to quantize the model")
     if recipe.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {recipe.compute_dtype!r}")

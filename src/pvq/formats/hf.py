@@ -167,15 +167,25 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
-def _store_dtype(value: torch.Tensor, dense: torch.dtype) -> torch.dtype:
+def finite_absmax(value: torch.Tensor, chunk: int = 1 << 20) -> float | None:
+    """max |x| of a float tensor, None if any value is not finite; in chunks, so that a large
+    embedding costs a few MiB of temporaries, not copies of itself."""
+    flat = value.detach().reshape(-1)
+    best = 0.0
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk]
+        if not bool(torch.isfinite(part).all()):
+            return None
+        if part.numel():
+            best = max(best, float(part.abs().max()))
+    return best
+
+
+def _store_dtype(value: torch.Tensor, dense: torch.dtype, absmax: float) -> torch.dtype:
     """The dtype a dense float tensor is stored in: `dense`, or bfloat16 where float16
-    would overflow a finite value (a bfloat16 tensor stays bfloat16)."""
-    if dense == torch.float16:
-        if value.dtype == torch.bfloat16:
-            return torch.bfloat16
-        finite = value[torch.isfinite(value)]
-        if finite.numel() and float(finite.abs().max()) > _FP16_MAX:
-            return torch.bfloat16
+    would overflow one of its values (a bfloat16 tensor stays bfloat16)."""
+    if dense == torch.float16 and (value.dtype == torch.bfloat16 or absmax > _FP16_MAX):
+        return torch.bfloat16
     return dense
 
 
@@ -192,9 +202,10 @@ def dense_state_dict(model: nn.Module, dense_dtype: str = "float16") -> dict[str
             ident = (value.device.type, value.untyped_storage().data_ptr(), value.storage_offset(),
                      tuple(value.shape), tuple(value.stride()), value.dtype)
             if ident not in cast:
-                if not bool(torch.isfinite(value).all()):
+                absmax = finite_absmax(value)
+                if absmax is None:
                     raise CheckpointError(f"tensor {key!r} has non-finite values; refusing to save it")
-                cast[ident] = value.to(_store_dtype(value, dense))
+                cast[ident] = value.to(_store_dtype(value, dense, absmax))
             value = cast[ident]
         out[key] = value
     return out
@@ -207,7 +218,16 @@ def round_dense_to_storage(model: nn.Module, dense_dtype: str = "float16") -> No
     with torch.no_grad():
         for tensor in model.state_dict(keep_vars=True).values():  # what is saved (non-persistent buffers are not)
             if tensor.is_floating_point() and tensor.device.type != "meta":
-                tensor.copy_(tensor.to(_store_dtype(tensor, dense)).to(tensor.dtype))
+                absmax = finite_absmax(tensor)
+                store = _store_dtype(tensor, dense, absmax if absmax is not None else 0.0)
+                if store != tensor.dtype:
+                    flat = tensor.view(-1) if tensor.is_contiguous() else None
+                    if flat is None:
+                        tensor.copy_(tensor.to(store))
+                    else:  # in chunks: a few MiB of temporaries, even for a large embedding
+                        for start in range(0, flat.numel(), 1 << 20):
+                            part = flat[start:start + (1 << 20)]
+                            part.copy_(part.to(store))
 
 
 _SAFETENSORS_DTYPES = {"U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "U16": "uint16",
@@ -342,7 +362,7 @@ class PVQHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         refresh_online_transforms(model)
         for key, value in model.state_dict().items():
-            if value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+            if value.is_floating_point() and value.device.type != "meta" and finite_absmax(value) is None:
                 raise CheckpointError(f"stored tensor {key!r} has non-finite values")
         for module in model.modules():
             if isinstance(module, QuantizedLinear):
