@@ -313,3 +313,18 @@ def test_legacy_conversion_reads_only_listed_regular_files(tmp_path, capsys):
     os.symlink(outside, src / "dense.safetensors")
     assert "symbolic link" in cli_error(capsys, ["convert", str(src), str(tmp_path / "new2")])
     assert not (tmp_path / "new2").exists()
+
+
+def test_second_adversarial_pass(env, tmp_path, capsys):
+    """Cases a second pass found: a config that is not an object, garbage tokenizer files,
+    converting a checkpoint onto itself."""
+    bad = _reindexed_copy(env / "ck", tmp_path / "cfg", _edit_config(lambda c: c["quantization_config"].update(config=[4, 32])))
+    assert "config must be an object" in cli_error(capsys, ["verify", str(bad)])
+    bad = _reindexed_copy(env / "ck", tmp_path / "tok", lambda d: (d / "tokenizer.json").write_bytes(b"\x00garbage{{{"))
+    assert "tokenizer files cannot be loaded" in cli_error(capsys, ["verify", str(bad)])
+    bad = _reindexed_copy(env / "ck", tmp_path / "tokcfg", lambda d: (d / "tokenizer_config.json").write_text("[1, 2, 3]"))
+    assert "tokenizer files cannot be loaded" in cli_error(capsys, ["verify", str(bad)])
+    legacy = tmp_path / "leg"
+    shutil.copytree(Path(__file__).parent / "data" / "legacy" / "v1-pvq", legacy)
+    assert "NEW must differ from OLD" in cli_error(capsys, ["convert", str(legacy), str(legacy), "--overwrite"])
+    assert (legacy / "manifest.json").is_file() and (legacy / "dense.safetensors").is_file()

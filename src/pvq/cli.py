@@ -309,7 +309,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from pvq.formats import load_checkpoint, verify_checkpoint
 
     index = verify_checkpoint(args.checkpoint)
-    model, _, info = load_checkpoint(args.checkpoint, load_tokenizer=False)  # decodes every layer once
+    model, _, info = load_checkpoint(args.checkpoint)  # decodes every layer once, loads the tokenizer
     st = info["stats"]
     print(f"{args.checkpoint}: ok: {len(index['files'])} files match their sha256; {st['quantized_layers']} quantized "
           f"layers decode ({st['bits_per_weight']:.4f} bits/weight, {st['quantized_bytes']} payload bytes)")
@@ -526,8 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"pvq {args.command}: interrupted (finished blocks are kept in the work directory; rerun to resume)",
-              file=sys.stderr)
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the message
+        print(f"pvq {args.command}: interrupted"
+              + ("; rerun the same command to resume from the finished blocks, if any" if args.command == "quantize"
+                 else ""), file=sys.stderr)
         return 130
 
 

@@ -467,7 +467,10 @@ def load_checkpoint(
     if load_tokenizer and any((root / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True, trust_remote_code=False)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True, trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - damaged tokenizer files raise many types
+            raise CheckpointError(f"{root}: the tokenizer files cannot be loaded: {type(e).__name__}: {e}") from None
     info = {
         "quantization_config": model.config.quantization_config.to_dict(),
         "index": index,

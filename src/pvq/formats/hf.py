@@ -111,6 +111,7 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
         self.format_version = FORMAT_VERSION
         self.pvq_version = pvq_version or pvq.__version__
         self.method = method
+        _need(config is None or isinstance(config, dict), f"config must be an object of the method's fields, got {config!r}")
         self.config = dict(config or {})
         self._config_obj = self._method_config("", method, self.config)
         _need(isinstance(layers, list) and all(isinstance(n, str) and n for n in layers),

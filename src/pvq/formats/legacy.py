@@ -485,6 +485,8 @@ def convert_legacy(
     from .hf import quantized_model
 
     root = Path(src)
+    if root.resolve() == Path(dst).resolve():
+        raise CheckpointError(f"pvq convert writes a new directory: NEW must differ from OLD ({root})")
     manifest = read_manifest(root)
     _check_present(root, manifest)
     settings = manifest.get("settings") or {}
