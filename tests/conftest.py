@@ -111,3 +111,14 @@ def cli_error(capsys, argv: list[str]) -> str:
     line = err.strip().splitlines()[-1]  # progress bars may come before it
     assert line.startswith(f"pvq {argv[0]}: error: ") and "Traceback" not in err, err
     return line
+
+
+def write_texts(root, text: str, eval_chars: int | None = None):
+    """calib.txt (the text) and a WikiText-2-shaped wiki.test.raw (its first `eval_chars`
+    characters under a title) in `root`, for jobs on tiny models; returns root."""
+    from pathlib import Path
+
+    root = Path(root)
+    (root / "calib.txt").write_text(text)
+    (root / "wiki.test.raw").write_text(" \n = Title = \n \n" + text[:eval_chars] + "\n \n")
+    return root

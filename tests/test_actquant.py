@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import cli_error
+from conftest import cli_error, write_texts
 import torch
 
 pytest.importorskip("transformers")
@@ -335,8 +335,7 @@ def tiny_dir(tmp_path_factory):
     tok = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(root / "model")
-    (root / "calib.txt").write_text(TEXT)
-    (root / "wiki.test.raw").write_text(" \n = Title = \n \n" + TEXT[:2000] + "\n \n")
+    write_texts(root, TEXT, 2000)
     return root
 
 

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import cli_error, printable_char_tokenizer, save_tiny_model  # noqa: E402
+from conftest import cli_error, printable_char_tokenizer, save_tiny_model, write_texts  # noqa: E402
 from pvq.errors import PVQError  # noqa: E402
 from pvq.formats import save_checkpoint  # noqa: E402
 from pvq.models import tiny_llama  # noqa: E402
@@ -31,8 +31,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 60
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("adv")
     save_tiny_model(root / "model")
-    (root / "calib.txt").write_text(TEXT)
-    (root / "wiki.test.raw").write_text(" \n = Title = \n \n" + TEXT + "\n \n")
+    write_texts(root, TEXT)
     model = tiny_llama(seed=0)
     oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}), progress=False)
     save_checkpoint(model, root / "ck", tokenizer=printable_char_tokenizer())

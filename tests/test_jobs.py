@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import write_texts
 
 from pvq.cli import main
 from pvq.jobs import JobOptions, format_report, run_quantize_job
@@ -30,8 +31,7 @@ def tiny_dir(tmp_path_factory):
     model = tiny_llama(seed=0)
     model.save_pretrained(root / "model")
     _char_tokenizer(model.config.vocab_size).save_pretrained(root / "model")
-    (root / "calib.txt").write_text(TEXT)
-    (root / "wiki.test.raw").write_text(" \n = Title = \n \n" + TEXT[:3000] + "\n \n")
+    write_texts(root, TEXT, 3000)
     return root
 
 

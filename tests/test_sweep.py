@@ -9,7 +9,7 @@ import numpy as np
 import re
 
 import pytest
-from conftest import cli_error
+from conftest import cli_error, write_texts
 
 import pvq.sweep as sweep
 from pvq.cli import main
@@ -28,8 +28,7 @@ def tiny_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-sweep")
     save_tiny_model(root / "model")
-    (root / "calib.txt").write_text(TEXT)
-    (root / "wiki.test.raw").write_text(" \n = Title = \n \n" + TEXT[:3000] + "\n \n")
+    write_texts(root, TEXT, 3000)
     tasks = root / "tasks" / "mosaicml-gauntlet"
     tasks.mkdir(parents=True)
     (tasks / "arc_easy.jsonl").write_text("".join(

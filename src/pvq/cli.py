@@ -144,10 +144,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from pvq.eval.tasks import load_task, resolve_task_names
-    from pvq.formats import decoded_weights, is_checkpoint, is_legacy_checkpoint, load_checkpoint
+    from pvq.formats import decoded_weights
     from pvq.generate import warm_imports
     from pvq.jobs import resident_memory_bytes
-    from pvq.models import load_model
     from pvq.models import adapter_for
     from pvq.quant.activations import ActQuantConfig, act_quant_of, act_quant_summary, install_act_quant
 
@@ -163,16 +162,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = _default_device(args.device)
     warm_imports(args.model)
     rss0 = resident_memory_bytes()
-    if is_checkpoint(args.model) or is_legacy_checkpoint(args.model):
-        model, tokenizer, info = load_checkpoint(args.model, device=device)
-        what = (f"pvq checkpoint ({info['quantization_config']['method']}, "
-                f"{info['stats']['bits_per_weight']:.3f} bits/weight)")
-        if act is not None and act_quant_of(model) is not None:
-            raise CLIError(f"{args.model} already records activation quantization ({act_quant_summary(act_quant_of(model))}); "
-                             "drop --act-method to use it")
-    else:
-        model, tokenizer, _ = load_model(args.model, device=device)
-        what = "float model"
+    model, tokenizer, what = _load_any(args.model, device, "float32")
+    if act is not None and act_quant_of(model) is not None:
+        raise CLIError(f"{args.model} already records activation quantization ({act_quant_summary(act_quant_of(model))}); "
+                       "drop --act-method to use it")
     if act is not None:
         install_act_quant(model, ActQuantConfig(**act), adapter_for(model).quantized_layer_names(model))
     if act_quant_of(model) is not None:
@@ -264,11 +257,11 @@ def _load_any(spec: str, device: str, dtype: str, verify: bool = True):
                   file=sys.stderr)
         model, tokenizer, info = load_checkpoint(spec, device=device, dtype=dtype, verify=verify)
         qc = info["quantization_config"]
-        return model, tokenizer, f"pvq checkpoint, {qc['method']} {info['stats']['bits_per_weight']:.3f} bits/weight"
+        return model, tokenizer, f"pvq checkpoint ({qc['method']}, {info['stats']['bits_per_weight']:.3f} bits/weight)"
     import torch
 
     model, tokenizer, _ = load_model(spec, device=device, dtype=getattr(torch, dtype))
-    return model, tokenizer, f"float model ({dtype})"
+    return model, tokenizer, "float model" + ("" if dtype == "float32" else f" ({dtype})")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

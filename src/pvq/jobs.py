@@ -21,7 +21,7 @@ from pvq.eval.perplexity import EvalDataError, next_token_agreement, perplexity_
 from pvq.formats import check_destination, decoded_weights, load_checkpoint, save_checkpoint, shard_size_bytes
 from pvq.models import load_model, start_token_id
 from pvq.oneshot import Recipe, oneshot
-from pvq.pipeline import calibration_windows, encode_text, sample_windows
+from pvq.pipeline import encode_text, sample_windows
 from pvq.pipeline.workdir import check_claimable
 from pvq.pipeline.quantize_model import jsonable
 from pvq.quant import get_method
@@ -170,8 +170,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     # the quantization's own memory: what the process holds beyond what it held before
     # (runtime, the float model, the windows) at the phase's peak; the model is quantized in place.
     t0 = time.perf_counter()
-    windows = (calibration_windows(tokenizer, recipe.calib_text, recipe.calib_windows, recipe.calib_seqlen,
-                                   recipe.seed, model=model) if recipe.needs_calibration() else None)
+    windows = recipe.calibration(model, tokenizer)
     calib_seconds = time.perf_counter() - t0
     peak_before = peak_memory_bytes()
     rss_before = resident_memory_bytes()

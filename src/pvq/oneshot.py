@@ -65,6 +65,14 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return self.method is not None and get_method(self.method).needs_hessian(self.method_config())
 
+    def calibration(self, model: nn.Module, tokenizer: Any) -> torch.Tensor | None:
+        """The calibration windows this recipe asks for (None when the method needs none):
+        from `calib_text`, else sampled from the (unrotated float) model, seeded."""
+        if not self.needs_calibration():
+            return None
+        return calibration_windows(tokenizer, self.calib_text, self.calib_windows, self.calib_seqlen, self.seed,
+                                   model=model)
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if self.method is not None:
@@ -108,7 +116,7 @@ def oneshot(
         if tensor.is_floating_point() and finite_absmax(tensor) is None:
             raise QuantizationError(f"model tensor {name!r} has non-finite values; refusing to quantize the model")
     if recipe.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {recipe.compute_dtype!r}")
+        raise QuantizationError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {recipe.compute_dtype!r}")
     adapter = adapter_for(model)
     layer_names = adapter.quantized_layer_names(model)
     act_config = ActQuantConfig(**recipe.act) if recipe.act is not None else None
@@ -118,8 +126,7 @@ def oneshot(
 
     if windows is None and recipe.needs_calibration():
         t0 = time.perf_counter()
-        windows = calibration_windows(tokenizer, recipe.calib_text, recipe.calib_windows, recipe.calib_seqlen,
-                                      recipe.seed, model=model)
+        windows = recipe.calibration(model, tokenizer)
         seconds["calibration"] = time.perf_counter() - t0
     # The rotation comes after the calibration windows (sampled from the unrotated model, so
     # the same with and without it) and before any Hessian is collected.

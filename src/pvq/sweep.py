@@ -34,7 +34,6 @@ from pvq.errors import PVQError
 
 import copy
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -49,6 +48,7 @@ import torch
 
 from pvq.eval.perplexity import default_wikitext2_test_path, perplexity_details, wikitext2_test_text
 from pvq.eval.tasks import average_accuracy, default_tasks_dir, evaluate_task, load_task, resolve_task_names
+from pvq.fileio import sha256_file
 from pvq.formats import decoded_weights
 from pvq.models import load_model
 from pvq.oneshot import Recipe, oneshot
@@ -163,14 +163,6 @@ def plan_points(opts: SweepOptions) -> list[Point]:
     return points
 
 
-def _file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def point_settings(point: Point, opts: SweepOptions, task_names: list[str]) -> dict[str, Any]:
     """Everything a point's figures depend on; a kept point is reused only if equal."""
     eval_text = Path(opts.eval_text) if opts.eval_text else default_wikitext2_test_path()
@@ -187,7 +179,7 @@ def point_settings(point: Point, opts: SweepOptions, task_names: list[str]) -> d
         calib: dict[str, Any] = {"windows": opts.calib_windows, "seqlen": opts.calib_seqlen, "seed": opts.seed,
                                  "batch_size": opts.batch_size, "compute_dtype": opts.compute_dtype}
         if opts.calib_text:
-            calib.update(text=str(opts.calib_text), sha256=_file_digest(opts.calib_text))
+            calib.update(text=str(opts.calib_text), sha256=sha256_file(opts.calib_text))
         else:
             calib["text"] = "sampled from the model"
         settings["calibration"] = calib

@@ -34,10 +34,11 @@ from typing import Any
 
 import torch
 
-from pvq.models.loading import sha256_file
+from pvq.fileio import fsync_dir, fsync_file, process_alive, sha256_file
 
 from .errors import CheckpointError, CheckpointIntegrityError, CheckpointVersionError
-from .hf import FORMAT_VERSION, QUANT_METHOD, bits_per_weight, refresh_records, register_with_transformers
+from .hf import (FORMAT_VERSION, QUANT_METHOD, bits_per_weight, refresh_records, register_with_transformers,
+                 stored_block_count, verified_by_caller)
 from .linear import QuantizedLinear
 
 __all__ = [
@@ -61,20 +62,6 @@ LEGACY_MANIFEST = "manifest.json"  # pvq 0.1 checkpoints (format versions 1-3)
 
 def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -190,13 +177,8 @@ def _remove_stale_partials(path: Path) -> None:
         pid = rest.partition("-")[0]
         if kind not in ("partial", "old") or not pid.isdigit() or not p.is_dir() or p.is_symlink():
             continue
-        try:
-            os.kill(int(pid), 0)
+        if process_alive(int(pid)):
             continue  # that save is still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
         logging.getLogger(__name__).warning("removing %s, left by an interrupted save of %s", p, path)
         shutil.rmtree(p, ignore_errors=True)
 
@@ -263,22 +245,22 @@ def save_checkpoint(
             raise CheckpointError(f"save_pretrained wrote {clash}, which collide with pvq's own files")
         files = {}
         for name in names:
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
             files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
         import pvq
 
         index = {"format": FORMAT, "format_version": FORMAT_VERSION, "pvq_version": pvq.__version__, "files": files}
         (tmp / INDEX_FILE).write_bytes(_dumps(index))
-        _fsync_file(tmp / INDEX_FILE)
+        fsync_file(tmp / INDEX_FILE)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
-            _fsync_file(tmp / REPORT_FILE)
-        _fsync_dir(tmp)
+            fsync_file(tmp / REPORT_FILE)
+        fsync_dir(tmp)
         _move_into_place(tmp, path, replace_existing)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return index
 
 
@@ -354,8 +336,6 @@ def _check_config_against_files(root: Path, config: dict, files: dict) -> None:
     """Before anything is built: the embedding stored in the shards has the shape the config
     gives, and the config's layer count is the one the stored tensors cover (a config that
     asks for a huge model fails here, not in the allocator)."""
-    import re
-
     from safetensors import safe_open
 
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
@@ -368,11 +348,11 @@ def _check_config_against_files(root: Path, config: dict, files: dict) -> None:
                         shapes[key] = list(f.get_slice(key).get_shape())
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 raise CheckpointIntegrityError(f"checkpoint file {name!r} is not a readable safetensors file: {e}") from None
-    blocks = {int(m.group(1)) for key in shapes if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", key))}
+    blocks = stored_block_count(shapes)
     n_layers = text.get("num_hidden_layers")
-    if blocks and n_layers != max(blocks) + 1:
+    if blocks is not None and n_layers != blocks:
         raise CheckpointError(f"config.json says num_hidden_layers {n_layers!r}, the stored tensors hold "
-                              f"{max(blocks) + 1} decoder blocks")
+                              f"{blocks} decoder blocks")
     emb = next((shapes[k] for k in shapes if k.endswith("embed_tokens.weight")), None)
     want = [text.get("vocab_size"), text.get("hidden_size")]
     if emb is not None and emb != want:
@@ -450,7 +430,8 @@ def load_checkpoint(
     kwargs["dtype"] = "auto" if dtype is None else dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model, loading = AutoModelForCausalLM.from_pretrained(str(root), output_loading_info=True, **kwargs)
+    with verified_by_caller(root):  # verified above (or deliberately not): no second hashing on the way in
+        model, loading = AutoModelForCausalLM.from_pretrained(str(root), output_loading_info=True, **kwargs)
     problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise CheckpointError(f"{root}: the stored tensors do not match the model: "

@@ -22,8 +22,13 @@ same structure in memory, so the in-memory model and the reloaded one are one th
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
+import re
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,8 +60,16 @@ QUANT_METHOD = "pvq"
 FORMAT_VERSION = 4
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _FP16_MAX = float(torch.finfo(torch.float16).max)
+_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _FIELDS = ("quant_method", "format_version", "pvq_version", "method", "config", "layers", "layer_overrides",
            "rotation", "act_quant", "dense_dtype")
+
+
+def stored_block_count(names) -> int | None:
+    """Decoder blocks that tensor or module names cover ("...layers.<i>...": 1 + the largest
+    i), None when no name is inside a block: what a config's num_hidden_layers must equal."""
+    blocks = {int(m.group(1)) for n in names if (m := _BLOCK.search(n))}
+    return max(blocks) + 1 if blocks else None
 
 
 def _need(ok: bool, message: str) -> None:
@@ -236,16 +249,32 @@ _SAFETENSORS_DTYPES = {"U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int3
                        "BOOL": "bool"}
 
 
+#: A directory `pvq.load` has just verified itself (or was told not to verify): transformers'
+#: route then does not hash it a second time.
+_VERIFIED: contextvars.ContextVar[Path | None] = contextvars.ContextVar("pvq_verified", default=None)
+
+
+@contextlib.contextmanager
+def verified_by_caller(root: Path):
+    """Inside it, loading `root` through transformers skips the quantizer's own integrity check."""
+    token = _VERIFIED.set(Path(root).resolve())
+    try:
+        yield
+    finally:
+        _VERIFIED.reset(token)
+
+
 def _verify_local_index(checkpoint_files: list[str]) -> None:
     """On transformers' own route too: a checkpoint directory with a pvq integrity index is
     verified against it (every file's size and sha256) before anything is loaded. Without
     an index (saved by plain save_pretrained) a warning says it is unverified."""
     import logging
-    from pathlib import Path
 
     from .checkpoint import INDEX_FILE, verify_checkpoint
 
     root = Path(checkpoint_files[0]).parent
+    if _VERIFIED.get() == root.resolve():
+        return
     if (root / INDEX_FILE).exists() or (root / INDEX_FILE).is_symlink():
         verify_checkpoint(root)
     else:
@@ -283,10 +312,8 @@ def _check_stored_payloads(model: nn.Module, checkpoint_files: list[str]) -> Non
         if not isinstance(module, QuantizedLinear):
             continue
         for tname, spec in module.payload_spec.items():
-            key = f"{name}.{tname}"
+            key = f"{name}.{tname}"  # present: the key comparison above refused missing ones
             want = (tuple(spec.shape), str(STORAGE_DTYPES[spec.dtype]).removeprefix("torch."))
-            if key not in stored:
-                raise CheckpointError(f"layer {name!r} ({module.method}): stored tensor {tname!r} is missing from the checkpoint")
             if stored[key] != want:
                 shape, dtype = stored[key]
                 raise CheckpointError(
@@ -350,14 +377,12 @@ class PVQHfQuantizer(HfQuantizer):
         """Called with the model's config before the model is built: the layer count the
         config asks for must be the one the quantized layers cover (no building of a huge
         model from a tampered config.json)."""
-        import re
-
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        blocks = {int(m.group(1)) for n in self.quantization_config.layers if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", n))}
+        blocks = stored_block_count(self.quantization_config.layers)
         n_layers = getattr(text, "num_hidden_layers", None)
-        if blocks and n_layers != max(blocks) + 1:
+        if blocks is not None and n_layers != blocks:
             raise CheckpointError(f"config.json says num_hidden_layers {n_layers!r}, the quantization_config's layers "
-                                  f"cover {max(blocks) + 1} decoder blocks")
+                                  f"cover {blocks} decoder blocks")
         return config
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -442,8 +467,6 @@ def quantized_model(
         layer = QuantizedLinear.from_quantized(qt, config, module.bias, name=name)
         device = module.weight.device
         replace_linear(model, name, layer.to(device))
-    from dataclasses import asdict
-
     qcfg = PVQQuantizationConfig(method=method, config=asdict(config), layers=sorted(quantized),
                                  rotation=rotation_of(model), act_quant=act_quant_of(model), dense_dtype=dense_dtype)
     model.config.quantization_config = qcfg

@@ -69,14 +69,13 @@ import copy
 import hashlib
 import json
 import os
-import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
 
-from pvq.models.loading import sha256_file
+from pvq.fileio import sha256_file
 from pvq.quant import QuantizationError, QuantizedTensor
 
 from .checkpoint import _regular_file
@@ -452,12 +451,13 @@ def _load_tokenizer(root: Path, manifest: dict) -> Any:
 def _check_sizes(manifest: dict) -> None:
     """The recorded config's layer count and embedding shape must be those of the stored
     tensors (a config asking for a huge model fails here, not in the allocator)."""
+    from .hf import stored_block_count
+
     config = manifest["config"]
-    blocks = {int(m.group(1)) for name in [*manifest["layers"], *manifest["dense"]]
-              if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name))}
-    if blocks and config.get("num_hidden_layers") != max(blocks) + 1:
+    blocks = stored_block_count([*manifest["layers"], *manifest["dense"]])
+    if blocks is not None and config.get("num_hidden_layers") != blocks:
         raise CheckpointError(f"the manifest's config says num_hidden_layers {config.get('num_hidden_layers')!r}, "
-                              f"the stored tensors hold {max(blocks) + 1} decoder blocks")
+                              f"the stored tensors hold {blocks} decoder blocks")
     emb = next((e["shape"] for k, e in manifest["dense"].items() if k.endswith("embed_tokens.weight")), None)
     want = [config.get("vocab_size"), config.get("hidden_size")]
     if emb is not None and list(emb) != want:

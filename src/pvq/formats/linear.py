@@ -29,6 +29,7 @@ from pvq.quant import QuantizationError, QuantizedTensor, TensorSpec, check_payl
 from pvq.quant.input_transforms import attach_input_transform, input_transforms_of
 
 from .errors import CheckpointError, LayerCodecError, LayerDecodeError
+from .kernels import select_kernel
 
 __all__ = ["STORAGE_DTYPES", "QuantizedLinear", "replace_linear"]
 
@@ -178,8 +179,6 @@ class QuantizedLinear(nn.Module):
     # ------------------------------------------------------------------ nn.Module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import select_kernel
-
         kernel = select_kernel(self, x)
         self.last_kernel = kernel.name
         return kernel.forward(self, x)

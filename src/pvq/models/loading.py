@@ -16,8 +16,8 @@ demo alias.
 from __future__ import annotations
 
 from pvq.errors import PVQError
+from pvq.fileio import sha256_file
 
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -71,14 +71,6 @@ def demo_model_path(alias: str) -> Path:
             f"(looked at {path}); reinstall it with: {hint}"
         )
     return path
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_spec(spec: str | os.PathLike) -> dict[str, Any]:

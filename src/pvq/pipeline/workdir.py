@@ -40,6 +40,7 @@ from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 
+from pvq.fileio import process_alive, replace_durably, sha256_file
 from pvq.quant import QuantizedTensor
 
 STATE_FILE = "state.json"
@@ -61,54 +62,11 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """fsync `tmp`, rename it to `path`, fsync the directory: the new file or the old one, never a torn one."""
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = _tmp(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    _replace(tmp, path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    replace_durably(tmp, path)
 
 
 def check_claimable(work_dir: Path) -> None:
@@ -128,7 +86,7 @@ def claim(work_dir: Path) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     for tmp in work_dir.glob(".*.tmp*"):  # temporary files of a killed run (never renamed into place)
         pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
     marker = work_dir / MARKER_FILE
     if not marker.is_file():
@@ -203,11 +161,11 @@ def save_block(work_dir: Path, index: int, layers: dict[str, QuantizedTensor], i
     st_path, js_path = block_paths(work_dir, index)
     tmp = _tmp(st_path)
     np_save_file(arrays, str(tmp))
-    _replace(tmp, st_path)
+    replace_durably(tmp, st_path)
     # insertion order kept (layers in quantization order, meta keys as the method wrote
     # them), so a resumed run hands downstream writers the very same dicts
     atomic_write_json(js_path, {"block": index, "layers": meta}, sort_keys=False)
-    return {st_path.name: file_digest(st_path), js_path.name: file_digest(js_path)}
+    return {st_path.name: sha256_file(st_path), js_path.name: sha256_file(js_path)}
 
 
 def load_block(work_dir: Path, index: int) -> tuple[dict[str, QuantizedTensor], dict[str, dict]]:
@@ -235,8 +193,8 @@ def save_hidden(work_dir: Path, hidden: torch.Tensor, after_block: int) -> str:
     path = work_dir / HIDDEN_FILE
     tmp = _tmp(path)
     torch_save_file({"hidden_states": hidden.contiguous()}, str(tmp), metadata={"after_block": str(after_block)})
-    _replace(tmp, path)
-    return file_digest(path)
+    replace_durably(tmp, path)
+    return sha256_file(path)
 
 
 def load_hidden(work_dir: Path, after_block: int) -> torch.Tensor:
@@ -282,7 +240,7 @@ def write_state(work_dir: Path, state: dict) -> None:
 def intact(work_dir: Path, name: str, digests: dict[str, str]) -> bool:
     """Whether work-directory file `name` exists as a regular file with the recorded sha256."""
     path = work_dir / name
-    return name in digests and path.is_file() and not path.is_symlink() and file_digest(path) == digests[name]
+    return name in digests and path.is_file() and not path.is_symlink() and sha256_file(path) == digests[name]
 
 
 def clear(work_dir: Path) -> None:
