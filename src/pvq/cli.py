@@ -310,11 +310,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from pvq.formats import convert_legacy
+    from pvq.formats.reencode import convert_checkpoint
 
-    index = convert_legacy(args.old, args.new, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-    print(f"{args.new}: written ({len(index['files'])} files); load it with pvq.load or "
-          "transformers.AutoModelForCausalLM.from_pretrained after `import pvq`")
+    index, changed = convert_checkpoint(args.old, args.new, overwrite=args.overwrite,
+                                        max_shard_size=args.max_shard_size)
+    print(f"{args.new}: written ({len(index['files'])} files, {len(changed)} PVQ layers re-encoded in the split "
+          "order); load it with pvq.load or transformers.AutoModelForCausalLM.from_pretrained after `import pvq`")
     return 0
 
 
@@ -480,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("checkpoint")
     ver.set_defaults(func=_cmd_verify)
 
-    conv = sub.add_parser("convert", help="rewrite a pvq 0.1 checkpoint (manifest.json) as a Hugging Face directory")
-    conv.add_argument("old", help="the pvq 0.1 checkpoint directory")
+    conv = sub.add_parser("convert", help="rewrite an older checkpoint (pvq 0.1 manifest.json, or Fischer-ordered "
+                          "PVQ codes) in the current format, PVQ codes in the split order the fast kernels read")
+    conv.add_argument("old", help="the checkpoint directory to convert")
     conv.add_argument("new", help="the directory to write")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at NEW")
     conv.add_argument("--max-shard-size", default=None, help="largest safetensors shard (default: transformers')")

@@ -18,6 +18,7 @@ from .gain import (
 )
 from .packing import pack_codes, packed_size, unpack_codes
 from .search import brute_force_search, search
+from .split import split_decode, split_decode_reference, split_encode, split_encode_reference, split_supported
 
 __all__ = [
     "BetaGainQuantizer",
@@ -41,6 +42,11 @@ __all__ = [
     "pulses_for_bits",
     "pyramid_count",
     "search",
+    "split_decode",
+    "split_decode_reference",
+    "split_encode",
+    "split_encode_reference",
+    "split_supported",
     "unpack_codes",
     "word_tables",
     "words_to_ints",

@@ -304,8 +304,9 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise CheckpointVersionError(f"{ipath}: format {index.get('format') if isinstance(index, dict) else None!r} is not {FORMAT!r}")
     version = index.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
-        raise CheckpointVersionError(f"{ipath}: format_version {version!r}; this pvq reads {FORMAT_VERSION}")
+    if isinstance(version, bool) or not isinstance(version, int) or version not in (FORMAT_VERSION - 1, FORMAT_VERSION):
+        raise CheckpointVersionError(
+            f"{ipath}: format_version {version!r}; this pvq reads {FORMAT_VERSION - 1} and {FORMAT_VERSION}")
     files = index.get("files")
     if not isinstance(files, dict) or "config.json" not in files:
         raise CheckpointIntegrityError(f"{ipath}: 'files' must list every file of the checkpoint, config.json included")

@@ -56,8 +56,9 @@ __all__ = [
 ]
 
 QUANT_METHOD = "pvq"
-#: 1-3: the manifest.json checkpoints of pvq 0.1 (`pvq convert`); 4: Hugging Face directories.
-FORMAT_VERSION = 4
+#: 1-3: the manifest.json checkpoints of pvq 0.1 (`pvq convert`); 4: Hugging Face directories;
+#: 5: PVQ configs record their code "enumeration" (4 is still read: its PVQ codes are Fischer's).
+FORMAT_VERSION = 5
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -75,6 +76,14 @@ def stored_block_count(names) -> int | None:
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise CheckpointError(f"quantization_config: {message}")
+
+
+def _as_current(format_version: int, method: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """A method config as this format version reads it: format 4 stored PVQ codes in
+    Fischer's order only, and had no "enumeration" field to say so."""
+    if format_version == 4 and method == "pvq" and "enumeration" not in config:
+        return {**config, "enumeration": "fischer"}
+    return config
 
 
 class PVQQuantizationConfig(QuantizationConfigMixin):
@@ -115,7 +124,7 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
                 f"quantization_config: format_version {format_version} is newer than this pvq reads ({FORMAT_VERSION}); "
                 "upgrade pvq"
             )
-        if format_version < FORMAT_VERSION:
+        if format_version < FORMAT_VERSION - 1:
             raise CheckpointVersionError(
                 f"quantization_config: format_version {format_version} is an older pvq layout; convert it with "
                 "`pvq convert OLD NEW`"
@@ -125,7 +134,7 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
         self.pvq_version = pvq_version or pvq.__version__
         self.method = method
         _need(config is None or isinstance(config, dict), f"config must be an object of the method's fields, got {config!r}")
-        self.config = dict(config or {})
+        self.config = _as_current(format_version, method, dict(config or {}))
         self._config_obj = self._method_config("", method, self.config)
         _need(isinstance(layers, list) and all(isinstance(n, str) and n for n in layers),
               "'layers' must be a list of module names")
@@ -139,7 +148,11 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
             _need(isinstance(entry, dict) and set(entry) <= {"method", "config"},
                   f"layer_overrides[{name!r}] must be an object with 'method' and 'config'")
             m = entry.get("method", method)
-            self._override_objs[name] = (m, self._method_config(f"layer_overrides[{name!r}].", m, entry.get("config") or {}))
+            entry_config = entry.get("config") or {}
+            if isinstance(entry_config, dict):
+                entry_config = _as_current(format_version, m, entry_config)
+                overrides = {**overrides, name: {**entry, "config": entry_config}}
+            self._override_objs[name] = (m, self._method_config(f"layer_overrides[{name!r}].", m, entry_config))
         self.layer_overrides = copy.deepcopy(overrides)
         _need(rotation is None or isinstance(rotation, dict), "'rotation' must be an object or null")
         _need(act_quant is None or isinstance(act_quant, dict), "'act_quant' must be an object or null")

@@ -495,6 +495,8 @@ def convert_legacy(
         raise CheckpointError(f"{root} holds no quantized layer; load the float model directly instead")
     if not isinstance(method, str) or not isinstance(config, dict):
         raise CheckpointError(f"{root}: the manifest's settings do not record the method and its config; cannot convert")
+    if method == "pvq" and "enumeration" not in config:
+        config = {**config, "enumeration": "fischer"}  # pvq 0.1 stored Fischer codes only
     try:
         method_obj = get_method(method)
         config_obj = method_obj.make_config(config)
@@ -509,7 +511,7 @@ def convert_legacy(
         except QuantizationError as e:
             raise CheckpointError(f"layer {name!r}: {e}") from None
         for key, value in layout.items():
-            if key == "act_order" and key not in qt.meta:
+            if key in ("act_order", "enumeration") and key not in qt.meta:
                 continue
             if qt.meta.get(key) != value:
                 raise CheckpointError(

@@ -46,8 +46,9 @@ Algorithm (blocks b = the D columns of one group, left to right):
    (`python bench/layer_study.py`).
 
 Stored tensors:
-* ``codes``: Fischer codes of the R*G shapes, row-major (row r, group g -> r*G + g),
-  each ``code_bits(D, K)`` bits, bit-packed (`pvq.codec.pack_codes`);
+* ``codes``: the codes of the R*G shapes, row-major (row r, group g -> r*G + g), each
+  ``code_bits(D, K)`` bits, bit-packed (`pvq.codec.pack_codes`), in the split order
+  (`pvq.codec.split`, decodes several times faster) or Fischer's (layout "enumeration");
 * fp16 gains: ``gains`` float16 (R, G);
 * beta gains: ``gain_indices`` (R*G indices, row-major, bit-packed at gain_bits) and
   ``row_norms`` float16 (R,) (a row whose stored norm is 0 dequantizes to zeros);
@@ -81,11 +82,25 @@ from pvq.codec import (
 )
 from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
+from pvq.codec.split import split_decode, split_encode, split_supported
 
-from .base import (QuantizationError, QuantizedTensor, TensorSpec, as_float32, check_config, check_weight, is_int,
-                   proxy_loss)
-from .hessian import (check_percdamp, diagonal_block_inverses, feed_back_block_error, feed_back_vector_error,
-                      inverse_hessian_cholesky)
+from .base import (
+    QuantizationError,
+    QuantizedTensor,
+    TensorSpec,
+    as_float32,
+    check_config,
+    check_weight,
+    is_int,
+    proxy_loss,
+)
+from .hessian import (
+    check_percdamp,
+    diagonal_block_inverses,
+    feed_back_block_error,
+    feed_back_vector_error,
+    inverse_hessian_cholesky,
+)
 
 __all__ = ["CONFIG", "PVQConfig", "dequantize", "layout", "needs_hessian", "nominal_bits_per_weight", "payload_spec",
            "quantize"]
@@ -93,6 +108,10 @@ __all__ = ["CONFIG", "PVQConfig", "dequantize", "layout", "needs_hessian", "nomi
 GAIN_FORMATS = ("fp16", "beta", "empirical")
 RECONSTRUCTIONS = ("quantile", "centroid")
 SEARCH_METHODS = ("refined", "greedy", "paper")
+#: Code orders of the stored shapes: Fischer's (the paper's) or the split order, which
+#: decodes several times faster (`pvq.codec.split`); "auto" is split where it applies
+#: (codes below 2^53), else Fischer.
+ENUMERATIONS = ("auto", "split", "fischer")
 MAX_GAIN_BITS = 16
 MAX_SHAPE_BITS = 8
 #: Largest enumeration tables (both, bytes) a configuration may need.
@@ -124,7 +143,8 @@ class PVQConfig:
     hessian_refine: refine shapes under the block metric (with use_hessian only);
     refine_candidates / refine_max_moves: its search width and move budget per vector;
     act_order: with the Hessian, process the groups in order of decreasing Hessian
-    energy (the storage is unchanged, see the module docstring).
+    energy (the storage is unchanged, see the module docstring); enumeration: the code
+    order of the stored shapes, one of ENUMERATIONS.
     """
 
     group_size: int = 64
@@ -139,6 +159,7 @@ class PVQConfig:
     refine_candidates: int = 8
     refine_max_moves: int = 64
     act_order: bool = True
+    enumeration: str = "auto"
 
     def __post_init__(self) -> None:
         if not is_int(self.group_size) or self.group_size < 2:
@@ -165,6 +186,13 @@ class PVQConfig:
                 f"shape_bits={self.shape_bits} buys no pulse for D={self.group_size} "
                 f"(N(D, 1) = {2 * self.group_size} codes need log2({2 * self.group_size}) / D bits per weight)"
             )
+        if self.enumeration not in ENUMERATIONS:
+            raise QuantizationError(f"enumeration must be one of {ENUMERATIONS}, got {self.enumeration!r}")
+        if self.enumeration == "split" and not split_supported(int(self.group_size), self.pulses):
+            raise QuantizationError(
+                f"enumeration='split' keeps codes below 2^53; D={self.group_size}, K={self.pulses} needs "
+                f"{self.code_bits} bits: use enumeration='fischer' (or 'auto')"
+            )
         need = table_bytes(int(self.group_size), self.pulses)
         if need > MAX_TABLE_BYTES:
             raise QuantizationError(
@@ -184,6 +212,13 @@ class PVQConfig:
     @property
     def code_bits(self) -> int:
         return code_bits(int(self.group_size), self.pulses)
+
+    @property
+    def code_order(self) -> str:
+        """The enumeration the codes are stored in ("split" or "fischer"), "auto" resolved."""
+        if self.enumeration == "auto":
+            return "split" if split_supported(int(self.group_size), self.pulses) else "fischer"
+        return self.enumeration
 
 
 CONFIG = PVQConfig
@@ -225,6 +260,7 @@ def layout(config: PVQConfig, shape: tuple[int, int]) -> dict:
         "gain": config.gain,
         "gain_bits": 16 if config.gain == "fp16" else int(config.gain_bits),
         "code_order": "row-major",
+        "enumeration": config.code_order,
     }
     if config.gain == "beta":
         out["reconstruction"] = config.reconstruction
@@ -396,6 +432,20 @@ def _fp16(values: np.ndarray, what: str) -> np.ndarray:
 # --------------------------------------------------------------------------- the method
 
 
+def encode_shapes(points: np.ndarray, K: int, enumeration: str) -> np.ndarray:
+    """Codes of pyramid points in the stored enumeration ("split" or "fischer")."""
+    return split_encode(points, K) if enumeration == "split" else encode(points, K)
+
+
+def decode_shapes(codes: np.ndarray, D: int, K: int, enumeration: str) -> np.ndarray:
+    """Pyramid points of unpacked codes in the stored enumeration (CodecError on a bad code)."""
+    if enumeration == "split":
+        return split_decode(codes, D, K)
+    if enumeration == "fischer":
+        return decode(codes, D, K)
+    raise QuantizationError(f"unknown enumeration {enumeration!r}; this pvq reads {ENUMERATIONS[1:]}")
+
+
 def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConfig | None = None) -> QuantizedTensor:
     config = check_config(config, PVQConfig)
     check_weight(weight, hessian)
@@ -503,7 +553,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
         Q[:, col_order] = Q.clone()
 
     flat_points = points.reshape(R * G, D)
-    tensors = {"codes": pack_codes(encode(flat_points, K), nbits)}
+    tensors = {"codes": pack_codes(encode_shapes(flat_points, K, config.code_order), nbits)}
     if config.gain == "fp16":
         tensors["gains"] = gains_out
     else:
@@ -524,6 +574,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
         "search_method": config.search_method,
         "percdamp": float(config.percdamp),
         "code_order": "row-major",
+        "enumeration": config.code_order,
     }
     if config.gain == "beta":
         meta["reconstruction"] = config.reconstruction
@@ -545,7 +596,7 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     if D * G != C:
         raise QuantizationError(f"meta group_size {D} x num_groups {G} does not match in_features {C}")
     try:
-        points = decode(unpack_codes(qt.tensors["codes"], R * G, nbits), D, K)
+        points = decode_shapes(unpack_codes(qt.tensors["codes"], R * G, nbits), D, K, meta.get("enumeration", "fischer"))
         if meta["gain"] == "fp16":
             gains16 = np.asarray(qt.tensors["gains"])
             if gains16.dtype != np.float16 or gains16.shape != (R, G):

@@ -1,0 +1,276 @@
+"""CPU kernels of PVQ layers (numba, threads over output rows).
+
+Both read the packed payload as stored (split-order codes, gains or gain indices) and
+never build the whole float weight of a layer unless asked to:
+
+* ``pvq-gemv`` (batches of at most `GEMV_MAX_ROWS` tokens, i.e. decoding): each thread
+  decodes one output row's codes into a small buffer, turns them into float32 weights
+  (``p_i * (gain / ||p||)``) and multiplies them with every token at once.
+* ``pvq-decode-gemm`` (prefill): decodes the whole layer into one reusable float32
+  workspace, threads over rows, then calls `F.linear`.
+
+Both scale the integer points by ``float32(gain / ||p||)``, where the reference
+(`pvq.quant.pvq.dequantize`) divides by the norm and multiplies by the gain in float64:
+weights differ by at most an ulp or so, and the GEMV also sums in another order, so
+outputs match the reference to float32 tolerance (tests: relative error below 1e-5).
+Layers stored in Fischer's order are left to the reference path (`pvq convert`
+re-encodes them); codes are range-checked like the reference decoder's.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pvq.codec import BetaGainQuantizer
+from pvq.codec.split import split_decode_many, split_supported, split_tables
+
+from .errors import LayerCodecError
+
+__all__ = ["GEMV_MAX_ROWS", "PVQCpuState", "decoded_weight", "forward_decode_gemm", "forward_gemv", "pvq_cpu_state",
+           "pvq_rows", "refusal"]
+
+#: Token rows up to which the fused GEMV runs; above, decode + GEMM (`bench/kernels.py` measures both).
+GEMV_MAX_ROWS = 16
+#: Layers with fewer weights than this run on one thread (a thread hand-off costs more).
+_PARALLEL_MIN_WEIGHTS = 1 << 16
+
+
+@nb.njit(inline="always")
+def _read_bits(stream, bitpos, nbits):
+    """The `nbits` (<= 56) bits at stream bit `bitpos` (little-endian bit order, `pvq.codec.pack_codes`)."""
+    byte = bitpos >> 3
+    shift = bitpos & 7
+    v = np.uint64(0)
+    for i in range((shift + nbits + 7) >> 3):
+        v |= np.uint64(stream[byte + i]) << np.uint64(8 * i)
+    return np.int64((v >> np.uint64(shift)) & ((np.uint64(1) << np.uint64(nbits)) - np.uint64(1)))
+
+
+@nb.njit(inline="always")
+def _half_to_double(h):
+    """An IEEE float16 (its int16 bits) as float64, exactly."""
+    u = np.int64(h) & 0xFFFF
+    sign = -1.0 if u & 0x8000 else 1.0
+    e = (u >> 10) & 0x1F
+    m = u & 0x3FF
+    if e == 0:
+        return sign * m * 2.0 ** -24
+    if e == 31:
+        return sign * np.inf if m == 0 else np.nan
+    return sign * (1024 + m) * 2.0 ** (e - 25)
+
+
+@nb.njit(inline="always")
+def _gain(r, g, G, gain_mode, gains16, gidx, gbits, codebook, row_scale):
+    if gain_mode == 0:
+        return _half_to_double(gains16[r, g])
+    idx = _read_bits(gidx, (r * G + g) * gbits, gbits)
+    return codebook[idx] * row_scale[r]
+
+
+@nb.njit(inline="always")
+def _decode_row(r, codes, nbits, D, G, K, total, start, length, left, right, kind, kl_, of, dv, rc, gd, gs, kmax,
+                lb, lp, crow, pts, cs, ks):
+    """Codes of row r into pts (G, D); returns the first group whose code is out of range, or -1."""
+    bad = -1
+    for g in range(G):
+        c = _read_bits(codes, (r * G + g) * nbits, nbits)
+        if c >= total:  # never decoded: an out-of-range code would index past the tables
+            if bad < 0:
+                bad = g
+            c = 0
+        crow[g] = c
+    split_decode_many(crow, D, K, start, length, left, right, kind, kl_, of, dv, rc, gd, gs, kmax, lb, lp, cs, ks, pts)
+    return bad
+
+
+@nb.njit(inline="always")
+def _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_scale, scales):
+    """scales[g] = gain / ||p|| of row r's groups (float32), pts (G, D) its decoded points."""
+    for g in range(G):
+        ss = np.float32(0.0)
+        for i in range(D):
+            ss += pts[g, i] * pts[g, i]  # small integers: exact
+        scales[g] = np.float32(_gain(r, g, G, gain_mode, gains16, gidx, gbits, codebook, row_scale)
+                               / math.sqrt(np.float64(ss)))
+
+
+@nb.njit(cache=True, nogil=True)
+def pvq_rows(lo, hi, x, codes, nbits, D, G, K, total, start, length, left, right, kind, kl_, of, dv, rc, gd, gs, kmax,
+             lb, lp, gain_mode, gains16, gidx, gbits, codebook, row_scale, out, weight):
+    """Rows lo..hi of a PVQ layer from its packed payload, either
+    - (weight empty) ``out[:, r] = x @ W[r]^T`` as sum_g scale_g <p_g, x_g> (the GEMV: no weight formed), or
+    - (weight (R, C)) ``weight[r] = p_i * scale_g`` (the decode for a GEMM),
+    with ``scale_g = float32(gain / ||p||)``. Returns the flat index (r * G + g) of the
+    first code out of range, or -1."""
+    B = x.shape[0]
+    gemv = weight.shape[0] == 0
+    crow = np.empty(G, np.int64)
+    pts = np.empty((G, D), np.float32)
+    scales = np.empty(G, np.float32)
+    acc = np.empty(B, np.float32)
+    cs = np.empty(start.shape[0], np.int64)
+    ks = np.empty(start.shape[0], np.int64)
+    for r in range(lo, hi):
+        bad = _decode_row(r, codes, nbits, D, G, K, total, start, length, left, right, kind, kl_, of, dv, rc, gd, gs,
+                          kmax, lb, lp, crow, pts, cs, ks)
+        if bad >= 0:
+            return r * G + bad
+        _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_scale, scales)
+        if not gemv:
+            for g in range(G):
+                for i in range(D):
+                    weight[r, g * D + i] = pts[g, i] * scales[g]
+            continue
+        acc[:] = 0.0
+        for g in range(G):
+            base = g * D
+            for b in range(B):
+                d = np.float32(0.0)
+                for i in range(D):
+                    d += pts[g, i] * x[b, base + i]
+                acc[b] += scales[g] * d
+        for b in range(B):
+            out[b, r] = acc[b]
+    return -1
+
+
+class _RowPool:
+    """Runs a row-range kernel over a layer's output rows on torch's thread count.
+
+    The kernels are plain (cached, GIL-free) numba functions split over rows by a thread
+    pool, not numba's parallel loops: those crashed in this stack (numba 0.68 + torch 2.13,
+    a segmentation fault inside the parallel region) and cannot be cached."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._workers = 0
+
+    def run(self, kernel, rows: int, weights: int, *args) -> int:
+        threads = max(1, torch.get_num_threads())
+        if threads == 1 or weights < _PARALLEL_MIN_WEIGHTS or rows < 2 * threads:
+            return int(kernel(0, rows, *args))
+        if self._pool is None or self._workers != threads:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pvq-kernel")
+            self._workers = threads
+        bounds = [rows * i // threads for i in range(threads + 1)]
+        futures = [self._pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
+        results = [int(kernel(bounds[0], bounds[1], *args))] + [int(f.result()) for f in futures]
+        bad = [b for b in results if b >= 0]
+        return min(bad) if bad else -1
+
+
+_ROWS = _RowPool()
+
+
+@dataclass
+class PVQCpuState:
+    """The arguments of the kernels for one layer (views of its buffers plus decoded tables)."""
+
+    key: tuple
+    args: tuple
+    shape: tuple[int, int]
+
+
+def refusal(layer) -> str | None:
+    """None if the kernels (CPU, and Triton's but for its own limits) serve this PVQ layer, else why not."""
+    lay = layer.layout
+    if lay.get("enumeration", "fischer") != "split":
+        return "codes in Fischer's order (`pvq convert` re-encodes them in the split order)"
+    D, K = int(lay["group_size"]), int(lay["pulses"])
+    if not split_supported(D, K) or int(lay["code_bits"]) > 53:
+        return f"codes of {lay['code_bits']} bits"
+    return None
+
+
+def pvq_cpu_state(layer) -> PVQCpuState:
+    """Kernel arguments of a PVQ `QuantizedLinear`, cached on the layer until a buffer changes."""
+    key = tuple((getattr(layer, t).data_ptr(), getattr(layer, t)._version) for t in layer.payload_spec)
+    state = layer.__dict__.get("_cpu_state")
+    if state is not None and state.key == key:
+        return state
+    lay = layer.layout
+    D, G, K, nbits = (int(lay[k]) for k in ("group_size", "num_groups", "pulses", "code_bits"))
+    R = layer.out_features
+    tb = split_tables(D, K)
+    pay = layer.payload()
+    empty8 = np.zeros(1, np.uint8)
+    if lay["gain"] == "fp16":
+        gain_mode, gains16, gidx, gbits = 0, pay["gains"].view(np.int16), empty8, 0
+        codebook, row_scale = np.zeros(1), np.zeros(1)
+    else:
+        gain_mode, gains16, gidx, gbits = 1, np.zeros((1, 1), np.int16), pay["gain_indices"], int(lay["gain_bits"])
+        if lay["gain"] == "beta":
+            codebook = BetaGainQuantizer(D, G, gbits, lay["reconstruction"]).codebook.astype(np.float64)
+        else:
+            codebook = pay["gain_codebook"].astype(np.float64)
+        row_scale = pay["row_norms"].astype(np.float64)
+    args = (pay["codes"], np.int64(nbits), np.int64(D), np.int64(G), np.int64(K), np.int64(tb.total), *tb.arrays,
+            np.int64(gain_mode), gains16, gidx, np.int64(gbits), codebook, row_scale)
+    state = PVQCpuState(key, args, (R, G * D))
+    layer._cpu_state = state
+    return state
+
+
+def _raise_bad(layer, flat: int) -> None:
+    G = int(layer.layout["num_groups"])
+    raise LayerCodecError(f"{layer._label()}: code of row {flat // G}, group {flat % G} is out of range "
+                          f"[0, N({layer.layout['group_size']},{layer.layout['pulses']})): the payload is damaged")
+
+
+class _Workspace:
+    """One float32 weight buffer per process, grown to the largest layer decoded into it."""
+
+    buf: torch.Tensor | None = None
+
+    def get(self, numel: int) -> torch.Tensor:
+        if self.buf is None or self.buf.numel() < numel:
+            self.buf = torch.empty(numel, dtype=torch.float32)
+        return self.buf[:numel]
+
+
+_WORKSPACE = _Workspace()
+_NO_WEIGHT = np.zeros((0, 0), np.float32)
+_NO_X = np.zeros((0, 0), np.float32)
+
+
+def forward_gemv(layer, x: torch.Tensor) -> torch.Tensor:
+    state = pvq_cpu_state(layer)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(torch.float32).contiguous()
+    out = torch.empty((x2.shape[0], layer.out_features), dtype=torch.float32)
+    bad = _ROWS.run(pvq_rows, layer.out_features, layer.out_features * layer.in_features * x2.shape[0],
+                    x2.numpy(), *state.args, out.numpy(), _NO_WEIGHT)
+    if bad >= 0:
+        _raise_bad(layer, int(bad))
+    if layer.bias is not None:
+        out += layer.bias.to(torch.float32)
+    return out.reshape(*shape[:-1], layer.out_features).to(x.dtype)
+
+
+def decoded_weight(layer) -> torch.Tensor:
+    """The layer's float32 weight decoded into the shared workspace (valid until the next call)."""
+    state = pvq_cpu_state(layer)
+    R, C = state.shape
+    weight = _WORKSPACE.get(R * C).view(R, C)
+    bad = _ROWS.run(pvq_rows, R, R * C, _NO_X, *state.args, _NO_WEIGHT, weight.numpy())
+    if bad >= 0:
+        _raise_bad(layer, int(bad))
+    return weight
+
+
+def forward_decode_gemm(layer, x: torch.Tensor) -> torch.Tensor:
+    weight = decoded_weight(layer)
+    if x.dtype != torch.float32:
+        weight = weight.to(x.dtype)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, weight, bias)
