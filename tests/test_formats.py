@@ -155,7 +155,7 @@ def test_quantized_linear_is_built_empty_and_filled_by_its_state_dict(method):
     empty.load_state_dict(full.state_dict())
     x = torch.randn(3, 64)
     reference = torch.nn.functional.linear(x, m.dequantize(qt), bias)
-    if method == "pvq":  # the CPU kernel: float32 tolerance (tests/test_kernels.py)
+    if method in ("pvq", "rtn", "gptq"):  # the CPU kernel: float32 tolerance (tests/test_kernels.py)
         assert float((empty(x) - reference).norm() / reference.norm()) < 1e-5
         assert empty.last_kernel == "pvq-cpu-gemv"
     else:
@@ -541,7 +541,9 @@ def test_legacy_checkpoints_convert_bit_exactly(tmp_path, name):
     convert_legacy(LEGACY / name, tmp_path / "new")
     model, tok, info = load_checkpoint(tmp_path / "new")
     ref = load_file(LEGACY / f"{name}.logits.safetensors")
-    assert torch.equal(logits(model, ref["input_ids"]), ref["logits"])
+    with decoded_weights(model):  # the reference decode (the kernels agree to float tolerance)
+        assert torch.equal(logits(model, ref["input_ids"]), ref["logits"])
+    assert float((logits(model, ref["input_ids"]) - ref["logits"]).norm() / ref["logits"].norm()) < 1e-5
     assert tok is not None
     assert (info["quantization_config"]["rotation"] is not None) == name.startswith("v3")
 

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import printable_char_tokenizer
@@ -62,6 +63,25 @@ def test_cpu_kernels_match_the_reference(D, gain):
     x = torch.randn(2, 3, lin.in_features, dtype=torch.bfloat16)
     y = lin(x)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, lin.out_features)
+
+
+@pytest.mark.parametrize("method, config", [("rtn", {"bits": 3, "group_size": 32}),
+                                            ("gptq", {"bits": 4, "group_size": 16, "act_order": True}),
+                                            ("gptq", {"bits": 2, "group_size": -1, "act_order": False})])
+def test_cpu_kernels_serve_grid_methods(method, config):
+    m = get_method(method)
+    W = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    X = torch.randn(200, 64, generator=torch.Generator().manual_seed(1))
+    lin = QuantizedLinear.from_quantized(m.quantize(W, X.T @ X / 200, m.make_config(config)), config, torch.randn(40))
+    ref_w = lin.dequantize()
+    for rows, kernel in ((1, "pvq-cpu-gemv"), (7, "pvq-cpu-gemv"), (33, "pvq-cpu-decode-gemm")):
+        x = torch.randn(rows, 64)
+        y = lin(x)
+        assert lin.last_kernel == kernel
+        assert rel(y, torch.nn.functional.linear(x, ref_w, lin.bias)) < TOLERANCE
+    stored = decoded_weight(lin)  # bit-identical to the reference, in stored column order
+    perm = lin.payload().get("perm")
+    assert torch.equal(stored, ref_w if perm is None else ref_w[:, torch.from_numpy(perm.astype(np.int64))])
 
 
 def test_threads_split_rows_without_changing_results():

@@ -1,4 +1,4 @@
-"""CPU kernels of PVQ layers (numba, threads over output rows).
+"""CPU kernels of PVQ, RTN and GPTQ layers (numba, threads over output rows).
 
 Both read the packed payload as stored (split-order codes, gains or gain indices) and
 never build the whole float weight of a layer unless asked to:
@@ -33,7 +33,7 @@ from pvq.codec.split import split_decode_many, split_supported, split_tables
 
 from .errors import LayerCodecError
 
-__all__ = ["GEMV_MAX_ROWS", "PVQCpuState", "decoded_weight", "forward_decode_gemm", "forward_gemv", "pvq_cpu_state",
+__all__ = ["GEMV_MAX_ROWS", "PVQCpuState", "decoded_weight", "forward_decode_gemm", "forward_gemv", "cpu_state", "grid_rows",
            "pvq_rows", "refusal"]
 
 #: Token rows up to which the fused GEMV runs; above, decode + GEMM (`bench/kernels.py` measures both).
@@ -142,6 +142,35 @@ def pvq_rows(lo, hi, x, codes, nbits, D, G, K, total, start, length, left, right
     return -1
 
 
+@nb.njit(cache=True, nogil=True)
+def grid_rows(lo, hi, x, codes, bits, gs, G, scales16, zeros, out, weight):
+    """Rows lo..hi of an RTN/GPTQ layer (codes and zero points bit-packed at `bits`,
+    float16 scales per group of `gs` columns), in stored column order: GEMV into out
+    (weight empty) or the weights into weight, ``float32(code - zero) * float32(scale)``
+    exactly as `pvq.quant.rtn.grid_dequantize`. Returns -1 (grid codes cannot be out of range)."""
+    B = x.shape[0]
+    C = G * gs
+    gemv = weight.shape[0] == 0
+    acc = np.empty(B, np.float32)
+    for r in range(lo, hi):
+        acc[:] = 0.0
+        for g in range(G):
+            s = np.float32(_half_to_double(scales16[r, g]))
+            z = _read_bits(zeros, (r * G + g) * bits, bits)
+            base = g * gs
+            for j in range(gs):
+                w = np.float32(_read_bits(codes, (r * C + base + j) * bits, bits) - z) * s
+                if gemv:
+                    for b in range(B):
+                        acc[b] += w * x[b, base + j]
+                else:
+                    weight[r, base + j] = w
+        if gemv:
+            for b in range(B):
+                out[b, r] = acc[b]
+    return -1
+
+
 class _RowPool:
     """Runs a row-range kernel over a layer's output rows on torch's thread count.
 
@@ -174,30 +203,55 @@ _ROWS = _RowPool()
 
 @dataclass
 class PVQCpuState:
-    """The arguments of the kernels for one layer (views of its buffers plus decoded tables)."""
+    """The arguments of the kernels for one layer (views of its buffers plus decoded tables);
+    perm: GPTQ's act-order column permutation (stored column j is input column perm[j])."""
 
     key: tuple
     args: tuple
     shape: tuple[int, int]
+    perm: torch.Tensor | None = None
+
+
+#: Methods with CPU kernels.
+CPU_METHODS = ("pvq", "rtn", "gptq")
 
 
 def refusal(layer) -> str | None:
-    """None if the kernels (CPU, and Triton's but for its own limits) serve this PVQ layer, else why not."""
+    """None if the kernels (CPU, and Triton's but for its own limits) serve this layer, else why not."""
+    if layer.method != "pvq":
+        return None if layer.method in CPU_METHODS else f"method {layer.method}"
     lay = layer.layout
     if lay.get("enumeration", "fischer") != "split":
-        return "codes in Fischer's order (`pvq convert` re-encodes them in the split order)"
+        return "PVQ codes in Fischer's order (`pvq convert` re-encodes them in the split order)"
     D, K = int(lay["group_size"]), int(lay["pulses"])
     if not split_supported(D, K) or int(lay["code_bits"]) > 53:
-        return f"codes of {lay['code_bits']} bits"
+        return f"PVQ codes of {lay['code_bits']} bits"
     return None
 
 
-def pvq_cpu_state(layer) -> PVQCpuState:
-    """Kernel arguments of a PVQ `QuantizedLinear`, cached on the layer until a buffer changes."""
+def cpu_state(layer) -> PVQCpuState:
+    """Kernel arguments of a `QuantizedLinear`, cached on the layer until a buffer changes."""
     key = tuple((getattr(layer, t).data_ptr(), getattr(layer, t)._version) for t in layer.payload_spec)
     state = layer.__dict__.get("_cpu_state")
     if state is not None and state.key == key:
         return state
+    state = _pvq_state(layer, key) if layer.method == "pvq" else _grid_state(layer, key)
+    layer._cpu_state = state
+    return state
+
+
+def _grid_state(layer, key: tuple) -> PVQCpuState:
+    lay = layer.layout
+    pay = layer.payload()
+    perm = pay.get("perm")
+    state = PVQCpuState(key, (pay["codes"], np.int64(lay["bits"]), np.int64(lay["group_size"]),
+                              np.int64(lay["num_groups"]), pay["scales"].view(np.int16), pay["zeros"]),
+                        (layer.out_features, layer.in_features))
+    state.perm = None if perm is None else torch.from_numpy(perm.astype(np.int64))
+    return state
+
+
+def _pvq_state(layer, key: tuple) -> PVQCpuState:
     lay = layer.layout
     D, G, K, nbits = (int(lay[k]) for k in ("group_size", "num_groups", "pulses", "code_bits"))
     R = layer.out_features
@@ -216,9 +270,7 @@ def pvq_cpu_state(layer) -> PVQCpuState:
         row_scale = pay["row_norms"].astype(np.float64)
     args = (pay["codes"], np.int64(nbits), np.int64(D), np.int64(G), np.int64(K), np.int64(tb.total), *tb.arrays,
             np.int64(gain_mode), gains16, gidx, np.int64(gbits), codebook, row_scale)
-    state = PVQCpuState(key, args, (R, G * D))
-    layer._cpu_state = state
-    return state
+    return PVQCpuState(key, args, (R, G * D))
 
 
 def _raise_bad(layer, flat: int) -> None:
@@ -243,33 +295,42 @@ _NO_WEIGHT = np.zeros((0, 0), np.float32)
 _NO_X = np.zeros((0, 0), np.float32)
 
 
-def forward_gemv(layer, x: torch.Tensor) -> torch.Tensor:
-    state = pvq_cpu_state(layer)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).to(torch.float32).contiguous()
-    out = torch.empty((x2.shape[0], layer.out_features), dtype=torch.float32)
-    bad = _ROWS.run(pvq_rows, layer.out_features, layer.out_features * layer.in_features * x2.shape[0],
-                    x2.numpy(), *state.args, out.numpy(), _NO_WEIGHT)
+def _run(layer, state: PVQCpuState, x2: np.ndarray, out: np.ndarray, weight: np.ndarray, work: int) -> None:
+    kernel = pvq_rows if layer.method == "pvq" else grid_rows
+    bad = _ROWS.run(kernel, layer.out_features, work, x2, *state.args, out, weight)
     if bad >= 0:
         _raise_bad(layer, int(bad))
+
+
+def forward_gemv(layer, x: torch.Tensor) -> torch.Tensor:
+    state = cpu_state(layer)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(torch.float32)
+    if state.perm is not None:
+        x2 = x2[:, state.perm]
+    x2 = x2.contiguous()
+    out = torch.empty((x2.shape[0], layer.out_features), dtype=torch.float32)
+    _run(layer, state, x2.numpy(), out.numpy(), _NO_WEIGHT, layer.out_features * layer.in_features * x2.shape[0])
     if layer.bias is not None:
         out += layer.bias.to(torch.float32)
     return out.reshape(*shape[:-1], layer.out_features).to(x.dtype)
 
 
 def decoded_weight(layer) -> torch.Tensor:
-    """The layer's float32 weight decoded into the shared workspace (valid until the next call)."""
-    state = pvq_cpu_state(layer)
+    """The layer's float32 weight decoded into the shared workspace (valid until the next
+    call), in stored column order (GPTQ act-order: see `cpu_state(layer).perm`)."""
+    state = cpu_state(layer)
     R, C = state.shape
     weight = _WORKSPACE.get(R * C).view(R, C)
-    bad = _ROWS.run(pvq_rows, R, R * C, _NO_X, *state.args, _NO_WEIGHT, weight.numpy())
-    if bad >= 0:
-        _raise_bad(layer, int(bad))
+    _run(layer, state, _NO_X, _NO_WEIGHT, weight.numpy(), R * C)
     return weight
 
 
 def forward_decode_gemm(layer, x: torch.Tensor) -> torch.Tensor:
     weight = decoded_weight(layer)
+    perm = cpu_state(layer).perm
+    if perm is not None:
+        x = x[..., perm]
     if x.dtype != torch.float32:
         weight = weight.to(x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)

@@ -102,13 +102,14 @@ def _served(refusal: str | None, kernels: str) -> bool:
         return True
     if refusal not in _WARNED:
         _WARNED.add(refusal)
-        warnings.warn(f"pvq: {kernels} do not serve PVQ layers with {refusal}; using the slower reference decode",
+        warnings.warn(f"pvq: {kernels} do not serve layers with {refusal}; using the slower reference decode",
                       stacklevel=5)
     return False
 
 
 def _cpu_supports(layer: "QuantizedLinear", x: torch.Tensor) -> bool:
-    if layer.method != "pvq" or x.device.type != "cpu" or layer.codes.device.type != "cpu" or not x.is_floating_point():
+    if (layer.method not in cpu_kernels.CPU_METHODS or x.device.type != "cpu" or layer.codes.device.type != "cpu"
+            or not x.is_floating_point()):
         return False
     return _served(cpu_kernels.refusal(layer), "the CPU kernels")
 
@@ -121,9 +122,9 @@ def _cpu_gemm_supports(layer: "QuantizedLinear", x: torch.Tensor) -> bool:
     return _rows(x) > cpu_kernels.GEMV_MAX_ROWS and _cpu_supports(layer, x)
 
 
-#: PVQ on the CPU, few tokens: fused decode + multiply per output row, no whole weight built.
+#: PVQ, RTN and GPTQ on the CPU, few tokens: fused decode + multiply per output row, no whole weight built.
 PVQ_CPU_GEMV = Kernel("pvq-cpu-gemv", _cpu_gemv_supports, cpu_kernels.forward_gemv)
-#: PVQ on the CPU, many tokens: parallel decode into one reusable workspace, then `F.linear`.
+#: PVQ, RTN and GPTQ on the CPU, many tokens: threaded decode into one reusable workspace, then `F.linear`.
 PVQ_CPU_DECODE_GEMM = Kernel("pvq-cpu-decode-gemm", _cpu_gemm_supports, cpu_kernels.forward_decode_gemm)
 
 def _triton_supports(layer: "QuantizedLinear", x: torch.Tensor) -> bool:

@@ -183,6 +183,8 @@ class TritonState:
 
 def triton_refusal(layer) -> str | None:
     """None if the Triton kernels serve this PVQ layer, else why not."""
+    if layer.method != "pvq":
+        return f"method {layer.method}"
     why = refusal(layer)
     if why is not None:
         return why
