@@ -25,7 +25,7 @@ from pvq.formats import (
     load_checkpoint,
     save_checkpoint,
 )
-from pvq.formats.cpu_kernels import decoded_weight
+from pvq.formats.cpu_kernels import decoded_weight, gemv_max_rows
 from pvq.formats.kernels import DEQUANTIZE
 from pvq.formats.reencode import convert_checkpoint
 from pvq.models import tiny_llama
@@ -54,7 +54,9 @@ def test_cpu_kernels_match_the_reference(D, gain):
     assert lin.layout["enumeration"] == "split"
     ref_w = lin.dequantize()
     assert rel(decoded_weight(lin), ref_w) < TOLERANCE
-    for rows, kernel in ((1, "pvq-cpu-gemv"), (5, "pvq-cpu-gemv"), (16, "pvq-cpu-gemv"), (40, "pvq-cpu-decode-gemm")):
+    assert gemv_max_rows(lin) == 8  # a small layer
+    for rows, kernel in ((1, "pvq-cpu-gemv"), (5, "pvq-cpu-gemv"), (8, "pvq-cpu-gemv"), (9, "pvq-cpu-decode-gemm"),
+                         (40, "pvq-cpu-decode-gemm")):
         x = torch.randn(rows, lin.in_features)
         y = lin(x)
         assert lin.last_kernel == kernel

@@ -3,7 +3,7 @@
 Both read the packed payload as stored (split-order codes, gains or gain indices) and
 never build the whole float weight of a layer unless asked to:
 
-* ``pvq-gemv`` (batches of at most `GEMV_MAX_ROWS` tokens, i.e. decoding): each thread
+* ``pvq-gemv`` (at most `gemv_max_rows(layer)` tokens, i.e. decoding): each thread
   decodes one output row's codes into a small buffer, turns them into float32 weights
   (``p_i * (gain / ||p||)``) and multiplies them with every token at once.
 * ``pvq-decode-gemm`` (prefill): decodes the whole layer into one reusable float32
@@ -33,11 +33,22 @@ from pvq.codec.split import split_decode_many, split_supported, split_tables
 
 from .errors import LayerCodecError
 
-__all__ = ["GEMV_MAX_ROWS", "PVQCpuState", "decoded_weight", "forward_decode_gemm", "forward_gemv", "cpu_state", "grid_rows",
+__all__ = ["GEMV_MAX_ROWS", "PVQCpuState", "gemv_max_rows", "decoded_weight", "forward_decode_gemm", "forward_gemv", "cpu_state", "grid_rows",
            "pvq_rows", "refusal"]
 
-#: Token rows up to which the fused GEMV runs; above, decode + GEMM (`bench/kernels.py` measures both).
-GEMV_MAX_ROWS = 16
+#: Token rows up to which the fused GEMV runs (above: decode + GEMM), for layers below
+#: GEMV_LARGE_WEIGHTS weights and for larger ones. Measured on this 2-core machine (PVQ
+#: D=16 3-bit, 2 threads, GEMV / decode+GEMM time): 576x1536 0.56x at 1 row, 0.79x at 4,
+#: 0.98x at 8, 1.38x at 16; 4096x4096 0.91x at 1 row, 1.08x at 2, 1.49x at 8.
+GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS_LARGE = 1
+GEMV_LARGE_WEIGHTS = 1 << 22
+
+
+def gemv_max_rows(layer) -> int:
+    """Token rows up to which `layer` runs the fused GEMV on the CPU."""
+    large = layer.out_features * layer.in_features >= GEMV_LARGE_WEIGHTS
+    return GEMV_MAX_ROWS_LARGE if large else GEMV_MAX_ROWS
 #: Layers with fewer weights than this run on one thread (a thread hand-off costs more).
 _PARALLEL_MIN_WEIGHTS = 1 << 16
 

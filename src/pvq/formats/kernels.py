@@ -4,7 +4,7 @@
 device, dtype and batch); the first registered kernel whose ``supports`` accepts the
 call runs, and ``dequantize`` (decode the whole weight of this one layer, then
 `F.linear`) is the always-correct fallback. PVQ layers in the split order run the CPU
-kernels (`cpu_kernels`: fused decode-GEMV up to GEMV_MAX_ROWS tokens, else decode into
+kernels (`cpu_kernels`: fused decode-GEMV up to `gemv_max_rows(layer)` tokens, else decode into
 a workspace + GEMM) or on CUDA the Triton ones (`triton_kernels`); a PVQ layout they do
 not take falls back with one warning per reason. Faster kernels register themselves with
 `register_kernel`; what a layer last ran is in ``layer.last_kernel``.
@@ -115,11 +115,11 @@ def _cpu_supports(layer: "QuantizedLinear", x: torch.Tensor) -> bool:
 
 
 def _cpu_gemv_supports(layer: "QuantizedLinear", x: torch.Tensor) -> bool:
-    return _rows(x) <= cpu_kernels.GEMV_MAX_ROWS and _cpu_supports(layer, x)
+    return _rows(x) <= cpu_kernels.gemv_max_rows(layer) and _cpu_supports(layer, x)
 
 
 def _cpu_gemm_supports(layer: "QuantizedLinear", x: torch.Tensor) -> bool:
-    return _rows(x) > cpu_kernels.GEMV_MAX_ROWS and _cpu_supports(layer, x)
+    return _rows(x) > cpu_kernels.gemv_max_rows(layer) and _cpu_supports(layer, x)
 
 
 #: PVQ, RTN and GPTQ on the CPU, few tokens: fused decode + multiply per output row, no whole weight built.
@@ -157,13 +157,15 @@ def _triton_decode_gemm(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor
     return F.linear(x, weight.to(x.dtype), bias)
 
 
+#: Token rows up to which the Triton GEMV runs (not measured: no GPU was available).
+TRITON_GEMV_MAX_ROWS = 16
 #: PVQ on CUDA, few tokens: the fused Triton decode-GEMV.
 PVQ_TRITON_GEMV = Kernel("pvq-triton-gemv",
-                         lambda layer, x: _rows(x) <= cpu_kernels.GEMV_MAX_ROWS and _triton_supports(layer, x),
+                         lambda layer, x: _rows(x) <= TRITON_GEMV_MAX_ROWS and _triton_supports(layer, x),
                          _triton_gemv)
 #: PVQ on CUDA, many tokens: Triton decode into a workspace, then `F.linear`.
 PVQ_TRITON_DECODE_GEMM = Kernel("pvq-triton-decode-gemm",
-                                lambda layer, x: _rows(x) > cpu_kernels.GEMV_MAX_ROWS and _triton_supports(layer, x),
+                                lambda layer, x: _rows(x) > TRITON_GEMV_MAX_ROWS and _triton_supports(layer, x),
                                 _triton_decode_gemm)
 
 #: Registered kernels, tried in order before the fallback.

@@ -29,8 +29,6 @@ __all__ = ["TRITON_DIMENSIONS", "TritonState", "triton_decode", "triton_gemv", "
 
 #: Dimensions with a Triton decoder (every leaf of 4 coordinates from the table).
 TRITON_DIMENSIONS = (4, 8, 16)
-#: Batch rows the fused GEMV takes (compiled per batch size).
-GEMV_MAX_ROWS = 16
 _BLOCK_G = 32
 
 
@@ -212,7 +210,7 @@ def _check_bad(layer, bad: torch.Tensor) -> None:
 
 
 def triton_gemv(layer, x2: torch.Tensor) -> torch.Tensor:
-    """(B, C) -> (B, R) float32 with the fused kernel (B <= GEMV_MAX_ROWS)."""
+    """(B, C) -> (B, R) float32 with the fused kernel (compiled per B; `kernels.TRITON_GEMV_MAX_ROWS` at most)."""
     st = triton_state(layer)
     B = x2.shape[0]
     out = torch.zeros((B, st.R), dtype=torch.float32, device=x2.device)
