@@ -12,7 +12,9 @@ Run:  python bench/kernels.py [--threads 2] [--shapes demo 8b] [--out bench-out/
    weight-only CPU matmul (`_weight_int4pack_mm_for_cpu`, group 64, bfloat16
    activations). All with `--threads` torch threads; the PVQ kernels use as many.
    Ratios are against float32 `F.linear` of the same shape timed in the same run.
-3. With ``--cuda`` (a GPU machine): the same layer table on the GPU, PVQ's Triton kernels
+3. With ``--crossover``: the fused GEMV against decode + GEMM at batch 1-16 (the CPU
+   kernels' row threshold, `pvq.formats.cpu_kernels.gemv_max_rows`).
+4. With ``--cuda`` (a GPU machine): the same layer table on the GPU, PVQ's Triton kernels
    against float16 `F.linear`.
 Targets (issue 13) are reported, not asserted.
 """
@@ -154,6 +156,24 @@ def layer_rows(shapes: list[tuple[int, int]], rng: np.random.Generator, threads:
     return rows
 
 
+def crossover_rows(rng: np.random.Generator, threads: int, repeats: int) -> list[dict]:
+    """Fused GEMV against decode + GEMM at small batches (where `gemv_max_rows` comes from)."""
+    from pvq.formats.kernels import PVQ_CPU_DECODE_GEMM, PVQ_CPU_GEMV
+
+    torch.set_num_threads(threads)
+    rows = []
+    for R, C in ((576, 1536), (1536, 576), (4096, 4096)):
+        layer = pvq_layer(R, C, rng)
+        for B in (1, 2, 4, 8, 16):
+            x = torch.randn(B, C)
+            with torch.inference_mode():
+                g = timed(lambda: PVQ_CPU_GEMV.forward(layer, x), repeats)
+                d = timed(lambda: PVQ_CPU_DECODE_GEMM.forward(layer, x), repeats)
+            rows.append({"shape": [R, C], "batch": B, "gemv": g, "decode_gemm": d})
+            print(f"  crossover {R}x{C} batch {B}: gemv {g * 1e3:.2f} ms, decode+gemm {d * 1e3:.2f} ms", flush=True)
+    return rows
+
+
 def tables(decode_res: list[dict], layer_res: list[dict], threads: int) -> str:
     out = ["Decode, one core (D=16, K=%d, uniform random codes):" % decode_res[0]["K"], "",
            "| order | weights/s | vs Fischer |", "|---|---|---|"]
@@ -180,6 +200,7 @@ def main() -> None:
     parser.add_argument("--decode-codes", type=int, default=1 << 20, help="codes timed in the decode comparison")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crossover", action="store_true", help="also fused GEMV vs decode+GEMM at batch 1-16")
     parser.add_argument("--cuda", action="store_true", help="also the layer table on the GPU (Triton kernels vs float16)")
     parser.add_argument("--out", default="bench-out/kernels.json")
     args = parser.parse_args()
@@ -187,6 +208,14 @@ def main() -> None:
     decode_res = decode_rows(args.decode_codes, rng)
     layer_res = layer_rows([s for name in args.shapes for s in SHAPES[name]], rng, args.threads, args.repeats)
     text = tables(decode_res, layer_res, args.threads)
+    cross = []
+    if args.crossover:
+        cross = crossover_rows(rng, args.threads, args.repeats)
+        text += ("\n\nFused GEMV / decode + GEMM (CPU, same threads):\n\n| shape | batch | gemv ms | decode+gemm ms | "
+                 "ratio |\n|---|---|---|---|---|")
+        for r in cross:
+            text += (f"\n| {r['shape'][0]} x {r['shape'][1]} | {r['batch']} | {r['gemv'] * 1e3:.2f} | "
+                     f"{r['decode_gemm'] * 1e3:.2f} | {r['gemv'] / r['decode_gemm']:.2f} |")
     cuda_res = []
     if args.cuda:
         cuda_res = cuda_layer_rows([s for name in args.shapes for s in SHAPES[name]], rng, args.repeats)
@@ -198,7 +227,8 @@ def main() -> None:
     print(text)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"decode": decode_res, "layers": layer_res, "cuda_layers": cuda_res, "threads": args.threads,
+        json.dump({"decode": decode_res, "layers": layer_res, "crossover": cross, "cuda_layers": cuda_res,
+                   "threads": args.threads,
                    "table": text}, f, indent=1)
 
 

@@ -153,7 +153,7 @@ def test_quantized_linear_is_built_empty_and_filled_by_its_state_dict(method):
     assert full.stored_bytes == qt.stored_bytes and full.bits_per_weight == qt.bits_per_weight
     empty = QuantizedLinear(64, 32, method, CONFIGS[method], bias=True)
     empty.load_state_dict(full.state_dict())
-    x = torch.randn(3, 64)
+    x = torch.randn(2, 64)
     reference = torch.nn.functional.linear(x, m.dequantize(qt), bias)
     if method in ("pvq", "rtn", "gptq"):  # the CPU kernel: float32 tolerance (tests/test_kernels.py)
         assert float((empty(x) - reference).norm() / reference.norm()) < 1e-5

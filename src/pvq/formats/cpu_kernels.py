@@ -37,10 +37,10 @@ __all__ = ["GEMV_MAX_ROWS", "PVQCpuState", "gemv_max_rows", "decoded_weight", "f
            "pvq_rows", "refusal"]
 
 #: Token rows up to which the fused GEMV runs (above: decode + GEMM), for layers below
-#: GEMV_LARGE_WEIGHTS weights and for larger ones. Measured on this 2-core machine (PVQ
-#: D=16 3-bit, 2 threads, GEMV / decode+GEMM time): 576x1536 0.56x at 1 row, 0.79x at 4,
-#: 0.98x at 8, 1.38x at 16; 4096x4096 0.91x at 1 row, 1.08x at 2, 1.49x at 8.
-GEMV_MAX_ROWS = 8
+#: GEMV_LARGE_WEIGHTS weights and for larger ones: `python bench/kernels.py --crossover`
+#: (docs/results.md section 7) finds the GEMV ahead at 1-2 rows on the demo model's
+#: shapes and about even at 1 row on 4096 x 4096, in two runs that disagree beyond that.
+GEMV_MAX_ROWS = 2
 GEMV_MAX_ROWS_LARGE = 1
 GEMV_LARGE_WEIGHTS = 1 << 22
 
