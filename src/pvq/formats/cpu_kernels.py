@@ -242,7 +242,7 @@ def refusal(layer) -> str | None:
 
 def cpu_state(layer) -> PVQCpuState:
     """Kernel arguments of a `QuantizedLinear`, cached on the layer until a buffer changes."""
-    key = tuple((getattr(layer, t).data_ptr(), getattr(layer, t)._version) for t in layer.payload_spec)
+    key = layer.payload_key()
     state = layer.__dict__.get("_cpu_state")
     if state is not None and state.key == key:
         return state
@@ -290,18 +290,6 @@ def _raise_bad(layer, flat: int) -> None:
                           f"[0, N({layer.layout['group_size']},{layer.layout['pulses']})): the payload is damaged")
 
 
-class _Workspace:
-    """One float32 weight buffer per process, grown to the largest layer decoded into it."""
-
-    buf: torch.Tensor | None = None
-
-    def get(self, numel: int) -> torch.Tensor:
-        if self.buf is None or self.buf.numel() < numel:
-            self.buf = torch.empty(numel, dtype=torch.float32)
-        return self.buf[:numel]
-
-
-_WORKSPACE = _Workspace()
 _NO_WEIGHT = np.zeros((0, 0), np.float32)
 _NO_X = np.zeros((0, 0), np.float32)
 
@@ -332,7 +320,9 @@ def decoded_weight(layer) -> torch.Tensor:
     call), in stored column order (GPTQ act-order: see `cpu_state(layer).perm`)."""
     state = cpu_state(layer)
     R, C = state.shape
-    weight = _WORKSPACE.get(R * C).view(R, C)
+    from .kernels import WORKSPACE  # the one workspace of all kernels (kernels imports this module)
+
+    weight = WORKSPACE.device_buffer(R * C, torch.device("cpu")).view(R, C)
     _run(layer, state, _NO_X, _NO_WEIGHT, weight.numpy(), R * C)
     return weight
 

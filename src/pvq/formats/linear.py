@@ -155,6 +155,10 @@ class QuantizedLinear(nn.Module):
             if buf.device.type == "meta":
                 raise CheckpointError(f"{self._label()}: stored tensor {tname!r} received no value")
 
+    def payload_key(self) -> tuple:
+        """Changes whenever a stored buffer is replaced or written: what kernels key their cached state on."""
+        return tuple((getattr(self, t).data_ptr(), getattr(self, t)._version) for t in self.payload_spec)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (out_features, in_features) on the host, decoded now.
 

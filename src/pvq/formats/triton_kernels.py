@@ -154,7 +154,7 @@ class TritonState:
         self.offsets = to(tb.offsets)
         self.divisors = to(tb.divisors)
         self.leaf_base = to(tb.leaf_base)
-        self.leaf_points = to(tb.leaf_points.astype("int8") if tb.leaf_points.dtype.itemsize == 1 else tb.leaf_points)
+        self.leaf_points = to(tb.leaf_points)
         self.codes = layer.codes
         zero8 = torch.zeros(8, dtype=torch.uint8, device=dev)
         if lay["gain"] == "fp16":
@@ -193,7 +193,7 @@ def triton_refusal(layer) -> str | None:
 
 
 def triton_state(layer) -> TritonState:
-    key = tuple((getattr(layer, t).data_ptr(), getattr(layer, t)._version) for t in layer.payload_spec)
+    key = layer.payload_key()
     state = layer.__dict__.get("_triton_state")
     if state is None or state.key != key:
         state = TritonState(layer, key)
