@@ -61,7 +61,6 @@ def test_quantize_job_reports_and_round_trips(tiny_dir, tmp_path, method, config
 def test_cli_quantize_and_eval(tiny_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     args = [str(tiny_dir / "model"), "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(out),
-            "--calib-text", str(tiny_dir / "calib.txt"), "--calib-windows", "2", "--calib-seqlen", "32",
             "--eval-text", str(tiny_dir / "wiki.test.raw"), "--eval-seqlen", "64", "--eval-windows", "2",
             "--device", "cpu"]
     assert main(["quantize", *args]) == 0
@@ -73,25 +72,61 @@ def test_cli_quantize_and_eval(tiny_dir, tmp_path, capsys):
 
 
 def test_main_job_without_evaluation_text_still_reports(tiny_dir, tmp_path, monkeypatch, capsys):
-    """No ../shared and no --eval-text: the job checks that before quantizing, then compares
-    with the float model on held-out text sampled from it instead of crashing at the end."""
-    import pvq.eval.perplexity as perplexity
+    """No --eval-text, no $PVQ_WIKITEXT2_TEST, no datasets copy (an empty cache, offline) and no
+    ../shared: the job checks that before quantizing, then compares with the float model on
+    held-out text sampled from it instead of crashing at the end."""
+    import socket
 
-    monkeypatch.setattr(perplexity, "default_wikitext2_test_path", lambda: tmp_path / "nowhere" / "wiki.test.raw")
+    import huggingface_hub.constants as hub_constants
+
+    from pvq.eval import perplexity
+
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.delenv(perplexity.WIKITEXT2_TEST_ENV, raising=False)
+    monkeypatch.setattr(perplexity, "shared_wikitext2_test_path", lambda: tmp_path / "nowhere" / "wiki.test.raw")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    lookups = []
+
+    def no_lookup(*args, **kwargs):
+        lookups.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
     report = run_quantize_job(JobOptions(
         model=str(tiny_dir / "model"), method="rtn", config={"bits": 4, "group_size": 32}, out=str(tmp_path / "ck"),
         eval_seqlen=32, agreement_windows=2,
     ))
     assert "ppl_quantized" not in report and report["agreement_tokens"] == 2 * 31
     assert "sampled from the float model" in report["eval_data"]
-    assert "perplexity       not measured" in format_report(report)
+    assert "not in the datasets cache" in report["eval_data_missing"] and "nowhere" in report["eval_data_missing"]
+    assert "perplexity       not measured" in format_report(report) and not lookups
+    assert json.loads((tmp_path / "ck" / "job_report.json").read_text())["eval_data"] == report["eval_data"]
+
+
+def test_main_job_names_the_datasets_source(tiny_dir, tmp_path, monkeypatch):
+    """The text from the datasets library (its rows faked here) is the file's text: same
+    perplexity, and the report says where it came from."""
+    from pvq.eval import perplexity
+
+    rows = perplexity.wikitext2_test_rows(tiny_dir / "wiki.test.raw")
+    monkeypatch.delenv(perplexity.WIKITEXT2_TEST_ENV, raising=False)
+    monkeypatch.setattr(perplexity, "wikitext2_rows_from_datasets", lambda: (rows, "datasets cache"))
+    common = {"model": str(tiny_dir / "model"), "method": "rtn", "config": {"bits": 4, "group_size": 32},
+              "eval_seqlen": 64, "eval_windows": 3, "agreement_windows": 2}
+    via_datasets = run_quantize_job(JobOptions(out=str(tmp_path / "a"), **common))
+    via_file = run_quantize_job(JobOptions(out=str(tmp_path / "b"), eval_text=str(tiny_dir / "wiki.test.raw"), **common))
+    assert via_datasets["eval_data"] == "WikiText-2 test (datasets cache)"
+    assert via_file["eval_data"] == f"WikiText-2 test (file {tiny_dir / 'wiki.test.raw'})"
+    assert via_datasets["ppl_quantized"] == via_file["ppl_quantized"] and via_datasets["eval_windows"] == 3
+    assert "perplexity       WikiText-2 test (datasets cache), 3 windows x 64" in format_report(via_datasets)
 
 
 def test_job_refuses_late_failures_before_quantizing(tiny_dir, tmp_path, capsys):
     from conftest import cli_error
 
-    base = [str(tiny_dir / "model"), "--method", "rtn", "--group-size", "32", "--calib-windows", "2",
-            "--calib-seqlen", "32", "--device", "cpu"]
+    base = [str(tiny_dir / "model"), "--method", "rtn", "--group-size", "32", "--device", "cpu"]
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x.txt").write_text("mine")
     assert "not a pvq checkpoint" in cli_error(capsys, ["quantize", *base, "--out", str(tmp_path / "taken")])

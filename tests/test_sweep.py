@@ -72,7 +72,7 @@ def test_bad_methods_and_bits_are_refused(tiny_dir, tmp_path, capsys):
     with pytest.raises(SweepError, match=r"rtn: bits must be an integer in 2..8, got 2.5"):
         plan_points(SweepOptions(methods=["rtn"], bits=[2.5]))
     assert re.search("unknown methods 'fp4', 'awq'", cli_error(capsys, ["sweep", str(tiny_dir / "model"), "--methods", "fp4,awq", "--out", str(tmp_path / "s")]))
-    assert re.search("unknown task 'mmlu'", cli_error(capsys, ["sweep", str(tiny_dir / "model"), "--methods", "rtn", "--tasks", "mmlu", "--out", str(tmp_path / "s")]))
+    assert re.search("unknown task 'no_such_task': neither local", cli_error(capsys, ["sweep", str(tiny_dir / "model"), "--methods", "rtn", "--tasks", "no_such_task", "--out", str(tmp_path / "s")]))
 
 
 def test_sweep_writes_reports_and_reuses_points(tiny_dir, tmp_path, monkeypatch):

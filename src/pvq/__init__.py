@@ -2,6 +2,8 @@
 
 Importing pvq registers the ``"pvq"`` quantization method with transformers, so that
 ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads a pvq checkpoint.
+The Python API: ``pvq.quantize`` (a model in, the quantized model out, in memory),
+``pvq.save`` (write it as a checkpoint), ``pvq.load`` (read one back); see `pvq.api`.
 """
 
 __version__ = "0.2.0"
@@ -16,6 +18,20 @@ def load(path, **kw):
     return load_checkpoint(path, **kw)
 
 
+def __getattr__(name: str):
+    """`pvq.quantize` and `pvq.save` (the Python API, `pvq.api`), imported on first use so
+    that `import pvq` stays cheap."""
+    if name in ("quantize", "save"):
+        from pvq import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'pvq' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "quantize", "save"})
+
+
 def _register() -> None:
     try:
         from pvq.formats.hf import register_with_transformers
@@ -26,4 +42,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["PVQError", "__version__", "load"]
+__all__ = ["PVQError", "__version__", "load", "quantize", "save"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pvq.errors import PVQError
-from pvq.eval.perplexity import EvalDataError, next_token_agreement, perplexity_details, wikitext2_test_text
+from pvq.eval.perplexity import EvalDataError, EvalText, next_token_agreement, perplexity_details, wikitext2_test
 from pvq.formats import check_destination, decoded_weights, load_checkpoint, save_checkpoint, shard_size_bytes
 from pvq.models import load_model, start_token_id
 from pvq.oneshot import Recipe, oneshot
@@ -28,6 +28,8 @@ from pvq.quant import get_method
 from pvq.quant.activations import act_quant_summary
 
 log = logging.getLogger(__name__)
+
+RECIPE_FILE = "recipe.yaml"
 
 
 class JobError(PVQError, ValueError):
@@ -48,7 +50,7 @@ class JobOptions:
     compute_dtype: str = "float32"
     batch_size: int = 8
     work_dir: str | None = None  # resumable state; default <out>.work
-    eval_text: str | None = None  # WikiText-2 raw test file; None: the default location
+    eval_text: str | None = None  # WikiText-2 raw test file; None: $PVQ_WIKITEXT2_TEST, datasets, ../shared
     eval_seqlen: int = 512
     eval_windows: int | None = 40
     agreement_windows: int = 8
@@ -61,6 +63,9 @@ class JobOptions:
     # float activations. Fields of pvq.quant.activations.ActQuantConfig.
     act: dict[str, Any] | None = None
     max_shard_size: str | None = None  # transformers' default when None
+    # the settings that made this checkpoint (pvq.options.recipe_text), stored in it as
+    # recipe.yaml so that `pvq quantize --recipe CKPT/recipe.yaml` makes it again
+    recipe_text: str | None = None
 
 
 def peak_memory_bytes() -> int:
@@ -146,13 +151,14 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
             raise JobError(f"{what} must be at least 1, got {n}")
     if opts.eval_windows is not None and opts.eval_windows < 1:
         raise JobError(f"--eval-windows must be at least 1 (0 on the command line: all), got {opts.eval_windows}")
-    eval_text = None
+    eval_text, eval_missing = None, None
     if opts.evaluate:
         try:
-            eval_text = wikitext2_test_text(opts.eval_text)
+            eval_text = wikitext2_test(opts.eval_text)
         except EvalDataError as e:
             if opts.eval_text is not None:
                 raise
+            eval_missing = str(e)
             log.warning("%s; the quantized model will be compared with the float model on held-out text sampled "
                         "from the float model (KL, top-1 agreement; no perplexity)", e)
 
@@ -208,7 +214,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         "recipe": recipe.to_dict(),
     }
     save_checkpoint(model, opts.out, tokenizer=tokenizer, overwrite=opts.overwrite, max_shard_size=opts.max_shard_size,
-                    report={"layers": layer_report, "source": jsonable(source), "recipe": recipe.to_dict()})
+                    report={"layers": layer_report, "source": jsonable(source), "recipe": recipe.to_dict()},
+                    extra_files={RECIPE_FILE: opts.recipe_text} if opts.recipe_text is not None else None)
     report["checkpoint_bytes"] = dir_bytes(opts.out)
 
     if opts.evaluate:
@@ -220,6 +227,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         # as the packed path, which decodes layer by layer in every forward)
         with decoded_weights(loaded):
             _evaluate(report, opts, tokenizer, reference, loaded, eval_text)
+        if eval_missing is not None:
+            report["eval_data_missing"] = eval_missing
         report.update(
             eval_seconds=time.perf_counter() - t0,
             loaded_model_bytes=info["stats"]["quantized_bytes"] + info["stats"]["dense_bytes_in_memory"],
@@ -231,14 +240,14 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     return report
 
 
-def _evaluate(report: dict[str, Any], opts: JobOptions, tokenizer, reference, loaded, eval_text: str | None) -> None:
+def _evaluate(report: dict[str, Any], opts: JobOptions, tokenizer, reference, loaded, eval_text: EvalText | None) -> None:
     """Perplexity of both models (when there is evaluation text), KL and top-1 agreement."""
     if eval_text is not None:
-        ids = encode_text(tokenizer, eval_text)
+        ids = encode_text(tokenizer, eval_text.text)
         ppl_float = perplexity_details(reference, ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
         ppl_quant = perplexity_details(loaded, ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
         report.update(ppl_float=ppl_float.ppl, ppl_quantized=ppl_quant.ppl, eval_windows=ppl_quant.n_windows,
-                      eval_data="WikiText-2 test")
+                      eval_data=eval_text.describe())
         n_agree = min(opts.agreement_windows, ppl_quant.n_windows)
         agree_ids = ids[: n_agree * opts.eval_seqlen]
     else:  # no evaluation text: held-out text sampled from the float model (another seed than calibration)
@@ -301,7 +310,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"activations      {report['act_quant']}")
         lines.append(f"bits/activation  {report['bits_per_activation']:.4f} (mean over the quantized layer inputs)")
     if "ppl_quantized" in report:
-        lines.append(f"perplexity       WikiText-2 test, {report['eval_windows']} windows x {report['eval_seqlen']}: "
+        lines.append(f"perplexity       {report.get('eval_data', 'WikiText-2 test')}, {report['eval_windows']} windows x "
+                     f"{report['eval_seqlen']}: "
                      f"float {report['ppl_float']:.2f}   quantized {report['ppl_quantized']:.2f}")
     elif "eval_data" in report:
         lines.append(f"perplexity       not measured: {report['eval_data']}")

@@ -65,13 +65,13 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return self.method is not None and get_method(self.method).needs_hessian(self.method_config())
 
-    def calibration(self, model: nn.Module, tokenizer: Any) -> torch.Tensor | None:
+    def calibration(self, model: nn.Module, tokenizer: Any, progress: bool = True) -> torch.Tensor | None:
         """The calibration windows this recipe asks for (None when the method needs none):
         from `calib_text`, else sampled from the (unrotated float) model, seeded."""
         if not self.needs_calibration():
             return None
         return calibration_windows(tokenizer, self.calib_text, self.calib_windows, self.calib_seqlen, self.seed,
-                                   model=model)
+                                   model=model, progress=progress)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -126,7 +126,7 @@ def oneshot(
 
     if windows is None and recipe.needs_calibration():
         t0 = time.perf_counter()
-        windows = recipe.calibration(model, tokenizer)
+        windows = recipe.calibration(model, tokenizer, progress=progress)
         seconds["calibration"] = time.perf_counter() - t0
     # The rotation comes after the calibration windows (sampled from the unrotated model, so
     # the same with and without it) and before any Hessian is collected.

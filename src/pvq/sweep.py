@@ -47,7 +47,8 @@ from typing import Any, Sequence
 import torch
 
 from pvq.eval.perplexity import default_wikitext2_test_path, perplexity_details, wikitext2_test_text
-from pvq.eval.tasks import average_accuracy, default_tasks_dir, evaluate_task, load_task, resolve_task_names
+from pvq.eval.harness import TaskPlan, average_accuracy, prepare_tasks, resolve_task_names, run_tasks
+from pvq.eval.tasks import default_tasks_dir
 from pvq.fileio import sha256_file
 from pvq.formats import decoded_weights
 from pvq.models import load_model
@@ -172,7 +173,7 @@ def point_settings(point: Point, opts: SweepOptions, task_names: list[str]) -> d
         "config": point.config,
         "rotate": {"enabled": True, "seed": opts.rotate_seed} if opts.rotate else {"enabled": False},
         "eval": {"text": str(eval_text), "seqlen": opts.eval_seqlen, "windows": opts.eval_windows},
-        "tasks": {"names": task_names, "limit": opts.limit,
+        "tasks": {"names": task_names, "limit": opts.limit, "scorer": "lm-eval",
                   "dir": str(opts.tasks_dir or default_tasks_dir())} if task_names else None,
     }
     if point.method is not None and uses_hessian(point.method, point.config):
@@ -215,7 +216,7 @@ class _Calibration:
 
 
 def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, eval_ids: torch.Tensor,
-              task_items: dict[str, list], opts: SweepOptions, work_dir: Path) -> dict[str, Any]:
+              tasks: TaskPlan | None, opts: SweepOptions, work_dir: Path) -> dict[str, Any]:
     """Quantize a fresh copy of the float model as `point` says and evaluate it."""
     t_start = time.perf_counter()
     model = copy.deepcopy(base_model)
@@ -239,11 +240,10 @@ def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, ev
         ppl = perplexity_details(model, eval_ids, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows,
                                  progress=opts.progress)
         row.update(ppl=ppl.ppl, eval_windows=ppl.n_windows, eval_seqlen=ppl.seqlen)
-        if task_items:
-            tasks = {name: evaluate_task(model, tokenizer, name, batch_size=opts.task_batch_size, items=items,
-                                         progress=opts.progress).to_dict()
-                     for name, items in task_items.items()}
-            row.update(tasks=tasks, avg_acc=average_accuracy(tasks))
+        if tasks is not None:
+            scores = {name: r.to_dict() for name, r in
+                      run_tasks(model, tokenizer, tasks, batch_size=opts.task_batch_size).items()}
+            row.update(tasks=scores, avg_acc=average_accuracy(scores))
     row["eval_seconds"] = time.perf_counter() - t0
     row["wall_seconds"] = time.perf_counter() - t_start
     return row
@@ -296,20 +296,25 @@ def run_sweep(opts: SweepOptions) -> list[dict[str, Any]]:
         pending.append((point, settings))
 
     if pending:
-        task_items = {name: load_task(name, opts.tasks_dir, opts.limit) for name in task_names}  # fail early
-        base_model, tokenizer, _ = load_model(opts.model, device="cpu")
-        if tokenizer is None:
-            raise SweepError(f"{opts.model} has no tokenizer")
-        eval_ids = encode_text(tokenizer, wikitext2_test_text(opts.eval_text))
-        calibration = _Calibration(base_model, tokenizer, opts)
-        for k, (point, settings) in enumerate(pending, 1):
-            print(f"[sweep {k}/{len(pending)}] {point.name}: running", flush=True)
-            work_dir = point_dir / f"{point.name}.work"
-            row = run_point(point, base_model, tokenizer, calibration, eval_ids, task_items, opts, work_dir)
-            atomic_write_json(point_dir / f"{point.name}.json", {"settings": settings, "row": row}, sort_keys=False)
-            shutil.rmtree(work_dir, ignore_errors=True)  # its blocks are no longer needed to resume
-            rows[point.name] = row
-            print(f"[sweep {k}/{len(pending)}] {point.name}: {format_point(row)}", flush=True)
+        tasks = prepare_tasks(task_names, opts.tasks_dir, opts.limit) if task_names else None  # fail early
+        eval_text = wikitext2_test_text(opts.eval_text)  # checked before the model is loaded
+        try:
+            base_model, tokenizer, _ = load_model(opts.model, device="cpu")
+            if tokenizer is None:
+                raise SweepError(f"{opts.model} has no tokenizer")
+            eval_ids = encode_text(tokenizer, eval_text)
+            calibration = _Calibration(base_model, tokenizer, opts)
+            for k, (point, settings) in enumerate(pending, 1):
+                print(f"[sweep {k}/{len(pending)}] {point.name}: running", flush=True)
+                work_dir = point_dir / f"{point.name}.work"
+                row = run_point(point, base_model, tokenizer, calibration, eval_ids, tasks, opts, work_dir)
+                atomic_write_json(point_dir / f"{point.name}.json", {"settings": settings, "row": row}, sort_keys=False)
+                shutil.rmtree(work_dir, ignore_errors=True)  # its blocks are no longer needed to resume
+                rows[point.name] = row
+                print(f"[sweep {k}/{len(pending)}] {point.name}: {format_point(row)}", flush=True)
+        finally:
+            if tasks is not None:
+                tasks.close()
 
     ordered = [rows[p.name] for p in points]
     write_reports(ordered, out, title=f"{opts.model}{' (rotated)' if opts.rotate else ''}", task_names=task_names,

@@ -5,27 +5,61 @@ Perplexity follows the usual GPTQ/QuaRot protocol: the test split's rows joined 
 remainder is dropped), PPL = exp(mean NLL) over every predicted token of every window
 (the first token of a window has no prediction, so each window contributes seqlen - 1
 tokens; this equals GPTQ's exp(mean over windows of the window's mean NLL)).
+
+The text (`wikitext2_test`): an explicit file, else $PVQ_WIKITEXT2_TEST, else
+``datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")`` (the local cache in
+offline mode first; the hub only when online and answering within a few seconds), else
+../shared/assets/wikitext-2/raw/wiki.test.raw; `EvalText.describe()` says which.
 """
 
 from __future__ import annotations
 
 from pvq.errors import PVQError
 
+import contextlib
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 WIKITEXT2_TEST_ENV = "PVQ_WIKITEXT2_TEST"
 _RELATIVE = Path("assets") / "wikitext-2" / "raw" / "wiki.test.raw"
+#: what `datasets.load_dataset` is asked for: (path, name, split)
+WIKITEXT2_DATASET = ("wikitext", "wikitext-2-raw-v1", "test")
+#: how long the Hugging Face hub may take to answer before it counts as unreachable
+HUB_PROBE_SECONDS = 3.0
 
 
 class EvalDataError(PVQError, FileNotFoundError):
     """Evaluation data that is missing or unusable."""
+
+
+@dataclass(frozen=True)
+class EvalText:
+    """The evaluation text and where it came from.
+
+    source: "file" (then `path` names it), "datasets cache" or "Hugging Face hub" (both
+    through `datasets.load_dataset`)."""
+
+    text: str
+    source: str
+    path: Path | None = None
+
+    def describe(self) -> str:
+        """"WikiText-2 test (datasets cache)", "WikiText-2 test (file /path/wiki.test.raw)", ..."""
+        return f"WikiText-2 test ({f'file {self.path}' if self.source == 'file' else self.source})"
+
+
+def shared_wikitext2_test_path() -> Path:
+    """../shared/assets/wikitext-2/raw/wiki.test.raw beside the source checkout (it may not exist)."""
+    repo = Path(__file__).resolve().parents[3]  # <repo>/src/pvq/eval/perplexity.py
+    return repo.parent / "shared" / _RELATIVE
 
 
 def default_wikitext2_test_path() -> Path:
@@ -34,8 +68,7 @@ def default_wikitext2_test_path() -> Path:
     candidates = []
     if os.environ.get(WIKITEXT2_TEST_ENV):
         candidates.append(Path(os.environ[WIKITEXT2_TEST_ENV]))
-    repo = Path(__file__).resolve().parents[3]  # <repo>/src/pvq/eval/perplexity.py
-    candidates.append(repo.parent / "shared" / _RELATIVE)
+    candidates.append(shared_wikitext2_test_path())
     for c in candidates:
         if c.is_file():
             return c
@@ -44,7 +77,8 @@ def default_wikitext2_test_path() -> Path:
 
 def wikitext2_test_rows(path: str | os.PathLike | None = None) -> list[str]:
     """The rows of the Hugging Face `wikitext-2-raw-v1` test split from Merity's
-    `wiki.test.raw`: a blank line becomes "", a text line `line + "\\n"`."""
+    `wiki.test.raw`: a blank line becomes "", a text line `line + "\\n"` (the file at
+    `path`, else at `default_wikitext2_test_path()`; the datasets library is not used)."""
     p = Path(path) if path is not None else default_wikitext2_test_path()
     if not p.is_file():
         raise EvalDataError(
@@ -61,9 +95,154 @@ def wikitext2_test_rows(path: str | os.PathLike | None = None) -> list[str]:
     return ["" if not line.strip() else line + "\n" for line in lines]
 
 
-def wikitext2_test_text(path: str | os.PathLike | None = None) -> str:
-    """The customary evaluation text: "\\n\\n".join(rows) (see `wikitext2_test_rows`)."""
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+_OFFLINE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _hub_offline(datasets_module):
+    """Hugging Face offline mode for the duration (datasets and huggingface_hub read these
+    module flags at call time): `load_dataset` then looks in the local cache only."""
+    import huggingface_hub.constants as hub_constants
+
+    config = datasets_module.config
+    flags = [(config, "HF_HUB_OFFLINE"), (config, "HF_DATASETS_OFFLINE"), (hub_constants, "HF_HUB_OFFLINE")]
+    with _OFFLINE_LOCK:
+        saved = [(obj, name, getattr(obj, name)) for obj, name in flags if hasattr(obj, name)]
+        verbosity = datasets_module.logging.get_verbosity()
+        try:
+            for obj, name, _ in saved:
+                setattr(obj, name, True)
+            # its "using the latest cached version ... couldn't be found on the Hub" warning is noise here
+            datasets_module.logging.set_verbosity_error()
+            yield
+        finally:
+            for obj, name, value in saved:
+                setattr(obj, name, value)
+            datasets_module.logging.set_verbosity(verbosity)
+
+
+def _hub_head(endpoint: str, seconds: float) -> int:
+    """HTTP status of a HEAD request to the hub's endpoint (huggingface_hub's client: its proxies, headers)."""
+    from huggingface_hub import get_session
+
+    return get_session().head(endpoint, timeout=seconds, follow_redirects=False).status_code
+
+
+def hub_unreachable(endpoint: str, seconds: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hugging Face hub at `endpoint` cannot be used now (None: it answers), within
+    about `seconds` whatever the network does (name resolution included: the request runs
+    in a daemon thread that is abandoned when it takes longer)."""
+    result: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            result["status"] = _hub_head(endpoint, seconds)
+        except Exception as e:  # noqa: BLE001 - any failure means: not reachable
+            result["error"] = _first_line(e)
+
+    thread = threading.Thread(target=probe, name="pvq-hub-probe", daemon=True)
+    thread.start()
+    thread.join(seconds + 0.5)
+    if thread.is_alive():
+        return f"no answer from {endpoint} within {seconds:g} s"
+    if "error" in result:
+        return f"{endpoint}: {result['error']}"
+    if result["status"] >= 500:
+        return f"{endpoint} answers HTTP {result['status']}"
+    return None
+
+
+def _dataset_rows(dataset) -> list[str]:
+    names = getattr(dataset, "column_names", None) or []
+    if "text" not in names:
+        raise EvalDataError(f"the datasets copy of {'/'.join(WIKITEXT2_DATASET[:2])} has no 'text' column (columns {names})")
+    rows = list(dataset["text"])
+    if not rows or not all(isinstance(r, str) for r in rows) or not any(r.strip() for r in rows):
+        raise EvalDataError(f"the datasets copy of {'/'.join(WIKITEXT2_DATASET[:2])} test split holds no text")
+    return rows
+
+
+def wikitext2_rows_from_datasets(hub: bool = True, probe_seconds: float = HUB_PROBE_SECONDS) -> tuple[list[str], str]:
+    """The rows of `datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")` and
+    where they came from: "datasets cache" or "Hugging Face hub".
+
+    The local cache is tried first, in offline mode (no network at all). The hub only when
+    `hub`, Hugging Face offline mode is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and the
+    hub answers a probe within `probe_seconds`: offline this fails in about that long at
+    most, never in datasets' retry loop. EvalDataError says why when there are no rows."""
+    name = "/".join(WIKITEXT2_DATASET[:2])
+    try:
+        import datasets
+        import huggingface_hub.constants as hub_constants
+    except ImportError as e:
+        raise EvalDataError(f"the datasets library is not importable ({_first_line(e)})") from None
+    path, config_name, split = WIKITEXT2_DATASET
+    try:
+        with _hub_offline(datasets):
+            return _dataset_rows(datasets.load_dataset(path, config_name, split=split)), "datasets cache"
+    except EvalDataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a cache miss is ConnectionError, ValueError, FileNotFoundError...
+        miss = f"{name} is not in the datasets cache {datasets.config.HF_DATASETS_CACHE} ({_first_line(e)})"
+    if not hub:
+        raise EvalDataError(miss)
+    if datasets.config.HF_HUB_OFFLINE or hub_constants.HF_HUB_OFFLINE:
+        raise EvalDataError(f"{miss}, and Hugging Face offline mode is on")
+    endpoint = str(getattr(datasets.config, "HF_ENDPOINT", hub_constants.ENDPOINT)).rstrip("/")
+    why = hub_unreachable(endpoint, probe_seconds)
+    if why is not None:
+        raise EvalDataError(f"{miss}, and the Hugging Face hub is unreachable ({why})")
+    try:
+        dataset = datasets.load_dataset(path, config_name, split=split)
+    except Exception as e:  # noqa: BLE001 - network and hub errors come in many types
+        raise EvalDataError(f"{name} could not be loaded from the Hugging Face hub: {_first_line(e)}") from None
+    return _dataset_rows(dataset), "Hugging Face hub"
+
+
+def wikitext2_test(path: str | os.PathLike | None = None, use_datasets: bool = True) -> EvalText:
+    """The customary evaluation text, "\\n\\n".join(rows of the wikitext-2-raw-v1 test split),
+    and its source. The first of:
+
+    1. `path` (the user's --eval-text): that file, or EvalDataError;
+    2. $PVQ_WIKITEXT2_TEST when set: that file, or EvalDataError;
+    3. `datasets.load_dataset` (its local cache, then the hub when online; bounded, see
+       `wikitext2_rows_from_datasets`), when `use_datasets`;
+    4. ../shared/assets/wikitext-2/raw/wiki.test.raw beside the source checkout.
+
+    The file route yields the same rows as the datasets one (`wikitext2_test_rows`)."""
+    if path is not None:
+        return EvalText(wikitext2_test_text_from_file(path), "file", Path(path))
+    env = os.environ.get(WIKITEXT2_TEST_ENV)
+    if env:
+        return EvalText(wikitext2_test_text_from_file(env), "file", Path(env))
+    tried = []
+    if use_datasets:
+        try:
+            rows, source = wikitext2_rows_from_datasets()
+            return EvalText("\n\n".join(rows), source)
+        except EvalDataError as e:
+            tried.append(str(e))
+    shared = shared_wikitext2_test_path()
+    if shared.is_file():
+        return EvalText(wikitext2_test_text_from_file(shared), "file", shared)
+    tried.append(f"no file at {shared}")
+    raise EvalDataError(f"WikiText-2 test text not found: {'; '.join(tried)} (give the path of wikitext-2-raw-v1's "
+                        f"wiki.test.raw, or set ${WIKITEXT2_TEST_ENV})")
+
+
+def wikitext2_test_text_from_file(path: str | os.PathLike) -> str:
+    """"\\n\\n".join(wikitext2_test_rows(path))."""
     return "\n\n".join(wikitext2_test_rows(path))
+
+
+def wikitext2_test_text(path: str | os.PathLike | None = None) -> str:
+    """The customary evaluation text (see `wikitext2_test` for where it comes from)."""
+    return wikitext2_test(path).text
 
 
 def _token_ids(tokenizer_or_ids, text: str | None) -> torch.Tensor:
@@ -119,10 +298,10 @@ def perplexity_details(
     model.eval()
     total, count = 0.0, 0
     t0 = time.perf_counter()
-    from tqdm.auto import tqdm
+    from pvq.progress import progress_bar
 
     try:
-        for b0 in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
+        for b0 in progress_bar(range(0, windows.shape[0], batch_size), desc="perplexity", enabled=progress):
             batch = windows[b0 : b0 + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             nll = F.cross_entropy(
@@ -174,14 +353,14 @@ def next_token_agreement(
         if seqlen is None:
             raise ValueError("1-D token ids need a seqlen")
         ids = _windows(ids, seqlen, None)
-    from tqdm.auto import tqdm
+    from pvq.progress import progress_bar
 
     kl_sum, agree, count = 0.0, 0, 0
     modes = (float_model.training, quant_model.training)
     float_model.eval()
     quant_model.eval()
     try:
-        for b0 in tqdm(range(0, ids.shape[0], batch_size), desc="agreement", disable=not progress):
+        for b0 in progress_bar(range(0, ids.shape[0], batch_size), desc="agreement", enabled=progress):
             batch = ids[b0 : b0 + batch_size]
             lp = F.log_softmax(float_model(input_ids=batch.to(_device(float_model)), use_cache=False).logits[:, :-1].float(), -1)
             lq = F.log_softmax(quant_model(input_ids=batch.to(_device(quant_model)), use_cache=False).logits[:, :-1].float(), -1)

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from pvq.codec.counts import code_bits, pulses_for_bits
 from pvq.codec.enumeration import decode, encode
@@ -30,6 +29,7 @@ from pvq.codec.lattice import E8Codebook
 from pvq.codec.packing import pack_codes, unpack_codes
 from pvq.codec.scalar import lloyd_max_quantize, uniform_rtn
 from pvq.codec.search import search
+from pvq.progress import progress_bar
 
 ROW_LENGTH = 1024
 SCALE_GROUP = 128  # values per float16 scale for the scalar and E8 quantizers
@@ -123,7 +123,7 @@ def run_snr_experiment(
     jobs += [("E8", None, r, None) for r in e8_rates]
 
     points: list[SNRPoint] = []
-    for method, D, b, gain in tqdm(jobs, desc="snr", unit="point"):
+    for method, D, b, gain in progress_bar(jobs, desc="snr", unit="point"):
         t0 = time.perf_counter()
         if method == "PVQ":
             K = pulses_for_bits(D, b)

@@ -121,8 +121,17 @@ def checkpoint_stats(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def check_destination(path: Path, overwrite: bool) -> bool:
-    """True when an existing checkpoint at `path` is to be replaced."""
+    """True when an existing checkpoint at `path` is to be replaced. A destination that
+    cannot be created (under a file, or in a folder this process may not write) is refused
+    now, before the work whose result it would hold."""
     if not path.exists() and not path.is_symlink():
+        ancestor = path.absolute().parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise CheckpointError(f"{path} cannot be created: {ancestor} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{path} cannot be created: folder {ancestor} is not writable")
         return False
     if not path.is_dir() or path.is_symlink():
         raise CheckpointError(f"{path} exists and is not a directory; refusing to overwrite it")
@@ -213,9 +222,11 @@ def save_checkpoint(
     max_shard_size: int | str | None = None,
     overwrite: bool = False,
     report: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write the pvq model `model` (see `pvq.formats.quantized_model`) as a Hugging Face
-    directory at `path` with its integrity index; returns the index.
+    directory at `path` with its integrity index; returns the index. `extra_files`
+    (name -> text, e.g. the recipe) are written beside the model and covered by the index.
 
     The directory is assembled next to `path` and renamed into place at the end. An
     existing checkpoint at `path` is replaced only with ``overwrite=True``; any other
@@ -239,6 +250,10 @@ def save_checkpoint(
         model.save_pretrained(str(tmp), **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            if "/" in name or name.startswith(".") or (tmp / name).exists():
+                raise CheckpointError(f"extra file {name!r}: not a plain file name, or one the model already wrote")
+            (tmp / name).write_text(text, encoding="utf-8")
         names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         clash = [n for n in names if n in (INDEX_FILE, REPORT_FILE)]
         if clash:

@@ -418,6 +418,13 @@ class PVQHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
+        # transformers' save_pretrained asks for the state_dict before it writes config.json:
+        # record the rotation and activation quantization as they are now (activation
+        # quantizers installed after `quantized_model` included), as `save_checkpoint` does
+        refresh_records(model)
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear):
+                module.check_payload()
         return dense_state_dict(model, self.quantization_config.dense_dtype), {}
 
     def is_serializable(self):

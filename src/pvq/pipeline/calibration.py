@@ -92,10 +92,10 @@ def sample_windows(
     was_training = model.training
     model.eval()
     out_batches = []
-    from tqdm.auto import tqdm
+    from pvq.progress import progress_bar
 
-    bar = tqdm(total=n_windows * (seqlen - 1), desc="sampling calibration text", unit="tok", unit_scale=True,
-               disable=not progress)
+    bar = progress_bar(total=n_windows * (seqlen - 1), desc="sampling calibration text", unit="tok", unit_scale=True,
+                       enabled=progress)
     try:
         for b0 in range(0, n_windows, batch_size):
             b = min(batch_size, n_windows - b0)
@@ -126,6 +126,7 @@ def calibration_windows(
     seed: int,
     model=None,
     batch_size: int = 16,
+    progress: bool = True,
 ) -> torch.Tensor:
     """(n_windows, seqlen) int64 token ids for calibration.
 
@@ -143,4 +144,5 @@ def calibration_windows(
         return windows_from_ids(ids, n_windows, seqlen, seed, source=f"calibration text {path}")
     if model is None:
         raise CalibrationError("calibration_windows needs a text file or a model to sample calibration text from")
-    return sample_windows(model, n_windows, seqlen, seed, _bos_id(tokenizer, model), batch_size=batch_size)
+    return sample_windows(model, n_windows, seqlen, seed, _bos_id(tokenizer, model), batch_size=batch_size,
+                          progress=progress)

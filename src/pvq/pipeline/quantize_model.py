@@ -413,9 +413,9 @@ def quantize_model(
             for i in range(start):
                 hidden = _replay_block(model, adapter, i, hidden, kwargs_list, batch_size, device, compute_dtype)
 
-        from tqdm.auto import tqdm
+        from pvq.progress import progress_bar
 
-        bar = tqdm(total=n_blocks, initial=start, desc="quantizing blocks", unit="block", disable=not progress)
+        bar = progress_bar(total=n_blocks, initial=start, desc="quantizing blocks", unit="block", enabled=progress)
         try:
             for i in range(start, n_blocks):
                 t0 = time.perf_counter()

@@ -1,0 +1,397 @@
+"""The main job's settings, described once: `pvq quantize`'s flags, the recipe file
+(`--recipe recipe.yaml`, YAML or JSON) and the `recipe.yaml` stored in every checkpoint
+are all read through the table `QUANTIZE_OPTIONS`.
+
+A recipe holds the same fields as the flags (the flag without its dashes, `-` or `_`:
+``shape_bits: 3.25``); its values override the defaults, and flags given on the
+command line override the recipe. A method's options belong to that method alone
+(`--shape-bits` is PVQ's; `--group-size` is the scalar group size of rtn and gptq; PVQ's
+dimension is `--pvq-group-size`): giving one for another method is an error, as is an
+option whose switch is off (`--rotate-seed` without `--rotate`). The stored recipe holds
+every field that decides the checkpoint, defaults included, and none that only says
+where to write (`--out`, `--work-dir`, `--overwrite`, `--device`, `--max-shard-size`), so
+``pvq quantize --recipe CKPT/recipe.yaml --out NEW`` quantizes the same model again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pvq.errors import PVQError
+
+__all__ = ["Option", "OptionConflictError", "QUANTIZE_OPTIONS", "RecipeFileError", "add_quantize_options",
+           "read_recipe_file", "recipe_text", "resolve_quantize_options"]
+
+
+class RecipeFileError(PVQError, ValueError):
+    """A recipe file that cannot be read, or a field or value it cannot hold."""
+
+
+class OptionConflictError(PVQError, ValueError):
+    """An option given for another method, or with its switch off."""
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def number(minimum: float | None = None, above: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number (>= minimum, > above)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(str(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value:g}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {value:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def integer(text: str) -> int:
+    try:
+        return int(str(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+POSITIVE, NONNEGATIVE, SEQLEN = count(1), count(0), count(2)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of the main job: a flag, a recipe field, a JobOptions input."""
+
+    dest: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None  # None with a bool default: an on/off switch
+    choices: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None  # None: every method
+    requires: tuple[str, Any] | None = None  # (dest, value it must have, or "!none" for anything but "none")
+    group: str = "job"
+    stored: bool = True  # part of the checkpoint's recipe.yaml
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+    @property
+    def switch(self) -> bool:
+        return isinstance(self.default, bool) and self.type is None
+
+
+_PVQ, _SCALAR, _HESSIAN = ("pvq",), ("rtn", "gptq"), ("pvq", "gptq", "gptvq")
+
+QUANTIZE_OPTIONS: tuple[Option, ...] = (
+    Option("model", "smollm2-135m", "hub id, local directory, .gguf file, or the demo alias smollm2-135m"),
+    Option("method", "pvq", "quantization method", choices=("pvq", "gptq", "gptvq", "rtn")),
+    Option("out", "pvq-out", "checkpoint directory to write", stored=False),
+    Option("overwrite", False, "replace an existing checkpoint at --out", stored=False),
+    Option("max_shard_size", None, "largest safetensors shard, e.g. 2GB or 500MB (default: transformers' 50GB)",
+           stored=False),
+    Option("work_dir", None, "resumable state (default: <out>.work); a rerun continues there", stored=False),
+    Option("device", "auto", "compute device for one block at a time (auto: cuda if present)", stored=False),
+    # pvq
+    Option("pvq_group_size", 16, "PVQ dimension D: weights per group along the input", POSITIVE, methods=_PVQ,
+           group="pvq"),
+    Option("shape_bits", 3.0, "PVQ shape bits per weight, fractional allowed", number(above=0), methods=_PVQ,
+           group="pvq"),
+    Option("gain", "empirical", "PVQ gain storage: float16, Beta-quantile indices, or per-layer fitted levels",
+           choices=("fp16", "beta", "empirical"), methods=_PVQ, group="pvq"),
+    Option("gain_bits", 4, "bits per PVQ gain index (beta, empirical)", POSITIVE, methods=_PVQ, group="pvq"),
+    Option("enumeration", "auto", "PVQ code order: split (fast kernels; codes up to 53 bits), fischer, or auto "
+           "(split where it fits)", choices=("auto", "split", "fischer"), methods=_PVQ, group="pvq"),
+    Option("no_hessian", False, "plain PVQ: no Hessian error feedback", methods=_PVQ, group="pvq"),
+    Option("no_refine", False, "skip the Hessian-weighted shape refinement", methods=_PVQ, group="pvq"),
+    # rtn / gptq
+    Option("bits", 4, "integer bits per weight", count(2), methods=_SCALAR, group="scalar"),
+    Option("group_size", 128, "input columns per float16 scale and zero point (-1: one per output row)", integer,
+           methods=_SCALAR, group="scalar"),
+    Option("act_order", False, "gptq: process columns by descending Hessian diagonal", methods=("gptq",),
+           group="scalar"),
+    # gptvq
+    Option("vq_dim", 2, "vector dimension d (consecutive input columns per vector)", integer, choices=(1, 2, 4),
+           methods=("gptvq",), group="gptvq"),
+    Option("vq_bits", 3.0, "index bits per weight (2^(bits*d) centroids per codebook; bits*d an integer)",
+           number(above=0), methods=("gptvq",), group="gptvq"),
+    Option("vq_group_size", 4096, "weights sharing one codebook (a multiple of --vq-columns); codebooks cost "
+           "(8*K*d + 16) / group size bits per weight", POSITIVE, methods=("gptvq",), group="gptvq"),
+    Option("vq_columns", 256, "columns per codebook block", POSITIVE, methods=("gptvq",), group="gptvq"),
+    Option("no_codebook_update", False, "skip the least-squares codebook update after assignment",
+           methods=("gptvq",), group="gptvq"),
+    Option("kmeans_iters", 10, "EM iterations of the codebook initialisation", NONNEGATIVE, methods=("gptvq",),
+           group="gptvq"),
+    Option("vq_init", "kpp", "k-means initialisation (kpp: seeded k-means++; mahalanobis: the paper's)",
+           choices=("kpp", "mahalanobis"), methods=("gptvq",), group="gptvq"),
+    Option("vq_assignment", "diag", "Hessian-weighted lookup: diagonal (paper) or the full d x d block metric",
+           choices=("diag", "block"), methods=("gptvq",), group="gptvq"),
+    # every Hessian method
+    Option("percdamp", 0.01, "Hessian damping, fraction of its mean diagonal", number(minimum=0), methods=_HESSIAN,
+           group="hessian"),
+    Option("calib_text", None, "calibration text file (default: text sampled from the model itself, seeded)",
+           methods=_HESSIAN, group="hessian"),
+    Option("calib_windows", 32, "calibration windows (paper: 128)", POSITIVE, methods=_HESSIAN, group="hessian"),
+    Option("calib_seqlen", 512, "tokens per calibration window (paper: 2048)", SEQLEN, methods=_HESSIAN,
+           group="hessian"),
+    Option("compute_dtype", "float32", "dtype of the calibration forwards (Hessians accumulate in float32+)",
+           choices=("float32", "bfloat16", "float16"), methods=_HESSIAN, group="hessian"),
+    Option("batch_size", 8, "calibration windows per forward", POSITIVE, methods=_HESSIAN, group="hessian"),
+    Option("seed", 0, "seed of the sampled calibration text and of gptvq's k-means", NONNEGATIVE),
+    # rotation
+    Option("rotate", False, "rotate the float model first (fused randomized Hadamard, online Hadamard before "
+           "down_proj); recorded in the checkpoint and rebuilt on load", group="rotation"),
+    Option("rotate_seed", 0, "seed of the rotation's random signs", NONNEGATIVE, requires=("rotate", True),
+           group="rotation"),
+    # activation quantization (simulated)
+    Option("act_method", "none", "quantize the inputs of every quantized linear layer: round-to-nearest or PVQ",
+           choices=("none", "rtn", "pvq"), group="act"),
+    Option("act_bits", 4.0, "rtn: integer bits per value (2..8); pvq: shape bits per value, fractional allowed",
+           number(above=0), requires=("act_method", "!none"), group="act"),
+    Option("act_group_size", 64, "values per group D along each token's input (a divisor of every layer's input "
+           "width; -1: one group per token)", integer, requires=("act_method", "!none"), group="act"),
+    Option("act_gain", "fp16", "pvq gains: one float16 per group, or Beta-quantile indices with a float16 norm "
+           "per token", choices=("fp16", "beta"), requires=("act_method", "pvq"), group="act"),
+    Option("act_gain_bits", 8, "bits per pvq 'beta' gain index", POSITIVE, requires=("act_method", "pvq"),
+           group="act"),
+    Option("act_search", "paper", "pvq shape search (paper: projection and rounding, the fastest)",
+           choices=("paper", "greedy", "refined"), requires=("act_method", "pvq"), group="act"),
+    Option("act_asymmetric", False, "rtn: min-max grid with a zero point (default symmetric)",
+           requires=("act_method", "rtn"), group="act"),
+    Option("act_clip", 1.0, "rtn: clip ratio of the range the grid spans", number(above=0),
+           requires=("act_method", "rtn"), group="act"),
+    Option("act_encode", False, "pvq: go through the real encoder and decoder in the forward pass (same result, "
+           "slower)", requires=("act_method", "pvq"), group="act"),
+    # evaluation
+    Option("no_eval", False, "skip perplexity and agreement with the float model", group="eval"),
+    Option("eval_text", None, "WikiText-2 raw test file (default: $PVQ_WIKITEXT2_TEST, else the datasets cache or "
+           "hub, else ../shared/assets/...)", requires=("no_eval", False), group="eval"),
+    Option("eval_seqlen", 512, "tokens per evaluation window", SEQLEN, requires=("no_eval", False), group="eval"),
+    Option("eval_windows", 40, "perplexity windows (0: all)", NONNEGATIVE, requires=("no_eval", False),
+           group="eval"),
+)
+
+OPTIONS_BY_DEST = {o.dest: o for o in QUANTIZE_OPTIONS}
+
+_GROUPS = {
+    "job": "the job",
+    "pvq": "pvq (--method pvq)",
+    "scalar": "rtn and gptq (--method rtn | gptq)",
+    "gptvq": "gptvq (--method gptvq)",
+    "hessian": "calibration (pvq, gptq, gptvq: every method that uses a Hessian)",
+    "rotation": "rotation (any method)",
+    "act": "activation quantization (simulated / fake quantization: each linear's input is quantized per token "
+           "and dequantized in float in the forward pass; the weights are calibrated with float activations)",
+    "eval": "evaluation after saving (loads the checkpoint back)",
+}
+
+
+def _display(value: Any) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _help(o: Option) -> str:
+    """The option's help with its default (unless the help already says it); argparse
+    %-formats help strings, so a literal % is doubled."""
+    text = o.help if "default" in o.help else f"{o.help} (default: {_display(o.default)})"
+    return text.replace("%", "%%")
+
+
+def add_quantize_options(parser: argparse.ArgumentParser) -> None:
+    """Every option of the table as a flag (default None: `resolve_quantize_options` knows
+    which were given), in one group per method and concern; --help shows each default."""
+    groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
+    parser.add_argument("--recipe", default=None,
+                        help="YAML or JSON file of these settings (field names: the flags without dashes); flags "
+                             "override it; every checkpoint holds the recipe that made it (CKPT/recipe.yaml)")
+    for o in QUANTIZE_OPTIONS:
+        where = groups[o.group]
+        shown = _help(o)
+        if o.dest == "model":
+            parser.add_argument("model", nargs="?", default=None, help=shown)
+        elif o.switch:
+            where.add_argument(o.flag, action="store_const", const=True, default=None, help=shown)
+        else:
+            where.add_argument(o.flag, type=o.type or str, default=None, help=shown, choices=o.choices)
+
+
+def add_act_options(parser: argparse.ArgumentParser) -> None:
+    """The activation-quantization options with their defaults (for `pvq eval`)."""
+    g = parser.add_argument_group(_GROUPS["act"])
+    for o in QUANTIZE_OPTIONS:
+        if o.group == "act":
+            shown = _help(o)
+            if o.switch:
+                g.add_argument(o.flag, action="store_true", help=shown)
+            else:
+                g.add_argument(o.flag, type=o.type or str, default=o.default, choices=o.choices, help=shown)
+
+
+def _convert(o: Option, value: Any, where: str) -> Any:
+    """A recipe value checked as its flag would be (RecipeFileError naming field and file)."""
+    if o.switch:
+        if not isinstance(value, bool):
+            raise RecipeFileError(f"{where}: field {o.dest!r} must be true or false, got {value!r}")
+        return value
+    if value is None:
+        if o.default is None:
+            return None
+        raise RecipeFileError(f"{where}: field {o.dest!r} needs a value")
+    if isinstance(value, (dict, list, bool)):
+        raise RecipeFileError(f"{where}: field {o.dest!r} must be a single value, got {value!r}")
+    try:
+        converted = o.type(str(value)) if o.type is not None else str(value)
+    except argparse.ArgumentTypeError as e:
+        raise RecipeFileError(f"{where}: field {o.dest!r}: {e}") from None
+    if o.choices is not None and converted not in o.choices:
+        raise RecipeFileError(f"{where}: field {o.dest!r} must be one of {', '.join(map(str, o.choices))}, "
+                              f"got {value!r}")
+    return converted
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The fields of a YAML or JSON recipe file, each checked as its flag would be."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeFileError(f"--recipe {path}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeFileError(f"--recipe {path}: cannot be read as text: {e}") from None
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise RecipeFileError(f"--recipe {path}: not valid JSON: {e}") from None
+    except Exception as e:  # yaml.YAMLError and its subclasses
+        raise RecipeFileError(f"--recipe {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeFileError(f"--recipe {path}: expected a mapping of field: value, got {type(data).__name__}")
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in OPTIONS_BY_DEST:
+            raise RecipeFileError(f"--recipe {path}: unknown field {key!r} (fields are the flags of pvq quantize "
+                                  "without dashes, e.g. shape_bits)")
+        fields[dest] = _convert(OPTIONS_BY_DEST[dest], value, f"--recipe {path}")
+    return fields
+
+
+def _active(o: Option, values: dict[str, Any]) -> bool:
+    """Whether an option applies under these values (its method, its switch)."""
+    if o.methods is not None and values["method"] not in o.methods:
+        return False
+    if o.requires is not None:
+        dest, wanted = o.requires
+        if wanted == "!none":
+            return values[dest] != "none"
+        return values[dest] == wanted
+    return True
+
+
+def resolve_quantize_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults < the recipe file < the flags given; an option given (in either) that does
+    not apply to the chosen method or switch is refused, naming both."""
+    recipe = read_recipe_file(args.recipe) if getattr(args, "recipe", None) else {}
+    given = {o.dest: getattr(args, o.dest) for o in QUANTIZE_OPTIONS if getattr(args, o.dest, None) is not None}
+    values = {o.dest: o.default for o in QUANTIZE_OPTIONS}
+    values.update(recipe)
+    values.update(given)
+    for dest in [*recipe, *given]:
+        o = OPTIONS_BY_DEST[dest]
+        if _active(o, values) or (o.switch and values[dest] is False):
+            continue
+        where = o.flag if dest in given else f"field {dest!r} of --recipe {args.recipe}"
+        if o.methods is not None and values["method"] not in o.methods:
+            raise OptionConflictError(f"{where} is an option of --method {' or '.join(o.methods)}, but the method "
+                                      f"is {values['method']}")
+        raise OptionConflictError(f"{where} has no effect {_requirement(o)}")
+    return values
+
+
+def _requirement(o: Option) -> str:
+    dest, wanted = o.requires
+    flag = "--" + dest.replace("_", "-")
+    if wanted == "!none":
+        return f"without {flag} ({', '.join(c for c in OPTIONS_BY_DEST[dest].choices if c != 'none')})"
+    if wanted is True:
+        return f"without {flag}"
+    if wanted is False:
+        return f"with {flag}"
+    return f"unless {flag} is {wanted}"
+
+
+def recipe_text(values: dict[str, Any]) -> str:
+    """The stored recipe (YAML): every field that applies and decides the checkpoint."""
+    import yaml
+
+    fields = {o.dest: values[o.dest] for o in QUANTIZE_OPTIONS if o.stored and _active(o, values)}
+    header = ("# pvq quantize recipe: reproduce this checkpoint with\n"
+              "#   pvq quantize --recipe recipe.yaml --out NEW_DIR\n")
+    return header + yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)
+
+
+def method_config(values: dict[str, Any]) -> dict[str, Any]:
+    """The chosen method's config fields (pvq.quant's config classes) from the settings."""
+    m = values["method"]
+    if m == "pvq":
+        return dict(group_size=values["pvq_group_size"], shape_bits=values["shape_bits"], gain=values["gain"],
+                    gain_bits=values["gain_bits"], enumeration=values["enumeration"],
+                    use_hessian=not values["no_hessian"], percdamp=values["percdamp"],
+                    hessian_refine=not values["no_refine"])
+    if m == "gptvq":
+        return dict(dim=values["vq_dim"], bits=values["vq_bits"], group_size=values["vq_group_size"],
+                    group_columns=values["vq_columns"], codebook_update=not values["no_codebook_update"],
+                    kmeans_iters=values["kmeans_iters"], init=values["vq_init"], assignment=values["vq_assignment"],
+                    percdamp=values["percdamp"], seed=values["seed"])
+    config = dict(bits=values["bits"], group_size=values["group_size"])
+    if m == "gptq":
+        config.update(act_order=values["act_order"], percdamp=values["percdamp"])
+    return config
+
+
+def default_method_config(method: str) -> dict[str, Any]:
+    """The config fields `pvq quantize --method METHOD` uses when no option is given (an
+    unknown method: {}, left to the method registry to refuse)."""
+    if method not in OPTIONS_BY_DEST["method"].choices:
+        return {}
+    values = {o.dest: o.default for o in QUANTIZE_OPTIONS}
+    values["method"] = method
+    return method_config(values)
+
+
+def act_config(values: dict[str, Any]) -> dict[str, Any] | None:
+    """ActQuantConfig fields from the settings (None: float activations)."""
+    if values["act_method"] == "none":
+        return None
+    bits = values["act_bits"]
+    if values["act_method"] == "rtn" and float(bits).is_integer():
+        bits = int(bits)
+    return dict(method=values["act_method"], bits=bits, group_size=values["act_group_size"],
+                symmetric=not values["act_asymmetric"], clip_ratio=values["act_clip"], gain=values["act_gain"],
+                gain_bits=values["act_gain_bits"], search_method=values["act_search"], encode=values["act_encode"])
