@@ -112,3 +112,23 @@ def test_cli_eval_tasks_table_json_and_bad_input(tiny_model_dir, tmp_path, capsy
     (root / "mosaicml-gauntlet" / "winogrande.jsonl").write_text("{}\n")
     assert re.search(r"winogrande\.jsonl, line 1: missing field 'context_options'",
                      cli_error(capsys, ["eval", model, "--tasks", "winogrande", "--tasks-dir", str(root)]))
+
+
+def test_an_lm_eval_task_offline_fails_fast_in_one_line(tmp_path, monkeypatch):
+    """An lm-eval task name (not local) whose data is in no cache, the hub unreachable: one
+    error naming the task and the reason, without datasets' network retries."""
+    import time
+
+    import datasets
+
+    from pvq.eval import harness
+    from pvq.eval.harness import TaskRunError
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(harness, "hub_unreachable", lambda endpoint: "no answer (test)")
+    with prepare_tasks("boolq", tmp_path, limit=2) as plan:
+        assert plan.tasks == ["boolq"] and "lm-eval task" in plan.sources["boolq"]
+        t0 = time.perf_counter()
+        with pytest.raises(TaskRunError, match=r"lm-eval tasks boolq need their data .* unreachable: no answer"):
+            run_tasks(tiny_llama(seed=0), printable_char_tokenizer(), plan, progress=False)
+        assert time.perf_counter() - t0 < 60

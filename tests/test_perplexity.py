@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pvq.eval.perplexity as perplexity_module
+import pvq.eval.hub as hub_module
 from pvq.eval.perplexity import (
     WIKITEXT2_TEST_ENV,
     EvalDataError,
@@ -138,7 +139,7 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(perplexity_module, "_hub_head", lambda endpoint, seconds: attempts.append(endpoint) or 200)
+    monkeypatch.setattr(hub_module, "_hub_head", lambda endpoint, seconds: attempts.append(endpoint) or 200)
     return attempts
 
 
@@ -190,7 +191,7 @@ def test_an_unanswering_hub_costs_the_probe_time_only(tmp_path, monkeypatch):
     datasets, _ = _hub_offline_flags(monkeypatch, False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
     release = threading.Event()
-    monkeypatch.setattr(perplexity_module, "_hub_head", lambda endpoint, seconds: release.wait(60) and 200)
+    monkeypatch.setattr(hub_module, "_hub_head", lambda endpoint, seconds: release.wait(60) and 200)
     loads = []
     real_load = datasets.load_dataset
 
@@ -211,10 +212,10 @@ def test_an_unanswering_hub_costs_the_probe_time_only(tmp_path, monkeypatch):
     def refused(endpoint, seconds):
         raise ConnectionError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(perplexity_module, "_hub_head", refused)
+    monkeypatch.setattr(hub_module, "_hub_head", refused)
     with pytest.raises(EvalDataError, match="unreachable .*ConnectionError: \\[Errno -2\\] Name or service not known"):
         wikitext2_rows_from_datasets(probe_seconds=0.3)
-    monkeypatch.setattr(perplexity_module, "_hub_head", lambda endpoint, seconds: 503)
+    monkeypatch.setattr(hub_module, "_hub_head", lambda endpoint, seconds: 503)
     with pytest.raises(EvalDataError, match="answers HTTP 503"):
         wikitext2_rows_from_datasets(probe_seconds=0.3)
 
@@ -223,7 +224,7 @@ def test_a_reachable_hub_is_loaded_from_online(tmp_path, monkeypatch):
     """When the probe answers, load_dataset runs again with offline mode off (a fake here: the
     cache attempt is refused, the online one returns rows)."""
     datasets, _ = _hub_offline_flags(monkeypatch, False)
-    monkeypatch.setattr(perplexity_module, "_hub_head", lambda endpoint, seconds: 200)
+    monkeypatch.setattr(hub_module, "_hub_head", lambda endpoint, seconds: 200)
     rows = ["", " = Hub = \n", ""]
 
     def load(path, name, split):

@@ -1,235 +1,22 @@
-"""Zero-shot task scoring (pvq.eval.tasks): the batched scorer against a brute-force one,
-the metrics on items with known log-likelihoods, and the file parsers."""
+"""The local task files (pvq.eval.tasks): each format read into the items lm-eval is
+given, malformed files named with file and line, the real files' item counts."""
 
 from __future__ import annotations
 
 import bz2
 import json
-import math
 from pathlib import Path
 
-import re
-
 import pytest
-from conftest import cli_error
-import torch
-from torch import nn
 
 from pvq.eval.tasks import (
-    TASKS,
-    ChoiceItem,
-    LambadaItem,
     TaskDataError,
     UnknownTaskError,
-    accuracy_stderr,
-    choice_metrics,
     default_tasks_dir,
-    encode_request,
-    evaluate_task,
-    evaluate_tasks,
     load_task,
-    loglikelihoods,
-    resolve_task_names,
-    results_table,
-    task_rows,
 )
-from pvq.models import tiny_llama
 
 SHARED_TASKS = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tasks"
-
-
-class CharTokenizer:
-    """One token per character (its code point); no special tokens, BOS = 1."""
-
-    bos_token_id = 1
-
-    def encode(self, text, add_special_tokens=False):
-        return [ord(c) for c in text]
-
-
-class WordTokenizer:
-    """GPT-2-like: a word carries its leading space (" b" is one token)."""
-
-    bos_token_id = 0
-
-    def __init__(self):
-        self.vocab: dict[str, int] = {}
-
-    def encode(self, text, add_special_tokens=False):
-        import re
-
-        return [self.vocab.setdefault(piece, len(self.vocab) + 1) for piece in re.findall(r" ?\S+|\s", text)]
-
-
-class BigramModel(nn.Module):
-    """Logits at position t depend only on token t: a fixed random table, so every
-    log-likelihood can be computed by hand."""
-
-    def __init__(self, vocab=128, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("table", torch.randn(vocab, vocab, generator=g) * 3)
-        self.anchor = nn.Parameter(torch.zeros(()))  # the scorer finds the device from a parameter
-        self.config = type("Config", (), {"max_position_embeddings": 64})()
-        self.calls = 0
-
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        self.calls += 1
-        return type("Out", (), {"logits": self.table[input_ids]})()
-
-    def logprob(self, prev: int, token: int) -> float:
-        return float(torch.log_softmax(self.table[prev].double(), -1)[token])
-
-    def greedy_next(self, prev: int) -> int:
-        return int(self.table[prev].argmax())
-
-
-def _hand_loglik(model: BigramModel, context: str, continuation: str) -> float:
-    ids = [ord(c) for c in context + continuation]
-    n_ctx = len(context)
-    return sum(model.logprob(ids[t - 1], ids[t]) for t in range(n_ctx, len(ids)))
-
-
-# ----------------------------------------------------------------------------- scorer
-
-
-def _brute_force(model, tokenizer, context, continuation, max_length):
-    """One unpadded forward per request, summed log-probabilities, from the definition."""
-    ctx, cont = encode_request(tokenizer, context, continuation)
-    ids = (ctx + cont)[-(max_length + 1):]
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0].double()
-    logp = torch.log_softmax(logits, -1)
-    n = len(ids) - 1
-    total, greedy = 0.0, True
-    for k, tok in enumerate(cont):
-        pos = n - len(cont) + k
-        total += float(logp[pos, tok])
-        greedy &= int(logp[pos].argmax()) == tok
-    return total, greedy
-
-
-REQUESTS = [
-    ("Question: what is two plus two?\nAnswer:", " four"),
-    ("Question: what is two plus two?\nAnswer:", " five and a half"),
-    ("short", " x"),
-    ("trailing space ", "moves to the continuation"),
-    ("a much longer context that runs for quite a few characters before the end", " ok"),
-    ("mid", "dle"),
-    ("The cat sat on the", " mat."),
-]
-
-
-@pytest.mark.parametrize("batch_size,max_length", [(3, None), (1, None), (16, None), (4, 30)])
-def test_batched_scorer_equals_brute_force(batch_size, max_length):
-    model = tiny_llama(seed=0, init_std=0.2)
-    tok = CharTokenizer()
-    got = loglikelihoods(model, tok, REQUESTS, batch_size=batch_size, max_length=max_length, progress=False)
-    limit = max_length or model.config.max_position_embeddings
-    for (ctx, cont), res in zip(REQUESTS, got):
-        expected, greedy = _brute_force(model, tok, ctx, cont, limit)
-        assert res.logprob == pytest.approx(expected, abs=1e-5)
-        assert res.greedy == greedy
-        assert res.n_tokens == len(encode_request(tok, ctx, cont)[1])
-    # batching and order do not change the result
-    again = loglikelihoods(model, tok, REQUESTS[::-1], batch_size=2, max_length=max_length, progress=False)[::-1]
-    assert [r.logprob for r in again] == pytest.approx([r.logprob for r in got], abs=1e-5)
-
-
-def test_left_truncation_keeps_the_continuation():
-    model = BigramModel()
-    tok = CharTokenizer()
-    ctx, cont = "x" * 100, " end"
-    res = loglikelihoods(model, tok, [(ctx, cont)], max_length=10, progress=False)[0]
-    # a bigram model ignores what truncation drops, so the result is the untruncated one
-    assert res.logprob == pytest.approx(_hand_loglik(model, ctx, cont), abs=1e-5)
-    with pytest.raises(ValueError, match="exceeds the model's length"):
-        loglikelihoods(model, tok, [("a", "b" * 20)], max_length=10, progress=False)
-
-
-def test_request_encoding_follows_lm_eval():
-    tok = WordTokenizer()
-    ctx, cont = encode_request(tok, "Question: a\nAnswer: ", "Paris")
-    # the context's trailing space moves to the continuation: " Paris" is one token
-    assert len(cont) == 1 and cont == tok.encode(" Paris")
-    assert ctx == tok.encode("Question: a\nAnswer:")
-    ctx, cont = encode_request(tok, "Answer:", " Paris is big")
-    assert cont == tok.encode(" Paris is big")
-    # an empty context gets the BOS token as its context
-    assert encode_request(CharTokenizer(), "", "ab") == ([1], [97, 98])
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def test_acc_and_acc_norm_formulas():
-    short_vs_long = ChoiceItem(("q",) * 2, (" a", " bbbbbbbb"), 1, ("a", "bbbbbbbb"))
-    # acc: -2 > -4 picks choice 0 (wrong); acc_norm: -2/1 < -4/8 picks choice 1 (right)
-    metrics = {m.name: m for m in choice_metrics([short_vs_long], [[-2.0, -4.0]], with_norm=True)}
-    assert metrics["acc"].value == 0.0 and metrics["acc_norm"].value == 1.0
-    three = ChoiceItem(("q",) * 3, (" x", " y", " z"), 2, ("x", "y", "z"))
-    items = [three] * 4
-    lls = [[-1.0, -2.0, -0.5], [-0.1, -2.0, -0.5], [-3.0, -2.0, -0.5], [-1.0, -1.0, -1.0]]  # ties pick the first
-    metrics = {m.name: m for m in choice_metrics(items, lls, with_norm=False)}
-    assert set(metrics) == {"acc"}
-    assert metrics["acc"].value == 0.5
-    assert metrics["acc"].stderr == pytest.approx(math.sqrt(0.25 / 3))
-    assert accuracy_stderr(0.3, 11) == pytest.approx(math.sqrt(0.3 * 0.7 / 10))
-
-
-def test_multiple_choice_task_with_known_logliks():
-    model = BigramModel()
-    tok = CharTokenizer()
-    items = [
-        ChoiceItem(("Q:",) * 3, (" ab", " zzzz", " q"), gold, ("ab", "zzzz", "q")) for gold in range(3)
-    ]
-    res = evaluate_task(model, tok, "arc_easy", items=items, progress=False)
-    lls = [_hand_loglik(model, "Q:", c) for c in (" ab", " zzzz", " q")]
-    best = max(range(3), key=lambda k: lls[k])
-    best_norm = max(range(3), key=lambda k: lls[k] / len(items[0].choice_texts[k]))
-    assert res.metric("acc").value == pytest.approx(1 / 3) and res.items == 3 and res.requests == 9
-    assert res.metric("acc_norm").value == pytest.approx(1 / 3)
-    hits = evaluate_task(model, tok, "arc_easy", items=[items[best]], progress=False)
-    assert hits.metric("acc").value == 1.0
-    norm_hits = evaluate_task(model, tok, "arc_easy", items=[items[best_norm]], progress=False)
-    assert norm_hits.metric("acc_norm").value == 1.0
-
-
-def test_winogrande_partial_scoring_picks_the_likelier_context():
-    model = BigramModel()
-    tok = CharTokenizer()
-    contexts = ("The trophy did not fit because the ball", "The trophy did not fit because the case")
-    # pick the continuation's first character so that the two contexts' last tokens
-    # ("l" / "e") give it clearly different probabilities
-    best_char = max("abcdefghijklmnopqrstuvwxyz",
-                    key=lambda c: abs(model.logprob(ord("l"), ord(" ")) - model.logprob(ord("e"), ord(" "))))
-    continuation = " " + best_char + "was too big."
-    lls = [_hand_loglik(model, c, continuation) for c in contexts]
-    assert lls[0] != lls[1]
-    likelier = 0 if lls[0] > lls[1] else 1
-    right = ChoiceItem(contexts, (continuation,) * 2, likelier, (continuation[1:],) * 2)
-    wrong = ChoiceItem(contexts, (continuation,) * 2, 1 - likelier, (continuation[1:],) * 2)
-    assert evaluate_task(model, tok, "winogrande", items=[right], progress=False).metric("acc").value == 1.0
-    res = evaluate_task(model, tok, "winogrande", items=[right, wrong], progress=False)
-    assert res.metric("acc").value == 0.5 and [m.name for m in res.metrics] == ["acc"]
-
-
-def test_lambada_greedy_accuracy_and_perplexity():
-    model = BigramModel()
-    tok = CharTokenizer()
-    context = "Once upon a time"
-    chain, prev = [], ord(context[-1])
-    for _ in range(5):  # the greedy continuation of the bigram model
-        prev = model.greedy_next(prev)
-        chain.append(prev)
-    greedy_text = "".join(map(chr, chain))
-    wrong_last = chr((chain[-1] + 1) % 128)
-    items = [LambadaItem(context, greedy_text), LambadaItem(context, greedy_text[:-1] + wrong_last)]
-    res = evaluate_task(model, tok, "lambada_openai", items=items, progress=False)
-    assert res.metric("acc").value == 0.5
-    lls = [_hand_loglik(model, it.context, it.continuation) for it in items]
-    assert res.metric("perplexity").value == pytest.approx(math.exp(-sum(lls) / 2), rel=1e-5)
-    assert res.metric("perplexity").stderr is None
 
 
 # ----------------------------------------------------------------------------- files
@@ -323,29 +110,9 @@ def test_bad_task_files_name_file_and_line(tmp_path):
         load_task("lambada_openai", root)
 
 
-def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(UnknownTaskError, match="unknown task 'mmlu'; known: piqa, arc_easy, arc_challenge"):
-        resolve_task_names("piqa,mmlu")
-    with pytest.raises(UnknownTaskError, match="known:"):
+def test_unknown_local_task_lists_the_local_ones():
+    with pytest.raises(UnknownTaskError, match="'boolq' is not a local task; local tasks: piqa, arc_easy"):
         load_task("boolq")
-    assert resolve_task_names("all") == list(TASKS)
-    assert resolve_task_names("winogrande, piqa,piqa") == ["winogrande", "piqa"]
-
-
-def test_evaluate_tasks_end_to_end_on_tiny_llama(tmp_path):
-    root = _write_tasks_dir(tmp_path / "tasks")
-    model = tiny_llama(seed=0)
-    results = evaluate_tasks(model, CharTokenizer(), "all", tasks_dir=root, progress=False)
-    assert list(results) == list(TASKS)
-    assert results["hellaswag"].items == 2 and results["hellaswag"].requests == 8
-    for res in results.values():
-        for m in res.metrics:
-            assert math.isfinite(m.value)
-    table = results_table(task_rows(results))
-    assert "acc_norm" in table and "perplexity" in table and "lambada_openai" in table
-    # deterministic
-    again = evaluate_tasks(model, CharTokenizer(), "all", tasks_dir=root, progress=False)
-    assert task_rows(again) == task_rows(results)
 
 
 EXPECTED_COUNTS = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "winogrande": 1267,
@@ -374,38 +141,3 @@ def tiny_model_dir(tmp_path_factory):
     (root / "wiki.test.raw").write_text(" \n = Title = \n \n" + "the quick brown fox jumps over the lazy dog . " * 40
                                         + "\n \n")
     return root
-
-
-def test_cli_eval_tasks_table_and_json(tiny_model_dir, tmp_path, capsys):
-    from pvq.cli import main
-
-    root = _write_tasks_dir(tmp_path / "tasks")
-    out = tmp_path / "eval.json"
-    assert main(["eval", str(tiny_model_dir / "model"), "--tasks", "all", "--tasks-dir", str(root), "--limit", "1",
-                 "--seqlen", "64", "--eval-text", str(tiny_model_dir / "wiki.test.raw"), "--device", "cpu",
-                 "--json", str(out)]) == 0
-    text = capsys.readouterr().out
-    header = next(line for line in text.splitlines() if line.startswith("task"))
-    assert header.split() == ["task", "metric", "value", "stderr", "items"]
-    for name in TASKS:
-        assert name in text
-    assert "wikitext2" in text and "average accuracy" in text
-    saved = json.loads(out.read_text())
-    assert saved["ppl"] > 1 and saved["limit"] == 1
-    assert set(saved["tasks"]) == set(TASKS) and saved["tasks"]["hellaswag"]["items"] == 1
-    assert set(saved["tasks"]["piqa"]["metrics"]) == {"acc", "acc_norm"}
-    assert 0 <= saved["average_accuracy"] <= 1
-
-
-def test_cli_eval_tasks_only_and_bad_input(tiny_model_dir, tmp_path, capsys):
-    from pvq.cli import main
-
-    root = _write_tasks_dir(tmp_path / "tasks")
-    assert main(["eval", str(tiny_model_dir / "model"), "--tasks", "winogrande,lambada_openai", "--no-ppl",
-                 "--tasks-dir", str(root), "--device", "cpu"]) == 0
-    text = capsys.readouterr().out
-    assert "perplexity" in text and "wikitext2" not in text and "piqa" not in text
-    assert re.search("unknown task 'mmlu'; known: piqa", cli_error(capsys, ["eval", str(tiny_model_dir / "model"), "--tasks", "mmlu", "--tasks-dir", str(root)]))
-    assert re.search("--no-ppl leaves nothing to evaluate", cli_error(capsys, ["eval", str(tiny_model_dir / "model"), "--no-ppl"]))
-    (root / "mosaicml-gauntlet" / "winogrande.jsonl").write_text("{}\n")
-    assert re.search(r"winogrande\.jsonl, line 1: missing field 'context_options'", cli_error(capsys, ["eval", str(tiny_model_dir / "model"), "--tasks", "winogrande", "--tasks-dir", str(root)]))

@@ -36,7 +36,8 @@ from typing import Any, Iterable, Sequence
 from pvq.errors import PVQError
 from pvq.progress import progress_enabled
 
-from .tasks import TASKS, TaskDataError, default_tasks_dir, load_task
+from .hub import first_line, hub_offline, hub_unreachable
+from .tasks import TASKS, TaskDataError, UnknownTaskError, default_tasks_dir, load_task
 
 __all__ = [
     "LOCAL_TASKS", "Metric", "TaskPlan", "TaskResult", "UnknownTaskError", "average_accuracy", "evaluate_tasks",
@@ -52,10 +53,6 @@ _METRICS = {
     "hellaswag": ("acc", "acc_norm"), "winogrande": ("acc",), "lambada_openai": ("perplexity", "acc"),
 }
 _AGGREGATION = {"acc": "mean", "acc_norm": "mean", "perplexity": "perplexity"}
-
-
-class UnknownTaskError(PVQError, ValueError):
-    """A task name that is neither local nor one of lm-eval's (the message lists the local ones)."""
 
 
 class TaskRunError(PVQError, RuntimeError):
@@ -238,6 +235,20 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _offline_unless_reachable(plan: TaskPlan):
+    """(context, reason): Hugging Face offline mode (the datasets cache only) around the run
+    when an lm-eval task is asked for and the hub does not answer a short probe, so that an
+    offline machine fails in seconds instead of datasets' retry loop; else no change."""
+    if not any(isinstance(t, str) for t in plan.tasks):
+        return contextlib.nullcontext(), None
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    endpoint = str(getattr(datasets.config, "HF_ENDPOINT", hub_constants.ENDPOINT)).rstrip("/")
+    why = None if (datasets.config.HF_HUB_OFFLINE or hub_constants.HF_HUB_OFFLINE) else hub_unreachable(endpoint)
+    return (hub_offline(datasets) if why else contextlib.nullcontext()), why
+
+
 def run_tasks(model, tokenizer, plan: TaskPlan, batch_size: int = 16, bootstrap_iters: int = 1000,
               progress: bool = True, keep_samples: bool = False) -> dict[str, TaskResult]:
     """Score `model` on the planned tasks with lm-eval; results per task name."""
@@ -253,18 +264,20 @@ def run_tasks(model, tokenizer, plan: TaskPlan, batch_size: int = 16, bootstrap_
     # bars are off (`--quiet`); errors still arrive as exceptions
     silence = contextlib.redirect_stderr(io.StringIO()) if not (progress and progress_enabled()) else \
         contextlib.nullcontext()
+    offline, why = _offline_unless_reachable(plan)
     try:
-        with silence:
+        with silence, offline:
             out = lm_eval.simple_evaluate(model=lm, tasks=list(plan.tasks), limit=plan.limit, num_fewshot=None,
                                           bootstrap_iters=bootstrap_iters, log_samples=keep_samples,
                                           verbosity="ERROR", task_manager=plan.task_manager())
     except PVQError:
         raise
-    except (ConnectionError, OSError, ValueError, KeyError, FileNotFoundError) as e:
-        names = [n for n in plan.names if not isinstance(plan.tasks[plan.names.index(n)], dict)]
-        hint = (f" (the lm-eval tasks {', '.join(names)} need their data from the datasets cache or the hub; "
-                "offline, use the local tasks under --tasks-dir)") if names else ""
-        raise TaskRunError(f"lm-eval could not run the tasks: {type(e).__name__}: {e}{hint}") from None
+    except Exception as e:  # noqa: BLE001 - datasets and lm-eval raise many kinds; the message says which
+        names = [n for n, t in zip(plan.names, plan.tasks) if isinstance(t, str)]
+        hint = (f" (the lm-eval tasks {', '.join(names)} need their data from the datasets cache or the hub"
+                + (f", which is unreachable: {why}" if why else "") + "; offline, use the local tasks under "
+                "--tasks-dir)") if names else ""
+        raise TaskRunError(f"lm-eval could not run the tasks: {first_line(e)}{hint}") from None
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0

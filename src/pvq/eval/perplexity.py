@@ -14,26 +14,24 @@ offline mode first; the hub only when online and answering within a few seconds)
 
 from __future__ import annotations
 
-from pvq.errors import PVQError
-
-import contextlib
 import math
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from pvq.errors import PVQError
+
+from .hub import HUB_PROBE_SECONDS, first_line, hub_offline, hub_unreachable
 
 WIKITEXT2_TEST_ENV = "PVQ_WIKITEXT2_TEST"
 _RELATIVE = Path("assets") / "wikitext-2" / "raw" / "wiki.test.raw"
 #: what `datasets.load_dataset` is asked for: (path, name, split)
 WIKITEXT2_DATASET = ("wikitext", "wikitext-2-raw-v1", "test")
 #: how long the Hugging Face hub may take to answer before it counts as unreachable
-HUB_PROBE_SECONDS = 3.0
 
 
 class EvalDataError(PVQError, FileNotFoundError):
@@ -95,68 +93,6 @@ def wikitext2_test_rows(path: str | os.PathLike | None = None) -> list[str]:
     return ["" if not line.strip() else line + "\n" for line in lines]
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-_OFFLINE_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _hub_offline(datasets_module):
-    """Hugging Face offline mode for the duration (datasets and huggingface_hub read these
-    module flags at call time): `load_dataset` then looks in the local cache only."""
-    import huggingface_hub.constants as hub_constants
-
-    config = datasets_module.config
-    flags = [(config, "HF_HUB_OFFLINE"), (config, "HF_DATASETS_OFFLINE"), (hub_constants, "HF_HUB_OFFLINE")]
-    with _OFFLINE_LOCK:
-        saved = [(obj, name, getattr(obj, name)) for obj, name in flags if hasattr(obj, name)]
-        verbosity = datasets_module.logging.get_verbosity()
-        try:
-            for obj, name, _ in saved:
-                setattr(obj, name, True)
-            # its "using the latest cached version ... couldn't be found on the Hub" warning is noise here
-            datasets_module.logging.set_verbosity_error()
-            yield
-        finally:
-            for obj, name, value in saved:
-                setattr(obj, name, value)
-            datasets_module.logging.set_verbosity(verbosity)
-
-
-def _hub_head(endpoint: str, seconds: float) -> int:
-    """HTTP status of a HEAD request to the hub's endpoint (huggingface_hub's client: its proxies, headers)."""
-    from huggingface_hub import get_session
-
-    return get_session().head(endpoint, timeout=seconds, follow_redirects=False).status_code
-
-
-def hub_unreachable(endpoint: str, seconds: float = HUB_PROBE_SECONDS) -> str | None:
-    """Why the Hugging Face hub at `endpoint` cannot be used now (None: it answers), within
-    about `seconds` whatever the network does (name resolution included: the request runs
-    in a daemon thread that is abandoned when it takes longer)."""
-    result: dict[str, Any] = {}
-
-    def probe() -> None:
-        try:
-            result["status"] = _hub_head(endpoint, seconds)
-        except Exception as e:  # noqa: BLE001 - any failure means: not reachable
-            result["error"] = _first_line(e)
-
-    thread = threading.Thread(target=probe, name="pvq-hub-probe", daemon=True)
-    thread.start()
-    thread.join(seconds + 0.5)
-    if thread.is_alive():
-        return f"no answer from {endpoint} within {seconds:g} s"
-    if "error" in result:
-        return f"{endpoint}: {result['error']}"
-    if result["status"] >= 500:
-        return f"{endpoint} answers HTTP {result['status']}"
-    return None
-
-
 def _dataset_rows(dataset) -> list[str]:
     names = getattr(dataset, "column_names", None) or []
     if "text" not in names:
@@ -180,15 +116,15 @@ def wikitext2_rows_from_datasets(hub: bool = True, probe_seconds: float = HUB_PR
         import datasets
         import huggingface_hub.constants as hub_constants
     except ImportError as e:
-        raise EvalDataError(f"the datasets library is not importable ({_first_line(e)})") from None
+        raise EvalDataError(f"the datasets library is not importable ({first_line(e)})") from None
     path, config_name, split = WIKITEXT2_DATASET
     try:
-        with _hub_offline(datasets):
+        with hub_offline(datasets):
             return _dataset_rows(datasets.load_dataset(path, config_name, split=split)), "datasets cache"
     except EvalDataError:
         raise
     except Exception as e:  # noqa: BLE001 - a cache miss is ConnectionError, ValueError, FileNotFoundError...
-        miss = f"{name} is not in the datasets cache {datasets.config.HF_DATASETS_CACHE} ({_first_line(e)})"
+        miss = f"{name} is not in the datasets cache {datasets.config.HF_DATASETS_CACHE} ({first_line(e)})"
     if not hub:
         raise EvalDataError(miss)
     if datasets.config.HF_HUB_OFFLINE or hub_constants.HF_HUB_OFFLINE:
@@ -200,7 +136,7 @@ def wikitext2_rows_from_datasets(hub: bool = True, probe_seconds: float = HUB_PR
     try:
         dataset = datasets.load_dataset(path, config_name, split=split)
     except Exception as e:  # noqa: BLE001 - network and hub errors come in many types
-        raise EvalDataError(f"{name} could not be loaded from the Hugging Face hub: {_first_line(e)}") from None
+        raise EvalDataError(f"{name} could not be loaded from the Hugging Face hub: {first_line(e)}") from None
     return _dataset_rows(dataset), "Hugging Face hub"
 
 
