@@ -99,7 +99,7 @@ def test_bad_command_lines_are_one_line(env, tmp_path, capsys):
         (["quantize", model, "--calib-windows", "0"], "must be at least 1, got 0"),
         (["quantize", model, "--shape-bits", "nan"], "expected a finite number"),
         (["quantize", model, "--method", "awq"], "invalid choice: 'awq'"),
-        (["quantize", model, "--recipe", str(tmp_path / "none.yaml")], "--recipe .*none.yaml: no such file"),
+        (["quantize", model, "--recipe", str(tmp_path / "none.yaml")], "recipe file not found: .*none.yaml"),
         (["quantize", str(tmp_path / "no-such-model"), "--method", "rtn", "--group-size", "32", "--out",
           str(tmp_path / "o")], "no-such-model"),
         (["eval", model, "--limit", "-3"], "must be at least 1"),
@@ -128,3 +128,13 @@ def test_checkpoint_recipe_reproduces_it_byte_for_byte(env, tmp_path, capsys):
     assert again["files"] == index["files"]
     line = cli_error(capsys, ["quantize", "--recipe", str(first / "recipe.yaml"), "--out", str(second)])
     assert "already holds a pvq checkpoint" in line
+
+
+def test_an_unsupported_architecture_is_refused_before_any_work(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2")
+    line = cli_error(capsys, ["quantize", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")])
+    assert re.search(r"model_type 'gpt2'.*supported model types: llama", line), line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()

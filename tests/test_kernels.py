@@ -225,3 +225,19 @@ def test_enumeration_setting():
     # both orders store the same points
     a, b = layer(enumeration="split"), layer(enumeration="fischer")
     assert torch.equal(a.dequantize(), b.dequantize()) and not torch.equal(a.codes, b.codes)
+
+
+def test_inputs_a_layer_cannot_take_are_named():
+    from pvq.formats.errors import LayerInputError
+
+    lin = layer()
+    for x, message in ((torch.ones(2, lin.in_features, dtype=torch.long), "expects a floating-point input, got torch.int64"),
+                       (torch.randn(2, lin.in_features + 1), r"expects inputs of width 96, got shape \(2, 97\)"),
+                       (torch.randn(2, lin.in_features, device="meta"), "input on meta but the packed payload is on cpu")):
+        with pytest.raises(LayerInputError, match=message):
+            lin(x)
+    # every float dtype is served, computed in the input's dtype
+    x = torch.randn(3, lin.in_features)
+    for dtype in (torch.float64, torch.bfloat16):
+        out = lin(x.to(dtype))
+        assert out.dtype == dtype and rel(out.float(), lin(x)) < 1e-2

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pvq.errors import PVQError
+from pvq.fileio import read_utf8
 
 __all__ = ["APIError", "quantize", "save"]
 
@@ -133,12 +134,7 @@ def _looks_like_a_path(text: str) -> bool:
 
 
 def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise APIError(f"calibration text file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError) as e:
-        raise APIError(f"calibration text {path} cannot be read as UTF-8 text: {e}") from None
+    return read_utf8(path, APIError, "calibration text file")
 
 
 def _calibration_text(calibration: Any) -> str:
@@ -200,18 +196,6 @@ def _windows(calibration: str | torch.Tensor | None, recipe, model: nn.Module, t
                             recipe.seed, source="the calibration text")
 
 
-def _device(device: str | torch.device | None) -> str:
-    if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise APIError(f"device {device!r} is not a device (cpu, cuda, cuda:N or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise APIError(f"device {device!r}: CUDA is not available")
-    return str(dev)
-
-
 def quantize(
     model_or_id: Any,
     recipe_or_kwargs: Any = None,
@@ -240,10 +224,10 @@ def quantize(
     device: where each block is quantized (None or "auto": cuda when present, else cpu).
     work_dir: keeps finished blocks on disk so that a rerun resumes (None: nothing kept).
     """
-    from pvq.oneshot import oneshot
+    from pvq.oneshot import oneshot, resolve_device
 
     recipe = _recipe(recipe_or_kwargs, kwargs)
-    device = _device(device)
+    device = resolve_device(device)
     if work_dir is not None:
         if not isinstance(work_dir, (str, os.PathLike)):
             raise APIError(f"work_dir must be a path or None, got {type(work_dir).__name__}")

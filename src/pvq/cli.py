@@ -44,19 +44,9 @@ def _act_config(args: argparse.Namespace) -> dict | None:
 
 
 def _default_device(choice: str) -> str:
-    import torch
+    from pvq.oneshot import resolve_device
 
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(choice)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {choice!r} is not a device (cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {choice}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CLIError(f"--device {choice}: only {torch.cuda.device_count()} CUDA device(s)")
-    return choice
+    return resolve_device(choice, "--device")
 
 
 def _check_writable(path: str | None, option: str) -> None:

@@ -54,3 +54,15 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_utf8(path: str | os.PathLike, error: type[Exception], what: str) -> str:
+    """The text of a UTF-8 file, or `error` saying "<what> not found: <path>" or that it
+    cannot be read as UTF-8 text (one message shape for every text file a user gives)."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} not found: {p}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise error(f"{what} {p} cannot be read as UTF-8 text: {e}") from None

@@ -17,13 +17,25 @@ from typing import Any
 import torch
 
 from pvq.errors import PVQError
-from pvq.eval.perplexity import EvalDataError, EvalText, next_token_agreement, perplexity_details, wikitext2_test
-from pvq.formats import check_destination, decoded_weights, load_checkpoint, save_checkpoint, shard_size_bytes
-from pvq.models import load_model, start_token_id
+from pvq.eval.perplexity import (
+    EvalDataError,
+    EvalText,
+    next_token_agreement,
+    perplexity_details,
+    wikitext2_test,
+)
+from pvq.formats import (
+    check_destination,
+    decoded_weights,
+    load_checkpoint,
+    save_checkpoint,
+    shard_size_bytes,
+)
+from pvq.models import adapter_for, load_model, start_token_id
 from pvq.oneshot import Recipe, oneshot
 from pvq.pipeline import encode_text, sample_windows
-from pvq.pipeline.workdir import check_claimable
 from pvq.pipeline.quantize_model import jsonable
+from pvq.pipeline.workdir import check_claimable
 from pvq.quant import get_method
 from pvq.quant.activations import act_quant_summary
 
@@ -163,6 +175,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
                         "from the float model (KL, top-1 agreement; no perplexity)", e)
 
     model, tokenizer, source = load_model(opts.model, device="cpu")
+    adapter_for(model)  # an unsupported architecture is refused before calibration and quantization
     positions = getattr(model.config, "max_position_embeddings", None)
     for what, n in (("--calib-seqlen", opts.calib_seqlen), ("--eval-seqlen", opts.eval_seqlen)):
         if isinstance(positions, int) and n > positions:
@@ -256,7 +269,7 @@ def _evaluate(report: dict[str, Any], opts: JobOptions, tokenizer, reference, lo
         report["eval_data"] = (f"{opts.agreement_windows} held-out windows sampled from the float model "
                                f"(seed {opts.seed + 1}); no WikiText-2 test text found")
     act_seconds = act_quant_seconds(loaded)
-    agreement = next_token_agreement(reference, loaded, agree_ids, seqlen=opts.eval_seqlen)
+    agreement = next_token_agreement(reference, loaded, agree_ids, seqlen=opts.eval_seqlen, progress=True)
     report.update(eval_seqlen=opts.eval_seqlen, kl_vs_float=agreement["kl"],
                   top1_agreement=agreement["top1_agreement"], agreement_tokens=agreement["n_tokens"])
     if act_seconds is not None:

@@ -21,17 +21,43 @@ from typing import Any
 import torch
 from torch import nn
 
+from pvq.errors import PVQError
 from pvq.formats import quantized_model
 from pvq.formats.hf import finite_absmax
 from pvq.models import adapter_for
-from pvq.pipeline import QuantizeResult, calibration_windows, quantize_model, quantize_weights
+from pvq.pipeline import (
+    QuantizeResult,
+    calibration_windows,
+    quantize_model,
+    quantize_weights,
+)
 from pvq.quant import QuantizationError, get_method
 from pvq.quant.activations import ActQuantConfig, check_act_quant, install_act_quant
 from pvq.rotation import rotate_model
 
-__all__ = ["COMPUTE_DTYPES", "OneshotResult", "Recipe", "oneshot"]
+__all__ = ["COMPUTE_DTYPES", "DeviceError", "OneshotResult", "Recipe", "oneshot", "resolve_device"]
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DeviceError(PVQError, ValueError):
+    """A device name that is not a device, or one this machine does not have."""
+
+
+def resolve_device(choice: str | torch.device | None, label: str = "device") -> str:
+    """The device to compute on: "auto" (or None) is cuda when present, else cpu; anything
+    else must be a device this machine has (DeviceError naming `label` otherwise)."""
+    if choice is None or choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"{label} {str(choice)!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"{label} {choice}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"{label} {choice}: only {torch.cuda.device_count()} CUDA device(s)")
+    return str(device)
 
 
 @dataclass

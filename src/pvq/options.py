@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pvq.errors import PVQError
+from pvq.fileio import read_utf8
 
 __all__ = ["Option", "OptionConflictError", "QUANTIZE_OPTIONS", "RecipeFileError", "add_quantize_options",
            "read_recipe_file", "recipe_text", "resolve_quantize_options"]
@@ -271,12 +272,7 @@ def _convert(o: Option, value: Any, where: str) -> Any:
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """The fields of a YAML or JSON recipe file, each checked as its flag would be."""
     p = Path(path)
-    if not p.is_file():
-        raise RecipeFileError(f"--recipe {path}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeFileError(f"--recipe {path}: cannot be read as text: {e}") from None
+    text = read_utf8(p, RecipeFileError, "recipe file")
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(text)

@@ -260,10 +260,12 @@ def run_tasks(model, tokenizer, plan: TaskPlan, batch_size: int = 16, bootstrap_
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    # lm-eval draws its own bars (with explicit settings): silenced with its stderr when
+    # lm-eval draws its own bars (with explicit settings): silenced with its output when
     # bars are off (`--quiet`); errors still arrive as exceptions
-    silence = contextlib.redirect_stderr(io.StringIO()) if not (progress and progress_enabled()) else \
-        contextlib.nullcontext()
+    silence = contextlib.ExitStack()
+    if not (progress and progress_enabled()):  # its bars on stderr, its "bootstrapping ..." note on stdout
+        silence.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        silence.enter_context(contextlib.redirect_stdout(io.StringIO()))
     offline, why = _offline_unless_reachable(plan)
     try:
         with silence, offline:

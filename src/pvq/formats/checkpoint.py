@@ -37,8 +37,15 @@ import torch
 from pvq.fileio import fsync_dir, fsync_file, process_alive, sha256_file
 
 from .errors import CheckpointError, CheckpointIntegrityError, CheckpointVersionError
-from .hf import (FORMAT_VERSION, QUANT_METHOD, bits_per_weight, refresh_records, register_with_transformers,
-                 stored_block_count, verified_by_caller)
+from .hf import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    bits_per_weight,
+    refresh_records,
+    register_with_transformers,
+    stored_block_count,
+    verified_by_caller,
+)
 from .linear import QuantizedLinear
 
 __all__ = [

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pvq.errors import PVQError
-
 from pvq.codec.errors import CodecError
+from pvq.errors import PVQError
 
 __all__ = [
     "CheckpointActQuantError",
@@ -14,6 +13,7 @@ __all__ = [
     "CheckpointVersionError",
     "LayerCodecError",
     "LayerDecodeError",
+    "LayerInputError",
 ]
 
 
@@ -45,3 +45,8 @@ class LayerDecodeError(CheckpointError):
 
 class LayerCodecError(LayerDecodeError, CodecError):
     """The codec rejected a layer's stored codes (out of range, truncated stream, ...)."""
+
+
+class LayerInputError(PVQError, ValueError):
+    """An input a quantized layer cannot take: not floating point, the wrong width, or on
+    another device than the layer's packed payload (the message names the layer and both)."""

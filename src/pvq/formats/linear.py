@@ -25,10 +25,16 @@ import torch
 from torch import nn
 
 from pvq.codec.errors import CodecError
-from pvq.quant import QuantizationError, QuantizedTensor, TensorSpec, check_payload, get_method
+from pvq.quant import (
+    QuantizationError,
+    QuantizedTensor,
+    TensorSpec,
+    check_payload,
+    get_method,
+)
 from pvq.quant.input_transforms import attach_input_transform, input_transforms_of
 
-from .errors import CheckpointError, LayerCodecError, LayerDecodeError
+from .errors import CheckpointError, LayerCodecError, LayerDecodeError, LayerInputError
 from .kernels import select_kernel
 
 __all__ = ["STORAGE_DTYPES", "QuantizedLinear", "replace_linear"]
@@ -183,9 +189,24 @@ class QuantizedLinear(nn.Module):
     # ------------------------------------------------------------------ nn.Module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         kernel = select_kernel(self, x)
         self.last_kernel = kernel.name
         return kernel.forward(self, x)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """A clear error where torch would give a cryptic one (or a kernel silently copy the
+        payload to another device on every call): the input must be floating point, as wide
+        as the layer, and on the payload's device. Any float dtype is served (computed in it)."""
+        if not x.is_floating_point():
+            raise LayerInputError(f"{self._label()}: expects a floating-point input, got {x.dtype}")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise LayerInputError(f"{self._label()}: expects inputs of width {self.in_features}, got shape "
+                                  f"{tuple(x.shape)}")
+        device = self._buffers[next(iter(self.payload_spec))].device
+        if x.device != device:
+            raise LayerInputError(f"{self._label()}: input on {x.device} but the packed payload is on {device}; "
+                                  f"move the model (model.to({str(x.device)!r})) or the input")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -13,14 +13,15 @@ Two sources:
 
 from __future__ import annotations
 
-from pvq.errors import PVQError
-
+import inspect
 import logging
 import os
 from pathlib import Path
 
 import torch
 
+from pvq.errors import PVQError
+from pvq.fileio import read_utf8
 from pvq.models.loading import start_token_id
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ def sample_windows(
 
     bar = progress_bar(total=n_windows * (seqlen - 1), desc="sampling calibration text", unit="tok", unit_scale=True,
                        enabled=progress)
+    # the KV cache argument: `cache` from transformers 5.x, `past_key_values` before
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     try:
         for b0 in range(0, n_windows, batch_size):
             b = min(batch_size, n_windows - b0)
@@ -103,8 +106,8 @@ def sample_windows(
             step_input, past = ids[:, :1], None
             for t in range(1, seqlen):
                 bar.update(b)
-                out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=step_input, use_cache=True, **{cache_arg: past})
+                past = out["cache"] if "cache" in out else out["past_key_values"]
                 logits = out.logits[:, -1, :].float()
                 probs = torch.softmax(logits / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=g)
@@ -134,12 +137,7 @@ def calibration_windows(
     otherwise sampled from `model` starting at the BOS token (see `sample_windows`)."""
     if text_path is not None:
         path = Path(text_path)
-        if not path.is_file():
-            raise CalibrationError(f"calibration text not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError) as e:
-            raise CalibrationError(f"calibration text {path} cannot be read as UTF-8 text: {e}") from None
+        text = read_utf8(path, CalibrationError, "calibration text")
         ids = encode_text(tokenizer, text)
         return windows_from_ids(ids, n_windows, seqlen, seed, source=f"calibration text {path}")
     if model is None:
