@@ -1,6 +1,7 @@
 """The Python API (`pvq.quantize`, `pvq.save`): the README's example run verbatim on a tiny
 model, calibration in every accepted form, and bad input."""
 
+import json
 import re
 from pathlib import Path
 
@@ -199,3 +200,28 @@ def test_import_pvq_stays_cheap():
 
     code = "import sys, pvq; assert 'pvq.api' not in sys.modules and 'pvq.oneshot' not in sys.modules; pvq.quantize"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_checkpoint_saved_from_the_api_carries_the_recipe_that_remakes_it(tiny_dir, tmp_path, capsys):
+    from pvq.cli import main
+    from pvq.options import read_recipe_file
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    model = pvq.quantize(str(tiny_dir), method="gptq", config={"bits": 3, "group_size": 32},
+                         calib_text=str(calib), calib_windows=2, calib_seqlen=32,
+                         act={"method": "rtn", "bits": 8, "group_size": 32}, progress=False)
+    index = pvq.save(model, tmp_path / "api")
+    assert "recipe.yaml" in index["files"]
+    stored = read_recipe_file(tmp_path / "api" / "recipe.yaml")
+    assert (stored["method"], stored["bits"], stored["act_method"], stored["act_bits"]) == ("gptq", 3, "rtn", 8.0)
+    assert main(["quantize", "--recipe", str(tmp_path / "api" / "recipe.yaml"), "--no-eval", "--quiet",
+                 "--out", str(tmp_path / "cli")]) == 0
+    again = json.loads((tmp_path / "cli" / "pvq_index.json").read_text())["files"]
+    weights = [n for n in index["files"] if n.endswith(".safetensors")]
+    assert weights and all(again[n] == index["files"][n] for n in weights)  # the same bytes
+    # a module (no id to load it from again) or calibration given as data: no recipe written
+    tokens = torch.randint(0, 200, (2, 32))
+    data_model = pvq.quantize(str(tiny_dir), method="rtn", config={"bits": 4, "group_size": 32},
+                              calibration=tokens, progress=False)
+    assert "recipe.yaml" not in pvq.save(data_model, tmp_path / "data")["files"]

@@ -68,6 +68,10 @@ def test_recipe_file_then_flags(tmp_path):
     recipe.write_text("method: gptq\nbits: 3\ngroup-size: 32\nact_order: true\n")
     v = _resolve(["--recipe", str(recipe), "--bits", "2"])
     assert (v["method"], v["bits"], v["group_size"], v["act_order"]) == ("gptq", 2, 32, True)
+    # a flag that makes recipe fields moot wins over them (another method, --no-eval)
+    recipe.write_text("method: gptq\nbits: 3\neval_windows: 5\n")
+    v = _resolve(["--recipe", str(recipe), "--method", "pvq", "--no-eval"])
+    assert (v["method"], v["bits"], v["no_eval"], v["eval_windows"]) == ("pvq", 4, True, 40)
     as_json = tmp_path / "r.json"
     as_json.write_text(json.dumps({"method": "pvq", "shape_bits": 2.5}))
     assert read_recipe_file(as_json) == {"method": "pvq", "shape_bits": 2.5}

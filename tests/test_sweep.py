@@ -211,10 +211,10 @@ def test_layer_gains_have_the_documented_normalisation():
 @pytest.mark.parametrize("extra", [[], ["--rotate", "--quantity", "gain"]])
 def test_cli_plot_gains_writes_a_png(tiny_dir, tmp_path, capsys, extra):
     out = tmp_path / "gains.png"
-    assert main(["plot", "gains", str(tiny_dir / "model"), "--group-size", "16", "--out", str(out), *extra]) == 0
+    assert main(["plot", "gains", str(tiny_dir / "model"), "--pvq-group-size", "16", "--out", str(out), *extra]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert "model.layers.1.mlp.down_proj" in capsys.readouterr().out
-    assert re.search("does not split into >= 2 groups of 64", cli_error(capsys, ["plot", "gains", str(tiny_dir / "model"), "--group-size", "64", "--out", str(out)]))
+    assert re.search("does not split into >= 2 groups of 64", cli_error(capsys, ["plot", "gains", str(tiny_dir / "model"), "--pvq-group-size", "64", "--out", str(out)]))
 
 
 def test_which_methods_need_calibration():

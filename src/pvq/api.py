@@ -30,6 +30,8 @@ __all__ = ["APIError", "quantize", "save"]
 
 #: where a model loaded by `quantize` from a string keeps its tokenizer (`save` writes it)
 TOKENIZER_ATTRIBUTE = "pvq_tokenizer"
+#: where `quantize` keeps the `pvq quantize` settings that reproduce the model (`save` writes them)
+RECIPE_ATTRIBUTE = "pvq_recipe"
 
 
 class APIError(PVQError, ValueError):
@@ -250,6 +252,12 @@ def quantize(
         refresh_records(model)  # config.quantization_config records the rotation and activation quantizers
     if loaded_here and tokenizer is not None:
         setattr(model, TOKENIZER_ATTRIBUTE, tokenizer)
+    # what `pvq quantize` would need to make this model again (save writes it as recipe.yaml);
+    # None when the recipe holds something no flag sets (calibration given as data, a module)
+    from pvq.options import values_from_recipe
+
+    setattr(model, RECIPE_ATTRIBUTE, values_from_recipe(
+        recipe.to_dict(), str(model_or_id) if loaded_here and calibration is None else None))
     return model
 
 
@@ -264,11 +272,21 @@ def save(
     """Write the quantized `model` as a pvq checkpoint directory at `path` (see
     `pvq.formats.save_checkpoint`: transformers' files, the tokenizer, the integrity index
     `pvq.load` verifies); returns the index. tokenizer: None takes the one `quantize`
-    loaded with the model, if any."""
+    loaded with the model, if any. A model `quantize` loaded from a hub id, directory or
+    file, with the recipe's own calibration, also gets `recipe.yaml`: the `pvq quantize`
+    settings that make it again (`pvq quantize --recipe DIR/recipe.yaml --out NEW`)."""
     from pvq.formats import save_checkpoint
 
     if not isinstance(model, nn.Module):
         raise APIError(f"save needs the quantized model (an nn.Module), got {type(model).__name__}")
     if tokenizer is None:
         tokenizer = getattr(model, TOKENIZER_ATTRIBUTE, None)
-    return save_checkpoint(model, path, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite)
+    values = getattr(model, RECIPE_ATTRIBUTE, None)
+    extra = None
+    if values is not None:
+        from pvq.jobs import RECIPE_FILE
+        from pvq.options import recipe_text
+
+        extra = {RECIPE_FILE: recipe_text(values)}
+    return save_checkpoint(model, path, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
+                           extra_files=extra)

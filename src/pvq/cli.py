@@ -285,8 +285,8 @@ def _cmd_plot_gains(args: argparse.Namespace) -> int:
         from pvq.rotation import rotate_model
 
         rotate_model(model, seed=args.rotate_seed)
-    gains = layer_gains(model, args.group_size, args.layers)
-    title = f"{args.model}{' rotated' if args.rotate else ''}: normalised group gains, D={args.group_size}"
+    gains = layer_gains(model, args.pvq_group_size, args.layers)
+    title = f"{args.model}{' rotated' if args.rotate else ''}: normalised group gains, D={args.pvq_group_size}"
     plot_gain_histograms(gains, args.out, quantity=args.quantity, title=title)
     print(f"{args.out}: {len(gains)} layers ({', '.join(g.name for g in gains)})")
     return 0
@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg = plot_sub.add_parser(
         "gains", parents=[common], help="histograms of normalised group gains against the Beta(D/2, D(G-1)/2) law (paper 3.4, App. D)")
     pg.add_argument("model", help="hub id, local directory, .gguf, or smollm2-135m")
-    pg.add_argument("--group-size", type=int, default=16, help="D, columns per group (default 16)")
+    pg.add_argument("--pvq-group-size", type=POSITIVE, default=16, help="D, columns per group (default 16)")
     pg.add_argument("--rotate", action="store_true", help="rotate the model first (the paper's setting)")
     pg.add_argument("--rotate-seed", type=NONNEGATIVE, default=0)
     pg.add_argument("--layers", nargs="+", default=None,

@@ -311,22 +311,29 @@ def _active(o: Option, values: dict[str, Any]) -> bool:
 
 
 def resolve_quantize_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults < the recipe file < the flags given; an option given (in either) that does
-    not apply to the chosen method or switch is refused, naming both."""
+    """Defaults < the recipe file < the flags given. A flag that does not apply to the
+    chosen method or switch is refused, naming both; so is a recipe field that does not
+    apply within the recipe itself; a recipe field a flag makes moot is dropped."""
     recipe = read_recipe_file(args.recipe) if getattr(args, "recipe", None) else {}
     given = {o.dest: getattr(args, o.dest) for o in QUANTIZE_OPTIONS if getattr(args, o.dest, None) is not None}
     values = {o.dest: o.default for o in QUANTIZE_OPTIONS}
     values.update(recipe)
+    from_recipe = dict(values)  # a recipe must hold together on its own
     values.update(given)
-    for dest in [*recipe, *given]:
+    for dest, against in [*((d, from_recipe) for d in recipe), *((d, values) for d in given)]:
         o = OPTIONS_BY_DEST[dest]
-        if _active(o, values) or (o.switch and values[dest] is False):
+        if _active(o, against) or (o.switch and against[dest] is False):
             continue
-        where = o.flag if dest in given else f"field {dest!r} of --recipe {args.recipe}"
+        where = o.flag if against is values else f"field {dest!r} of --recipe {args.recipe}"
         if o.methods is not None and values["method"] not in o.methods:
             raise OptionConflictError(f"{where} is an option of --method {' or '.join(o.methods)}, but the method "
                                       f"is {values['method']}")
         raise OptionConflictError(f"{where} has no effect {_requirement(o)}")
+    # a recipe field that a flag made moot (--no-eval over eval_windows, --method over
+    # another method's fields) is dropped: the flag wins
+    for dest in recipe:
+        if dest not in given and not _active(OPTIONS_BY_DEST[dest], values):
+            values[dest] = OPTIONS_BY_DEST[dest].default
     return values
 
 
@@ -391,3 +398,61 @@ def act_config(values: dict[str, Any]) -> dict[str, Any] | None:
     return dict(method=values["act_method"], bits=bits, group_size=values["act_group_size"],
                 symmetric=not values["act_asymmetric"], clip_ratio=values["act_clip"], gain=values["act_gain"],
                 gain_bits=values["act_gain_bits"], search_method=values["act_search"], encode=values["act_encode"])
+
+
+def values_from_recipe(recipe: dict[str, Any], model: str | None) -> dict[str, Any] | None:
+    """The settings `pvq quantize` would need to make what a `pvq.oneshot.Recipe` (as
+    `Recipe.to_dict()`) makes, or None when some part of it has no flag (a config field or
+    dense dtype the CLI does not set, calibration given as text or tokens, no model id):
+    the inverse of `method_config` / `act_config`, checked by mapping back."""
+    from pvq.quant import get_method
+
+    if model is None or recipe.get("method") is None or recipe.get("dense_dtype", "float16") != "float16":
+        return None
+    values = {o.dest: o.default for o in QUANTIZE_OPTIONS}
+    values.update(model=str(model), method=recipe["method"], rotate=bool(recipe["rotate"]),
+                  rotate_seed=recipe["rotate_seed"], seed=recipe["seed"], calib_windows=recipe["calib_windows"],
+                  calib_seqlen=recipe["calib_seqlen"], compute_dtype=recipe["compute_dtype"],
+                  batch_size=recipe["batch_size"], calib_text=recipe.get("calib_text"))
+    c = dict(recipe["config"])
+    m = recipe["method"]
+    if m == "pvq":
+        values.update(pvq_group_size=c.get("group_size"), shape_bits=c.get("shape_bits"), gain=c.get("gain"),
+                      gain_bits=c.get("gain_bits"), enumeration=c.get("enumeration"),
+                      no_hessian=not c.get("use_hessian", True), percdamp=c.get("percdamp"),
+                      no_refine=not c.get("hessian_refine", True))
+    elif m == "gptvq":
+        values.update(vq_dim=c.get("dim"), vq_bits=c.get("bits"), vq_group_size=c.get("group_size"),
+                      vq_columns=c.get("group_columns"), no_codebook_update=not c.get("codebook_update", True),
+                      kmeans_iters=c.get("kmeans_iters"), vq_init=c.get("init"), vq_assignment=c.get("assignment"),
+                      percdamp=c.get("percdamp"), seed=c.get("seed", values["seed"]))
+    else:
+        values.update(bits=c.get("bits"), group_size=c.get("group_size"))
+        if m == "gptq":
+            values.update(act_order=c.get("act_order"), percdamp=c.get("percdamp"))
+    act = recipe.get("act")
+    if act is not None:
+        from dataclasses import asdict
+
+        from pvq.quant.activations import ActQuantConfig
+
+        try:
+            act = asdict(ActQuantConfig(**act))  # every field, defaults included
+        except Exception:  # noqa: BLE001 - not a config the CLI could express either
+            return None
+        values.update(act_method=act.get("method"), act_bits=act.get("bits"), act_group_size=act.get("group_size"),
+                      act_asymmetric=not act.get("symmetric", True), act_clip=act.get("clip_ratio"),
+                      act_gain=act.get("gain"), act_gain_bits=act.get("gain_bits"),
+                      act_search=act.get("search_method"), act_encode=act.get("encode"))
+    from pvq.quant.activations import ActQuantConfig
+
+    method = get_method(m)
+    try:
+        same = method.make_config(method_config(values)) == method.make_config(c)
+        mapped = act_config(values)
+        same = same and ((mapped is None and act is None)
+                         or (mapped is not None and act is not None
+                             and ActQuantConfig(**mapped) == ActQuantConfig(**act)))
+    except Exception:  # noqa: BLE001 - a value no flag takes: not expressible
+        return None
+    return values if same else None
