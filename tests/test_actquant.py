@@ -356,9 +356,8 @@ def test_job_and_cli_with_act_quant(tiny_dir, tmp_path, capsys):
     qc = json.loads((tmp_path / "job" / "config.json").read_text())["quantization_config"]
     assert qc["act_quant"]["config"]["method"] == "pvq" and report["recipe"]["act"]["method"] == "pvq"
 
-    common = ["--calib-text", str(tiny_dir / "calib.txt"), "--calib-windows", "2", "--calib-seqlen", "32",
-              "--eval-text", str(tiny_dir / "wiki.test.raw"), "--eval-seqlen", "64", "--eval-windows", "2",
-              "--device", "cpu", "--method", "rtn", "--group-size", "32"]
+    common = ["--eval-text", str(tiny_dir / "wiki.test.raw"), "--eval-seqlen", "64", "--eval-windows", "2",
+              "--device", "cpu", "--method", "rtn", "--group-size", "32"]  # rtn: no calibration options
     assert main(["quantize", str(tiny_dir / "model"), "--out", str(tmp_path / "bad"), "--act-method", "rtn",
                  "--act-group-size", "48", *common]) == 2
     assert re.search(r"does not divide the input width 64 .* --act-group-size", capsys.readouterr().err)

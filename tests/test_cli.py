@@ -140,5 +140,5 @@ def test_an_unsupported_architecture_is_refused_before_any_work(tmp_path, capsys
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=64)).save_pretrained(
         tmp_path / "gpt2")
     line = cli_error(capsys, ["quantize", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")])
-    assert re.search(r"model_type 'gpt2'.*supported model types: llama", line), line
+    assert re.search(r"model_type 'gpt2'.*supported model types: gemma2, .*llama", line), line
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()

@@ -61,7 +61,7 @@ def test_unsupported_architecture_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0))
-    with pytest.raises(UnsupportedArchitectureError, match=r"model_type 'gpt2'.*supported model types: llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"model_type 'gpt2'.*supported model types: gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
         adapter_for(gpt2)
 
 

@@ -24,6 +24,8 @@ temporary sibling directory, every file fsync'd, renamed into place).
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import contextlib
 import json
 import os
@@ -371,12 +373,18 @@ def _check_config_against_files(root: Path, config: dict, files: dict) -> None:
                         shapes[key] = list(f.get_slice(key).get_shape())
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 raise CheckpointIntegrityError(f"checkpoint file {name!r} is not a readable safetensors file: {e}") from None
-    blocks = stored_block_count(shapes)
+    from pvq.models.adapters import adapter_for_type
+
+    try:
+        description = adapter_for_type(config.get("model_type"))
+    except PVQError as e:
+        raise CheckpointError(f"config.json: {e}") from None
+    blocks = stored_block_count(shapes, config.get("model_type"))
     n_layers = text.get("num_hidden_layers")
     if blocks is not None and n_layers != blocks:
         raise CheckpointError(f"config.json says num_hidden_layers {n_layers!r}, the stored tensors hold "
                               f"{blocks} decoder blocks")
-    emb = next((shapes[k] for k in shapes if k.endswith("embed_tokens.weight")), None)
+    emb = shapes.get(f"{description.embedding}.weight")
     want = [text.get("vocab_size"), text.get("hidden_size")]
     if emb is not None and emb != want:
         raise CheckpointError(f"config.json says vocab_size x hidden_size {want}, the stored embedding is {emb}")

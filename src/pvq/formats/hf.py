@@ -22,6 +22,8 @@ same structure in memory, so the in-memory model and the reloaded one are one th
 
 from __future__ import annotations
 
+from pvq.errors import PVQError
+
 import contextlib
 import contextvars
 import copy
@@ -61,15 +63,18 @@ QUANT_METHOD = "pvq"
 FORMAT_VERSION = 5
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _FP16_MAX = float(torch.finfo(torch.float16).max)
-_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _FIELDS = ("quant_method", "format_version", "pvq_version", "method", "config", "layers", "layer_overrides",
            "rotation", "act_quant", "dense_dtype")
 
 
-def stored_block_count(names) -> int | None:
-    """Decoder blocks that tensor or module names cover ("...layers.<i>...": 1 + the largest
-    i), None when no name is inside a block: what a config's num_hidden_layers must equal."""
-    blocks = {int(m.group(1)) for n in names if (m := _BLOCK.search(n))}
+def stored_block_count(names, model_type: str | None) -> int | None:
+    """Decoder blocks that tensor or module names cover ("<blocks>.<i>...", the blocks path
+    of the model type's description: 1 + the largest i), None when no name is inside a
+    block: what a config's num_hidden_layers must equal."""
+    from pvq.models.adapters import adapter_for_type
+
+    pattern = re.compile(r"(?:^|\.)" + re.escape(adapter_for_type(model_type).blocks) + r"\.(\d+)\.")
+    blocks = {int(m.group(1)) for n in names if (m := pattern.search(n))}
     return max(blocks) + 1 if blocks else None
 
 
@@ -391,7 +396,10 @@ class PVQHfQuantizer(HfQuantizer):
         config asks for must be the one the quantized layers cover (no building of a huge
         model from a tampered config.json)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        blocks = stored_block_count(self.quantization_config.layers)
+        try:
+            blocks = stored_block_count(self.quantization_config.layers, getattr(config, "model_type", None))
+        except PVQError as e:
+            raise CheckpointError(f"config.json: {e}") from None
         n_layers = getattr(text, "num_hidden_layers", None)
         if blocks is not None and n_layers != blocks:
             raise CheckpointError(f"config.json says num_hidden_layers {n_layers!r}, the quantization_config's layers "

@@ -454,7 +454,7 @@ def _check_sizes(manifest: dict) -> None:
     from .hf import stored_block_count
 
     config = manifest["config"]
-    blocks = stored_block_count([*manifest["layers"], *manifest["dense"]])
+    blocks = stored_block_count([*manifest["layers"], *manifest["dense"]], manifest["model_type"])
     if blocks is not None and config.get("num_hidden_layers") != blocks:
         raise CheckpointError(f"the manifest's config says num_hidden_layers {config.get('num_hidden_layers')!r}, "
                               f"the stored tensors hold {blocks} decoder blocks")

@@ -3,8 +3,11 @@ adapters describing where the decoder blocks and their linear layers are."""
 
 from .adapters import (
     ADAPTERS,
+    GEMMA,
     LLAMA,
+    PHI3,
     ArchitectureAdapter,
+    RotationLayout,
     UnsupportedArchitectureError,
     adapter_for,
     supported_model_types,
@@ -15,8 +18,11 @@ from .loading import DEMO_MODELS, ModelLoadError, demo_model_path, load_model, r
 __all__ = [
     "ADAPTERS",
     "DEMO_MODELS",
+    "GEMMA",
     "LLAMA",
+    "PHI3",
     "ArchitectureAdapter",
+    "RotationLayout",
     "ModelLoadError",
     "UnsupportedArchitectureError",
     "adapter_for",

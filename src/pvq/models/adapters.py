@@ -12,7 +12,14 @@ layer-by-layer quantizer needs:
   from the same Hessian pass, and each later group's inputs are recomputed through the
   already-quantized earlier groups.
 
-Adding an architecture is adding one `ArchitectureAdapter` value to `ADAPTERS`.
+- `block_kind`: the (dotted) block attribute that says which kind of layer a block is when kinds
+  are called with different arguments (Gemma's sliding vs full attention: another mask,
+  another rotary embedding); the pipeline captures the arguments of each kind;
+- `rotation`: where the fused rotation acts inside a block (`RotationLayout`), or
+  `rotation_refusal`: why this family cannot be rotated (named in the error).
+
+Adding an architecture is adding one `ArchitectureAdapter` value to `ADAPTERS` (and its
+tests: a tiny model from its config through quantize, save, load and rotation).
 """
 
 from __future__ import annotations
@@ -30,6 +37,19 @@ class UnsupportedArchitectureError(PVQError, ValueError):
 
 
 @dataclass(frozen=True)
+class RotationLayout:
+    """Where the fused rotation acts inside one decoder block (paths relative to the block)."""
+
+    input_norm: str
+    attn_inputs: tuple[str, ...]  # read the input_norm output
+    value: str  # rotated per KV head on its output side
+    attn_output: str  # writes to the residual; rotated per attention head on its input side
+    post_norm: str
+    mlp_inputs: tuple[str, ...]  # read the post_norm output
+    mlp_output: str  # writes to the residual; gets the online transform on its input
+
+
+@dataclass(frozen=True)
 class ArchitectureAdapter:
     name: str
     model_types: tuple[str, ...]
@@ -39,6 +59,9 @@ class ArchitectureAdapter:
     final_norm: str
     head: str
     sequential: tuple[tuple[str, ...], ...]
+    rotation: RotationLayout | None = None
+    rotation_refusal: str | None = None  # why `rotation` is None
+    block_kind: str | None = None  # dotted attribute of a block naming its kind, when kinds take other arguments
 
     # -- lookups ---------------------------------------------------------------------------
     @property
@@ -89,27 +112,75 @@ class ArchitectureAdapter:
                 )
 
 
+_LLAMA_SEQUENTIAL = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+_DECODER = dict(blocks="model.layers", pre_block=("model.embed_tokens", "model.rotary_emb"),
+                embedding="model.embed_tokens", final_norm="model.norm", head="lm_head")
+
+# Llama, Mistral, Qwen2/2.5 (attention biases) and Qwen3 (per-head q_norm/k_norm, applied to
+# q and k after their projections: the residual rotation folded into q/k_proj's inputs and
+# the per-head V/O rotation leave them as they are)
 LLAMA = ArchitectureAdapter(
     name="llama",
-    model_types=("llama", "mistral", "qwen2"),
-    blocks="model.layers",
-    pre_block=("model.embed_tokens", "model.rotary_emb"),
-    embedding="model.embed_tokens",
-    final_norm="model.norm",
-    head="lm_head",
-    sequential=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    sequential=_LLAMA_SEQUENTIAL,
+    rotation=RotationLayout(
+        input_norm="input_layernorm",
+        attn_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        value="self_attn.v_proj",
+        attn_output="self_attn.o_proj",
+        post_norm="post_attention_layernorm",
+        mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
+        mlp_output="mlp.down_proj",
     ),
+    **_DECODER,
 )
 
-ADAPTERS: dict[str, ArchitectureAdapter] = {mt: a for a in (LLAMA,) for mt in a.model_types}
+# Gemma 2 and Gemma 3 text: the Llama tree plus pre/post-feedforward norms, scaled
+# embeddings, tied head, soft-capping (Gemma 2), and sliding-window layers whose mask (and,
+# in Gemma 3, rotary embedding) differ from the full-attention layers'
+GEMMA = ArchitectureAdapter(
+    name="gemma",
+    model_types=("gemma2", "gemma3_text"),
+    sequential=_LLAMA_SEQUENTIAL,
+    block_kind="self_attn.layer_type",
+    rotation_refusal=(
+        "its RMSNorms scale by (1 + w), and post_attention_layernorm / post_feedforward_layernorm normalise "
+        "the attention and MLP outputs before the residual add, so no norm scale can be folded into a linear "
+        "and a rotated residual stream would pass through a norm that does not commute with the rotation"),
+    **_DECODER,
+)
+
+# Phi-3: q, k, v fused in one qkv_proj and gate, up in one gate_up_proj, quantized as stored
+# (one layer each: their rows share the same input, so one Hessian serves the fused layer)
+PHI3 = ArchitectureAdapter(
+    name="phi3",
+    model_types=("phi3",),
+    sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    rotation_refusal=(
+        "its value projection is fused into self_attn.qkv_proj (rows q | k | v), and the per-head V/O "
+        "rotation needs v_proj as a layer of its own"),
+    **_DECODER,
+)
+
+ADAPTERS: dict[str, ArchitectureAdapter] = {mt: a for a in (LLAMA, GEMMA, PHI3) for mt in a.model_types}
 
 
 def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
+
+
+def adapter_for_type(model_type: str | None) -> ArchitectureAdapter:
+    """The description of a model type (from a config, before any model exists)."""
+    if model_type not in ADAPTERS:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture: model_type {model_type!r}; supported model types: "
+            f"{', '.join(supported_model_types())}")
+    return ADAPTERS[model_type]
 
 
 def adapter_for(model: nn.Module) -> ArchitectureAdapter:

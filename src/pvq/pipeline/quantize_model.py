@@ -168,6 +168,31 @@ def jsonable(obj) -> Any:
 
 
 # -- step 1: inputs of block 0 ------------------------------------------------------------------
+class BlockArguments:
+    """The keyword arguments decoder blocks are called with, for one batch: one set per
+    block kind (Gemma's sliding and full attention layers get other masks and rotary
+    embeddings; a family without kinds has one set)."""
+
+    def __init__(self, kind_attribute: str | None, by_kind: dict[Any, dict]):
+        self.kind_attribute, self.by_kind = kind_attribute, by_kind
+
+    def for_block(self, block: nn.Module) -> dict:
+        return self.by_kind[_kind(block, self.kind_attribute)]
+
+
+def _kind(block: nn.Module, path: str | None) -> Any:
+    """The value at a dotted attribute path of a block ("self_attn.layer_type"), or None."""
+    value: Any = block
+    for part in path.split(".") if path else ():
+        value = getattr(value, part, None)
+    return None if value is block else value
+
+
+def block_kinds(adapter: ArchitectureAdapter, blocks: nn.ModuleList) -> list[Any]:
+    """Each block's kind (None for all when the description names no kind attribute)."""
+    return [_kind(b, adapter.block_kind) for b in blocks]
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -176,21 +201,33 @@ def capture_block_inputs(
     batch_size: int,
     device: torch.device,
     compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, list[dict]]:
+) -> tuple[torch.Tensor, list[BlockArguments]]:
     """Hidden states entering block 0 for every window (CPU, compute dtype) and the
-    keyword arguments the block is called with, one dict per batch (on `device`)."""
+    keyword arguments the blocks are called with, per batch and block kind (on `device`).
+    The forward runs up to the first block of the last kind to appear (block 0 alone for
+    a family without kinds)."""
     blocks = adapter.get_blocks(model)
-    movers = [model.get_submodule(p) for p in adapter.pre_block] + [blocks[0]]
+    first: dict[Any, int] = {}
+    for i, kind in enumerate(block_kinds(adapter, blocks)):
+        first.setdefault(kind, i)
+    last = max(first.values())
+    movers = [model.get_submodule(p) for p in adapter.pre_block] + [blocks[i] for i in range(last + 1)]
     homes = [_module_home(m) for m in movers]
     for m in movers:
         m.to(device)
     captured: dict[str, Any] = {}
 
-    def pre_hook(module, args, kwargs):
-        captured["args"], captured["kwargs"] = args, kwargs
-        raise _StopForward
+    def pre_hook_for(kind: Any, index: int):
+        def pre_hook(module, args, kwargs):
+            if index == 0:
+                captured["args"] = args
+            captured.setdefault("kwargs", {})[kind] = dict(kwargs)
+            if index == last:
+                raise _StopForward
+        return pre_hook
 
-    handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handles = [blocks[i].register_forward_pre_hook(pre_hook_for(kind, i), with_kwargs=True)
+               for kind, i in first.items()]
     hidden_parts, kwargs_list = [], []
     try:
         for b0, b1 in _batches(windows.shape[0], batch_size):
@@ -199,19 +236,22 @@ def capture_block_inputs(
                 model(input_ids=windows[b0:b1].to(device), use_cache=False)
             except _StopForward:
                 pass
-            if "args" not in captured:
-                raise PipelineError(f"the forward pass never reached {adapter.block_prefix(0)}")
-            args, kwargs = captured["args"], dict(captured["kwargs"])
-            if args:
-                hidden, rest = args[0], args[1:]
-                if rest:
-                    raise PipelineError(f"{adapter.block_prefix(0)} got {len(rest)} extra positional arguments")
-            else:
-                hidden = kwargs.pop("hidden_states")
+            if "args" not in captured or len(captured.get("kwargs", {})) != len(first):
+                raise PipelineError(f"the forward pass never reached {adapter.block_prefix(last)}")
+            by_kind, first_kind = {}, next(iter(first))  # the kind of block 0
+            for kind, kwargs in captured["kwargs"].items():
+                hidden_kw = kwargs.pop("hidden_states", None)  # the hidden states are not an argument to keep
+                if kind == first_kind:
+                    args = captured["args"]
+                    if len(args) > 1:
+                        raise PipelineError(f"{adapter.block_prefix(0)} got {len(args) - 1} extra positional arguments")
+                    hidden = args[0] if args else hidden_kw
+                by_kind[kind] = _map_tensors(kwargs, _cast_floating(compute_dtype))
             hidden_parts.append(hidden.detach().to("cpu", compute_dtype))
-            kwargs_list.append(_map_tensors(kwargs, _cast_floating(compute_dtype)))
+            kwargs_list.append(BlockArguments(adapter.block_kind, by_kind))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for m, home in zip(movers, homes):
             m.to(home)
     return torch.cat(hidden_parts), kwargs_list
@@ -296,7 +336,7 @@ def _run_block(block, hidden, kwargs_list, batch_size, device, on_batch_start=No
             on_batch_start()
         x = hidden[b0:b1].to(device)
         try:
-            out = _first_output(block(x, **kwargs_list[j]))
+            out = _first_output(block(x, **kwargs_list[j].for_block(block)))
         except _StopForward:
             continue
         if collect:

@@ -11,7 +11,6 @@ Layering: codec -> quant -> models -> rotation -> pipeline -> formats -> eval / 
 from .fused import (
     ONLINE_ATTRIBUTE,
     RECORD_KIND,
-    ROTATION_LAYOUTS,
     OnlineHadamard,
     RotationLayout,
     install_rotation,
@@ -39,7 +38,6 @@ __all__ = [
     "MAX_PALEY_ORDER",
     "ONLINE_ATTRIBUTE",
     "RECORD_KIND",
-    "ROTATION_LAYOUTS",
     "OnlineHadamard",
     "RandomizedHadamard",
     "RotationError",

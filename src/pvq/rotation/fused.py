@@ -37,7 +37,8 @@ packed checkpoint stores it; `install_rotation(model, record)` rebuilds the onli
 transforms of a freshly built model (checking every rotation against its digest), so a
 rotated quantized model loads with no extra arguments.
 
-The layout is data (`RotationLayout`, one per adapter); a model whose adapter has none,
+The layout is data (`RotationLayout`, part of each architecture's description in
+`pvq.models.adapters`); a model whose description has none (the description says why),
 or whose modules do not look like the layout says (an RMSNorm that is not one, an MLP
 of another kind, inconsistent head sizes), gets an `UnsupportedArchitectureError`
 naming the architecture and what is missing.
@@ -54,6 +55,7 @@ from torch import nn
 
 from pvq.models.adapters import (
     ArchitectureAdapter,
+    RotationLayout,
     UnsupportedArchitectureError,
     adapter_for,
 )
@@ -65,9 +67,7 @@ from .hadamard import RandomizedHadamard, RotationError, hadamard_transform
 __all__ = [
     "ONLINE_ATTRIBUTE",
     "RECORD_KIND",
-    "ROTATION_LAYOUTS",
     "OnlineHadamard",
-    "RotationLayout",
     "install_rotation",
     "refresh_online_transforms",
     "rotate_model",
@@ -81,32 +81,6 @@ ONLINE_ATTRIBUTE = INPUT_TRANSFORMS[0]  # "input_rotation", child of down_proj h
 _MODEL_ATTRIBUTE = "_pvq_rotation"
 
 
-@dataclass(frozen=True)
-class RotationLayout:
-    """Where the rotation acts inside one decoder block (paths relative to the block)."""
-
-    name: str
-    input_norm: str
-    attn_inputs: tuple[str, ...]  # read the input_norm output
-    value: str  # rotated per KV head on its output side
-    attn_output: str  # writes to the residual; rotated per attention head on its input side
-    post_norm: str
-    mlp_inputs: tuple[str, ...]  # read the post_norm output
-    mlp_output: str  # writes to the residual; gets the online transform on its input
-
-
-LLAMA_ROTATION = RotationLayout(
-    name="llama",
-    input_norm="input_layernorm",
-    attn_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    value="self_attn.v_proj",
-    attn_output="self_attn.o_proj",
-    post_norm="post_attention_layernorm",
-    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
-    mlp_output="mlp.down_proj",
-)
-
-ROTATION_LAYOUTS: dict[str, RotationLayout] = {"llama": LLAMA_ROTATION}  # by adapter name
 
 
 # =========================================================================== online transform
@@ -201,13 +175,11 @@ def rotation_layout_for(model: nn.Module, check_values: bool = True) -> tuple[Ar
         adapter = adapter_for(model)
     except UnsupportedArchitectureError as e:
         raise UnsupportedArchitectureError(f"cannot rotate {_arch(model)}: {e}") from None
-    layout = ROTATION_LAYOUTS.get(adapter.name)
+    layout = adapter.rotation
     if layout is None:
         raise UnsupportedArchitectureError(
-            f"cannot rotate {_arch(model)}: the {adapter.name!r} adapter has no rotation layout "
-            f"(layouts exist for: {', '.join(sorted(ROTATION_LAYOUTS))})"
-        )
-    L = layout.name
+            f"cannot rotate {_arch(model)}: {adapter.rotation_refusal or 'its description has no rotation layout'}")
+    L = adapter.name
     emb = _get(model, adapter.embedding, "the token embedding", L)
     head = _get(model, adapter.head, "the head", L)
     if not isinstance(emb, nn.Embedding):
@@ -398,7 +370,7 @@ def _record(model, adapter, layout, seed, sizes, plan, tied) -> dict[str, Any]:
     return {
         "kind": RECORD_KIND,
         "version": RECORD_VERSION,
-        "architecture": layout.name,
+        "architecture": adapter.name,
         "model_type": getattr(model.config, "model_type", None),
         "seed": seed,
         **sizes,
@@ -440,9 +412,9 @@ def install_rotation(model: nn.Module, record: dict[str, Any]) -> None:
         raise RotationError(f"{_arch(model)} already carries a rotation")
     seed = _need(record, "seed", int)
     adapter, layout = rotation_layout_for(model, check_values=False)
-    if record.get("architecture") != layout.name:
+    if record.get("architecture") != adapter.name:
         raise RotationError(
-            f"rotation record is for layout {record.get('architecture')!r}, {_arch(model)} has layout {layout.name!r}"
+            f"rotation record is for layout {record.get('architecture')!r}, {_arch(model)} has layout {adapter.name!r}"
         )
     blocks = adapter.get_blocks(model)
     sizes = _sizes(model, adapter, layout)
