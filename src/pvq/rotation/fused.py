@@ -47,7 +47,6 @@ naming the architecture and what is missing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
