@@ -167,8 +167,10 @@ def test_block_inputs_are_the_embeddings_and_the_block_kwargs():
     windows = _windows(n=5)
     hidden, kwargs = capture_block_inputs(model, adapter_for(model), windows, 2, torch.device("cpu"), torch.float32)
     assert torch.equal(hidden, model.model.embed_tokens(windows).detach())
-    assert len(kwargs) == 3 and "position_embeddings" in kwargs[0]
-    out = model.model.layers[0](hidden[:2], **kwargs[0])
+    block = model.model.layers[0]
+    assert len(kwargs) == 3 and "position_embeddings" in kwargs[0].for_block(block)
+    assert list(kwargs[0].by_kind) == [None]  # a family without layer kinds: one set of arguments
+    out = block(hidden[:2], **kwargs[0].for_block(block))
     with torch.no_grad():
         full = model(input_ids=windows[:2], output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(out, full)
