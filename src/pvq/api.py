@@ -66,43 +66,8 @@ def _recipe(recipe_or_kwargs: Any, kwargs: dict[str, Any]):
                            f"{type(given).__name__}")
         fields["config"] = {**default_method_config(fields.get("method", "pvq")), **given}
     recipe = Recipe(**fields)
-    _check_recipe(recipe)
+    recipe.check()
     return recipe
-
-
-def _check_recipe(recipe) -> None:
-    """Settings that would otherwise fail after the long part (or with a bare TypeError)."""
-    from pvq.formats.hf import DENSE_DTYPES
-    from pvq.oneshot import COMPUTE_DTYPES
-    from pvq.quant.activations import ActQuantConfig
-
-    recipe.method_config()  # unknown method or config field: QuantizationError naming it
-    for name in ("calib_windows", "calib_seqlen", "batch_size"):
-        value = getattr(recipe, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise APIError(f"recipe field {name} must be a positive integer, got {value!r}")
-    if recipe.calib_seqlen < 2:
-        raise APIError(f"recipe field calib_seqlen must be at least 2, got {recipe.calib_seqlen}")
-    for name in ("seed", "rotate_seed"):
-        value = getattr(recipe, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise APIError(f"recipe field {name} must be an integer, got {value!r}")
-    if not isinstance(recipe.rotate, bool):
-        raise APIError(f"recipe field rotate must be True or False, got {recipe.rotate!r}")
-    if recipe.compute_dtype not in COMPUTE_DTYPES:
-        raise APIError(f"recipe field compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {recipe.compute_dtype!r}")
-    if recipe.dense_dtype not in DENSE_DTYPES:
-        raise APIError(f"recipe field dense_dtype must be one of {sorted(DENSE_DTYPES)}, got {recipe.dense_dtype!r}")
-    if recipe.act is not None:
-        if not isinstance(recipe.act, dict):
-            raise APIError(f"recipe field act must be a dict of ActQuantConfig fields or None, got {type(recipe.act).__name__}")
-        act_fields = [f.name for f in dataclasses.fields(ActQuantConfig)]
-        unknown = sorted(str(k) for k in recipe.act if k not in act_fields)
-        if unknown:
-            raise APIError(f"unknown act field(s) {', '.join(map(repr, unknown))}; known: {', '.join(act_fields)}")
-        ActQuantConfig(**recipe.act)  # ActQuantError for bad values
-    if recipe.calib_text is not None and not isinstance(recipe.calib_text, (str, os.PathLike)):
-        raise APIError(f"recipe field calib_text must be a path or None, got {type(recipe.calib_text).__name__}")
 
 
 def _model(model_or_id: Any, tokenizer: Any):

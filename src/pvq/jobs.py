@@ -146,7 +146,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
                     calib_seqlen=opts.calib_seqlen, seed=opts.seed, compute_dtype=opts.compute_dtype,
                     batch_size=opts.batch_size)
     get_method(opts.method)  # an unknown method fails here, naming the known ones
-    config = recipe.method_config()  # bad settings fail here, before the model is loaded
+    recipe.check()  # bad settings fail here, before the model is loaded
+    config = recipe.method_config()
     # everything that can fail after the long part is checked before it
     check_destination(Path(opts.out), opts.overwrite)
     work_dir = opts.work_dir or f"{opts.out.rstrip('/')}.work"

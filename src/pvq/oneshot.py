@@ -14,6 +14,7 @@ in `work_dir`) -> the quantized linears become `QuantizedLinear`s owning their p
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -84,6 +85,46 @@ class Recipe:
     batch_size: int = 8
     dense_dtype: str = "float16"
 
+    def check(self) -> None:
+        """Refuse, naming the field, settings that would fail after the long part (or as a
+        bare TypeError): the method config, counts, seeds, dtypes, act fields, calib_text."""
+        from dataclasses import fields as dataclass_fields
+
+        from pvq.formats.hf import DENSE_DTYPES
+
+        self.method_config()  # unknown method or config field: QuantizationError naming it
+        for name in ("calib_windows", "calib_seqlen", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QuantizationError(f"recipe field {name} must be a positive integer, got {value!r}")
+        if self.calib_seqlen < 2:
+            raise QuantizationError(f"recipe field calib_seqlen must be at least 2, got {self.calib_seqlen}")
+        for name in ("seed", "rotate_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise QuantizationError(f"recipe field {name} must be an integer, got {value!r}")
+        if not isinstance(self.rotate, bool):
+            raise QuantizationError(f"recipe field rotate must be True or False, got {self.rotate!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise QuantizationError(f"recipe field compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
+                                    f"{self.compute_dtype!r}")
+        if self.dense_dtype not in DENSE_DTYPES:
+            raise QuantizationError(f"recipe field dense_dtype must be one of {sorted(DENSE_DTYPES)}, got "
+                                    f"{self.dense_dtype!r}")
+        if self.act is not None:
+            if not isinstance(self.act, dict):
+                raise QuantizationError(f"recipe field act must be a dict of ActQuantConfig fields or None, got "
+                                        f"{type(self.act).__name__}")
+            act_fields = [f.name for f in dataclass_fields(ActQuantConfig)]
+            unknown = sorted(str(k) for k in self.act if k not in act_fields)
+            if unknown:
+                raise QuantizationError(f"unknown act field(s) {', '.join(map(repr, unknown))}; known: "
+                                        f"{', '.join(act_fields)}")
+            ActQuantConfig(**self.act)  # ActQuantError for bad values
+        if self.calib_text is not None and not isinstance(self.calib_text, (str, os.PathLike)):
+            raise QuantizationError(f"recipe field calib_text must be a path or None, got "
+                                    f"{type(self.calib_text).__name__}")
+
     def method_config(self) -> Any:
         """The validated config object of the method (None for float weights)."""
         return None if self.method is None else get_method(self.method).make_config(self.config)
@@ -137,12 +178,11 @@ def oneshot(
     progress: bool = True,
 ) -> OneshotResult:
     """Quantize `model` in place as `recipe` says (see the module docstring)."""
-    config = recipe.method_config()  # QuantizationError for bad settings, before any work
+    recipe.check()  # QuantizationError for bad settings, before any work
+    config = recipe.method_config()
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and finite_absmax(tensor) is None:
             raise QuantizationError(f"model tensor {name!r} has non-finite values; refusing to quantize the model")
-    if recipe.compute_dtype not in COMPUTE_DTYPES:
-        raise QuantizationError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {recipe.compute_dtype!r}")
     adapter = adapter_for(model)
     layer_names = adapter.quantized_layer_names(model)
     act_config = ActQuantConfig(**recipe.act) if recipe.act is not None else None

@@ -36,13 +36,18 @@ class OptionConflictError(PVQError, ValueError):
     """An option given for another method, or with its switch off."""
 
 
+def integer(text: str) -> int:
+    """An argparse type: an integer."""
+    try:
+        return int(str(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def count(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= minimum."""
     def parse(text: str) -> int:
-        try:
-            value = int(str(text))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        value = integer(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
@@ -66,13 +71,6 @@ def number(minimum: float | None = None, above: float | None = None) -> Callable
         return value
     parse.__name__ = "number"
     return parse
-
-
-def integer(text: str) -> int:
-    try:
-        return int(str(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 POSITIVE, NONNEGATIVE, SEQLEN = count(1), count(0), count(2)
@@ -316,8 +314,7 @@ def resolve_quantize_options(args: argparse.Namespace) -> dict[str, Any]:
     apply within the recipe itself; a recipe field a flag makes moot is dropped."""
     recipe = read_recipe_file(args.recipe) if getattr(args, "recipe", None) else {}
     given = {o.dest: getattr(args, o.dest) for o in QUANTIZE_OPTIONS if getattr(args, o.dest, None) is not None}
-    values = {o.dest: o.default for o in QUANTIZE_OPTIONS}
-    values.update(recipe)
+    values = {**_defaults(), **recipe}
     from_recipe = dict(values)  # a recipe must hold together on its own
     values.update(given)
     for dest, against in [*((d, from_recipe) for d in recipe), *((d, values) for d in given)]:
@@ -325,9 +322,9 @@ def resolve_quantize_options(args: argparse.Namespace) -> dict[str, Any]:
         if _active(o, against) or (o.switch and against[dest] is False):
             continue
         where = o.flag if against is values else f"field {dest!r} of --recipe {args.recipe}"
-        if o.methods is not None and values["method"] not in o.methods:
+        if o.methods is not None and against["method"] not in o.methods:
             raise OptionConflictError(f"{where} is an option of --method {' or '.join(o.methods)}, but the method "
-                                      f"is {values['method']}")
+                                      f"is {against['method']}")
         raise OptionConflictError(f"{where} has no effect {_requirement(o)}")
     # a recipe field that a flag made moot (--no-eval over eval_windows, --method over
     # another method's fields) is dropped: the flag wins
@@ -359,100 +356,90 @@ def recipe_text(values: dict[str, Any]) -> str:
     return header + yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)
 
 
+# Each method's config fields (pvq.quant's config classes) and the option that sets each;
+# "!" marks a field set by the negation of an on/off option (use_hessian <- not no_hessian).
+# method_config reads this table one way, values_from_recipe the other.
+_CONFIG_FIELDS: dict[str, dict[str, str]] = {
+    "pvq": {"group_size": "pvq_group_size", "shape_bits": "shape_bits", "gain": "gain", "gain_bits": "gain_bits",
+            "enumeration": "enumeration", "use_hessian": "!no_hessian", "percdamp": "percdamp",
+            "hessian_refine": "!no_refine"},
+    "gptvq": {"dim": "vq_dim", "bits": "vq_bits", "group_size": "vq_group_size", "group_columns": "vq_columns",
+              "codebook_update": "!no_codebook_update", "kmeans_iters": "kmeans_iters", "init": "vq_init",
+              "assignment": "vq_assignment", "percdamp": "percdamp", "seed": "seed"},
+    "rtn": {"bits": "bits", "group_size": "group_size"},
+    "gptq": {"bits": "bits", "group_size": "group_size", "act_order": "act_order", "percdamp": "percdamp"},
+}
+_ACT_FIELDS = {"method": "act_method", "bits": "act_bits", "group_size": "act_group_size",
+               "symmetric": "!act_asymmetric", "clip_ratio": "act_clip", "gain": "act_gain",
+               "gain_bits": "act_gain_bits", "search_method": "act_search", "encode": "act_encode"}
+# Recipe fields that are options of the same name
+_RECIPE_OPTIONS = ("rotate", "rotate_seed", "seed", "calib_text", "calib_windows", "calib_seqlen", "compute_dtype",
+                   "batch_size")
+
+
+def _defaults() -> dict[str, Any]:
+    return {o.dest: o.default for o in QUANTIZE_OPTIONS}
+
+
+def _to_fields(table: dict[str, str], values: dict[str, Any]) -> dict[str, Any]:
+    return {field: (not values[dest[1:]]) if dest.startswith("!") else values[dest] for field, dest in table.items()}
+
+
+def _from_fields(table: dict[str, str], fields: dict[str, Any], values: dict[str, Any]) -> None:
+    for field, dest in table.items():
+        if dest.startswith("!"):
+            values[dest[1:]] = not fields[field]
+        else:
+            values[dest] = fields[field]
+
+
 def method_config(values: dict[str, Any]) -> dict[str, Any]:
     """The chosen method's config fields (pvq.quant's config classes) from the settings."""
-    m = values["method"]
-    if m == "pvq":
-        return dict(group_size=values["pvq_group_size"], shape_bits=values["shape_bits"], gain=values["gain"],
-                    gain_bits=values["gain_bits"], enumeration=values["enumeration"],
-                    use_hessian=not values["no_hessian"], percdamp=values["percdamp"],
-                    hessian_refine=not values["no_refine"])
-    if m == "gptvq":
-        return dict(dim=values["vq_dim"], bits=values["vq_bits"], group_size=values["vq_group_size"],
-                    group_columns=values["vq_columns"], codebook_update=not values["no_codebook_update"],
-                    kmeans_iters=values["kmeans_iters"], init=values["vq_init"], assignment=values["vq_assignment"],
-                    percdamp=values["percdamp"], seed=values["seed"])
-    config = dict(bits=values["bits"], group_size=values["group_size"])
-    if m == "gptq":
-        config.update(act_order=values["act_order"], percdamp=values["percdamp"])
-    return config
+    return _to_fields(_CONFIG_FIELDS[values["method"]], values)
 
 
 def default_method_config(method: str) -> dict[str, Any]:
     """The config fields `pvq quantize --method METHOD` uses when no option is given (an
     unknown method: {}, left to the method registry to refuse)."""
-    if method not in OPTIONS_BY_DEST["method"].choices:
+    if method not in _CONFIG_FIELDS:
         return {}
-    values = {o.dest: o.default for o in QUANTIZE_OPTIONS}
-    values["method"] = method
-    return method_config(values)
+    return method_config({**_defaults(), "method": method})
 
 
 def act_config(values: dict[str, Any]) -> dict[str, Any] | None:
     """ActQuantConfig fields from the settings (None: float activations)."""
     if values["act_method"] == "none":
         return None
-    bits = values["act_bits"]
-    if values["act_method"] == "rtn" and float(bits).is_integer():
-        bits = int(bits)
-    return dict(method=values["act_method"], bits=bits, group_size=values["act_group_size"],
-                symmetric=not values["act_asymmetric"], clip_ratio=values["act_clip"], gain=values["act_gain"],
-                gain_bits=values["act_gain_bits"], search_method=values["act_search"], encode=values["act_encode"])
+    fields = _to_fields(_ACT_FIELDS, values)
+    if fields["method"] == "rtn" and float(fields["bits"]).is_integer():
+        fields["bits"] = int(fields["bits"])
+    return fields
 
 
 def values_from_recipe(recipe: dict[str, Any], model: str | None) -> dict[str, Any] | None:
     """The settings `pvq quantize` would need to make what a `pvq.oneshot.Recipe` (as
     `Recipe.to_dict()`) makes, or None when some part of it has no flag (a config field or
     dense dtype the CLI does not set, calibration given as text or tokens, no model id):
-    the inverse of `method_config` / `act_config`, checked by mapping back."""
+    the field tables read backwards, checked by mapping forwards again."""
+    from dataclasses import asdict
+
     from pvq.quant import get_method
-
-    if model is None or recipe.get("method") is None or recipe.get("dense_dtype", "float16") != "float16":
-        return None
-    values = {o.dest: o.default for o in QUANTIZE_OPTIONS}
-    values.update(model=str(model), method=recipe["method"], rotate=bool(recipe["rotate"]),
-                  rotate_seed=recipe["rotate_seed"], seed=recipe["seed"], calib_windows=recipe["calib_windows"],
-                  calib_seqlen=recipe["calib_seqlen"], compute_dtype=recipe["compute_dtype"],
-                  batch_size=recipe["batch_size"], calib_text=recipe.get("calib_text"))
-    c = dict(recipe["config"])
-    m = recipe["method"]
-    if m == "pvq":
-        values.update(pvq_group_size=c.get("group_size"), shape_bits=c.get("shape_bits"), gain=c.get("gain"),
-                      gain_bits=c.get("gain_bits"), enumeration=c.get("enumeration"),
-                      no_hessian=not c.get("use_hessian", True), percdamp=c.get("percdamp"),
-                      no_refine=not c.get("hessian_refine", True))
-    elif m == "gptvq":
-        values.update(vq_dim=c.get("dim"), vq_bits=c.get("bits"), vq_group_size=c.get("group_size"),
-                      vq_columns=c.get("group_columns"), no_codebook_update=not c.get("codebook_update", True),
-                      kmeans_iters=c.get("kmeans_iters"), vq_init=c.get("init"), vq_assignment=c.get("assignment"),
-                      percdamp=c.get("percdamp"), seed=c.get("seed", values["seed"]))
-    else:
-        values.update(bits=c.get("bits"), group_size=c.get("group_size"))
-        if m == "gptq":
-            values.update(act_order=c.get("act_order"), percdamp=c.get("percdamp"))
-    act = recipe.get("act")
-    if act is not None:
-        from dataclasses import asdict
-
-        from pvq.quant.activations import ActQuantConfig
-
-        try:
-            act = asdict(ActQuantConfig(**act))  # every field, defaults included
-        except Exception:  # noqa: BLE001 - not a config the CLI could express either
-            return None
-        values.update(act_method=act.get("method"), act_bits=act.get("bits"), act_group_size=act.get("group_size"),
-                      act_asymmetric=not act.get("symmetric", True), act_clip=act.get("clip_ratio"),
-                      act_gain=act.get("gain"), act_gain_bits=act.get("gain_bits"),
-                      act_search=act.get("search_method"), act_encode=act.get("encode"))
     from pvq.quant.activations import ActQuantConfig
 
+    m = recipe.get("method")
+    if model is None or m not in _CONFIG_FIELDS or recipe.get("dense_dtype", "float16") != "float16":
+        return None
+    values = {**_defaults(), "model": str(model), "method": m, **{k: recipe[k] for k in _RECIPE_OPTIONS}}
     method = get_method(m)
     try:
-        same = method.make_config(method_config(values)) == method.make_config(c)
+        config = method.make_config(recipe["config"])
+        _from_fields(_CONFIG_FIELDS[m], asdict(config), values)
+        act = None if recipe.get("act") is None else ActQuantConfig(**recipe["act"])
+        if act is not None:
+            _from_fields(_ACT_FIELDS, asdict(act), values)
         mapped = act_config(values)
-        same = same and ((mapped is None and act is None)
-                         or (mapped is not None and act is not None
-                             and ActQuantConfig(**mapped) == ActQuantConfig(**act)))
+        same = (method.make_config(method_config(values)) == config
+                and (act is None) == (mapped is None) and (act is None or ActQuantConfig(**mapped) == act))
     except Exception:  # noqa: BLE001 - a value no flag takes: not expressible
         return None
     return values if same else None

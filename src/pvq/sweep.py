@@ -242,7 +242,8 @@ def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, ev
         row.update(ppl=ppl.ppl, eval_windows=ppl.n_windows, eval_seqlen=ppl.seqlen)
         if tasks is not None:
             scores = {name: r.to_dict() for name, r in
-                      run_tasks(model, tokenizer, tasks, batch_size=opts.task_batch_size).items()}
+                      run_tasks(model, tokenizer, tasks, batch_size=opts.task_batch_size,
+                                progress=opts.progress).items()}
             row.update(tasks=scores, avg_acc=average_accuracy(scores))
     row["eval_seconds"] = time.perf_counter() - t0
     row["wall_seconds"] = time.perf_counter() - t_start

@@ -18,8 +18,9 @@ The split order instead cuts the vector in two halves, as Opus/CELT splits long 
 
 Decoding a node takes one search among at most K + 1 offsets and one integer division;
 a D = 16 vector is 3 levels of splits down to pairs, and a pair P(2, k) decodes with a
-few shifts (`_decode_pair`). The fast implementation keeps a whole code in one uint64,
-so it serves every (D, K) with N(D, K) <= 2^64 (`split_supported`); the reference
+few shifts (`_decode_pair`). The fast implementation keeps a whole code in one int64
+below 2^53, so that a float64 reciprocal gives each quotient exactly after one
+correction; it serves every (D, K) with N(D, K) <= 2^53 (`split_supported`); the reference
 implementation (`split_encode_reference` / `split_decode_reference`, Python integers,
 the recursion above verbatim) is the specification the tests compare against and works
 for any size.
@@ -34,7 +35,8 @@ from functools import lru_cache
 import numba as nb
 import numpy as np
 
-from .counts import check_dimension_pulses, pyramid_count
+from .counts import check_dimension_pulses, count_table, pyramid_count
+from .enumeration import _check_point
 from .errors import CodecError
 
 __all__ = [
@@ -59,14 +61,11 @@ def _offset(D: int, K: int, kl: int) -> int:
 
 def split_encode_reference(point: Sequence[int], K: int) -> int:
     """Split-order code of one pyramid point (Python integers, any size)."""
-    p = [int(v) for v in point]
-    D = len(p)
-    check_dimension_pulses(D, K)
-    if D == 0:
+    p = list(point)
+    check_dimension_pulses(len(p), K)
+    if not p:
         raise CodecError("D must be at least 1")
-    if sum(abs(v) for v in p) != K:
-        raise CodecError(f"point has L1 norm {sum(abs(v) for v in p)}, not K={K}: it is not on the pyramid P({D}, {K})")
-    return _encode_ref(p, K)
+    return _encode_ref(_check_point(p, K), K)
 
 
 def _encode_ref(p: list[int], K: int) -> int:
@@ -163,15 +162,11 @@ class SplitTables:
                 self.divisors, self.reciprocals, self.guide, self.guide_scale, np.int64(self.leaf_kmax),
                 self.leaf_base, self.leaf_points)
 
-    @property
-    def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in self.arrays if isinstance(a, np.ndarray)))
-
 
 @lru_cache(maxsize=64)
 def split_tables(D: int, K: int) -> SplitTables:
     check_dimension_pulses(D, K)
-    if D < 1 or not split_supported(D, K):
+    if not split_supported(D, K):
         raise CodecError(f"the split codec keeps a code below 2^53; N({D},{K}) = {pyramid_count(D, K)} does not fit")
     cols: list[list[int]] = [[], [], [], [], []]
     kinds: dict[int, int] = {}
@@ -191,27 +186,24 @@ def split_tables(D: int, K: int) -> SplitTables:
     if D in UNROLLED:
         kinds.setdefault(4, len(kinds))
     kind_of_length = np.full(D + 1 if D >= 4 else 5, -1, dtype=np.int64)
-    T = max(1, len(kinds))
+    T = len(kinds)  # none for D <= 2: no node is split
     offsets = np.zeros((T, K + 1, K + 2), dtype=np.int64)
     divisors = np.ones((T, K + 1, K + 1), dtype=np.int64)
     guide = np.zeros((T, K + 1, GUIDE_BUCKETS), dtype=np.int64)
     guide_scale = np.zeros((T, K + 1), dtype=np.float64)
+    # every count here is at most N(D, K) < 2^53, so int64 holds the products and sums exactly
+    counts = np.array(count_table(D, K), dtype=np.int64) if kinds else None
+    buckets = np.arange(GUIDE_BUCKETS, dtype=np.int64)
     for n, t in kinds.items():
         kind_of_length[n] = t
-        L = n // 2
+        left, right = counts[n // 2], counts[n - n // 2]
         for k in range(K + 1):
-            offs = [0]
-            for kl in range(k + 1):
-                divisors[t, k, kl] = pyramid_count(n - L, k - kl)
-                offs.append(offs[-1] + pyramid_count(L, kl) * pyramid_count(n - L, k - kl))
+            divisors[t, k, : k + 1] = right[k::-1]
+            offs = np.concatenate(([0], np.cumsum(left[: k + 1] * right[k::-1])))
             offsets[t, k, : k + 2] = offs
             guide_scale[t, k] = GUIDE_BUCKETS / offs[-1]
-            kl = 0
-            for j in range(GUIDE_BUCKETS):
-                first = j * offs[-1] // GUIDE_BUCKETS
-                while first >= offs[kl + 1]:
-                    kl += 1
-                guide[t, k, j] = kl
+            # the block kl holding code floor(j N / GUIDE_BUCKETS): the last offset <= it
+            guide[t, k] = np.searchsorted(offs, buckets * offs[-1] // GUIDE_BUCKETS, side="right") - 1
     # the table of P(4, k) points for the unrolled decoders, as many k as fit
     reciprocals = 1.0 / divisors.astype(np.float64)
     leaf_kmax = -1

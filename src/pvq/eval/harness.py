@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 from pvq.errors import PVQError
 from pvq.progress import progress_enabled
 
-from .hub import first_line, hub_offline, hub_unreachable
+from .hub import first_line, hub_endpoint, hub_offline, hub_offline_mode, hub_unreachable
 from .tasks import TASKS, TaskDataError, UnknownTaskError, default_tasks_dir, load_task
 
 __all__ = [
@@ -122,12 +122,6 @@ def _config(name: str, data_file: Path, cache_dir: Path) -> dict[str, Any]:
     return config
 
 
-def _lm_eval_task_names() -> set[str]:
-    from lm_eval.tasks import TaskManager
-
-    return set(TaskManager().all_tasks)
-
-
 @dataclass
 class TaskPlan:
     """The tasks to score: lm-eval configs over local files, or lm-eval task names."""
@@ -199,8 +193,12 @@ def prepare_tasks(spec: str | Sequence[str], tasks_dir: str | os.PathLike | None
         else:
             remote.append(name)
     unknown = [n for n in remote if n not in TASKS]
+    manager = None
     if unknown:
-        known = _lm_eval_task_names()
+        from lm_eval.tasks import TaskManager
+
+        manager = TaskManager()  # lm-eval's whole task index, kept for the run
+        known = set(manager.all_tasks)
         bad = [n for n in unknown if n not in known]
         if bad:
             raise UnknownTaskError(
@@ -221,7 +219,7 @@ def prepare_tasks(spec: str | Sequence[str], tasks_dir: str | os.PathLike | None
         else:
             tasks.append(name)
             sources[name] = "lm-eval task (datasets cache or hub)"
-    return TaskPlan(names, tasks, sources, limit, tmp)
+    return TaskPlan(names, tasks, sources, limit, tmp, manager)
 
 
 def _quiet_lm_eval() -> None:
@@ -242,10 +240,8 @@ def _offline_unless_reachable(plan: TaskPlan):
     if not any(isinstance(t, str) for t in plan.tasks):
         return contextlib.nullcontext(), None
     import datasets
-    import huggingface_hub.constants as hub_constants
 
-    endpoint = str(getattr(datasets.config, "HF_ENDPOINT", hub_constants.ENDPOINT)).rstrip("/")
-    why = None if (datasets.config.HF_HUB_OFFLINE or hub_constants.HF_HUB_OFFLINE) else hub_unreachable(endpoint)
+    why = None if hub_offline_mode(datasets) else hub_unreachable(hub_endpoint(datasets))
     return (hub_offline(datasets) if why else contextlib.nullcontext()), why
 
 

@@ -8,7 +8,7 @@ import contextlib
 import threading
 from typing import Any
 
-__all__ = ["HUB_PROBE_SECONDS", "first_line", "hub_offline", "hub_unreachable"]
+__all__ = ["HUB_PROBE_SECONDS", "first_line", "hub_endpoint", "hub_offline", "hub_offline_mode", "hub_unreachable"]
 
 HUB_PROBE_SECONDS = 3.0
 
@@ -73,3 +73,17 @@ def hub_unreachable(endpoint: str, seconds: float = HUB_PROBE_SECONDS) -> str | 
     if result["status"] >= 500:
         return f"{endpoint} answers HTTP {result['status']}"
     return None
+
+
+def hub_offline_mode(datasets_module) -> bool:
+    """Whether Hugging Face offline mode is on (datasets' or huggingface_hub's setting)."""
+    import huggingface_hub.constants as hub_constants
+
+    return bool(datasets_module.config.HF_HUB_OFFLINE or hub_constants.HF_HUB_OFFLINE)
+
+
+def hub_endpoint(datasets_module) -> str:
+    """The hub address `datasets` downloads from (HF_ENDPOINT)."""
+    import huggingface_hub.constants as hub_constants
+
+    return str(getattr(datasets_module.config, "HF_ENDPOINT", hub_constants.ENDPOINT)).rstrip("/")

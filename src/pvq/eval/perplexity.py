@@ -25,13 +25,12 @@ import torch.nn.functional as F
 
 from pvq.errors import PVQError
 
-from .hub import HUB_PROBE_SECONDS, first_line, hub_offline, hub_unreachable
+from .hub import HUB_PROBE_SECONDS, first_line, hub_endpoint, hub_offline, hub_offline_mode, hub_unreachable
 
 WIKITEXT2_TEST_ENV = "PVQ_WIKITEXT2_TEST"
 _RELATIVE = Path("assets") / "wikitext-2" / "raw" / "wiki.test.raw"
 #: what `datasets.load_dataset` is asked for: (path, name, split)
 WIKITEXT2_DATASET = ("wikitext", "wikitext-2-raw-v1", "test")
-#: how long the Hugging Face hub may take to answer before it counts as unreachable
 
 
 class EvalDataError(PVQError, FileNotFoundError):
@@ -114,7 +113,6 @@ def wikitext2_rows_from_datasets(hub: bool = True, probe_seconds: float = HUB_PR
     name = "/".join(WIKITEXT2_DATASET[:2])
     try:
         import datasets
-        import huggingface_hub.constants as hub_constants
     except ImportError as e:
         raise EvalDataError(f"the datasets library is not importable ({first_line(e)})") from None
     path, config_name, split = WIKITEXT2_DATASET
@@ -127,10 +125,9 @@ def wikitext2_rows_from_datasets(hub: bool = True, probe_seconds: float = HUB_PR
         miss = f"{name} is not in the datasets cache {datasets.config.HF_DATASETS_CACHE} ({first_line(e)})"
     if not hub:
         raise EvalDataError(miss)
-    if datasets.config.HF_HUB_OFFLINE or hub_constants.HF_HUB_OFFLINE:
+    if hub_offline_mode(datasets):
         raise EvalDataError(f"{miss}, and Hugging Face offline mode is on")
-    endpoint = str(getattr(datasets.config, "HF_ENDPOINT", hub_constants.ENDPOINT)).rstrip("/")
-    why = hub_unreachable(endpoint, probe_seconds)
+    why = hub_unreachable(hub_endpoint(datasets), probe_seconds)
     if why is not None:
         raise EvalDataError(f"{miss}, and the Hugging Face hub is unreachable ({why})")
     try:

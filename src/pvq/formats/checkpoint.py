@@ -43,7 +43,7 @@ from .hf import (
     FORMAT_VERSION,
     QUANT_METHOD,
     bits_per_weight,
-    refresh_records,
+    ready_to_save,
     register_with_transformers,
     stored_block_count,
     verified_by_caller,
@@ -246,10 +246,7 @@ def save_checkpoint(
     if max_shard_size is not None:
         shard_size_bytes(max_shard_size)
     replace_existing = check_destination(path, overwrite)
-    refresh_records(model)
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            module.check_payload()
+    ready_to_save(model)  # fails before any file is written (save_pretrained checks again: it may be called alone)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(path)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
@@ -377,9 +374,9 @@ def _check_config_against_files(root: Path, config: dict, files: dict) -> None:
 
     try:
         description = adapter_for_type(config.get("model_type"))
+        blocks = stored_block_count(shapes, config.get("model_type"))
     except PVQError as e:
         raise CheckpointError(f"config.json: {e}") from None
-    blocks = stored_block_count(shapes, config.get("model_type"))
     n_layers = text.get("num_hidden_layers")
     if blocks is not None and n_layers != blocks:
         raise CheckpointError(f"config.json says num_hidden_layers {n_layers!r}, the stored tensors hold "

@@ -3,10 +3,10 @@
 Both read the packed payload as stored (split-order codes, gains or gain indices) and
 never build the whole float weight of a layer unless asked to:
 
-* ``pvq-gemv`` (at most `gemv_max_rows(layer)` tokens, i.e. decoding): each thread
+* ``pvq-cpu-gemv`` (at most `gemv_max_rows(layer)` tokens, i.e. decoding): each thread
   decodes one output row's codes into a small buffer, turns them into float32 weights
   (``p_i * (gain / ||p||)``) and multiplies them with every token at once.
-* ``pvq-decode-gemm`` (prefill): decodes the whole layer into one reusable float32
+* ``pvq-cpu-decode-gemm`` (prefill): decodes the whole layer into one reusable float32
   workspace, threads over rows, then calls `F.linear`.
 
 Both scale the integer points by ``float32(gain / ||p||)``, where the reference
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pvq.codec import BetaGainQuantizer
 from pvq.codec.split import split_decode_many, split_supported, split_tables
+from pvq.quant.pvq import gain_tables
 
 from .errors import LayerCodecError
 
@@ -235,7 +235,7 @@ def refusal(layer) -> str | None:
     if lay.get("enumeration", "fischer") != "split":
         return "PVQ codes in Fischer's order (`pvq convert` re-encodes them in the split order)"
     D, K = int(lay["group_size"]), int(lay["pulses"])
-    if not split_supported(D, K) or int(lay["code_bits"]) > 53:
+    if not split_supported(D, K):  # codes of more than 53 bits
         return f"PVQ codes of {lay['code_bits']} bits"
     return None
 
@@ -274,11 +274,7 @@ def _pvq_state(layer, key: tuple) -> PVQCpuState:
         codebook, row_scale = np.zeros(1), np.zeros(1)
     else:
         gain_mode, gains16, gidx, gbits = 1, np.zeros((1, 1), np.int16), pay["gain_indices"], int(lay["gain_bits"])
-        if lay["gain"] == "beta":
-            codebook = BetaGainQuantizer(D, G, gbits, lay["reconstruction"]).codebook.astype(np.float64)
-        else:
-            codebook = pay["gain_codebook"].astype(np.float64)
-        row_scale = pay["row_norms"].astype(np.float64)
+        codebook, row_scale = gain_tables(lay, pay, R)
     args = (pay["codes"], np.int64(nbits), np.int64(D), np.int64(G), np.int64(K), np.int64(tb.total), *tb.arrays,
             np.int64(gain_mode), gains16, gidx, np.int64(gbits), codebook, row_scale)
     return PVQCpuState(key, args, (R, G * D))
@@ -290,8 +286,7 @@ def _raise_bad(layer, flat: int) -> None:
                           f"[0, N({layer.layout['group_size']},{layer.layout['pulses']})): the payload is damaged")
 
 
-_NO_WEIGHT = np.zeros((0, 0), np.float32)
-_NO_X = np.zeros((0, 0), np.float32)
+_EMPTY = np.zeros((0, 0), np.float32)  # an absent x, out or weight argument of the row kernels
 
 
 def _run(layer, state: PVQCpuState, x2: np.ndarray, out: np.ndarray, weight: np.ndarray, work: int) -> None:
@@ -309,7 +304,7 @@ def forward_gemv(layer, x: torch.Tensor) -> torch.Tensor:
         x2 = x2[:, state.perm]
     x2 = x2.contiguous()
     out = torch.empty((x2.shape[0], layer.out_features), dtype=torch.float32)
-    _run(layer, state, x2.numpy(), out.numpy(), _NO_WEIGHT, layer.out_features * layer.in_features * x2.shape[0])
+    _run(layer, state, x2.numpy(), out.numpy(), _EMPTY, layer.out_features * layer.in_features * x2.shape[0])
     if layer.bias is not None:
         out += layer.bias.to(torch.float32)
     return out.reshape(*shape[:-1], layer.out_features).to(x.dtype)
@@ -320,10 +315,12 @@ def decoded_weight(layer) -> torch.Tensor:
     call), in stored column order (GPTQ act-order: see `cpu_state(layer).perm`)."""
     state = cpu_state(layer)
     R, C = state.shape
-    from .kernels import WORKSPACE  # the one workspace of all kernels (kernels imports this module)
+    from .kernels import (
+        WORKSPACE,  # the one workspace of all kernels (kernels imports this module)
+    )
 
     weight = WORKSPACE.device_buffer(R * C, torch.device("cpu")).view(R, C)
-    _run(layer, state, _NO_X, _NO_WEIGHT, weight.numpy(), R * C)
+    _run(layer, state, _EMPTY, _EMPTY, weight.numpy(), R * C)
     return weight
 
 
@@ -332,7 +329,7 @@ def forward_decode_gemm(layer, x: torch.Tensor) -> torch.Tensor:
     perm = cpu_state(layer).perm
     if perm is not None:
         x = x[..., perm]
-    if x.dtype != torch.float32:
-        weight = weight.to(x.dtype)
+    from .kernels import WORKSPACE
+
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x, weight, bias)
+    return F.linear(x, WORKSPACE.weight_like(weight, x), bias)

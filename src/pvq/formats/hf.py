@@ -70,7 +70,8 @@ _FIELDS = ("quant_method", "format_version", "pvq_version", "method", "config", 
 def stored_block_count(names, model_type: str | None) -> int | None:
     """Decoder blocks that tensor or module names cover ("<blocks>.<i>...", the blocks path
     of the model type's description: 1 + the largest i), None when no name is inside a
-    block: what a config's num_hidden_layers must equal."""
+    block: what a config's num_hidden_layers must equal. UnsupportedArchitectureError for a
+    model type without a description."""
     from pvq.models.adapters import adapter_for_type
 
     pattern = re.compile(r"(?:^|\.)" + re.escape(adapter_for_type(model_type).blocks) + r"\.(\d+)\.")
@@ -426,13 +427,8 @@ class PVQHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        # transformers' save_pretrained asks for the state_dict before it writes config.json:
-        # record the rotation and activation quantization as they are now (activation
-        # quantizers installed after `quantized_model` included), as `save_checkpoint` does
-        refresh_records(model)
-        for module in model.modules():
-            if isinstance(module, QuantizedLinear):
-                module.check_payload()
+        # transformers' save_pretrained asks for the state_dict before it writes config.json
+        ready_to_save(model)
         return dense_state_dict(model, self.quantization_config.dense_dtype), {}
 
     def is_serializable(self):
@@ -502,6 +498,16 @@ def quantized_model(
     model.quantization_method = QUANT_METHOD
     round_dense_to_storage(model, dense_dtype)
     return model
+
+
+def ready_to_save(model: nn.Module) -> None:
+    """Before any save: record the rotation and activation quantization as they are now
+    (quantizers installed after `quantized_model` included) and check every payload
+    against its spec (CheckpointError naming the layer)."""
+    refresh_records(model)
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.check_payload()
 
 
 def refresh_records(model: nn.Module) -> PVQQuantizationConfig:

@@ -45,23 +45,23 @@ class _Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
-    def device_buffer(self, numel: int, device: torch.device) -> torch.Tensor:
-        """A float32 buffer of at least `numel` elements on `device` (reused)."""
-        key = (str(device), torch.float32)
+    def _buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (str(device), dtype)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
-            buf = self._buffers[key] = torch.empty(numel, dtype=torch.float32, device=device)
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
 
+    def device_buffer(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A float32 buffer of at least `numel` elements on `device` (reused)."""
+        return self._buffer(numel, torch.float32, device)
+
     def weight_like(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`weight` in x's dtype and device: itself when it already is, else a copy into the
+        reused buffer of that (device, dtype)."""
         if weight.dtype == x.dtype and weight.device == x.device:
             return weight
-        key = (str(x.device), x.dtype)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < weight.numel():
-            buf = torch.empty(weight.numel(), dtype=x.dtype, device=x.device)
-            self._buffers[key] = buf
-        out = buf[: weight.numel()].view(weight.shape)
+        out = self._buffer(weight.numel(), x.dtype, x.device).view(weight.shape)
         out.copy_(weight)
         return out
 
@@ -154,7 +154,7 @@ def _triton_decode_gemm(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor
     weight = WORKSPACE.device_buffer(layer.out_features * layer.in_features, x.device)
     weight = triton_decode(layer, weight.view(layer.out_features, layer.in_features))
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x, weight.to(x.dtype), bias)
+    return F.linear(x, WORKSPACE.weight_like(weight, x), bias)
 
 
 #: Token rows up to which the Triton GEMV runs (not measured: no GPU was available).

@@ -49,8 +49,8 @@ def reencode_split(model: nn.Module) -> list[str]:
             continue
         D, G, K, nbits = (int(lay[k]) for k in ("group_size", "num_groups", "pulses", "code_bits"))
         R = module.out_features
-        points = decode_shapes(unpack_codes(module.payload()["codes"], R * G, nbits), D, K, "fischer")
         tensors = {k: np.array(v) for k, v in module.payload().items()}
+        points = decode_shapes(unpack_codes(tensors["codes"], R * G, nbits), D, K, "fischer")
         tensors["codes"] = pack_codes(encode_shapes(points, K, "split"), nbits)
         config = dataclasses.replace(module.config, enumeration="split")
         qt = QuantizedTensor("pvq", (R, module.in_features), tensors, {**lay, "enumeration": "split"})

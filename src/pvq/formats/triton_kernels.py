@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pvq.codec import BetaGainQuantizer
 from pvq.codec.split import split_tables
+from pvq.quant.pvq import gain_tables
 
 from .cpu_kernels import refusal
 
@@ -69,7 +69,7 @@ def _leaf(P, c, k, POS: tl.constexpr, lb_ptr, lp_ptr, cols):
 
 
 @triton.jit
-def _decode_block(codes_ptr, codes_len, flat, mask, of_ptr, dv_ptr, lb_ptr, lp_ptr, T4, T8, T16, cols,
+def _decode_block(codes_ptr, codes_len, flat, mask, of_ptr, dv_ptr, lb_ptr, lp_ptr, T8, T16, cols,
                   D: tl.constexpr, K: tl.constexpr, NBITS: tl.constexpr, BLOCK: tl.constexpr):
     """Points (BLOCK, D) float32 of the codes at flat indices `flat`; also whether each is in range."""
     c = _read_bits(codes_ptr, codes_len, flat.to(tl.int64) * NBITS, NBITS)
@@ -114,7 +114,7 @@ def _scales(P, r, g, mask, G, gains_ptr, gidx_ptr, gidx_len, cb_ptr, rs_ptr, GAI
 
 
 @triton.jit
-def pvq_kernel(x_ptr, out_ptr, w_ptr, bad_ptr, codes_ptr, codes_len, of_ptr, dv_ptr, lb_ptr, lp_ptr, T4, T8, T16,
+def pvq_kernel(x_ptr, out_ptr, w_ptr, bad_ptr, codes_ptr, codes_len, of_ptr, dv_ptr, lb_ptr, lp_ptr, T8, T16,
                gains_ptr, gidx_ptr, gidx_len, cb_ptr, rs_ptr, R, G,
                D: tl.constexpr, K: tl.constexpr, NBITS: tl.constexpr, GAIN_MODE: tl.constexpr,
                GBITS: tl.constexpr, B: tl.constexpr, BLOCK: tl.constexpr, GEMV: tl.constexpr):
@@ -124,7 +124,7 @@ def pvq_kernel(x_ptr, out_ptr, w_ptr, bad_ptr, codes_ptr, codes_len, of_ptr, dv_
     g = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = g < G
     cols = tl.arange(0, D)[None, :]
-    P, ok = _decode_block(codes_ptr, codes_len, r * G + g, mask, of_ptr, dv_ptr, lb_ptr, lp_ptr, T4, T8, T16, cols,
+    P, ok = _decode_block(codes_ptr, codes_len, r * G + g, mask, of_ptr, dv_ptr, lb_ptr, lp_ptr, T8, T16, cols,
                           D, K, NBITS, BLOCK)
     tl.atomic_max(bad_ptr, tl.max((ok == 0).to(tl.int32)))
     scale = _scales(P, r, g, mask, G, gains_ptr, gidx_ptr, gidx_len, cb_ptr, rs_ptr, GAIN_MODE, GBITS)
@@ -149,7 +149,8 @@ class TritonState:
         kinds = tb.kind_of_length
         self.key = key
         self.D, self.G, self.K, self.nbits, self.R = D, G, K, nbits, layer.out_features
-        self.kinds = tuple(int(kinds[n]) if n < kinds.shape[0] and kinds[n] >= 0 else 0 for n in (4, 8, 16))
+        # node kinds of the 8- and 16-wide levels (the 4-wide leaves read the table directly)
+        self.kinds = tuple(int(kinds[n]) if n < kinds.shape[0] and kinds[n] >= 0 else 0 for n in (8, 16))
         to = lambda a: torch.from_numpy(a).contiguous().to(dev)
         self.offsets = to(tb.offsets)
         self.divisors = to(tb.divisors)
@@ -164,12 +165,9 @@ class TritonState:
         else:
             self.gain_mode, self.gbits = 1, int(lay["gain_bits"])
             self.gains, self.gidx = torch.zeros(1, dtype=torch.int16, device=dev), layer.gain_indices
-            if lay["gain"] == "beta":
-                cb = torch.from_numpy(BetaGainQuantizer(D, G, self.gbits, lay["reconstruction"]).codebook)
-            else:
-                cb = layer.gain_codebook.view(torch.float16).double().cpu()
-            self.codebook = cb.to(torch.float32).to(dev)
-            self.row_scale = layer.row_norms.view(torch.float16).to(torch.float32)
+            codebook, row_scale = gain_tables(lay, layer.payload(), self.R)
+            self.codebook = torch.from_numpy(codebook).to(torch.float32).to(dev)
+            self.row_scale = torch.from_numpy(row_scale).to(torch.float32).to(dev)
 
     def args(self) -> tuple:
         return (self.codes, self.codes.numel(), self.offsets, self.divisors, self.leaf_base, self.leaf_points,

@@ -174,25 +174,20 @@ def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
 
 
-def adapter_for_type(model_type: str | None) -> ArchitectureAdapter:
-    """The description of a model type (from a config, before any model exists)."""
+def adapter_for_type(model_type: str | None, what: str = "") -> ArchitectureAdapter:
+    """The description of a model type (from a config, before any model exists); `what`
+    adds to the error, e.g. the model's class."""
     if model_type not in ADAPTERS:
         raise UnsupportedArchitectureError(
-            f"unsupported architecture: model_type {model_type!r}; supported model types: "
+            f"unsupported architecture: model_type {model_type!r}{what}; supported model types: "
             f"{', '.join(supported_model_types())}")
     return ADAPTERS[model_type]
 
 
 def adapter_for(model: nn.Module) -> ArchitectureAdapter:
     """The adapter for `model` (by `model.config.model_type`), checked against the model."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise UnsupportedArchitectureError(
-            f"unsupported architecture: model_type {model_type!r} ({type(model).__name__}); "
-            f"supported model types: {', '.join(supported_model_types())}"
-        )
-    adapter = ADAPTERS[model_type]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    adapter = adapter_for_type(model_type, f" ({type(model).__name__})")
     adapter.validate(model)
     return adapter
 

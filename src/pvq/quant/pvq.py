@@ -416,6 +416,25 @@ def _row_scale(norms16: np.ndarray) -> np.ndarray:
     return norms16.astype(np.float64)
 
 
+def gain_tables(meta: dict, tensors: dict, R: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codebook, row_scale), float64, of a layer with codebook gains ("beta": the Beta
+    quantile codebook of (D, G, gain_bits); "empirical": its stored levels; row_scale: the
+    stored row norms of the R rows): what the reference decode and every kernel turn indices
+    into gains with."""
+    D, G = int(meta["group_size"]), int(meta["num_groups"])
+    if meta["gain"] == "beta":
+        codebook = BetaGainQuantizer(D, G, int(meta["gain_bits"]), meta["reconstruction"]).codebook
+    else:
+        codebook16 = np.asarray(tensors["gain_codebook"])
+        if codebook16.dtype != np.float16 or codebook16.shape != (2 ** int(meta["gain_bits"]),):
+            raise QuantizationError(f"gain_codebook must be float16 of {2 ** int(meta['gain_bits'])} levels")
+        codebook = codebook16.astype(np.float64)
+    norms16 = np.asarray(tensors["row_norms"])
+    if norms16.dtype != np.float16 or norms16.shape != (R,):
+        raise QuantizationError(f"row_norms must be float16 of shape {(R,)}, got {norms16.dtype} {norms16.shape}")
+    return np.asarray(codebook, dtype=np.float64), _row_scale(norms16)
+
+
 def _codebook_gains(codebook: np.ndarray, indices: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
     """Gains (float64) of codebook indices: codebook[i] * row norm (row_scale broadcast to indices)."""
     return codebook[indices] * row_scale
@@ -603,18 +622,9 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
                 raise QuantizationError(f"gains must be float16 of shape {(R, G)}, got {gains16.dtype} {gains16.shape}")
             gains = gains16.astype(np.float64).reshape(-1)
         elif meta["gain"] in ("beta", "empirical"):
-            if meta["gain"] == "beta":
-                codebook = BetaGainQuantizer(D, G, int(meta["gain_bits"]), meta["reconstruction"]).codebook
-            else:
-                codebook16 = np.asarray(qt.tensors["gain_codebook"])
-                if codebook16.dtype != np.float16 or codebook16.shape != (2 ** int(meta["gain_bits"]),):
-                    raise QuantizationError(f"gain_codebook must be float16 of {2 ** int(meta['gain_bits'])} levels")
-                codebook = codebook16.astype(np.float64)
+            codebook, row_scale = gain_tables(meta, qt.tensors, R)
             idx = unpack_codes(qt.tensors["gain_indices"], R * G, int(meta["gain_bits"]))[:, 0].astype(np.int64)
-            norms16 = np.asarray(qt.tensors["row_norms"])
-            if norms16.dtype != np.float16 or norms16.shape != (R,):
-                raise QuantizationError(f"row_norms must be float16 of shape {(R,)}, got {norms16.dtype} {norms16.shape}")
-            gains = _codebook_gains(codebook, idx.reshape(R, G), _row_scale(norms16)[:, None]).reshape(-1)
+            gains = _codebook_gains(codebook, idx.reshape(R, G), row_scale[:, None]).reshape(-1)
         else:
             raise QuantizationError(f"unknown gain format {meta['gain']!r}")
     except KeyError as e:
