@@ -178,3 +178,33 @@ def test_main_job_on_the_whole_real_model(real_model_assets, tmp_path):
     assert 0 < report["quantization_working_memory_bytes"] < report["float_model_memory_bytes"]
     # the loaded checkpoint holds packed payloads + float32 embedding/norms: under half the float32 model
     assert report["loaded_model_bytes"] < 0.5 * report["float_model_memory_bytes"]
+
+
+def test_cli_quantizes_a_mixture_of_experts_model_and_reports_its_experts(tmp_path, capsys):
+    """`pvq quantize` on a Qwen2-MoE directory: every expert quantized, the token counts per
+    expert in the report and job_report.json, and the checkpoint loads back with pvq.load."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    from pvq.formats import QuantizedLinear, load_checkpoint
+
+    config = Qwen2MoeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=256, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=32, shared_expert_intermediate_size=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "model")
+    _char_tokenizer(256).save_pretrained(tmp_path / "model")
+    write_texts(tmp_path, TEXT, 3000)
+    out = tmp_path / "ckpt"
+    assert main(["quantize", str(tmp_path / "model"), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--out", str(out), "--calib-text", str(tmp_path / "calib.txt"), "--calib-windows", "4",
+                 "--calib-seqlen", "64", "--eval-text", str(tmp_path / "wiki.test.raw"), "--eval-seqlen", "64",
+                 "--eval-windows", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "experts          8 quantized; calibration tokens routed per expert" in printed
+    report = json.loads((out / "job_report.json").read_text())
+    per_expert = report["experts"]["per_expert"]
+    assert len(per_expert) == 8 and sum(e["tokens"] for e in per_expert.values()) == 2 * 4 * 64 * 2
+    loaded, _, _ = load_checkpoint(out)
+    assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == report["quantized_layers"] == 2 * (4 + 3 + 8)

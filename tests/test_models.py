@@ -47,7 +47,7 @@ def test_adapter_finds_the_sequential_groups():
     blocks = adapter.get_blocks(model)
     assert blocks is model.model.layers
     for block in blocks:
-        for name in adapter.linear_names:
+        for name in adapter.block_linear_names(block):
             assert isinstance(block.get_submodule(name), nn.Linear)
     names = adapter.quantized_layer_names(model)
     assert len(names) == 3 * 7 and names[0] == "model.layers.0.self_attn.q_proj" and names[-1] == "model.layers.2.mlp.down_proj"
@@ -61,7 +61,7 @@ def test_unsupported_architecture_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0))
-    with pytest.raises(UnsupportedArchitectureError, match=r"model_type 'gpt2'.*supported model types: gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"model_type 'gpt2'.*supported model types: gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         adapter_for(gpt2)
 
 

@@ -111,7 +111,7 @@ def _reference_sequential(model, adapter, windows, method, config):
     batch, float64 sums), quantizing in place."""
     hessians = {}
     for i, block in enumerate(adapter.get_blocks(model)):
-        for group in adapter.sequential:
+        for group in adapter.block_groups(block):
             sums, handles = {}, []
             for lin in group:
                 def hook(mod, inp, out, lin=lin):

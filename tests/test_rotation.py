@@ -307,8 +307,8 @@ def test_missing_module_and_unknown_mlp_are_named():
     with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM.*no module 'mlp.up_proj'"):
         rotate_model(model)
     model = _llama()
-    del model.model.layers[1].self_attn.o_proj  # the adapter checks block 0 only; the rotation every block
-    with pytest.raises(UnsupportedArchitectureError, match="model.layers.1 has no 'self_attn.o_proj'"):
+    del model.model.layers[1].self_attn.o_proj  # every block is checked, not only the first
+    with pytest.raises(UnsupportedArchitectureError, match="model.layers.1 has no module 'self_attn.o_proj'"):
         rotate_model(model)
 
 

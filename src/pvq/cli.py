@@ -72,10 +72,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         batch_size=v["batch_size"], work_dir=v["work_dir"], eval_text=v["eval_text"],
         eval_seqlen=v["eval_seqlen"], eval_windows=v["eval_windows"] or None, evaluate=not v["no_eval"],
         overwrite=v["overwrite"], rotate=v["rotate"], rotate_seed=v["rotate_seed"], act=act_config(v),
-        max_shard_size=v["max_shard_size"], recipe_text=recipe_text(v),
+        max_shard_size=v["max_shard_size"], recipe_text=recipe_text(v), stream=v["stream"],
+        dry_run=v["dry_run"], ignore_memory_check=v["ignore_memory_check"],
+        offload_activations=v["offload_activations"],
     )
     report = run_quantize_job(opts)
-    print(format_report(report))
+    if "rank" not in report and not report.get("dry_run"):  # under torchrun, rank 0 prints
+        print(format_report(report))
     return 0
 
 

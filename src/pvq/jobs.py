@@ -10,13 +10,14 @@ import json
 import logging
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pvq.errors import PVQError
+from pvq.memory import MemoryPlan, MemoryPlanError, available_host_bytes, check_fits, plan_job_memory
 from pvq.eval.perplexity import (
     EvalDataError,
     EvalText,
@@ -78,6 +79,12 @@ class JobOptions:
     # the settings that made this checkpoint (pvq.options.recipe_text), stored in it as
     # recipe.yaml so that `pvq quantize --recipe CKPT/recipe.yaml` makes it again
     recipe_text: str | None = None
+    # read the model block by block from its safetensors shards (pvq.models.streaming): the
+    # float model is never held whole, neither for quantizing nor for the evaluation
+    stream: bool = False
+    offload_activations: bool = False  # calibration activations in the work directory, one file per batch
+    dry_run: bool = False  # print the predicted memory and disk use (pvq.memory) and stop
+    ignore_memory_check: bool = False  # run even when the predicted peak exceeds the available memory
 
 
 def peak_memory_bytes() -> int:
@@ -113,26 +120,25 @@ def reset_peak_memory() -> bool:
         return False
 
 
+def _distinct(tensors):
+    """The tensors, tied ones (one storage, or one meta tensor object) once."""
+    seen = set()
+    for t in tensors:
+        key = id(t) if t.device.type == "meta" else t.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            yield t
+
+
 def float_model_memory_bytes(model: torch.nn.Module) -> int:
-    """Bytes the model's parameters and buffers occupy in memory now (tied tensors once)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+    """Bytes the model's parameters and buffers take in their dtypes (tied tensors once);
+    for a streamed skeleton, what the whole model would take."""
+    return sum(t.numel() * t.element_size() for t in _distinct([*model.parameters(), *model.buffers()]))
 
 
 def float_model_bytes(model: torch.nn.Module, bytes_per_value: int = 2) -> int:
     """Size of the model's parameters stored in 16 bits (tied tensors once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * bytes_per_value
-    return total
+    return sum(p.numel() * bytes_per_value for p in _distinct(model.parameters()))
 
 
 def dir_bytes(path: str | Path) -> int:
@@ -140,7 +146,17 @@ def dir_bytes(path: str | Path) -> int:
 
 
 def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
+    """The main job (module docstring). Under torchrun every rank runs it: the ranks share
+    the calibration and the layers (`pvq.pipeline.distributed`), rank 0 writes the
+    checkpoint and evaluates it, and the other ranks return {"rank": r} once it is written."""
+    from pvq.pipeline.distributed import barrier, init_from_environment
+
     t_start = time.perf_counter()
+    w = init_from_environment(opts.device)
+    if w.active and opts.device.startswith("cuda"):
+        import os
+
+        opts = replace(opts, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     recipe = Recipe(method=opts.method, config=dict(opts.config), rotate=opts.rotate, rotate_seed=opts.rotate_seed,
                     act=opts.act, calib_text=opts.calib_text, calib_windows=opts.calib_windows,
                     calib_seqlen=opts.calib_seqlen, seed=opts.seed, compute_dtype=opts.compute_dtype,
@@ -164,6 +180,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
             raise JobError(f"{what} must be at least 1, got {n}")
     if opts.eval_windows is not None and opts.eval_windows < 1:
         raise JobError(f"--eval-windows must be at least 1 (0 on the command line: all), got {opts.eval_windows}")
+    if opts.stream:
+        _check_streamable(opts, recipe)
     eval_text, eval_missing = None, None
     if opts.evaluate:
         try:
@@ -175,7 +193,23 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
             log.warning("%s; the quantized model will be compared with the float model on held-out text sampled "
                         "from the float model (KL, top-1 agreement; no perplexity)", e)
 
-    model, tokenizer, source = load_model(opts.model, device="cpu")
+    plan = _memory_plan(opts, recipe, config)
+    available = available_host_bytes()
+    if opts.dry_run:
+        print(plan.describe(available))
+    if not opts.ignore_memory_check:
+        try:
+            check_fits(plan, available)
+        except MemoryPlanError as e:
+            raise JobError(str(e)) from None
+    if opts.dry_run:
+        return {"dry_run": True, "model": opts.model, "memory_plan": asdict(plan), "predicted_peak_memory_bytes":
+                plan.peak_bytes, "available_memory_bytes": available}
+    stream = None
+    if opts.stream:
+        model, tokenizer, source, stream = _open_stream(opts.model)
+    else:
+        model, tokenizer, source = load_model(opts.model, device="cpu")
     adapter_for(model)  # an unsupported architecture is refused before calibration and quantization
     positions = getattr(model.config, "max_position_embeddings", None)
     for what, n in (("--calib-seqlen", opts.calib_seqlen), ("--eval-seqlen", opts.eval_seqlen)):
@@ -195,12 +229,18 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     peak_before = peak_memory_bytes()
     rss_before = resident_memory_bytes()
     peak_reset = reset_peak_memory() and rss_before is not None
-    result = oneshot(model, tokenizer, recipe, windows=windows, device=opts.device, work_dir=work_dir)
+    result = oneshot(model, tokenizer, recipe, windows=windows, device=opts.device, work_dir=work_dir, stream=stream,
+                     offload_activations=opts.offload_activations)
     quant_peak = peak_memory_bytes()
+    if w.rank != 0:
+        barrier(w)  # rank 0 has written the checkpoint
+        return {"rank": w.rank, "world_size": w.size, "quantized_layers": len(result.quantized)}
 
     quantized = result.quantized
     layer_report = [
-        {"layer": r.name, "proxy_loss": r.proxy_loss, "bits_per_weight": r.bits_per_weight, "seconds": r.seconds}
+        {"layer": r.name, "proxy_loss": r.proxy_loss, "bits_per_weight": r.bits_per_weight, "seconds": r.seconds,
+         **({"tokens": r.tokens} if r.tokens is not None else {}),
+         **({"force_routed": True} if r.force_routed else {})}
         for r in quantized.report
     ]
     report: dict[str, Any] = {
@@ -219,11 +259,16 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         "quantized_layers": len(quantized),
         "calibration_seconds": calib_seconds,
         "quantization_seconds": result.seconds["quantization"],
+        "block_seconds": quantized.block_seconds,
         "rotation": rotation_summary(result.rotation),
         "rotation_seconds": result.seconds["rotation"],
         "act_quant": act_quant_summary(result.act_record),
         "bits_per_activation": _mean_bits_per_activation(model, result.act_record) if result.act_record else None,
         "mean_proxy_loss": _mean([r["proxy_loss"] for r in layer_report]),
+        "experts": quantized.experts_summary(),
+        "predicted_memory": plan.phases,
+        "predicted_peak_memory_bytes": plan.peak_bytes,
+        "streamed": opts.stream,
         "source": jsonable(source),
         "recipe": recipe.to_dict(),
     }
@@ -231,16 +276,21 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
                     report={"layers": layer_report, "source": jsonable(source), "recipe": recipe.to_dict()},
                     extra_files={RECIPE_FILE: opts.recipe_text} if opts.recipe_text is not None else None)
     report["checkpoint_bytes"] = dir_bytes(opts.out)
+    report["world_size"] = w.size
+    barrier(w)
 
     if opts.evaluate:
-        del model, result, quantized  # the float reference is loaded afresh rather than kept as a copy
-        reference, _, _ = load_model(opts.model, device="cpu")
+        del model, result, quantized, stream  # the float reference is loaded (or streamed) afresh
         loaded, _, info = load_checkpoint(opts.out)
         t0 = time.perf_counter()
-        # evaluation runs many forwards: each quantized layer is decoded once for it (same outputs
-        # as the packed path, which decodes layer by layer in every forward)
-        with decoded_weights(loaded):
-            _evaluate(report, opts, tokenizer, reference, loaded, eval_text)
+        if opts.stream:  # packed layers through the kernels: decoding them all would hold a float copy
+            _evaluate_streamed(report, opts, tokenizer, loaded, eval_text)
+        else:
+            reference, _, _ = load_model(opts.model, device="cpu")
+            # evaluation runs many forwards: each quantized layer is decoded once for it (same outputs
+            # as the packed path, which decodes layer by layer in every forward)
+            with decoded_weights(loaded):
+                _evaluate(report, opts, tokenizer, reference, loaded, eval_text)
         if eval_missing is not None:
             report["eval_data_missing"] = eval_missing
         report.update(
@@ -277,6 +327,75 @@ def _evaluate(report: dict[str, Any], opts: JobOptions, tokenizer, reference, lo
         report["act_quant_seconds_in_ppl"] = act_seconds
 
 
+def _memory_plan(opts: JobOptions, recipe: Recipe, config) -> MemoryPlan:
+    """pvq.memory's prediction for this job, from the model's config alone."""
+    from pvq.models.loading import load_config
+
+    model_config = load_config(opts.model)
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    bpw = get_method(opts.method).nominal_bits_per_weight(config, text.hidden_size)
+    eval_windows = opts.eval_windows or 0
+    return plan_job_memory(model_config, bits_per_weight=bpw, calib_windows=opts.calib_windows,
+                           calib_seqlen=opts.calib_seqlen, batch_size=opts.batch_size,
+                           compute_dtype_bytes=torch.finfo(getattr(torch, opts.compute_dtype)).bits // 8,
+                           eval_windows=eval_windows, eval_seqlen=opts.eval_seqlen, evaluate=opts.evaluate,
+                           stream=opts.stream, calibrate=recipe.needs_calibration(),
+                           offload_activations=opts.offload_activations,
+                           **({"shard_bytes": shard_size_bytes(opts.max_shard_size)} if opts.max_shard_size else {}))
+
+
+def _check_streamable(opts: JobOptions, recipe: Recipe) -> None:
+    """--stream settings that cannot work, refused before any model is read."""
+    from pvq.models import resolve_spec
+
+    spec = resolve_spec(opts.model)
+    if spec["kind"] != "local":
+        raise JobError(f"--stream reads a local checkpoint directory of safetensors shards; {opts.model!r} is a "
+                       f"{spec['kind']} model (download or convert it to a directory first, or drop --stream)")
+    if recipe.rotate:
+        raise JobError("--rotate needs the whole float model at once; it cannot be combined with --stream")
+    if recipe.needs_calibration() and recipe.calib_text is None:
+        raise JobError("--stream needs --calib-text: sampling calibration text runs the whole float model token "
+                       "by token")
+
+
+def _open_stream(spec: str):
+    """(skeleton model, tokenizer, source info, StreamedModel) of a local checkpoint directory."""
+    from transformers import AutoTokenizer
+
+    from pvq.models import resolve_spec
+    from pvq.models.streaming import StreamedModel
+
+    info = {"spec": spec, **resolve_spec(spec)}
+    t0 = time.perf_counter()
+    stream = StreamedModel(info["path"])
+    tokenizer = AutoTokenizer.from_pretrained(info["path"], local_files_only=True)
+    model = stream.model
+    info.update(model_type=model.config.model_type, architecture=type(model).__name__,
+                parameters=sum(p.numel() for p in model.parameters()), dtype="float32", device="cpu",
+                load_seconds=round(time.perf_counter() - t0, 3), streamed=True)
+    return model, tokenizer, info, stream
+
+
+def _evaluate_streamed(report: dict[str, Any], opts: JobOptions, tokenizer, loaded, eval_text: EvalText | None) -> None:
+    """`_evaluate` for a streamed job: the float reference runs block by block from the shards."""
+    from pvq.eval.perplexity import token_windows
+    from pvq.eval.streamed import streamed_comparison, streamed_reference
+    from pvq.models import resolve_spec
+    from pvq.models.streaming import StreamedModel
+
+    if eval_text is None:
+        report["eval_data"] = "not measured: no evaluation text (a streamed float model cannot be sampled from)"
+        return
+    windows = token_windows(encode_text(tokenizer, eval_text.text), opts.eval_seqlen, opts.eval_windows)
+    reference = streamed_reference(StreamedModel(resolve_spec(opts.model)["path"]), windows)
+    comparison = streamed_comparison(reference, loaded, min(opts.agreement_windows, windows.shape[0]))
+    report.update(ppl_float=comparison["ppl_float"], ppl_quantized=comparison["ppl_quantized"],
+                  eval_windows=comparison["n_windows"], eval_data=eval_text.describe(), eval_seqlen=opts.eval_seqlen,
+                  kl_vs_float=comparison["kl"], top1_agreement=comparison["top1_agreement"],
+                  agreement_tokens=comparison["n_tokens"])
+
+
 def rotation_summary(record: dict[str, Any] | None) -> str | None:
     """One line describing a rotation record (None: not rotated)."""
     if record is None:
@@ -306,6 +425,17 @@ def act_quant_seconds(model: torch.nn.Module) -> float | None:
     return sum(found) if found else None
 
 
+def _experts_line(summary: dict[str, Any]) -> str:
+    forced = summary["force_routed"]
+    text = (f"experts          {summary['experts']} quantized; calibration tokens routed per expert "
+            f"{summary['min_tokens']}..{summary['max_tokens']}")
+    if forced:
+        shown = ", ".join(f"{k} ({summary['per_expert'][k]['tokens']})" for k in forced[:4])
+        text += (f"; {len(forced)} with fewer than the hidden size force-routed for their Hessians: {shown}"
+                 + (" ..." if len(forced) > 4 else "") + " (every expert: job_report.json)")
+    return text
+
+
 def format_report(report: dict[str, Any]) -> str:
     mib = 2**20
     lines = [
@@ -318,6 +448,8 @@ def format_report(report: dict[str, Any]) -> str:
         "proxy loss       " + (f"mean over layers {report['mean_proxy_loss']:.4g}" if report["mean_proxy_loss"] is not None
                                  else "none (the method uses no Hessian)"),
     ]
+    if report.get("experts"):
+        lines.append(_experts_line(report["experts"]))
     if report.get("rotation"):
         lines.append(f"rotation         {report['rotation']}")
     if report.get("act_quant"):
@@ -354,14 +486,19 @@ def _memory_line(report: dict[str, Any]) -> str:
     mib = 2**20
     model = report["float_model_memory_bytes"]
     work = report["quantization_working_memory_bytes"]
-    if work is None:
+    if report.get("streamed"):
+        phase = (f"quantization {report['quantization_peak_memory_bytes'] / mib:.0f} MiB at its peak, streamed: "
+                 f"{report['quantization_peak_memory_bytes'] / model:.2f}x the float32 model ({model / mib:.0f} MiB, "
+                 "never held whole)")
+    elif work is None:
         phase = f"quantization phase peak {report['quantization_peak_memory_bytes'] / mib:.0f} MiB (process peak)"
     else:
         phase = (f"quantization {report['quantization_peak_memory_bytes'] / mib:.0f} MiB at its peak = "
                  f"{report['memory_before_quantization_bytes'] / mib:.0f} MiB held before (runtime + float model "
                  f"{model / mib:.0f} MiB) + {work / mib:.0f} MiB working memory; float model + working memory = "
                  f"{(model + work) / model:.2f}x the float model")
-    return f"peak memory      {phase}; whole job {report['peak_memory_bytes'] / mib:.0f} MiB"
+    return (f"peak memory      {phase}; whole job {report['peak_memory_bytes'] / mib:.0f} MiB (predicted "
+            f"{report['predicted_peak_memory_bytes'] / mib:.0f} MiB, pvq.memory)")
 
 
 def _mean(values):

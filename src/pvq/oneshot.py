@@ -24,8 +24,9 @@ from torch import nn
 
 from pvq.errors import PVQError
 from pvq.formats import quantized_model
-from pvq.formats.hf import finite_absmax
+from pvq.formats.hf import finite_absmax, mark_quantized, pack_layers
 from pvq.models import adapter_for
+from pvq.models.streaming import StreamedModel, StreamError, release_freed_memory
 from pvq.pipeline import (
     QuantizeResult,
     calibration_windows,
@@ -176,11 +177,28 @@ def oneshot(
     device: str = "cpu",
     work_dir: str | None = None,
     progress: bool = True,
+    stream: StreamedModel | None = None,
+    offload_activations: bool = False,
 ) -> OneshotResult:
-    """Quantize `model` in place as `recipe` says (see the module docstring)."""
+    """Quantize `model` in place as `recipe` says (see the module docstring). With `stream`
+    (then `model` is `stream.model`) the blocks are read one at a time and packed as soon
+    as each is done, so the float model is never held whole."""
     recipe.check()  # QuantizationError for bad settings, before any work
     config = recipe.method_config()
+    if stream is not None:
+        if model is not stream.model:
+            raise QuantizationError("with stream=, the model must be stream.model")
+        if recipe.rotate:
+            raise StreamError("the fused rotation needs the whole float model at once; it cannot be streamed "
+                              "(quantize without --stream to rotate)")
+        if recipe.method is None:
+            raise StreamError("streaming quantizes weights; a float model (method None) has nothing to stream")
+        if windows is None and recipe.needs_calibration() and recipe.calib_text is None:
+            raise StreamError("sampling calibration text runs the whole float model token by token; a streamed "
+                              "model needs a calibration text file (--calib-text)")
     for name, tensor in model.state_dict().items():
+        if tensor.device.type == "meta":
+            continue  # a streamed block: checked when it is read
         if tensor.is_floating_point() and finite_absmax(tensor) is None:
             raise QuantizationError(f"model tensor {name!r} has non-finite values; refusing to quantize the model")
     adapter = adapter_for(model)
@@ -204,13 +222,23 @@ def oneshot(
     result = None
     if recipe.method is not None:
         t0 = time.perf_counter()
+        streaming = {}
+        if stream is not None:  # each finished block's layers are packed at once: no float weight stays
+            def pack_block(i: int, layers: dict) -> None:
+                pack_layers(model, layers, recipe.method, config)
+                release_freed_memory()
+
+            streaming = dict(stream=stream, on_block_done=pack_block)
         if recipe.needs_calibration():
             result = quantize_model(model, adapter, windows, recipe.method, config, device=device, work_dir=work_dir,
                                     batch_size=recipe.batch_size, compute_dtype=COMPUTE_DTYPES[recipe.compute_dtype],
-                                    progress=progress)
+                                    progress=progress, offload_activations=offload_activations, **streaming)
         else:
-            result = quantize_weights(model, adapter, recipe.method, config)
+            result = quantize_weights(model, adapter, recipe.method, config, **streaming)
         seconds["quantization"] = time.perf_counter() - t0
-        quantized_model(model, dict(result), recipe.method, config, dense_dtype=recipe.dense_dtype)
+        if stream is None:
+            quantized_model(model, dict(result), recipe.method, config, dense_dtype=recipe.dense_dtype)
+        else:
+            mark_quantized(model, sorted(result), recipe.method, config, dense_dtype=recipe.dense_dtype)
     act_record = install_act_quant(model, act_config, layer_names) if act_config is not None else None
     return OneshotResult(model, result, rotation, act_record, windows if recipe.needs_calibration() else None, seconds)

@@ -110,6 +110,11 @@ QUANTIZE_OPTIONS: tuple[Option, ...] = (
            stored=False),
     Option("work_dir", None, "resumable state (default: <out>.work); a rerun continues there", stored=False),
     Option("device", "auto", "compute device for one block at a time (auto: cuda if present)", stored=False),
+    Option("stream", False, "read the model block by block from its safetensors shards: the float model is never "
+           "held whole (a local directory; needs --calib-text)", stored=False),
+    Option("dry_run", False, "print the predicted peak memory and disk use, then stop", stored=False),
+    Option("ignore_memory_check", False, "run even when the predicted peak memory exceeds what is available",
+           stored=False),
     # pvq
     Option("pvq_group_size", 16, "PVQ dimension D: weights per group along the input", POSITIVE, methods=_PVQ,
            group="pvq"),
@@ -155,6 +160,8 @@ QUANTIZE_OPTIONS: tuple[Option, ...] = (
     Option("compute_dtype", "float32", "dtype of the calibration forwards (Hessians accumulate in float32+)",
            choices=("float32", "bfloat16", "float16"), methods=_HESSIAN, group="hessian"),
     Option("batch_size", 8, "calibration windows per forward", POSITIVE, methods=_HESSIAN, group="hessian"),
+    Option("offload_activations", False, "keep the calibration activations in the work directory, one file per "
+           "batch, instead of in memory", methods=_HESSIAN, group="hessian", stored=False),
     Option("seed", 0, "seed of the sampled calibration text and of gptvq's k-means", NONNEGATIVE),
     # rotation
     Option("rotate", False, "rotate the float model first (fused randomized Hadamard, online Hadamard before "

@@ -51,9 +51,11 @@ def default_gain_layers(model) -> list[str]:
     """A few layers across depth: the first, middle and last decoder block's q_proj,
     o_proj, up_proj and down_proj (those that exist in the adapter)."""
     adapter = adapter_for(model)
-    n = len(adapter.get_blocks(model))
-    wanted = [lin for lin in adapter.linear_names if lin.rsplit(".", 1)[-1] in ("q_proj", "o_proj", "up_proj", "down_proj")]
-    return [adapter.layer_name(i, lin) for i in dict.fromkeys((0, n // 2, n - 1)) for lin in wanted]
+    blocks = adapter.get_blocks(model)
+    n = len(blocks)
+    return [adapter.layer_name(i, lin) for i in dict.fromkeys((0, n // 2, n - 1))
+            for lin in adapter.block_linear_names(blocks[i])
+            if lin.rsplit(".", 1)[-1] in ("q_proj", "o_proj", "up_proj", "down_proj")]
 
 
 def layer_gains(model, group_size: int, layers: Sequence[str] | None = None) -> list[LayerGains]:

@@ -187,6 +187,12 @@ def _token_ids(tokenizer_or_ids, text: str | None) -> torch.Tensor:
     return encode_text(tokenizer_or_ids, text if text is not None else wikitext2_test_text())
 
 
+def token_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    """The first `max_windows` (all: None) non-overlapping windows of `seqlen` tokens of 1-D
+    ids, as (n, seqlen); 2-D ids are taken as windows already."""
+    return _windows(ids, seqlen, max_windows)
+
+
 def _windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
     if ids.ndim == 2:  # already windows
         w = ids

@@ -317,6 +317,10 @@ def _check_stored_payloads(model: nn.Module, checkpoint_files: list[str]) -> Non
             for key in f.keys():
                 sl = f.get_slice(key)
                 stored[key] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+    from pvq.models.streaming import loaded_keys
+
+    names = loaded_keys(model, stored)
+    stored = {names[key]: value for key, value in stored.items()}
     tied = set((model.get_expanded_tied_weights_keys() or {}) if hasattr(model, "get_expanded_tied_weights_keys") else {})
     expected = set(model.state_dict().keys())
     missing = sorted(expected - set(stored) - tied)
@@ -361,7 +365,13 @@ class PVQHfQuantizer(HfQuantizer):
     quantization_config: PVQQuantizationConfig
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        from pvq.models.adapters import adapter_for_type
+
         cfg = self.quantization_config
+        try:  # fused experts become one linear per expert, as when they were quantized
+            adapter_for_type(getattr(model.config, "model_type", None)).prepare(model)
+        except PVQError as e:
+            raise CheckpointError(f"config.json: {e}") from None
         # The online rotations and activation quantizers hold no stored tensors: they are
         # rebuilt from their records on the CPU (the model itself is still on meta).
         with torch.device("cpu"):
@@ -477,7 +487,13 @@ def quantized_model(
     quantization as they are now and when saved) and the quantizer transformers uses on
     save, and its dense tensors are rounded to `dense_dtype` so that save and reload
     give bit-identical logits."""
-    register_with_transformers()
+    pack_layers(model, quantized, method, config)
+    return mark_quantized(model, sorted(quantized), method, config, dense_dtype=dense_dtype)
+
+
+def pack_layers(model: nn.Module, quantized: dict[str, QuantizedTensor], method: str, config: Any) -> None:
+    """Replace each linear named in `quantized` by a `QuantizedLinear` holding its payload,
+    in place (the float weight is dropped): what the streaming pipeline does block by block."""
     method_obj = get_method(method)
     config = method_obj.make_config(config)
     for name in sorted(quantized):
@@ -491,7 +507,18 @@ def quantized_model(
         layer = QuantizedLinear.from_quantized(qt, config, module.bias, name=name)
         device = module.weight.device
         replace_linear(model, name, layer.to(device))
-    qcfg = PVQQuantizationConfig(method=method, config=asdict(config), layers=sorted(quantized),
+
+
+def mark_quantized(model: nn.Module, layers: list[str], method: str, config: Any, *,
+                   dense_dtype: str = "float16") -> nn.Module:
+    """Give a model whose `layers` are packed (`pack_layers`) its pvq quantization config and
+    save-time quantizer, and round its dense tensors to `dense_dtype`; returns the model."""
+    register_with_transformers()
+    config = get_method(method).make_config(config)
+    for name in layers:
+        if not isinstance(model.get_submodule(name), QuantizedLinear):
+            raise CheckpointError(f"layer {name!r} is not packed")
+    qcfg = PVQQuantizationConfig(method=method, config=asdict(config), layers=sorted(layers),
                                  rotation=rotation_of(model), act_quant=act_quant_of(model), dense_dtype=dense_dtype)
     model.config.quantization_config = qcfg
     model.hf_quantizer = PVQHfQuantizer(qcfg, pre_quantized=True)

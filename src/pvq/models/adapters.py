@@ -16,7 +16,10 @@ layer-by-layer quantizer needs:
   are called with different arguments (Gemma's sliding vs full attention: another mask,
   another rotary embedding); the pipeline captures the arguments of each kind;
 - `rotation`: where the fused rotation acts inside a block (`RotationLayout`), or
-  `rotation_refusal`: why this family cannot be rotated (named in the error).
+  `rotation_refusal`: why this family cannot be rotated (named in the error);
+- `moe`: where a mixture-of-experts block keeps its experts (`MoELayout`); its blocks'
+  MLP groups are the experts' (and a shared expert's) linears instead of `sequential`'s,
+  and `prepare` unfuses transformers' fused experts into one linear per expert.
 
 Adding an architecture is adding one `ArchitectureAdapter` value to `ADAPTERS` (and its
 tests: a tiny model from its config through quantize, save, load and rotation).
@@ -24,12 +27,14 @@ tests: a tiny model from its config through quantize, save, load and rotation).
 
 from __future__ import annotations
 
-from pvq.errors import PVQError
-
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from pvq.errors import PVQError
+
+from .moe import UnfusedExperts, num_experts, unfuse_experts
 
 
 class UnsupportedArchitectureError(PVQError, ValueError):
@@ -50,6 +55,22 @@ class RotationLayout:
 
 
 @dataclass(frozen=True)
+class MoELayout:
+    """Where a mixture-of-experts block keeps its experts (paths relative to the block).
+
+    A block with experts at `experts` replaces the MLP groups of `sequential` (those from
+    index `mlp_from` on) with, group k: `shared[k]` and every expert's `expert_groups[k]`;
+    a block without (Qwen2-MoE's `mlp_only_layers`) keeps `sequential`. The router
+    (`router`, not an nn.Linear) stays float."""
+
+    experts: str
+    router: str
+    mlp_from: int
+    expert_groups: tuple[tuple[str, ...], ...] = (("gate_up_proj",), ("down_proj",))
+    shared: tuple[tuple[str, ...], ...] = ((), ())
+
+
+@dataclass(frozen=True)
 class ArchitectureAdapter:
     name: str
     model_types: tuple[str, ...]
@@ -62,12 +83,40 @@ class ArchitectureAdapter:
     rotation: RotationLayout | None = None
     rotation_refusal: str | None = None  # why `rotation` is None
     block_kind: str | None = None  # dotted attribute of a block naming its kind, when kinds take other arguments
+    moe: MoELayout | None = None
 
     # -- lookups ---------------------------------------------------------------------------
-    @property
-    def linear_names(self) -> tuple[str, ...]:
+    def block_groups(self, block: nn.Module) -> tuple[tuple[str, ...], ...]:
+        """The quantized linears of one block, relative to it, in quantization groups."""
+        moe = self.moe
+        n = None if moe is None else num_experts(block, moe.experts)
+        if n is None:
+            return self.sequential
+        experts = tuple(
+            shared + tuple(f"{moe.experts}.{e}.{lin}" for e in range(n) for lin in group)
+            for shared, group in zip(moe.shared, moe.expert_groups))
+        return self.sequential[:moe.mlp_from] + experts
+
+    def block_linear_names(self, block: nn.Module) -> tuple[str, ...]:
         """All quantized linears of a block, relative to the block, in quantization order."""
-        return tuple(name for group in self.sequential for name in group)
+        return tuple(name for group in self.block_groups(block) for name in group)
+
+    def experts_of(self, block: nn.Module) -> UnfusedExperts | None:
+        """The block's unfused experts (None: a dense block or a dense family)."""
+        if self.moe is None:
+            return None
+        try:
+            module = block.get_submodule(self.moe.experts)
+        except AttributeError:
+            return None
+        return module if isinstance(module, UnfusedExperts) else None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Make the model quantizable, in place and keeping its function: transformers' fused
+        experts become one linear per expert (`pvq.models.moe`). Idempotent."""
+        if self.moe is not None:
+            unfuse_experts(model, self.get_blocks(model), self.moe.experts)
+        return model
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -80,8 +129,8 @@ class ArchitectureAdapter:
         return f"{self.blocks}.{block_index}.{linear}"
 
     def quantized_layer_names(self, model: nn.Module) -> list[str]:
-        n = len(self.get_blocks(model))
-        return [self.layer_name(i, lin) for i in range(n) for lin in self.linear_names]
+        return [self.layer_name(i, lin) for i, block in enumerate(self.get_blocks(model))
+                for lin in self.block_linear_names(block)]
 
     def validate(self, model: nn.Module) -> None:
         """Raise UnsupportedArchitectureError if the model lacks a module this adapter names."""
@@ -99,17 +148,24 @@ class ArchitectureAdapter:
         blocks = self.get_blocks(model)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise UnsupportedArchitectureError(f"{self.blocks} is not a non-empty ModuleList of decoder blocks")
-        for lin in self.linear_names:
-            try:
-                mod = blocks[0].get_submodule(lin)
-            except AttributeError:
-                raise UnsupportedArchitectureError(
-                    f"decoder block {self.block_prefix(0)} has no module {lin!r} (adapter {self.name!r})"
-                ) from None
-            if not isinstance(mod, nn.Linear):
-                raise UnsupportedArchitectureError(
-                    f"{self.block_prefix(0)}.{lin} is {type(mod).__name__}, not nn.Linear (adapter {self.name!r})"
-                )
+        for i, block in enumerate(blocks):
+            fused = self.moe is not None and num_experts(block, self.moe.experts) is not None \
+                and self.experts_of(block) is None  # checked once `prepare` has unfused them
+            for lin in self.block_linear_names(block):
+                if not (fused and lin.startswith(self.moe.experts + ".")):
+                    self.block_linear(block, i, lin)
+
+    def block_linear(self, block: nn.Module, i: int, path: str) -> nn.Linear:
+        """The nn.Linear at `path` of block i, else UnsupportedArchitectureError naming it."""
+        try:
+            mod = block.get_submodule(path)
+        except AttributeError:
+            raise UnsupportedArchitectureError(
+                f"decoder block {self.block_prefix(i)} has no module {path!r} (adapter {self.name!r})") from None
+        if not isinstance(mod, nn.Linear):
+            raise UnsupportedArchitectureError(
+                f"{self.block_prefix(i)}.{path} is {type(mod).__name__}, not nn.Linear (adapter {self.name!r})")
+        return mod
 
 
 _LLAMA_SEQUENTIAL = (
@@ -167,7 +223,37 @@ PHI3 = ArchitectureAdapter(
     **_DECODER,
 )
 
-ADAPTERS: dict[str, ArchitectureAdapter] = {mt: a for a in (LLAMA, GEMMA, PHI3) for mt in a.model_types}
+_MOE_ROTATION_REFUSAL = (
+    "rotating a mixture-of-experts block is not implemented: its router (mlp.gate, a bare weight, not a "
+    "linear layer) reads the residual stream and would have to be rotated with the experts' inputs, and every "
+    "expert's down_proj would need its own online transform")
+
+# Mixtral and Qwen3-MoE: the Llama attention, then top-k routed experts (transformers fuses
+# them: unfused by `prepare`); every expert's gate_up_proj is quantized as stored (gate rows
+# then up rows: one input, one Hessian), then every down_proj
+MIXTRAL = ArchitectureAdapter(
+    name="mixtral",
+    model_types=("mixtral", "qwen3_moe"),
+    sequential=_LLAMA_SEQUENTIAL,
+    moe=MoELayout(experts="mlp.experts", router="mlp.gate", mlp_from=2),
+    rotation_refusal=_MOE_ROTATION_REFUSAL,
+    **_DECODER,
+)
+
+# Qwen2-MoE: the same plus a shared expert (a gated dense MLP quantized with the routed ones;
+# its 1-row gate mlp.shared_expert_gate stays float) and dense blocks (mlp_only_layers)
+QWEN2_MOE = ArchitectureAdapter(
+    name="qwen2_moe",
+    model_types=("qwen2_moe",),
+    sequential=_LLAMA_SEQUENTIAL,
+    moe=MoELayout(experts="mlp.experts", router="mlp.gate", mlp_from=2,
+                  shared=(("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",))),
+    rotation_refusal=_MOE_ROTATION_REFUSAL,
+    **_DECODER,
+)
+
+ADAPTERS: dict[str, ArchitectureAdapter] = {
+    mt: a for a in (LLAMA, GEMMA, PHI3, MIXTRAL, QWEN2_MOE) for mt in a.model_types}
 
 
 def supported_model_types() -> list[str]:
@@ -185,9 +271,12 @@ def adapter_for_type(model_type: str | None, what: str = "") -> ArchitectureAdap
 
 
 def adapter_for(model: nn.Module) -> ArchitectureAdapter:
-    """The adapter for `model` (by `model.config.model_type`), checked against the model."""
+    """The adapter for `model` (by `model.config.model_type`), checked against the model,
+    which it prepares for quantization (fused experts unfused, in place: `prepare`)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     adapter = adapter_for_type(model_type, f" ({type(model).__name__})")
+    adapter.validate(model)
+    adapter.prepare(model)
     adapter.validate(model)
     return adapter
 

@@ -94,6 +94,36 @@ def resolve_spec(spec: str | os.PathLike) -> dict[str, Any]:
     return {"kind": "hub", "path": s}
 
 
+def _check_hub_id(source: str) -> None:
+    """Hub ids are org/name: a bare word not found locally is a typo, not a download."""
+    if "/" not in source:
+        raise ModelLoadError(
+            f"model {source!r} is not a local directory or .gguf file, not a demo alias "
+            f"({', '.join(DEMO_MODELS)}) and not in the Hugging Face cache; a hub model id looks like org/name")
+
+
+def load_config(spec: str | os.PathLike):
+    """The model's transformers config alone (no weight is read), from the same sources as
+    `load_model`."""
+    from transformers import AutoConfig
+
+    info = resolve_spec(spec)
+    try:
+        if info["kind"] == "gguf":
+            return AutoConfig.from_pretrained(info["directory"], gguf_file=info["gguf_file"])
+        if info["kind"] == "local":
+            return AutoConfig.from_pretrained(info["path"], local_files_only=True)
+        try:
+            return AutoConfig.from_pretrained(info["path"], local_files_only=True)
+        except OSError:
+            _check_hub_id(info["path"])
+            return AutoConfig.from_pretrained(info["path"])
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged config raises many types
+        raise ModelLoadError(f"could not load model {str(spec)!r} (its config): {type(e).__name__}: {e}") from e
+
+
 def load_model(
     spec: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
@@ -140,11 +170,7 @@ def load_model(
             try:  # the local cache first: no network round trip for a model already here
                 tokenizer, model = load(local_files_only=True)
             except OSError:
-                if "/" not in source:  # hub ids are org/name: a bare word is a typo, not a download
-                    raise ModelLoadError(
-                        f"model {source!r} is not a local directory or .gguf file, not a demo alias "
-                        f"({', '.join(DEMO_MODELS)}) and not in the Hugging Face cache; a hub model id looks like "
-                        "org/name") from None
+                _check_hub_id(source)
                 tokenizer, model = load()
         else:
             tokenizer, model = load()

@@ -10,7 +10,7 @@ Algorithm (GPTQ-style sequential quantization, paper section 3.3):
    compute device for this. The hidden states live on the CPU, the per-batch keyword
    arguments (small) on the compute device.
 2. Block by block (one block on the compute device at a time), for each sequential group
-   of linears (adapter.sequential): forward the block inputs through the block with
+   of linears (adapter.block_groups): forward the block inputs through the block with
    forward hooks on the group's linears that accumulate H = (1/N) sum_n x_n x_n^T over the
    N = n_windows * seqlen token vectors x_n entering the layer; the forward is cut short
    (`_StopForward`) as soon as every linear of the group has been reached. Each linear is
@@ -59,6 +59,7 @@ from pvq.quant import QuantizationError, QuantizedTensor, get_method
 from pvq.quant import proxy_loss as _proxy_loss
 
 from . import workdir as wd
+from .distributed import DistributedError, World, local_windows, share, sum_in_global_order, world
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class LayerReport:
     bits_per_weight: float
     seconds: float  # quantize + dequantize time of this layer
     resumed: bool = False  # loaded from the work directory instead of computed
+    tokens: int | None = None  # calibration token vectors routed to the layer (None: no Hessian)
+    force_routed: bool = False  # an expert whose Hessian came from every token of its block (too few routed)
+    expert: int | None = None  # the expert the layer belongs to (mixture-of-experts blocks)
 
 
 class QuantizeResult(dict):
@@ -99,6 +103,22 @@ class QuantizeResult(dict):
         """Bytes stored for all the quantized layers x 8 / their weight count."""
         weights = sum(qt.shape[0] * qt.shape[1] for qt in self.values())
         return sum(qt.stored_bytes for qt in self.values()) * 8 / weights
+
+    def experts_summary(self) -> dict[str, Any] | None:
+        """Per expert (block, index): the calibration tokens the router sent it and whether its
+        Hessians were force-routed; None for a model without experts."""
+        experts: dict[str, dict[str, Any]] = {}
+        for r in self.report:
+            if r.expert is not None:
+                key = r.name.rsplit(".", 1)[0]  # model.layers.3.mlp.experts.5
+                entry = experts.setdefault(key, {"block": r.block, "expert": r.expert, "tokens": r.tokens,
+                                                 "force_routed": False})
+                entry["force_routed"] |= r.force_routed
+        if not experts:
+            return None
+        tokens = [e["tokens"] for e in experts.values() if e["tokens"] is not None]
+        return {"experts": len(experts), "min_tokens": min(tokens, default=None), "max_tokens": max(tokens, default=None),
+                "force_routed": sorted(k for k, e in experts.items() if e["force_routed"]), "per_expert": experts}
 
     @property
     def mean_proxy_loss(self) -> float | None:
@@ -201,11 +221,15 @@ def capture_block_inputs(
     batch_size: int,
     device: torch.device,
     compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, list[BlockArguments]]:
+    offload_to: Path | None = None,
+    keep_hidden: bool = True,
+) -> tuple[Any, list[BlockArguments]]:
     """Hidden states entering block 0 for every window (CPU, compute dtype) and the
     keyword arguments the blocks are called with, per batch and block kind (on `device`).
     The forward runs up to the first block of the last kind to appear (block 0 alone for
-    a family without kinds)."""
+    a family without kinds). `offload_to`: a work directory to write the hidden states to,
+    batch by batch (`workdir.OffloadedActivations`); `keep_hidden=False`: the arguments only
+    (the hidden states are None)."""
     blocks = adapter.get_blocks(model)
     first: dict[Any, int] = {}
     for i, kind in enumerate(block_kinds(adapter, blocks)):
@@ -247,14 +271,24 @@ def capture_block_inputs(
                         raise PipelineError(f"{adapter.block_prefix(0)} got {len(args) - 1} extra positional arguments")
                     hidden = args[0] if args else hidden_kw
                 by_kind[kind] = _map_tensors(kwargs, _cast_floating(compute_dtype))
-            hidden_parts.append(hidden.detach().to("cpu", compute_dtype))
             kwargs_list.append(BlockArguments(adapter.block_kind, by_kind))
+            if not keep_hidden:
+                continue
+            if offload_to is not None:
+                if not hidden_parts:
+                    hidden_parts = wd.OffloadedActivations(offload_to, 0, (windows.shape[0], *hidden.shape[1:]),
+                                                           compute_dtype, fresh=True)
+                hidden_parts[b0:b1] = hidden.detach().to("cpu", compute_dtype)
+            else:
+                hidden_parts.append(hidden.detach().to("cpu", compute_dtype))
     finally:
         for handle in handles:
             handle.remove()
         for m, home in zip(movers, homes):
             m.to(home)
-    return torch.cat(hidden_parts), kwargs_list
+    if not keep_hidden:
+        return None, kwargs_list
+    return (hidden_parts if offload_to is not None else torch.cat(hidden_parts)), kwargs_list
 
 
 # -- step 2: Hessians -------------------------------------------------------------------------
@@ -271,11 +305,18 @@ class HessianAccumulator:
     Raises _StopForward once every hooked layer has run in the current forward pass
     (if `stop_early`)."""
 
-    def __init__(self, modules: dict[str, nn.Module], stop_early: bool = True):
+    def __init__(self, modules: dict[str, nn.Module], stop_early: bool = True, world: World | None = None,
+                 n_batches: int = 0):
         self.modules = modules
         self.stop_early = stop_early
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {name: 0 for name in modules}
+        # under torchrun: this rank's products by local batch, summed in global order by `finish`
+        self.world = world if world is not None and world.active else None
+        self.n_batches = n_batches
+        self._parts: dict[str, dict[int, torch.Tensor]] = {name: {} for name in modules}
+        self._rows: dict[str, dict[int, int]] = {name: {} for name in modules}
+        self._batch = -1
         self._seen: set[str] = set()
         self._last_x: torch.Tensor | None = None
         self._last_product: torch.Tensor | None = None
@@ -296,6 +337,20 @@ class HessianAccumulator:
     def new_pass(self) -> None:
         self._seen.clear()
         self._last_x = self._last_product = None
+        self._batch += 1
+
+    def finish(self) -> None:
+        """After the calibration pass: under torchrun, the global sums and counts on every
+        rank (one process's summation order; see `pvq.pipeline.distributed`)."""
+        if self.world is None:
+            return
+        for name, module in self.modules.items():  # the same order on every rank
+            total, rows = sum_in_global_order(self._parts[name], self._rows[name], self.n_batches,
+                                              (module.in_features, module.in_features), self.world)
+            self._parts[name] = {}
+            if total is not None:
+                self.sums[name] = total
+            self.counts[name] = rows
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
@@ -306,7 +361,11 @@ class HessianAccumulator:
                 product = gram(x.detach().reshape(-1, x.shape[-1]))
                 self._last_x, self._last_product = x, product
             rows = x.numel() // x.shape[-1]
-            if name in self.sums:
+            if self.world is not None:
+                parts = self._parts[name]
+                parts[self._batch] = parts[self._batch] + product if self._batch in parts else product
+                self._rows[name][self._batch] = self._rows[name].get(self._batch, 0) + rows
+            elif name in self.sums:
                 self.sums[name] += product
             else:
                 self.sums[name] = product.clone()
@@ -317,9 +376,9 @@ class HessianAccumulator:
 
         return hook
 
-    def hessians(self) -> dict[str, torch.Tensor]:
+    def hessians(self, names=None) -> dict[str, torch.Tensor]:
         out = {}
-        for name in self.modules:
+        for name in self.modules if names is None else names:
             if not self.counts[name]:
                 raise PipelineError(f"layer {name} was never called during the calibration forward")
             upper = torch.triu(self.sums[name])
@@ -329,8 +388,9 @@ class HessianAccumulator:
 
 
 @torch.no_grad()
-def _run_block(block, hidden, kwargs_list, batch_size, device, on_batch_start=None, collect=True):
-    outputs = torch.empty_like(hidden) if collect else None
+def run_block(block, hidden, kwargs_list, batch_size, device, on_batch_start=None, collect=True):
+    outputs = (hidden.empty_like() if isinstance(hidden, wd.OffloadedActivations) else torch.empty_like(hidden)) \
+        if collect else None
     for j, (b0, b1) in enumerate(_batches(hidden.shape[0], batch_size)):
         if on_batch_start is not None:
             on_batch_start()
@@ -359,6 +419,9 @@ def quantize_model(
     compute_dtype: torch.dtype = torch.float32,
     quant_device: str | torch.device = "cpu",
     on_layer: Callable[[LayerReport, QuantizedTensor], None] | None = None,
+    stream: Any = None,
+    on_block_done: Callable[[int, dict[str, QuantizedTensor]], None] | None = None,
+    offload_activations: bool = False,
 ) -> QuantizeResult:
     """Quantize every linear the adapter lists, block by block; see the module docstring.
 
@@ -377,6 +440,15 @@ def quantize_model(
     compute_dtype: dtype of the calibration forwards (float32 or bfloat16 / float16).
     quant_device: device of the weight and Hessian handed to the method.
     on_layer: called after each newly quantized layer with (report, QuantizedTensor).
+    stream: where the blocks come from when the model is not in memory (a
+        `pvq.models.streaming.StreamedModel`: `load_block(i)` / `drop_block(i)`); None:
+        the model holds every block.
+    on_block_done: called with (block index, {layer name: QuantizedTensor}) once a block
+        is finished (quantized, or restored from the work directory) and its outputs
+        computed: the streaming caller packs the block's layers there, dropping their
+        float weights.
+    offload_activations: keep the blocks' inputs and outputs in the work directory, one file
+        per batch, instead of in memory (needs `work_dir`).
     """
     method_name, method_obj = _resolve_method(method)
     config = _resolve_config(method_obj, config)
@@ -386,11 +458,21 @@ def quantize_model(
         raise PipelineError(f"windows must be a non-empty (n_windows, seqlen) tensor, got shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise PipelineError(f"batch_size must be >= 1, got {batch_size}")
+    if offload_activations and work_dir is None:
+        raise PipelineError("offload_activations keeps the activations in the work directory: give a work_dir")
     if not (compute_dtype.is_floating_point):
         raise PipelineError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
+    adapter.prepare(model)
     adapter.validate(model)
     blocks = adapter.get_blocks(model)
     n_blocks = len(blocks)
+    w = world()  # under torchrun: this rank's batches only (pvq.pipeline.distributed)
+    n_batches = -(-windows.shape[0] // batch_size)
+    if w.active:
+        progress = progress and w.rank == 0
+        if work_dir is not None:  # each rank resumes its own batches' state
+            wd.claim(Path(work_dir))
+            work_dir = Path(work_dir) / f"rank{w.rank}-of-{w.size}"
 
     result = QuantizeResult()
     was_training = model.training
@@ -411,9 +493,11 @@ def quantize_model(
                 "calibration_shape": list(windows.shape),
                 "calibration_sha256": wd.windows_digest(windows),
             }
+            if offload_activations:  # recorded only when on: older states stay resumable
+                settings["offload_activations"] = True
             fingerprint = {
                 "rest": wd.module_digest(model, skip_prefix=adapter.blocks),
-                "blocks": [wd.module_digest(b) for b in blocks],
+                "blocks": [_block_digest(blocks, i, stream) for i in range(n_blocks)],
             }
             try:
                 state = wd.read_state(work_dir) if resume else None
@@ -425,10 +509,8 @@ def quantize_model(
                 wd.clear(work_dir)
             if state is not None:
                 _check_resumable(state, settings, fingerprint, work_dir)
-                start, replay = _verified_blocks(work_dir, state, n_blocks)
-                for i in range(start):
-                    _restore_block(model, adapter, method_obj, work_dir, i, state, result)
-                if start and start < n_blocks and not replay:
+                start, replay = _verified_blocks(work_dir, state, n_blocks, offload_activations)
+                if start and start < n_blocks and not replay and not offload_activations:
                     hidden_resumed = wd.load_hidden(work_dir, start - 1)
                 if start:
                     log.info("resuming from %s: %d of %d blocks already quantized", work_dir, start, n_blocks)
@@ -437,10 +519,36 @@ def quantize_model(
                          "files": {}}
                 wd.write_state(work_dir, {**state, "device": str(device)})
         result.resumed_blocks = start
+
+        def restore(i: int) -> None:
+            if stream is not None:
+                stream.load_block(i)
+            layers = _restore_block(model, adapter, method_obj, work_dir, i, state, result)
+            nonlocal hidden
+            if replay:
+                hidden = _replay_block(model, adapter, i, hidden, kwargs_list, batch_size, device, compute_dtype)
+            if on_block_done is not None:
+                on_block_done(i, layers)
+
         if start >= n_blocks:
+            for i in range(start):
+                restore(i)
             return result
 
-        hidden, kwargs_list = capture_block_inputs(model, adapter, windows, batch_size, device, compute_dtype)
+        # the kwargs blocks are called with (masks, rotary tables) do not depend on their weights
+        capture_blocks = range(max(block_kinds(adapter, blocks).index(k) for k in block_kinds(adapter, blocks)) + 1)
+        for i in capture_blocks if stream is not None else ():
+            stream.load_block(i)
+        resume_offloaded = offload_activations and 0 < start < n_blocks and not replay
+        hidden, kwargs_list = capture_block_inputs(model, adapter, local_windows(windows, batch_size, w), batch_size,
+                                                   device, compute_dtype,
+                                                   offload_to=work_dir if offload_activations else None,
+                                                   keep_hidden=not resume_offloaded)
+        if resume_offloaded:
+            hidden = wd.OffloadedActivations.recorded(work_dir, start, hidden_shape(windows, batch_size, w, model),
+                                                      compute_dtype, state["files"])
+        for i in capture_blocks if stream is not None else ():
+            stream.drop_block(i)
         if hidden_resumed is not None:
             if hidden_resumed.shape != hidden.shape or hidden_resumed.dtype != hidden.dtype:
                 raise wd.WorkDirError(
@@ -448,10 +556,10 @@ def quantize_model(
                     f"expected {tuple(hidden.shape)} {hidden.dtype}"
                 )
             hidden = hidden_resumed
-        elif replay:  # the saved block inputs were damaged: run the good blocks again to remake them
+        if replay:  # the saved block inputs were damaged: run the good blocks again to remake them
             log.warning("recomputing the inputs of block %d by running the %d finished blocks again", start, start)
-            for i in range(start):
-                hidden = _replay_block(model, adapter, i, hidden, kwargs_list, batch_size, device, compute_dtype)
+        for i in range(start):
+            restore(i)
 
         from pvq.progress import progress_bar
 
@@ -460,23 +568,31 @@ def quantize_model(
             for i in range(start, n_blocks):
                 t0 = time.perf_counter()
                 last = i == n_blocks - 1
+                if stream is not None:
+                    stream.load_block(i)
                 layers, infos, hidden_next = _quantize_block(
                     model, adapter, i, hidden, kwargs_list, method_obj, config, device,
                     batch_size, compute_dtype, torch.device(quant_device), result, on_layer, need_outputs=not last,
+                    n_batches=n_batches,
                 )
                 dt = time.perf_counter() - t0
                 result.block_seconds.append(dt)
                 if work_dir is not None:
-                    files = {k: v for k, v in state.get("files", {}).items() if k != wd.HIDDEN_FILE}
+                    files = {k: v for k, v in state.get("files", {}).items()
+                             if k != wd.HIDDEN_FILE and not k.startswith(wd.ACTIVATIONS_DIR + "/")}
                     files.update(wd.save_block(work_dir, i, layers, infos))
-                    if not last:
+                    if not last and offload_activations:
+                        files.update(hidden_next.digests)
+                    elif not last:
                         files[wd.HIDDEN_FILE] = wd.save_hidden(work_dir, hidden_next, i)
                     state["files"] = files
                     state["quantized_blocks"] = state["quantized_blocks"][:i] + [wd.module_digest(blocks[i])]
                     state["blocks_done"] = i + 1
                     wd.write_state(work_dir, {**state, "device": str(device)})
                     if last:
-                        (work_dir / wd.HIDDEN_FILE).unlink(missing_ok=True)
+                        wd.remove_activations(work_dir)
+                if on_block_done is not None:
+                    on_block_done(i, layers)
                 hidden = hidden_next
                 last_loss = result.report[-1].proxy_loss
                 bar.set_postfix(loss=f"{last_loss:.4g}" if last_loss is not None else "-", block_s=f"{dt:.1f}")
@@ -490,23 +606,32 @@ def quantize_model(
 
 
 @torch.no_grad()
-def quantize_weights(model: nn.Module, adapter: ArchitectureAdapter, method: str, config: Any = None) -> QuantizeResult:
+def quantize_weights(model: nn.Module, adapter: ArchitectureAdapter, method: str, config: Any = None, *,
+                     stream: Any = None, on_block_done=None) -> QuantizeResult:
     """Methods that need no Hessian (rtn, pvq without it): quantize every linear the
     adapter lists from its weight alone, in place (no calibration forwards; no proxy loss).
-    Returns {layer name: QuantizedTensor} with a per-layer `report`, like `quantize_model`."""
+    Returns {layer name: QuantizedTensor} with a per-layer `report`, like `quantize_model`
+    (`stream` and `on_block_done` as there)."""
     method_name, method_obj = _resolve_method(method)
     config = _resolve_config(method_obj, config)
+    adapter.prepare(model)
     adapter.validate(model)
     result = QuantizeResult()
-    for name in adapter.quantized_layer_names(model):
-        module = model.get_submodule(name)
-        t0 = time.perf_counter()
-        qt = method_obj.quantize(module.weight.data.float(), None, config)
-        module.weight.data.copy_(torch.as_tensor(method_obj.dequantize(qt)).to(module.weight.dtype))
-        block = int(name[len(adapter.blocks) + 1 :].split(".")[0])
-        result[name] = qt
-        result.report.append(LayerReport(name, block, -1, tuple(qt.shape), qt.proxy_loss, qt.bits_per_weight,
-                                         time.perf_counter() - t0))
+    for i, block in enumerate(adapter.get_blocks(model)):
+        if stream is not None:
+            stream.load_block(i)
+        layers = {}
+        for lin in adapter.block_linear_names(block):
+            name = adapter.layer_name(i, lin)
+            module = block.get_submodule(lin)
+            t0 = time.perf_counter()
+            qt = method_obj.quantize(module.weight.data.float(), None, config)
+            module.weight.data.copy_(torch.as_tensor(method_obj.dequantize(qt)).to(module.weight.dtype))
+            result[name] = layers[name] = qt
+            result.report.append(LayerReport(name, i, -1, tuple(qt.shape), qt.proxy_loss, qt.bits_per_weight,
+                                             time.perf_counter() - t0, expert=_expert_index(adapter, lin)))
+        if on_block_done is not None:
+            on_block_done(i, layers)
     return result
 
 
@@ -514,6 +639,9 @@ def _check_resumable(state: dict, settings: dict, fingerprint: dict, work_dir: P
     diffs = [
         f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in settings.items() if k != "calibration_sha256" and state.get(k) != v
     ]
+    if bool(state.get("offload_activations")) != bool(settings.get("offload_activations")):
+        diffs.append(f"offload_activations: saved {bool(state.get('offload_activations'))}, now "
+                     f"{bool(settings.get('offload_activations'))}")
     if state.get("calibration_sha256") != settings["calibration_sha256"] and not any(d.startswith("calibration_shape") for d in diffs):
         diffs.append("calibration windows: same shape, different token ids")
     if diffs:
@@ -542,7 +670,7 @@ def _check_resumable(state: dict, settings: dict, fingerprint: dict, work_dir: P
         )
 
 
-def _verified_blocks(work_dir: Path, state: dict, n_blocks: int) -> tuple[int, bool]:
+def _verified_blocks(work_dir: Path, state: dict, n_blocks: int, offloaded: bool = False) -> tuple[int, bool]:
     """(finished blocks whose files match their recorded digests, whether the block inputs
     must be recomputed). The first damaged block and every later one are discarded (and
     the state rewritten), with a warning; so is a damaged hidden-state file."""
@@ -565,7 +693,7 @@ def _verified_blocks(work_dir: Path, state: dict, n_blocks: int) -> tuple[int, b
         state["quantized_blocks"] = state.get("quantized_blocks", [])[:good]
         wd.write_state(work_dir, state)
         replay = good > 0
-    elif 0 < good < n_blocks and not wd.intact(work_dir, wd.HIDDEN_FILE, files):
+    elif 0 < good < n_blocks and not wd.activations_intact(work_dir, files, good, offloaded):
         log.warning("work directory %s: the saved inputs of block %d do not match their recorded digest; "
                     "recomputing them", work_dir, good)
         replay = True
@@ -582,18 +710,36 @@ def _replay_block(model, adapter, i, hidden, kwargs_list, batch_size, device, co
     snapshot = _snapshot(block) if cast else None
     try:
         block.to(device=device, dtype=compute_dtype) if cast else block.to(device)
-        return _run_block(block, hidden, kwargs_list, batch_size, device)
+        return run_block(block, hidden, kwargs_list, batch_size, device)
     finally:
         block.to(home)
         if cast:
             _load_snapshot(block, snapshot)
 
 
+def hidden_shape(windows: torch.Tensor, batch_size: int, w: World, model: nn.Module) -> tuple[int, int, int]:
+    """Shape of the hidden states of this rank's calibration windows."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = local_windows(windows, batch_size, w).shape[0]
+    return (n, windows.shape[1], config.hidden_size)
+
+
+def _block_digest(blocks, i: int, stream) -> str:
+    """Block i's digest (a streamed block is read for it, then dropped again)."""
+    if stream is None:
+        return wd.module_digest(blocks[i])
+    stream.load_block(i)
+    try:
+        return wd.module_digest(blocks[i])
+    finally:
+        stream.drop_block(i)
+
+
 @torch.no_grad()
-def _restore_block(model, adapter, method_obj, work_dir, i, state, result) -> None:
+def _restore_block(model, adapter, method_obj, work_dir, i, state, result) -> dict[str, QuantizedTensor]:
     layers, infos = wd.load_block(work_dir, i)
     block = adapter.get_blocks(model)[i]
-    for lin in adapter.linear_names:
+    for lin in adapter.block_linear_names(block):
         name = adapter.layer_name(i, lin)
         if name not in layers:
             raise wd.WorkDirError(f"{wd.block_paths(work_dir, i)[1]} lacks layer {name}")
@@ -605,22 +751,27 @@ def _restore_block(model, adapter, method_obj, work_dir, i, state, result) -> No
         result[name] = qt
         result.report.append(
             LayerReport(name, i, info.get("group", -1), tuple(qt.shape), qt.proxy_loss, qt.bits_per_weight,
-                        info.get("seconds", math.nan), resumed=True)
+                        info.get("seconds", math.nan), resumed=True, tokens=info.get("tokens"),
+                        force_routed=bool(info.get("force_routed", False)), expert=_expert_index(adapter, lin))
         )
     result.block_seconds.append(None)
     quantized = state.get("quantized_blocks", [])
     if i < len(quantized) and wd.module_digest(block) != quantized[i]:
         log.warning("block %d: weights dequantized from the work directory differ from those of the original run "
                     "(is the method's dequantize deterministic?)", i)
+    return {name: layers[name] for name in (adapter.layer_name(i, lin) for lin in adapter.block_linear_names(block))}
 
 
 def _quantize_block(
     model, adapter, i, hidden, kwargs_list, method_obj, config, device, batch_size, compute_dtype,
-    quant_device, result, on_layer, need_outputs,
+    quant_device, result, on_layer, need_outputs, n_batches=0,
 ):
+    w = world()
     block = adapter.get_blocks(model)[i]
     home = _module_home(block)
-    linears = {lin: block.get_submodule(lin) for lin in adapter.linear_names}
+    groups = adapter.block_groups(block)
+    experts = adapter.experts_of(block)
+    linears = {lin: block.get_submodule(lin) for group in groups for lin in group}
     originals = {lin: m.weight.detach().to("cpu", torch.float32, copy=True) for lin, m in linears.items()}
     param_dtypes = {t.dtype for t in block.parameters()}
     cast = param_dtypes != {compute_dtype}
@@ -631,36 +782,53 @@ def _quantize_block(
     ok = False
     try:
         block.to(device=device, dtype=compute_dtype) if cast else block.to(device)
-        for g, group in enumerate(adapter.sequential):
+        for g, group in enumerate(groups):
             modules = {lin: linears[lin] for lin in group}
-            with HessianAccumulator(modules) as acc:
-                _run_block(block, hidden, kwargs_list, batch_size, device, on_batch_start=acc.new_pass, collect=False)
-            hessians = acc.hessians()
+            with HessianAccumulator(modules, world=w, n_batches=n_batches) as acc:
+                run_block(block, hidden, kwargs_list, batch_size, device, on_batch_start=acc.new_pass, collect=False)
+            acc.finish()
+            tokens = dict(acc.counts)
+            forced = _force_routed(adapter, experts, group, tokens)
+            hessians = acc.hessians([lin for lin in group if lin not in forced])
             del acc
-            for lin in group:
+            if forced:
+                hessians.update(_forced_hessians(block, experts, forced, {lin: linears[lin] for lin in forced},
+                                                 hidden, kwargs_list, batch_size, device, w, n_batches))
+            # the group's layers dealt over the ranks (all of them in one process), results shared
+            owned = {k: _quantize_layer(method_obj, config, adapter.layer_name(i, lin), originals[lin], hessians[lin],
+                                        quant_device)
+                     for k, lin in enumerate(group) if w.owns(k)}
+            if w.active:  # payloads travel, dequantized weights are remade (deterministic) on each rank
+                owned = {k: o if isinstance(o, str) else (o[0], o[1], None) for k, o in owned.items()}
+                outcomes = share(owned, len(group), w)
+            else:
+                outcomes = [owned[k] for k in range(len(group))]
+            for k, outcome in enumerate(outcomes):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                if isinstance(outcome, str):
+                    raise DistributedError(f"rank {w.owner(k)} of {w.size}: {adapter.layer_name(i, group[k])}: "
+                                           f"{outcome}")
+            for lin, (qt, dt, deq) in zip(group, outcomes):
                 name = adapter.layer_name(i, lin)
-                W, H = originals[lin], hessians[lin]
-                t0 = time.perf_counter()
-                # copies: a method may work in place on what it is given
-                qt = method_obj.quantize(W.to(quant_device, copy=True), H.to(quant_device, copy=True), config)
-                deq = torch.as_tensor(method_obj.dequantize(qt)).detach().to("cpu", torch.float32)
-                dt = time.perf_counter() - t0
-                if tuple(deq.shape) != tuple(W.shape):
-                    raise QuantizationError(f"{name}: dequantized shape {tuple(deq.shape)} != weight shape {tuple(W.shape)}")
-                if qt.proxy_loss is None:
-                    qt.proxy_loss = _proxy_loss(W, deq, H.cpu())
+                W = originals[lin]
+                if deq is None:
+                    deq = torch.as_tensor(method_obj.dequantize(qt)).detach().to("cpu", torch.float32)
                 with torch.no_grad():
                     modules[lin].weight.copy_(deq.to(modules[lin].weight.device, modules[lin].weight.dtype))
                 dequantized[lin] = deq
                 layers[name] = qt
-                infos[name] = {"group": g, "seconds": round(dt, 6), "bits_per_weight": qt.bits_per_weight}
-                rep = LayerReport(name, i, g, tuple(W.shape), qt.proxy_loss, qt.bits_per_weight, dt)
+                expert = _expert_index(adapter, lin)
+                infos[name] = {"group": g, "seconds": round(dt, 6), "bits_per_weight": qt.bits_per_weight,
+                               "tokens": tokens[lin], "force_routed": lin in forced, "expert": expert}
+                rep = LayerReport(name, i, g, tuple(W.shape), qt.proxy_loss, qt.bits_per_weight, dt,
+                                  tokens=tokens[lin], force_routed=lin in forced, expert=expert)
                 result[name] = qt
                 result.report.append(rep)
                 log.info("%s: proxy loss %.6g, %.3f bits/weight, %.2f s", name, qt.proxy_loss, qt.bits_per_weight, dt)
                 if on_layer is not None:
                     on_layer(rep, qt)
-        outputs = _run_block(block, hidden, kwargs_list, batch_size, device) if need_outputs else None
+        outputs = run_block(block, hidden, kwargs_list, batch_size, device) if need_outputs else None
         ok = True
     finally:
         # back home in the model's own dtype, with exact float copies of the dequantized
@@ -677,6 +845,65 @@ def _quantize_block(
                 result.pop(name, None)
             result.report[:] = [r for r in result.report if r.block != i]
     return layers, infos, outputs
+
+
+def _quantize_layer(method_obj, config, name: str, W: torch.Tensor, H: torch.Tensor, quant_device):
+    """(QuantizedTensor with its proxy loss, seconds, dequantized weight), or the error:
+    the exception in one process, its text under torchrun (sent to every rank, so that all
+    of them stop together)."""
+    try:
+        t0 = time.perf_counter()
+        # copies: a method may work in place on what it is given
+        qt = method_obj.quantize(W.to(quant_device, copy=True), H.to(quant_device, copy=True), config)
+        deq = torch.as_tensor(method_obj.dequantize(qt)).detach().to("cpu", torch.float32)
+        dt = time.perf_counter() - t0
+        if tuple(deq.shape) != tuple(W.shape):
+            raise QuantizationError(f"{name}: dequantized shape {tuple(deq.shape)} != weight shape {tuple(W.shape)}")
+        if qt.proxy_loss is None:
+            qt.proxy_loss = _proxy_loss(W, deq, H.cpu())
+        return qt, dt, deq
+    except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+        if world().active:
+            log.error("%s: %s: %s", name, type(e).__name__, e)
+            return f"{type(e).__name__}: {e}"
+        return e
+
+
+def _expert_index(adapter, lin: str) -> int | None:
+    """The expert index of a block-relative linear name ("mlp.experts.5.down_proj" -> 5)."""
+    prefix = adapter.moe.experts + "." if adapter.moe is not None else None
+    return int(lin[len(prefix):].split(".")[0]) if prefix and lin.startswith(prefix) else None
+
+
+def _force_routed(adapter, experts, group, tokens: dict[str, int]) -> dict[str, int]:
+    """The group's expert linears whose expert was routed fewer calibration tokens than
+    the hidden size (its Hessian would be rank-deficient): {linear: expert index}."""
+    if experts is None:
+        return {}
+    threshold = experts[0].gate_up_proj.in_features
+    out = {}
+    for lin in group:
+        e = _expert_index(adapter, lin)
+        if e is not None and tokens[lin] < threshold:
+            out[lin] = e
+    if out:
+        log.info("%d expert layer(s) routed fewer than %d calibration tokens: force-routed for their Hessians",
+                 len(out), threshold)
+    return out
+
+
+def _forced_hessians(block, experts, forced: dict[str, int], modules: dict[str, nn.Module], hidden, kwargs_list,
+                     batch_size, device, w=None, n_batches=0) -> dict[str, torch.Tensor]:
+    """Hessians of the force-routed experts' linears from every token entering the block (the
+    block's output still adds only the router's choices)."""
+    experts.forced = frozenset(forced.values())
+    try:
+        with HessianAccumulator(modules, stop_early=False, world=w, n_batches=n_batches) as acc:
+            run_block(block, hidden, kwargs_list, batch_size, device, on_batch_start=acc.new_pass, collect=False)
+        acc.finish()
+        return acc.hessians()
+    finally:
+        experts.forced = frozenset()
 
 
 def _snapshot(block: nn.Module) -> dict[str, torch.Tensor]:

@@ -248,7 +248,29 @@ def clear(work_dir: Path) -> None:
     (work_dir / STATE_FILE).unlink(missing_ok=True)
     for p in work_dir.glob("block_*.*"):
         p.unlink()
+    remove_activations(work_dir)
+
+
+def remove_activations(work_dir: Path) -> None:
+    """Delete the saved block inputs (hidden.safetensors, or the offloaded batch files)."""
     (work_dir / HIDDEN_FILE).unlink(missing_ok=True)
+    root = work_dir / ACTIVATIONS_DIR
+    if root.is_dir() and not root.is_symlink():
+        for folder in root.iterdir():
+            if folder.is_dir() and not folder.is_symlink():
+                for p in folder.iterdir():
+                    p.unlink()
+                folder.rmdir()
+        root.rmdir()
+
+
+def activations_intact(work_dir: Path, files: dict[str, str], generation: int, offloaded: bool) -> bool:
+    """Whether the recorded inputs of block `generation` are there with their digests."""
+    if not offloaded:
+        return intact(work_dir, HIDDEN_FILE, files)
+    prefix = f"{ACTIVATIONS_DIR}/{generation % 2}/"
+    names = [k for k in files if k.startswith(prefix)]
+    return bool(names) and all(intact(work_dir, k, files) for k in names)
 
 
 def discard_from(work_dir: Path, first: int) -> None:
@@ -260,4 +282,61 @@ def discard_from(work_dir: Path, first: int) -> None:
             continue
         if index >= first:
             p.unlink()
-    (work_dir / HIDDEN_FILE).unlink(missing_ok=True)
+    remove_activations(work_dir)
+
+
+# -- block inputs kept on disk (--offload-activations) -------------------------------------------
+ACTIVATIONS_DIR = "activations"
+
+
+class OffloadedActivations:
+    """The hidden states entering a block for every calibration batch, one safetensors file
+    per batch under `<work_dir>/activations/<g % 2>` (g: the block they enter), so that only
+    the batch being computed is in memory. Indexed like the in-memory tensor, by the slice
+    of a whole batch: `acts[b0:b1]` reads that batch's file, `acts[b0:b1] = x` writes it
+    atomically. Two folders alternate: a block reads one and writes the other, and the
+    folder the state file records is never written."""
+
+    def __init__(self, work_dir: Path, generation: int, shape: tuple[int, ...], dtype: torch.dtype, fresh: bool):
+        self.work_dir, self.generation, self.shape, self.dtype = Path(work_dir), generation, tuple(shape), dtype
+        self.folder = self.work_dir / ACTIVATIONS_DIR / str(generation % 2)
+        self.digests: dict[str, str] = {}
+        if fresh:
+            if self.folder.exists():
+                for p in self.folder.iterdir():
+                    p.unlink()
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _name(key: slice) -> str:
+        return f"{key.start}-{key.stop}.safetensors"
+
+    def relative(self, name: str) -> str:
+        return f"{ACTIVATIONS_DIR}/{self.generation % 2}/{name}"
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        with safe_open(str(self.folder / self._name(key)), framework="pt") as f:
+            return f.get_tensor("hidden_states")
+
+    def __setitem__(self, key: slice, value: torch.Tensor) -> None:
+        path = self.folder / self._name(key)
+        tmp = _tmp(path)
+        torch_save_file({"hidden_states": value.to(self.dtype).contiguous()}, str(tmp))
+        replace_durably(tmp, path)
+        self.digests[self.relative(path.name)] = sha256_file(path)
+
+    def empty_like(self) -> "OffloadedActivations":
+        """The store of the next block's inputs (the other folder, emptied)."""
+        return OffloadedActivations(self.work_dir, self.generation + 1, self.shape, self.dtype, fresh=True)
+
+    @classmethod
+    def recorded(cls, work_dir: Path, generation: int, shape, dtype, files: dict[str, str]) -> "OffloadedActivations":
+        """The inputs of block `generation` as the state file records them; WorkDirDamaged
+        when a batch file is missing or does not match its digest."""
+        acts = cls(work_dir, generation, shape, dtype, fresh=False)
+        prefix = f"{ACTIVATIONS_DIR}/{generation % 2}/"
+        acts.digests = {k: v for k, v in files.items() if k.startswith(prefix)}
+        if not acts.digests or not all(intact(work_dir, k, files) for k in acts.digests):
+            raise WorkDirDamaged(f"work directory {work_dir}: the saved inputs of block {generation} are missing or "
+                                 "do not match their recorded digests")
+        return acts

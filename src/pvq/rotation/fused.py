@@ -201,16 +201,9 @@ def rotation_layout_for(model: nn.Module, check_values: bool = True) -> tuple[Ar
         prefix = adapter.block_prefix(i)
         for path in (*layout.attn_inputs, layout.attn_output, *layout.mlp_inputs, layout.mlp_output):
             try:
-                lin = block.get_submodule(path)
-            except AttributeError:
-                raise UnsupportedArchitectureError(
-                    f"cannot rotate {_arch(model)}: decoder block {prefix} has no {path!r} (rotation layout {L!r})"
-                ) from None
-            if not isinstance(lin, nn.Linear):
-                raise UnsupportedArchitectureError(
-                    f"cannot rotate {_arch(model)}: {prefix}.{path} is {type(lin).__name__}, not nn.Linear "
-                    "(rotate the float model before quantizing it)"
-                )
+                adapter.block_linear(block, i, path)
+            except UnsupportedArchitectureError as e:
+                raise UnsupportedArchitectureError(f"cannot rotate {_arch(model)}: {e}") from None
         for path in (layout.input_norm, layout.post_norm):
             try:
                 norm = block.get_submodule(path)

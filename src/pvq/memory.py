@@ -1,0 +1,174 @@
+"""What a quantize job will need, predicted from the model's dimensions before any weight is read.
+
+`plan_job_memory(config, ...)` builds the model on the meta device, which allocates
+nothing. It counts the parameters it needs and predicts the peak host memory of each phase
+of `pvq quantize`, with and without `--stream`. The formula (README "Memory") uses these
+symbols, all in bytes:
+
+- P: all parameters; Pd: the dense ones (embedding, norms, head when untied: everything
+  that is not a quantized linear); Pb: the largest decoder block; Pl: the quantized
+  linears of the largest block;
+- A = n x L x H x c: the calibration activations (n windows of L tokens, hidden size H,
+  c bytes per value of the compute dtype);
+- G: the largest quantization group's Hessians, sum over its layers of 12 x in^2 (a float64
+  sum and a float32 copy);
+- M = 4 (3 r x in + 2 in^2): the method's working memory for the largest layer (r rows);
+- F = 4 b x L (3 I + 4 H): one batch's forward temporaries (b windows, MLP width I);
+- Q = bpw / 8 x (P - Pd): the packed layers;
+- R0: the process before the job (interpreter, torch, transformers; measured).
+
+Phases:
+- quantize: R0 + 4P + 3A + 8 Pl + G + M + F + Q (3A: a block's inputs, its outputs and the
+  resumable copy being written). Streamed: 4 (P - Pd) becomes the largest block, so R0 + 4 Pd
+  + 4 Pb + 3A + 8 Pl + G + M + F + Q. With --offload-activations the activations are files,
+  one per batch of b windows, and 3A becomes 2A b / n (one batch in, one out).
+- save: R0 + 4 Pd + Q (the model) + 2 Pd (the stored copy of the dense tensors) + min(S, Q +
+  2 Pd) (the shard being written is serialised in memory; S: --max-shard-size, transformers'
+  default 50 GB).
+- evaluate: R0 + 4P (the float reference) + 4 Pd + Q (the loaded checkpoint) + 4 (P - Pd)
+  (its layers decoded once) + 6 L x V x 4 (logits). Streamed: the reference is one block
+  at a time and the layers stay packed, so R0 + 4 Pd + Q + 4 Pd + 4 Pb + 2 x E x L x H x 4
+  (the evaluation windows' hidden states) + 6 L x V x 4.
+
+Device memory (with --device cuda) is one block and its batch: 4 Pb + 8 Pl + G + M + F + 2
+x b x L x H x c. Disk: the checkpoint (Q + 2 Pd) and the work directory (Q + A).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pvq.errors import PVQError
+
+
+class MemoryPlanError(PVQError, ValueError):
+    """A run predicted not to fit the memory this machine has."""
+
+
+@dataclass
+class MemoryPlan:
+    phases: dict[str, int]  # predicted peak host bytes per phase
+    device_bytes: int  # one block on the compute device
+    disk_bytes: dict[str, int]  # checkpoint, work directory
+    terms: dict[str, int]  # the formula's symbols
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def describe(self, available: int | None = None) -> str:
+        gib = 2**30
+        lines = ["predicted memory (pvq.memory; README \"Memory\")"]
+        for phase, value in self.phases.items():
+            lines.append(f"  host, {phase:<10} {value / gib:8.2f} GiB")
+        lines.append(f"  peak             {self.peak_bytes / gib:8.2f} GiB ({self.peak_phase})")
+        lines.append(f"  device (cuda)    {self.device_bytes / gib:8.2f} GiB (one block and its batch)")
+        for what, value in self.disk_bytes.items():
+            lines.append(f"  disk, {what:<10} {value / gib:8.2f} GiB")
+        if available is not None:
+            lines.append(f"  available now    {available / gib:8.2f} GiB (MemAvailable + this process)")
+        return "\n".join(lines)
+
+
+def available_host_bytes() -> int | None:
+    """Memory this job could use: MemAvailable plus what the process already holds."""
+    from pvq.jobs import resident_memory_bytes
+
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    except (OSError, ValueError, IndexError):
+        return None
+    avail = info.get("MemAvailable")
+    if avail is None:
+        return None
+    try:  # a container's limit (cgroup v2) can be below what the machine has free
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(0, avail) + (resident_memory_bytes() or 0)
+
+
+def _sizes(config) -> dict[str, int]:
+    """Parameter counts of a model built on the meta device from `config`."""
+    from transformers import AutoModelForCausalLM
+
+    from pvq.models.adapters import adapter_for_type
+
+    adapter = adapter_for_type(getattr(config, "model_type", None))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    adapter.prepare(model)
+    blocks = adapter.get_blocks(model)
+    total = sum(p.numel() for p in model.parameters())
+    block_params, block_linears, linears_total, groups, layer_work = 0, 0, 0, 0, 0
+    for block in blocks:
+        b = sum(p.numel() for p in block.parameters())
+        lin = 0
+        for group in adapter.block_groups(block):
+            g = 0
+            for name in group:
+                m = block.get_submodule(name)
+                lin += m.weight.numel()
+                g += 12 * m.in_features ** 2
+                layer_work = max(layer_work, 4 * (3 * m.out_features * m.in_features + 2 * m.in_features ** 2))
+            groups = max(groups, g)
+        block_params, block_linears = max(block_params, b), max(block_linears, lin)
+        linears_total += lin
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"P": total, "Pd": total - linears_total, "Pb": block_params, "Pl": block_linears, "G": groups,
+            "M": layer_work, "H": text.hidden_size, "I": getattr(text, "intermediate_size", text.hidden_size),
+            "V": text.vocab_size}
+
+
+def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib_seqlen: int, batch_size: int,
+                    compute_dtype_bytes: int, eval_windows: int, eval_seqlen: int, evaluate: bool, stream: bool,
+                    calibrate: bool = True, baseline: int | None = None, offload_activations: bool = False,
+                    shard_bytes: int = 50 * 10**9) -> MemoryPlan:
+    """The formula of the module docstring for one job."""
+    from pvq.jobs import resident_memory_bytes
+
+    s = _sizes(config)
+    P, Pd, Pb, Pl, G, M, H, I, V = (s[k] for k in ("P", "Pd", "Pb", "Pl", "G", "M", "H", "I", "V"))
+    R0 = baseline if baseline is not None else (resident_memory_bytes() or 0)
+    L = calib_seqlen
+    A = calib_windows * L * H * compute_dtype_bytes if calibrate else 0
+    F = 4 * batch_size * L * (3 * I + 4 * H) if calibrate else 0
+    Gc = G if calibrate else 0
+    Q = int(bits_per_weight / 8 * (P - Pd))
+    acts = 2 * A * min(batch_size, calib_windows) // calib_windows if offload_activations else 3 * A
+    if stream:
+        quantize = R0 + 4 * Pd + 4 * Pb + acts + 8 * Pl + Gc + M + F + Q
+    else:
+        quantize = R0 + 4 * P + acts + 8 * Pl + Gc + M + F + Q
+    phases = {"quantize": quantize, "save": R0 + 4 * Pd + Q + 2 * Pd + min(shard_bytes, Q + 2 * Pd)}
+    if evaluate:
+        logits = 6 * eval_seqlen * V * 4
+        if stream:
+            phases["evaluate"] = R0 + 4 * Pd + Q + 4 * Pd + 4 * Pb + 2 * eval_windows * eval_seqlen * H * 4 + logits
+        else:
+            phases["evaluate"] = R0 + 4 * P + 4 * Pd + Q + 4 * (P - Pd) + logits
+    device = 4 * Pb + 8 * Pl + Gc + M + F + 2 * batch_size * L * H * compute_dtype_bytes
+    disk = {"checkpoint": Q + 2 * Pd, "work dir": Q + A}
+    return MemoryPlan(phases, device, disk, {**s, "R0": R0, "A": A, "F": F, "Q": Q})
+
+
+def check_fits(plan: MemoryPlan, available: int | None, what: str = "this run") -> None:
+    """MemoryPlanError when the predicted peak exceeds `available` (None: unknown, no check)."""
+    if available is None or plan.peak_bytes <= available:
+        return
+    gib = 2**30
+    raise MemoryPlanError(
+        f"{what} is predicted to need {plan.peak_bytes / gib:.2f} GiB of host memory ({plan.peak_phase}), "
+        f"more than the {available / gib:.2f} GiB available; try --stream, fewer --calib-windows, --no-eval, "
+        "or --ignore-memory-check to run anyway")
