@@ -13,7 +13,8 @@ tokens of the WikiText-2 validation text, evaluation on 2 windows of 256. The ru
 
 For each run the table gives the peak resident memory (VmHWM) of the process, or of rank 0
 under torchrun, as a ratio to the float32 model's size. Beside it is pvq.memory's prediction
-for the same settings (`--dry-run`), the mean wall seconds per block, the whole job's
+for the same settings (`pvq quantize ... --dry-run`, run separately; `--repredict FILE`
+recomputes it for the rows of an earlier results file), the mean wall seconds per block, the whole job's
 seconds, and whether the checkpoint's files are byte-identical to the in-memory run's.
 GPTQ stands in for PVQ here because time is not what is measured: the memory does not
 depend on the method beyond its packed size, while PVQ's encoder would make the 1.5B runs
@@ -85,6 +86,25 @@ def job(args: list[str], out: Path, processes: int = 1) -> dict:
     return report
 
 
+def predicted_peak(args: list[str]) -> int:
+    """pvq.memory's predicted peak (bytes) for these job arguments, from `--dry-run`."""
+    pvq = shutil.which("pvq") or str(Path(sys.executable).parent / "pvq")
+    run = subprocess.run([pvq, "quantize", *args, "--out", "bench-out/scale-out/never", "--dry-run",
+                          "--ignore-memory-check"], capture_output=True, text=True)
+    for line in run.stdout.splitlines():
+        if line.strip().startswith("peak"):
+            return int(float(line.split()[1]) * 2**30)
+    raise SystemExit(f"no prediction in:\n{run.stdout}\n{run.stderr}")
+
+
+def job_args(size: str, run: str, root: Path) -> list[str]:
+    common = ["--method", "gptq", "--bits", "4", "--group-size", "128", "--calib-text", str(SHARED / "tokenized" /
+              "valid.txt"), "--calib-windows", "8", "--calib-seqlen", "256", "--batch-size", "4",
+              "--eval-text", str(SHARED / "raw" / "wiki.test.raw"), "--eval-windows", "2", "--eval-seqlen", "256",
+              "--device", "cpu"]
+    return [str(root / size), *common, *RUNS[run][0]]
+
+
 def digest(out: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())
             if f.name in MODEL_FILES or f.name.startswith("model-")}
@@ -95,27 +115,29 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="*", default=list(SIZES))
     ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--out", default="bench-out/scale.json")
+    ap.add_argument("--repredict", nargs="*", default=[], help="results files whose predictions to recompute")
     args = ap.parse_args()
     root = Path("bench-out/scale-models")
     root.mkdir(parents=True, exist_ok=True)
-    common = ["--method", "gptq", "--bits", "4", "--group-size", "128", "--calib-text", str(SHARED / "tokenized" /
-              "valid.txt"), "--calib-windows", "8", "--calib-seqlen", "256", "--batch-size", "4",
-              "--eval-text", str(SHARED / "raw" / "wiki.test.raw"), "--eval-windows", "2", "--eval-seqlen", "256",
-              "--device", "cpu"]
+    if args.repredict:
+        rows = [r for f in args.repredict for r in json.loads(Path(f).read_text())]
+        for r in rows:
+            r["predicted_peak_bytes"] = predicted_peak(job_args(r["size"], r["run"], root))
+        table(rows, args.out)
+        return
     rows = []
     for size in args.sizes:
-        model = make_model(size, root)
+        make_model(size, root)
         runs = {}
         for name in args.runs:
-            extra, procs = RUNS[name]
-            report = job([str(model), *common, *extra], Path(f"bench-out/scale-out/{size}-{name.replace(' ', '_').replace(',', '')}"),
-                         procs)
+            report = job(job_args(size, name, root),
+                         Path(f"bench-out/scale-out/{size}-{name.replace(' ', '_').replace(',', '')}"), RUNS[name][1])
             runs[name] = report
             blocks = [s for s in report["block_seconds"] if s is not None]
             row = {
                 "size": size, "run": name, "parameters": report["float_model_memory_bytes"] // 4,
                 "float32_bytes": report["float_model_memory_bytes"], "peak_bytes": report["peak_memory_bytes"],
-                "predicted_peak_bytes": report["predicted_peak_memory_bytes"],
+                "predicted_peak_bytes": predicted_peak(job_args(size, name, root)),
                 "seconds_per_block": sum(blocks) / len(blocks), "job_seconds": report["wall_seconds"],
                 "identical_to_in_memory": (digest(Path(report["checkpoint"])) == digest(Path(runs["in memory"]["checkpoint"]))
                                            if "in memory" in runs else None),
@@ -123,6 +145,10 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+    table(rows, args.out)
+
+
+def table(rows: list[dict], out: str) -> None:
     gib = 2**30
     print("\n| model | run | float32 model | peak RSS | peak / float32 | predicted | predicted / measured | s per block | job s | bytes = in-memory run |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -132,8 +158,8 @@ def main() -> None:
               f"{r['predicted_peak_bytes'] / gib:.2f} GiB | {r['predicted_peak_bytes'] / r['peak_bytes']:.2f} | "
               f"{r['seconds_per_block']:.1f} | {r['job_seconds']:.0f} | "
               f"{ {True: 'yes', False: 'NO', None: 'not run'}[r['identical_to_in_memory']]} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

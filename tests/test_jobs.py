@@ -54,6 +54,10 @@ def test_quantize_job_reports_and_round_trips(tiny_dir, tmp_path, method, config
     assert report["eval_windows"] == 4 and 0 <= report["top1_agreement"] <= 1 and report["kl_vs_float"] >= 0
     assert torch.isfinite(torch.tensor([report["ppl_float"], report["ppl_quantized"]])).all()
     assert json.loads((out / "job_report.json").read_text())["method"] == method
+    # every byte counted: the stored tensors over all parameters, float16 embedding included
+    stored = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert report["bits_per_parameter_whole_model"] == stored * 8 / report["parameters"]
+    assert report["bits_per_parameter_whole_model"] > report["bits_per_weight_measured"]
     text = format_report(report)
     assert "bits/weight" in text and "perplexity" in text and "peak memory" in text
 

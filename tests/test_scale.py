@@ -266,3 +266,19 @@ def test_offloaded_activations_give_the_same_bytes_and_resume(tmp_path):
         for key in plain[name]:
             assert (resumed[name][key] == plain[name][key]).all(), (name, key)
     assert not (tmp_path / "off" / "activations").exists()  # removed with the last block
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: scaled embeddings, soft-capped logits
+def test_the_streamed_float_reference_gives_the_model_s_logits(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pvq.eval.streamed import streamed_reference
+
+    source = _saved(family, tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    ids = windows(3, 24, seed=5)
+    reference = streamed_reference(StreamedModel(source), ids, batch_size=2, progress=False)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    got = torch.cat([reference.logits(0, 2), reference.logits(2, 3)])
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)

@@ -276,6 +276,11 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
                     report={"layers": layer_report, "source": jsonable(source), "recipe": recipe.to_dict()},
                     extra_files={RECIPE_FILE: opts.recipe_text} if opts.recipe_text is not None else None)
     report["checkpoint_bytes"] = dir_bytes(opts.out)
+    # every byte counted: all the stored tensors (packed layers, embedding, norms, head) per parameter
+    tensor_bytes = sum(f.stat().st_size for f in Path(opts.out).glob("*.safetensors"))
+    report["tensor_file_bytes"] = tensor_bytes
+    report["parameters"] = float16_bytes // 2
+    report["bits_per_parameter_whole_model"] = tensor_bytes * 8 / report["parameters"]
     report["world_size"] = w.size
     barrier(w)
 
@@ -443,6 +448,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"method           {report['method']}  {json.dumps(report['config'], sort_keys=True)}",
         f"bits/weight      nominal {report['bits_per_weight_nominal']:.4f}   measured {report['bits_per_weight_measured']:.4f}"
         f"   ({report['quantized_layers']} quantized linear layers)",
+        f"whole model      {report['bits_per_parameter_whole_model']:.4f} bits per parameter: "
+        f"{report['tensor_file_bytes'] / mib:.1f} MiB of safetensors for {report['parameters'] / 1e6:.1f}M parameters "
+        "(the quantized linears above, the embedding, norms and head as stored)",
         f"size             checkpoint {report['checkpoint_bytes'] / mib:.1f} MiB   vs float16 model "
         f"{report['float16_model_bytes'] / mib:.1f} MiB   ({report['checkpoint_bytes'] / report['float16_model_bytes']:.3f}x)",
         "proxy loss       " + (f"mean over layers {report['mean_proxy_loss']:.4g}" if report["mean_proxy_loss"] is not None
