@@ -12,10 +12,10 @@ symbols, all in bytes:
   c bytes per value of the compute dtype);
 - G: the largest quantization group's Hessians, sum over its layers of 12 x in^2 (a float64
   sum and a float32 copy);
-- M = 80 r x in + 44 in^2: the method's working memory for its largest layer (r rows), as
-  measured for GPTQ and PVQ (the damped Hessian's float64 Cholesky factor, inverse and their
-  copies, about 44 bytes per in^2, and the error-feedback temporaries, about 80 bytes per
-  weight; PVQ needs less of the latter);
+- M = 96 r x in + 10 in^2: the method's working memory for its largest layer (r rows), fitted
+  to GPTQ's measured peaks on 1024 x 4096, 4096 x 1024 and 2048 x 2048 layers (copies of
+  the weight, codes, packing, dequantization and proxy loss per weight; the damped
+  Hessian's float64 Cholesky work per in^2). PVQ measures at or below it;
 - F = 4 b x L (3 I + 4 H): one batch's forward temporaries (b windows, MLP width I);
 - Q = bpw / 8 x (P - Pd): the packed layers;
 - R0: the process before the job (interpreter, torch, transformers; measured).
@@ -124,7 +124,7 @@ def _sizes(config) -> dict[str, int]:
                 m = block.get_submodule(name)
                 lin += m.weight.numel()
                 g += 12 * m.in_features ** 2
-                layer_work = max(layer_work, 80 * m.out_features * m.in_features + 44 * m.in_features ** 2)
+                layer_work = max(layer_work, 96 * m.out_features * m.in_features + 10 * m.in_features ** 2)
             groups = max(groups, g)
         block_params, block_linears = max(block_params, b), max(block_linears, lin)
         linears_total += lin

@@ -113,7 +113,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTQCon
     gs = resolve_group_size(config.group_size, C)
     G = C // gs
     bits = config.bits
-    H = hessian.detach().to(device="cpu", dtype=torch.float64)
+    H = hessian.detach().to(device="cpu")  # float64 inside inverse_hessian_cholesky only
 
     perm = None
     W = W0.clone()

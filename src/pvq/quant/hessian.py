@@ -68,8 +68,10 @@ def inverse_hessian_cholesky(
     if not torch.isfinite(H).all():
         raise QuantizationError("Hessian has non-finite values")
     C = H.shape[0]
+    # a few C x C float64 matrices at a time (it dominates quantization memory for wide layers)
     H64 = H.detach().to(device="cpu", dtype=torch.float64)
-    H64 = 0.5 * (H64 + H64.T)
+    H64 = H64 + H64.T
+    H64.mul_(0.5)
     diag = torch.diagonal(H64)
     dead = diag == 0
     H64[dead, dead] = 1.0
@@ -77,14 +79,19 @@ def inverse_hessian_cholesky(
     if not scale > 0:  # cannot happen after the dead-column fix, kept as a guard
         scale = 1.0
     damping = percdamp * scale
-    eye = torch.eye(C, dtype=torch.float64)
     for attempt in range(max_retries + 1):
-        L, info = torch.linalg.cholesky_ex(H64 + damping * eye)
+        damped = H64 + 0.0  # H + damping I, element for element as that sum computes it, without an identity
+        torch.diagonal(damped).add_(damping)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0:
                 U32 = U.to(torch.float32)
+                del U
                 if bool(torch.isfinite(U32).all()) and bool((torch.diagonal(U32) > 0).all()):
                     if attempt:
                         log.warning(
