@@ -170,7 +170,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     out_r, work_r = Path(opts.out).resolve(), Path(work_dir).resolve()
     if out_r == work_r or out_r in work_r.parents or work_r in out_r.parents:
         raise JobError(f"--work-dir {work_dir} and --out {opts.out} must be separate directories")
-    if recipe.needs_calibration():
+    if recipe.needs_calibration() and w.rank == 0:  # rank 0 claims it for every rank (pipeline)
         check_claimable(Path(work_dir))
     if opts.max_shard_size is not None:
         shard_size_bytes(opts.max_shard_size)
@@ -193,7 +193,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
             log.warning("%s; the quantized model will be compared with the float model on held-out text sampled "
                         "from the float model (KL, top-1 agreement; no perplexity)", e)
 
-    plan = _memory_plan(opts, recipe, config)
+    plan = _memory_plan(opts, recipe, config, w, eval_text)
     available = available_host_bytes()
     if opts.dry_run:
         print(plan.describe(available))
@@ -332,20 +332,26 @@ def _evaluate(report: dict[str, Any], opts: JobOptions, tokenizer, reference, lo
         report["act_quant_seconds_in_ppl"] = act_seconds
 
 
-def _memory_plan(opts: JobOptions, recipe: Recipe, config) -> MemoryPlan:
-    """pvq.memory's prediction for this job, from the model's config alone."""
+def _memory_plan(opts: JobOptions, recipe: Recipe, config, w, eval_text: EvalText | None) -> MemoryPlan:
+    """pvq.memory's prediction for this job (every process of a torchrun job on this host
+    together), from the model's config alone."""
+    import os
+
     from pvq.models.loading import load_config
 
     model_config = load_config(opts.model)
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     bpw = get_method(opts.method).nominal_bits_per_weight(config, text.hidden_size)
-    eval_windows = opts.eval_windows or 0
+    eval_windows = opts.eval_windows
+    if eval_windows is None:  # all of the text: estimated at 4 characters per token
+        eval_windows = len(eval_text.text) // 4 // opts.eval_seqlen if eval_text is not None else 0
     return plan_job_memory(model_config, bits_per_weight=bpw, calib_windows=opts.calib_windows,
                            calib_seqlen=opts.calib_seqlen, batch_size=opts.batch_size,
                            compute_dtype_bytes=torch.finfo(getattr(torch, opts.compute_dtype)).bits // 8,
                            eval_windows=eval_windows, eval_seqlen=opts.eval_seqlen, evaluate=opts.evaluate,
                            stream=opts.stream, calibrate=recipe.needs_calibration(),
                            offload_activations=opts.offload_activations,
+                           processes=w.size, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", w.size)),
                            **({"shard_bytes": shard_size_bytes(opts.max_shard_size)} if opts.max_shard_size else {}))
 
 

@@ -33,6 +33,12 @@ Phases:
   at a time and the layers stay packed, so R0 + 4 Pd + Q + 4 Pd + 4 Pb + 2 x E x L x H x 4
   (the evaluation windows' hidden states) + 6 L x V x 4.
 
+Under torchrun (N processes, Nl of them on this host) each process holds its own copy of
+everything above except the activations, which it holds for its 1/N of the batches; its
+Hessian products stay per batch until the group's pass ends, so G becomes G (8 k + 4) / 12
+with k = ceil(batches / N). The quantize and save phases are summed over the Nl local
+processes (the other ranks wait for rank 0's save, then exit before it evaluates).
+
 Device memory (with --device cuda) is one block and its batch: 4 Pb + 8 Pl + G + M + F + 2
 x b x L x H x c. Disk: the checkpoint (Q + 2 Pd) and the work directory (Q + A).
 """
@@ -137,6 +143,7 @@ def _sizes(config) -> dict[str, int]:
 def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib_seqlen: int, batch_size: int,
                     compute_dtype_bytes: int, eval_windows: int, eval_seqlen: int, evaluate: bool, stream: bool,
                     calibrate: bool = True, baseline: int | None = None, offload_activations: bool = False,
+                    processes: int = 1, local_processes: int = 1,
                     shard_bytes: int = 50 * 10**9) -> MemoryPlan:
     """The formula of the module docstring for one job."""
     from pvq.jobs import resident_memory_bytes
@@ -145,9 +152,12 @@ def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib
     P, Pd, Pb, Pl, G, M, H, I, V = (s[k] for k in ("P", "Pd", "Pb", "Pl", "G", "M", "H", "I", "V"))
     R0 = baseline if baseline is not None else (resident_memory_bytes() or 0)
     L = calib_seqlen
-    A = calib_windows * L * H * compute_dtype_bytes if calibrate else 0
+    A = -(-calib_windows // processes) * L * H * compute_dtype_bytes if calibrate else 0
     F = 4 * batch_size * L * (3 * I + 4 * H) if calibrate else 0
     Gc = G if calibrate else 0
+    if processes > 1 and calibrate:  # per-batch products until each group's pass ends
+        batches = -(-calib_windows // batch_size)
+        Gc = G * (8 * -(-batches // processes) + 4) // 12
     Q = int(bits_per_weight / 8 * (P - Pd))
     acts = 2 * A * min(batch_size, calib_windows) // calib_windows if offload_activations else 3 * A
     if stream:
@@ -161,6 +171,8 @@ def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib
             phases["evaluate"] = R0 + 4 * Pd + Q + 4 * Pd + 4 * Pb + 2 * eval_windows * eval_seqlen * H * 4 + logits
         else:
             phases["evaluate"] = R0 + 4 * P + 4 * Pd + Q + 4 * (P - Pd) + logits
+    for phase in ("quantize", "save"):  # the other ranks wait for rank 0's save, then exit before it evaluates
+        phases[phase] *= local_processes
     device = 4 * Pb + 8 * Pl + Gc + M + F + 2 * batch_size * L * H * compute_dtype_bytes
     disk = {"checkpoint": Q + 2 * Pd, "work dir": Q + A}
     return MemoryPlan(phases, device, disk, {**s, "R0": R0, "A": A, "F": F, "Q": Q})

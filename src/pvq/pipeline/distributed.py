@@ -92,19 +92,26 @@ def local_windows(windows: torch.Tensor, batch_size: int, w: World) -> torch.Ten
     return torch.cat(parts)
 
 
-def sum_in_global_order(parts: dict[int, torch.Tensor], rows: dict[int, int], n_batches: int, shape, w: World):
+def sum_in_global_order(parts: dict[int, torch.Tensor], rows: dict[int, int], n_batches: int, shape, w: World,
+                        tag: str = "", device: torch.device | str = "cpu"):
     """The sum over global batches of per-batch float64 products, in global batch order (as
     one process adds them), on every rank, and the total row count. `parts` / `rows`: this
-    rank's products and row counts by local batch index."""
+    rank's products and row counts by local batch index; `tag` names the layer, so that ranks
+    that are not at the same layer fail instead of mixing their sums; `device`: where the
+    products live (the compute device; nccl broadcasts CUDA tensors)."""
     counts = [None] * w.size
-    dist.all_gather_object(counts, {k: int(v) for k, v in rows.items()})
+    dist.all_gather_object(counts, (tag, {k: int(v) for k, v in rows.items()}))
+    tags = {t for t, _ in counts}
+    if len(tags) > 1:
+        raise DistributedError(f"the ranks are at different layers ({', '.join(sorted(tags))}); they must resume "
+                               "from the same block")
     total, rows_total = None, 0
     for j in range(n_batches):
         owner, k = w.owner(j), j // w.size
-        n = counts[owner].get(k, 0)
+        n = counts[owner][1].get(k, 0)
         if not n:
             continue  # the layer never ran in this batch (an expert no token of it reached)
-        buf = parts[k] if owner == w.rank else torch.empty(shape, dtype=torch.float64)
+        buf = parts[k] if owner == w.rank else torch.empty(shape, dtype=torch.float64, device=device)
         dist.broadcast(buf, src=owner)
         rows_total += n
         if total is None:
@@ -112,6 +119,15 @@ def sum_in_global_order(parts: dict[int, torch.Tensor], rows: dict[int, int], n_
         else:
             total += buf
     return total, rows_total
+
+
+def agree_on_start(start: int, w: World) -> int:
+    """The first block every rank can resume from (the smallest of the ranks' starts)."""
+    if not w.active:
+        return start
+    value = torch.tensor([start], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value)
 
 
 def share(owned: dict[int, object], n_items: int, w: World) -> list[object]:

@@ -59,7 +59,7 @@ from pvq.quant import QuantizationError, QuantizedTensor, get_method
 from pvq.quant import proxy_loss as _proxy_loss
 
 from . import workdir as wd
-from .distributed import DistributedError, World, local_windows, share, sum_in_global_order, world
+from .distributed import DistributedError, World, agree_on_start, barrier, local_windows, share, sum_in_global_order, world
 
 log = logging.getLogger(__name__)
 
@@ -345,8 +345,10 @@ class HessianAccumulator:
         if self.world is None:
             return
         for name, module in self.modules.items():  # the same order on every rank
+            device = next(iter(module.parameters()), torch.empty(0)).device
             total, rows = sum_in_global_order(self._parts[name], self._rows[name], self.n_batches,
-                                              (module.in_features, module.in_features), self.world)
+                                              (module.in_features, module.in_features), self.world, tag=name,
+                                              device=device)
             self._parts[name] = {}
             if total is not None:
                 self.sums[name] = total
@@ -471,7 +473,9 @@ def quantize_model(
     if w.active:
         progress = progress and w.rank == 0
         if work_dir is not None:  # each rank resumes its own batches' state
-            wd.claim(Path(work_dir))
+            if w.rank == 0:
+                wd.claim(Path(work_dir))
+            barrier(w)
             work_dir = Path(work_dir) / f"rank{w.rank}-of-{w.size}"
 
     result = QuantizeResult()
@@ -510,14 +514,20 @@ def quantize_model(
             if state is not None:
                 _check_resumable(state, settings, fingerprint, work_dir)
                 start, replay = _verified_blocks(work_dir, state, n_blocks, offload_activations)
-                if start and start < n_blocks and not replay and not offload_activations:
-                    hidden_resumed = wd.load_hidden(work_dir, start - 1)
-                if start:
-                    log.info("resuming from %s: %d of %d blocks already quantized", work_dir, start, n_blocks)
             else:
                 state = {**settings, "model_fingerprint": fingerprint, "quantized_blocks": [], "blocks_done": 0,
                          "files": {}}
                 wd.write_state(work_dir, {**state, "device": str(device)})
+            common = agree_on_start(start, w)  # under torchrun every rank resumes from the same block
+            if common < start:  # another rank stopped earlier: redo from its block, like a damaged one
+                log.warning("rank %d: the other ranks finished %d blocks, this one %d; redoing from block %d",
+                            w.rank, common, start, common)
+                _discard_blocks(work_dir, state, common)
+                start, replay = common, common > 0
+            if start and start < n_blocks and not replay and not offload_activations:
+                hidden_resumed = wd.load_hidden(work_dir, start - 1)
+            if start:
+                log.info("resuming from %s: %d of %d blocks already quantized", work_dir, start, n_blocks)
         result.resumed_blocks = start
 
         def restore(i: int) -> None:
@@ -686,12 +696,7 @@ def _verified_blocks(work_dir: Path, state: dict, n_blocks: int, offloaded: bool
         good = i + 1
     replay = False
     if good < done:
-        wd.discard_from(work_dir, good)
-        keep = {n for i in range(good) for n in (p.name for p in wd.block_paths(work_dir, i))}
-        state["files"] = {k: v for k, v in files.items() if k in keep}
-        state["blocks_done"] = good
-        state["quantized_blocks"] = state.get("quantized_blocks", [])[:good]
-        wd.write_state(work_dir, state)
+        _discard_blocks(work_dir, state, good)
         replay = good > 0
     elif 0 < good < n_blocks and not wd.activations_intact(work_dir, files, good, offloaded):
         log.warning("work directory %s: the saved inputs of block %d do not match their recorded digest; "
@@ -715,6 +720,17 @@ def _replay_block(model, adapter, i, hidden, kwargs_list, batch_size, device, co
         block.to(home)
         if cast:
             _load_snapshot(block, snapshot)
+
+
+def _discard_blocks(work_dir: Path, state: dict, keep: int) -> None:
+    """Forget block `keep` and every later one (their files and the saved inputs), in the
+    state file too."""
+    wd.discard_from(work_dir, keep)
+    names = {n for i in range(keep) for n in (p.name for p in wd.block_paths(work_dir, i))}
+    state["files"] = {k: v for k, v in state.get("files", {}).items() if k in names}
+    state["blocks_done"] = keep
+    state["quantized_blocks"] = state.get("quantized_blocks", [])[:keep]
+    wd.write_state(work_dir, state)
 
 
 def hidden_shape(windows: torch.Tensor, batch_size: int, w: World, model: nn.Module) -> tuple[int, int, int]:
@@ -876,11 +892,12 @@ def _expert_index(adapter, lin: str) -> int | None:
 
 
 def _force_routed(adapter, experts, group, tokens: dict[str, int]) -> dict[str, int]:
-    """The group's expert linears whose expert was routed fewer calibration tokens than
-    the hidden size (its Hessian would be rank-deficient): {linear: expert index}."""
+    """The group's expert linears whose expert was routed fewer calibration tokens than the
+    widest input of its linears (the hidden size or the expert width: below it a Hessian is
+    rank-deficient): {linear: expert index}."""
     if experts is None:
         return {}
-    threshold = experts[0].gate_up_proj.in_features
+    threshold = max(experts[0].gate_up_proj.in_features, experts[0].down_proj.in_features)
     out = {}
     for lin in group:
         e = _expert_index(adapter, lin)
