@@ -9,7 +9,13 @@ a fresh process with the same settings: GPTQ 4-bit g128, 8 calibration windows o
 tokens of the WikiText-2 validation text, evaluation on 2 windows of 256. The runs are:
 - in memory: the default path;
 - streamed: `--stream`;
-- streamed, 2 processes: `torchrun --nproc-per-node 2 --no-python pvq quantize ... --stream`.
+- streamed, 1 thread: the same with OMP_NUM_THREADS=1;
+- streamed, 2 processes: `torchrun --nproc-per-node 2 --no-python pvq quantize ... --stream`
+  (torchrun gives each process one thread).
+
+The last column compares the checkpoint's files with the in-memory run's; for the
+2-process run, with the 1-thread run's when it was made (same threads per process: CPU
+matrix products may round differently with another thread count).
 
 For each run the table gives the peak resident memory (VmHWM) of the process, or of rank 0
 under torchrun, as a ratio to the float32 model's size. Beside it is pvq.memory's prediction
@@ -41,7 +47,9 @@ SIZES = {  # name: (hidden, layers, intermediate, heads, kv heads)
     "0.5b": (1024, 24, 4096, 16, 4),
     "1.5b": (2048, 28, 6144, 16, 4),
 }
-RUNS = {"in memory": ([], 1), "streamed": (["--stream"], 1), "streamed, 2 processes": (["--stream"], 2)}
+# name: (extra flags, processes, threads per process: None = torch's default)
+RUNS = {"in memory": ([], 1, None), "streamed": (["--stream"], 1, None),
+        "streamed, 1 thread": (["--stream"], 1, 1), "streamed, 2 processes": (["--stream"], 2, 1)}
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                "tokenizer.json", "tokenizer_config.json", "recipe.yaml", "pvq_index.json")
 
@@ -69,7 +77,7 @@ def make_model(size: str, root: Path) -> Path:
     return out
 
 
-def job(args: list[str], out: Path, processes: int = 1) -> dict:
+def job(args: list[str], out: Path, processes: int = 1, threads: int | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}.work", ignore_errors=True)
     pvq = shutil.which("pvq") or str(Path(sys.executable).parent / "pvq")
@@ -78,7 +86,8 @@ def job(args: list[str], out: Path, processes: int = 1) -> dict:
     else:
         cmd = [pvq]
     t0 = time.perf_counter()
-    run = subprocess.run([*cmd, "quantize", *args, "--out", str(out), "--quiet"], capture_output=True, text=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    run = subprocess.run([*cmd, "quantize", *args, "--out", str(out), "--quiet"], capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
     report = json.loads((out / "job_report.json").read_text())
@@ -103,6 +112,13 @@ def job_args(size: str, run: str, root: Path) -> list[str]:
               "--eval-text", str(SHARED / "raw" / "wiki.test.raw"), "--eval-windows", "2", "--eval-seqlen", "256",
               "--device", "cpu"]
     return [str(root / size), *common, *RUNS[run][0]]
+
+
+def reference(name: str, runs: dict) -> str | None:
+    """The run whose files this one's must equal (same threads per process where possible)."""
+    if name == "streamed, 2 processes" and "streamed, 1 thread" in runs:
+        return "streamed, 1 thread"
+    return "in memory" if "in memory" in runs and name != "in memory" else None
 
 
 def digest(out: Path) -> dict[str, str]:
@@ -131,7 +147,8 @@ def main() -> None:
         runs = {}
         for name in args.runs:
             report = job(job_args(size, name, root),
-                         Path(f"bench-out/scale-out/{size}-{name.replace(' ', '_').replace(',', '')}"), RUNS[name][1])
+                         Path(f"bench-out/scale-out/{size}-{name.replace(' ', '_').replace(',', '')}"), RUNS[name][1],
+                         RUNS[name][2])
             runs[name] = report
             blocks = [s for s in report["block_seconds"] if s is not None]
             row = {
@@ -139,9 +156,11 @@ def main() -> None:
                 "float32_bytes": report["float_model_memory_bytes"], "peak_bytes": report["peak_memory_bytes"],
                 "predicted_peak_bytes": predicted_peak(job_args(size, name, root)),
                 "seconds_per_block": sum(blocks) / len(blocks), "job_seconds": report["wall_seconds"],
-                "identical_to_in_memory": (digest(Path(report["checkpoint"])) == digest(Path(runs["in memory"]["checkpoint"]))
-                                           if "in memory" in runs else None),
-                "threads": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())),
+                "compared_with": reference(name, runs),
+                "identical_to_in_memory": (digest(Path(report["checkpoint"])) ==
+                                           digest(Path(runs[reference(name, runs)]["checkpoint"]))
+                                           if reference(name, runs) else None),
+                "threads": RUNS[name][2] or int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -150,16 +169,23 @@ def main() -> None:
 
 def table(rows: list[dict], out: str) -> None:
     gib = 2**30
-    print("\n| model | run | float32 model | peak RSS | peak / float32 | predicted | predicted / measured | s per block | job s | bytes = in-memory run |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | run | threads | float32 model | peak RSS | peak / float32 | predicted | predicted / measured | s per block | job s | same files as |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} ({r['parameters'] / 1e9:.2f}B) | {r['run']} | {r['float32_bytes'] / gib:.2f} GiB | "
+        print(f"| {r['size']} ({r['parameters'] / 1e9:.2f}B) | {r['run']} | {r['threads']} | {r['float32_bytes'] / gib:.2f} GiB | "
               f"{r['peak_bytes'] / gib:.2f} GiB | {r['peak_bytes'] / r['float32_bytes']:.2f}x | "
               f"{r['predicted_peak_bytes'] / gib:.2f} GiB | {r['predicted_peak_bytes'] / r['peak_bytes']:.2f} | "
               f"{r['seconds_per_block']:.1f} | {r['job_seconds']:.0f} | "
-              f"{ {True: 'yes', False: 'NO', None: 'not run'}[r['identical_to_in_memory']]} |")
+              f"{same(r)} |")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def same(r: dict) -> str:
+    ref = r.get("compared_with", "in memory")
+    if r["identical_to_in_memory"] is None:
+        return "-"
+    return f"{ref}: {'yes' if r['identical_to_in_memory'] else 'NO'}"
 
 
 if __name__ == "__main__":
