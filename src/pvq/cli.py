@@ -488,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pvq {args.command}: error: unrecognized arguments: {' '.join(unknown)} (see pvq {args.command} "
               "--help)", file=sys.stderr)
         return 2
+    import logging
+
+    from pvq.progress import progress_enabled, set_progress
+
+    logger = logging.getLogger("pvq")
+    saved = (logger.handlers[:], logger.propagate, logger.level, progress_enabled())
     _configure_output(args)
     try:
         return args.func(args)
@@ -507,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
               + ("; rerun the same command to resume from the finished blocks, if any" if args.command == "quantize"
                  else ""), file=sys.stderr)
         return 130
+    finally:  # main() called in-process (tests, scripts) leaves logging and progress bars as it found them
+        logger.handlers[:] = saved[0]
+        logger.propagate = saved[1]
+        logger.setLevel(saved[2])
+        set_progress(saved[3])
 
 
 if __name__ == "__main__":
