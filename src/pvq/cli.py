@@ -90,7 +90,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pvq.eval.perplexity import wikitext2_test
     from pvq.formats import decoded_weights
     from pvq.generate import warm_imports
-    from pvq.jobs import resident_memory_bytes
+    from pvq.memory import resident_memory_bytes
     from pvq.models import adapter_for
     from pvq.quant.activations import (
         ActQuantConfig,
@@ -228,7 +228,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from pvq.generate import generate_text, warm_imports
-    from pvq.jobs import resident_memory_bytes
+    from pvq.memory import resident_memory_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)

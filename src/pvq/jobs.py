@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 import torch
 
 from pvq.errors import PVQError
-from pvq.memory import MemoryPlan, MemoryPlanError, available_host_bytes, check_fits, plan_job_memory
 from pvq.eval.perplexity import (
     EvalDataError,
     EvalText,
@@ -31,6 +29,16 @@ from pvq.formats import (
     load_checkpoint,
     save_checkpoint,
     shard_size_bytes,
+)
+from pvq.memory import (
+    MemoryPlan,
+    MemoryPlanError,
+    available_host_bytes,
+    check_fits,
+    peak_memory_bytes,
+    plan_job_memory,
+    reset_peak_memory,
+    resident_memory_bytes,
 )
 from pvq.models import adapter_for, load_model, start_token_id
 from pvq.oneshot import Recipe, oneshot
@@ -85,39 +93,6 @@ class JobOptions:
     offload_activations: bool = False  # calibration activations in the work directory, one file per batch
     dry_run: bool = False  # print the predicted memory and disk use (pvq.memory) and stop
     ignore_memory_check: bool = False  # run even when the predicted peak exceeds the available memory
-
-
-def peak_memory_bytes() -> int:
-    """Peak resident memory of this process since start or since the last
-    `reset_peak_memory` (Linux: VmHWM; elsewhere ru_maxrss, which cannot be reset)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def resident_memory_bytes() -> int | None:
-    """Resident memory of this process now (Linux VmRSS), None where unknown."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_memory() -> bool:
-    """Start a new peak-memory measurement (Linux >= 4.0: writing 5 to clear_refs resets
-    VmHWM to the current RSS). Returns False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _distinct(tensors):

@@ -45,6 +45,7 @@ x b x L x H x c. Disk: the checkpoint (Q + 2 Pd) and the work directory (Q + A).
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,10 +87,41 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process since start or since the last
+    `reset_peak_memory` (Linux: VmHWM; elsewhere ru_maxrss, which cannot be reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resident_memory_bytes() -> int | None:
+    """Resident memory of this process now (Linux VmRSS), None where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> bool:
+    """Start a new peak-memory measurement (Linux >= 4.0: writing 5 to clear_refs resets
+    VmHWM to the current RSS). Returns False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def available_host_bytes() -> int | None:
     """Memory this job could use: MemAvailable plus what the process already holds."""
-    from pvq.jobs import resident_memory_bytes
-
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
@@ -146,8 +178,6 @@ def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib
                     processes: int = 1, local_processes: int = 1,
                     shard_bytes: int = 50 * 10**9) -> MemoryPlan:
     """The formula of the module docstring for one job."""
-    from pvq.jobs import resident_memory_bytes
-
     s = _sizes(config)
     P, Pd, Pb, Pl, G, M, H, I, V = (s[k] for k in ("P", "Pd", "Pb", "Pl", "G", "M", "H", "I", "V"))
     R0 = baseline if baseline is not None else (resident_memory_bytes() or 0)

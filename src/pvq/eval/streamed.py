@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pvq.pipeline.quantize_model import block_kinds, capture_block_inputs, run_block
+from pvq.pipeline.quantize_model import capture_block_inputs, run_block
 
 
 class _Given(nn.Module):
@@ -61,16 +61,8 @@ def streamed_reference(stream: Any, windows: torch.Tensor, batch_size: int = 4, 
 
     model, adapter = stream.model, stream.adapter
     blocks = adapter.get_blocks(model)
-    kinds = block_kinds(adapter, blocks)
-    capture = range(max(kinds.index(k) for k in kinds) + 1)
-    for i in capture:
-        stream.load_block(i)
-    try:
-        hidden, arguments = capture_block_inputs(model, adapter, windows, batch_size, torch.device("cpu"),
-                                                 torch.float32)
-    finally:
-        for i in capture:
-            stream.drop_block(i)
+    hidden, arguments = capture_block_inputs(model, adapter, windows, batch_size, torch.device("cpu"), torch.float32,
+                                             stream=stream)
     for i in progress_bar(range(len(blocks)), desc="float reference (streamed)", unit="block", enabled=progress):
         block = stream.load_block(i)
         try:

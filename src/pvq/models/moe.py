@@ -41,8 +41,11 @@ class UnfusedExperts(nn.ModuleList):
 
     def __init__(self, experts: list[ExpertMLP]):
         super().__init__(experts)
-        self.num_experts = len(experts)
         self.forced: frozenset[int] = frozenset()  # run on every token (calibration only)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         final = torch.zeros_like(hidden_states)

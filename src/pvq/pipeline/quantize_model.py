@@ -223,18 +223,22 @@ def capture_block_inputs(
     compute_dtype: torch.dtype,
     offload_to: Path | None = None,
     keep_hidden: bool = True,
+    stream: Any = None,
 ) -> tuple[Any, list[BlockArguments]]:
     """Hidden states entering block 0 for every window (CPU, compute dtype) and the
     keyword arguments the blocks are called with, per batch and block kind (on `device`).
     The forward runs up to the first block of the last kind to appear (block 0 alone for
     a family without kinds). `offload_to`: a work directory to write the hidden states to,
     batch by batch (`workdir.OffloadedActivations`); `keep_hidden=False`: the arguments only
-    (the hidden states are None)."""
+    (the hidden states are None); `stream`: the blocks the forward runs through are read
+    for it and dropped again (the arguments do not depend on their weights)."""
     blocks = adapter.get_blocks(model)
     first: dict[Any, int] = {}
     for i, kind in enumerate(block_kinds(adapter, blocks)):
         first.setdefault(kind, i)
     last = max(first.values())
+    for i in range(last + 1) if stream is not None else ():
+        stream.load_block(i)
     movers = [model.get_submodule(p) for p in adapter.pre_block] + [blocks[i] for i in range(last + 1)]
     homes = [_module_home(m) for m in movers]
     for m in movers:
@@ -286,6 +290,8 @@ def capture_block_inputs(
             handle.remove()
         for m, home in zip(movers, homes):
             m.to(home)
+        for i in range(last + 1) if stream is not None else ():
+            stream.drop_block(i)
     if not keep_hidden:
         return None, kwargs_list
     return (hidden_parts if offload_to is not None else torch.cat(hidden_parts)), kwargs_list
@@ -545,20 +551,14 @@ def quantize_model(
                 restore(i)
             return result
 
-        # the kwargs blocks are called with (masks, rotary tables) do not depend on their weights
-        capture_blocks = range(max(block_kinds(adapter, blocks).index(k) for k in block_kinds(adapter, blocks)) + 1)
-        for i in capture_blocks if stream is not None else ():
-            stream.load_block(i)
         resume_offloaded = offload_activations and 0 < start < n_blocks and not replay
         hidden, kwargs_list = capture_block_inputs(model, adapter, local_windows(windows, batch_size, w), batch_size,
                                                    device, compute_dtype,
                                                    offload_to=work_dir if offload_activations else None,
-                                                   keep_hidden=not resume_offloaded)
+                                                   keep_hidden=not resume_offloaded, stream=stream)
         if resume_offloaded:
             hidden = wd.OffloadedActivations.recorded(work_dir, start, hidden_shape(windows, batch_size, w, model),
                                                       compute_dtype, state["files"])
-        for i in capture_blocks if stream is not None else ():
-            stream.drop_block(i)
         if hidden_resumed is not None:
             if hidden_resumed.shape != hidden.shape or hidden_resumed.dtype != hidden.dtype:
                 raise wd.WorkDirError(
