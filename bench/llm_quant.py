@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from pvq.eval.perplexity import perplexity_details, wikitext2_test_rows
+from pvq.eval.perplexity import next_token_agreement, perplexity_details, wikitext2_test_rows
 from pvq.formats import decoded_weights
 from pvq.models import adapter_for, load_model
 from pvq.oneshot import Recipe, oneshot
@@ -123,7 +123,21 @@ ROWS.update({
     "w4a4-pvq-rtn-rot": ("pvq", W_PVQ_4, {**ROT, "act": A_RTN}),
     "w4a4-pvq-pvq-rot": ("pvq", W_PVQ_4, {**ROT, "act": A_PVQ}),
 })
-STUDIES = {"rotation": ROTATION_STUDY}
+# ---- issue 15: fine-tuning of the continuous parameters (extras "finetune": FinetuneConfig fields)
+# and the per-layer bit allocation (extras "target_bpw": the base setting's nominal bits per
+# weight, so the allocated row spends at most what the uniform one does)
+# ~3.25, ~2.25, ~2.5 and ~4.25 bits per weight
+QUALITY_BASES = ["pvq-d16-s3-emp4", "gptq-3b-g64", "gptvq-d2-b3", "pvq-d32-s2.125-emp4", "gptq-2b-g64", "gptvq-d2-b2",
+                 "pvq-d16-s2.25-emp4", "pvq-d32-s4.125-emp4", "gptq-4b-g64", "gptvq-d2-b4"]
+QUALITY_STUDY = []
+for _name in QUALITY_BASES:
+    _method, _fields = ROWS[_name][:2]
+    _target = round(get_method(_method).nominal_bits_per_weight(get_method(_method).make_config(_fields), 576), 4)
+    ROWS[f"{_name}-ft"] = (_method, _fields, {"finetune": {}})
+    ROWS[f"{_name}-alloc"] = (_method, _fields, {"target_bpw": _target})
+    ROWS[f"{_name}-alloc-ft"] = (_method, _fields, {"target_bpw": _target, "finetune": {}})
+    QUALITY_STUDY += [_name, f"{_name}-ft", f"{_name}-alloc", f"{_name}-alloc-ft"]
+STUDIES = {"rotation": ROTATION_STUDY, "quality": ["float", *QUALITY_STUDY]}
 
 
 def row_spec(spec) -> tuple[str | None, dict, dict]:
@@ -139,10 +153,10 @@ def weights_work_dir(name: str) -> str:
     weights are quantized, so rows that differ only in their activations share one: the
     first row (in ROWS order) with the same weights names it."""
     method, fields, extras = row_spec(ROWS[name])
-    weights = (method, fields, bool(extras.get("rotate")))
+    weights = (method, fields, bool(extras.get("rotate")), extras.get("target_bpw"))
     for other, spec in ROWS.items():
         m, f, e = row_spec(spec)
-        if (m, f, bool(e.get("rotate"))) == weights:
+        if (m, f, bool(e.get("rotate")), e.get("target_bpw")) == weights:
             return f"{other}.work"
     return f"{name}.work"
 
@@ -155,7 +169,9 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
     row: dict = {"row": name}
     method_name, fields, extras = row_spec(spec)
     recipe = Recipe(method=method_name, config=dict(fields), rotate=bool(extras.get("rotate")), act=extras.get("act"),
-                    compute_dtype=args.compute_dtype, batch_size=args.batch_size)
+                    compute_dtype=args.compute_dtype, batch_size=args.batch_size, calib_windows=args.calib_windows,
+                    calib_seqlen=args.calib_seqlen, finetune=extras.get("finetune"),
+                    target_bpw=extras.get("target_bpw"))
     result = oneshot(model, tokenizer, recipe, windows=windows if recipe.needs_calibration() else None,
                      work_dir=str(out_dir / weights_work_dir(name)), progress=True)
     if recipe.rotate:
@@ -165,7 +181,16 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
         q = result.quantized
         if q.mean_proxy_loss is not None:
             row["mean_proxy_loss"] = q.mean_proxy_loss
-        row["quant_seconds"] = result.seconds["quantization"]
+        row["quant_seconds"] = result.seconds["quantization"] + result.seconds["allocation"]
+        row["whole_model_bits_per_parameter"] = whole_model_bits_per_parameter(model, base_model)
+        if result.allocation is not None:
+            row.update(target_bpw=recipe.target_bpw, allocation=result.allocation.histogram(),
+                       allocation_seconds=result.seconds["allocation"])
+        if result.finetune is not None:
+            ft = result.finetune
+            row.update(finetune=ft.describe(), finetune_seconds=result.seconds["finetune"], finetune_steps=ft.steps,
+                       finetune_kept=ft.kept, finetune_val_kl=[ft.val_kl_before, ft.val_kl_stored],
+                       finetune_history=ft.history)
         row.update(method=method_name, config=fields, bpw_measured=q.measured_bits_per_weight,
                    bpw_nominal=method.nominal_bits_per_weight(recipe.method_config(), base_model.config.hidden_size))
     if result.act_record is not None:
@@ -179,8 +204,27 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
         row = {**row, **kept}
     with decoded_weights(model):  # many forwards: decode each quantized layer once
         _evaluate_row(row, model, eval_ids, args)
+        if "kl_vs_float" not in row and method_name is not None:
+            agreement = next_token_agreement(base_model, model, eval_ids["blank-lines"][: 8 * 512], seqlen=512,
+                                             progress=False)
+            row.update(kl_vs_float=agreement["kl"], top1_agreement=agreement["top1_agreement"])
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
+
+
+def whole_model_bits_per_parameter(model, float_model) -> float:
+    """Every stored byte per parameter of the float model: packed payloads plus the dense
+    tensors at 16 bits (tied ones once), as the checkpoint holds them."""
+    from pvq.formats import QuantizedLinear
+
+    payload = sum(m.stored_bytes for m in model.modules() if isinstance(m, QuantizedLinear))
+    seen, dense = set(), 0
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            dense += t.numel() * 2
+    params = sum(p.numel() for p in {p.data_ptr(): p for p in float_model.parameters()}.values())
+    return (payload + dense) * 8 / params
 
 
 def _evaluate_row(row: dict, model, eval_ids, args) -> None:
@@ -303,7 +347,29 @@ def main() -> None:
         os.replace(tmp, out_dir / f"{name}.json")
         results[name] = row
         print(json.dumps(row), flush=True)
-    print_table(results)
+    if args.study == "quality":
+        print_quality_table(results)
+    else:
+        print_table(results)
+
+
+def print_quality_table(results: dict[str, dict]) -> None:
+    """Issue 15's table: each base setting plain, fine-tuned, allocated, allocated + fine-tuned."""
+    base = results.get("float", {}).get("ppl_quick")
+    print("\n| row | method | bit allocation | fine-tuned | bpw (linears) | bits/param (whole model) | PPL quick "
+          "| vs float | KL vs float | top-1 | quant s | fine-tune s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in STUDIES["quality"]:
+        r = results.get(name)
+        if r is None or name == "float":
+            continue
+        alloc = f"target {r['target_bpw']:g}" if r.get("target_bpw") else "-"
+        ft = "-" if "finetune" not in r else ("yes" if r.get("finetune_kept") == "tuned" else "no gain, one-shot kept")
+        print(f"| {name} | {r['method']} | {alloc} | {ft} | {r['bpw_measured']:.3f} "
+              f"| {r.get('whole_model_bits_per_parameter', float('nan')):.3f} | {r['ppl_quick']:.2f} "
+              f"| {r['ppl_quick'] / base:.3f}x | {r.get('kl_vs_float', float('nan')):.4f} "
+              f"| {100 * r.get('top1_agreement', float('nan')):.1f}% | {r.get('quant_seconds', 0):.0f} "
+              f"| {r.get('finetune_seconds', 0):.0f} |" if base else f"| {name} | (no float row) |")
 
 
 if __name__ == "__main__":

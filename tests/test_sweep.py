@@ -226,3 +226,13 @@ def test_which_methods_need_calibration():
     assert not uses_hessian("pvq", get_method("pvq").config_class(use_hessian=False))
     with pytest.raises(QuantizationError, match="unknown method 'awq'"):
         uses_hessian("awq", {})
+
+
+def test_sweep_fine_tunes_every_quantized_point(tiny_dir, tmp_path):
+    opts = _opts(tiny_dir, tmp_path / "ft", methods=["rtn"], bits=[3], calib_windows=3,
+                 finetune={"steps": 2, "eval_every": 1, "val_windows": 1})
+    run_sweep(opts)
+    point = json.loads((tmp_path / "ft" / "points" / "rtn-3b.json").read_text())
+    assert point["settings"]["finetune"]["steps"] == 2 and point["settings"]["calibration"]["windows"] == 3
+    assert point["row"]["finetune_kept"] in ("tuned", "one-shot") and point["row"]["finetune_seconds"] > 0
+    assert "finetune" not in json.loads((tmp_path / "ft" / "points" / "float.json").read_text())["settings"]

@@ -15,6 +15,7 @@ from pvq.options import (
     act_config,
     add_act_options,
     add_quantize_options,
+    finetune_config,
 )
 
 
@@ -74,7 +75,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         overwrite=v["overwrite"], rotate=v["rotate"], rotate_seed=v["rotate_seed"], act=act_config(v),
         max_shard_size=v["max_shard_size"], recipe_text=recipe_text(v), stream=v["stream"],
         dry_run=v["dry_run"], ignore_memory_check=v["ignore_memory_check"],
-        offload_activations=v["offload_activations"],
+        offload_activations=v["offload_activations"], finetune=finetune_config(v), target_bpw=v["target_bpw"],
     )
     report = run_quantize_job(opts)
     if "rank" not in report and not report.get("dry_run"):  # under torchrun, rank 0 prints
@@ -193,6 +194,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         tasks=args.tasks.split(",") if args.tasks else (), tasks_dir=args.tasks_dir, limit=args.limit,
         task_batch_size=args.task_batch_size, float_point=not args.no_float, device=_default_device(args.device),
         compute_dtype=args.compute_dtype, batch_size=args.batch_size, redo_changed=args.redo_changed,
+        finetune={"steps": args.finetune_steps} if args.finetune else None,
     )
     run_sweep(opts)
     print((Path(args.out) / "results.md").read_text())
@@ -412,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default="auto", help="compute device (auto: cuda if present)")
     sw.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     sw.add_argument("--batch-size", type=POSITIVE, default=8, help="calibration windows per forward")
+    sw.add_argument("--finetune", action="store_true",
+                    help="fine-tune every quantized point's continuous parameters (pvq quantize --finetune)")
+    sw.add_argument("--finetune-steps", type=POSITIVE, default=60, help="fine-tuning steps at most (default: 60)")
     sw.set_defaults(func=_cmd_sweep)
 
     gen = sub.add_parser("generate", parents=[common], help="stream greedy text from a pvq checkpoint (or a float model) and time it")

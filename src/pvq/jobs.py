@@ -93,6 +93,8 @@ class JobOptions:
     offload_activations: bool = False  # calibration activations in the work directory, one file per batch
     dry_run: bool = False  # print the predicted memory and disk use (pvq.memory) and stop
     ignore_memory_check: bool = False  # run even when the predicted peak exceeds the available memory
+    finetune: dict[str, Any] | None = None  # pvq.finetune.FinetuneConfig fields; None: no fine-tuning
+    target_bpw: float | None = None  # per-layer bit allocation to this budget (pvq.pipeline.allocation)
 
 
 def _distinct(tensors):
@@ -135,7 +137,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     recipe = Recipe(method=opts.method, config=dict(opts.config), rotate=opts.rotate, rotate_seed=opts.rotate_seed,
                     act=opts.act, calib_text=opts.calib_text, calib_windows=opts.calib_windows,
                     calib_seqlen=opts.calib_seqlen, seed=opts.seed, compute_dtype=opts.compute_dtype,
-                    batch_size=opts.batch_size)
+                    batch_size=opts.batch_size, finetune=opts.finetune, target_bpw=opts.target_bpw)
     get_method(opts.method)  # an unknown method fails here, naming the known ones
     recipe.check()  # bad settings fail here, before the model is loaded
     config = recipe.method_config()
@@ -241,6 +243,10 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         "bits_per_activation": _mean_bits_per_activation(model, result.act_record) if result.act_record else None,
         "mean_proxy_loss": _mean([r["proxy_loss"] for r in layer_report]),
         "experts": quantized.experts_summary(),
+        "allocation": result.allocation.to_dict() if result.allocation is not None else None,
+        "allocation_seconds": result.seconds["allocation"],
+        "finetune": asdict(result.finetune) if result.finetune is not None else None,
+        "finetune_seconds": result.seconds["finetune"],
         "predicted_memory": plan.phases,
         "predicted_peak_memory_bytes": plan.peak_bytes,
         "streamed": opts.stream,
@@ -327,6 +333,7 @@ def _memory_plan(opts: JobOptions, recipe: Recipe, config, w, eval_text: EvalTex
                            stream=opts.stream, calibrate=recipe.needs_calibration(),
                            offload_activations=opts.offload_activations,
                            processes=w.size, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", w.size)),
+                           finetune_batch=(opts.finetune or {}).get("batch", 2) if opts.finetune is not None else None,
                            **({"shard_bytes": shard_size_bytes(opts.max_shard_size)} if opts.max_shard_size else {}))
 
 
@@ -338,11 +345,9 @@ def _check_streamable(opts: JobOptions, recipe: Recipe) -> None:
     if spec["kind"] != "local":
         raise JobError(f"--stream reads a local checkpoint directory of safetensors shards; {opts.model!r} is a "
                        f"{spec['kind']} model (download or convert it to a directory first, or drop --stream)")
-    if recipe.rotate:
-        raise JobError("--rotate needs the whole float model at once; it cannot be combined with --stream")
-    if recipe.needs_calibration() and recipe.calib_text is None:
-        raise JobError("--stream needs --calib-text: sampling calibration text runs the whole float model token "
-                       "by token")
+    obstacle = recipe.stream_obstacle(windows_given=False)
+    if obstacle is not None:
+        raise JobError(f"--stream: {obstacle}")
 
 
 def _open_stream(spec: str):
@@ -439,6 +444,18 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if report.get("experts"):
         lines.append(_experts_line(report["experts"]))
+    if report.get("allocation"):
+        a = report["allocation"]
+        spread = ", ".join(f"{k}: {v}" for k, v in a["histogram"].items())
+        lines.append(f"bit allocation   target {a['target_bpw']:g} bits/weight, {a['bits_per_weight']:.4f} allocated "
+                     f"(layers by {a['field']}: {spread}; {report['allocation_seconds']:.0f} s)")
+    if report.get("finetune"):
+        f = report["finetune"]
+        lines.append(f"fine-tuning      {f['steps']} steps, kept step {f['best_step']}"
+                     f"{' (stopped early)' if f['stopped_early'] else ''}: held-out KL {f['val_kl_before']:.4f} -> "
+                     f"{f['val_kl_stored']:.4f} nats/token as stored; {f['trained_values']} continuous values trained, "
+                     f"codes unchanged; {report['finetune_seconds']:.0f} s"
+                     + ("; no gain: the one-shot model was kept" if f["kept"] == "one-shot" else ""))
     if report.get("rotation"):
         lines.append(f"rotation         {report['rotation']}")
     if report.get("act_quant"):
@@ -464,7 +481,8 @@ def format_report(report: dict[str, Any]) -> str:
                          f"run (simulated quantization, host)")
     lines += [
         f"time             total {report['wall_seconds']:.0f} s (calibration data {report['calibration_seconds']:.0f} s, "
-        f"quantization {report['quantization_seconds']:.0f} s)",
+        f"quantization {report['quantization_seconds']:.0f} s"
+        + (f", fine-tuning {report['finetune_seconds']:.0f} s" if report.get("finetune") else "") + ")",
         _memory_line(report),
         f"checkpoint       {report['checkpoint']}",
     ]

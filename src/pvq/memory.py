@@ -33,6 +33,12 @@ Phases:
   at a time and the layers stay packed, so R0 + 4 Pd + Q + 4 Pd + 4 Pb + 2 x E x L x H x 4
   (the evaluation windows' hidden states) + 6 L x V x 4.
 
+- finetune (with --finetune): R0 + 4P (the float teacher) + 4 Pd + Q (the quantized model) +
+  4 (P - Pd) (the tunable layers' fixed decoded parts, float32) + T, with
+  T = 4 t (Nb (12 H + 5 I) + 4 V) + 8 b' a L^2 Nb for one step's activations and logits
+  kept for the backward pass (t = b' x L tokens of b' windows per step, Nb blocks, a
+  attention heads). When fine-tuning, the quantize phase also holds the teacher (+4P).
+
 Under torchrun (N processes, Nl of them on this host) each process holds its own copy of
 everything above except the activations, which it holds for its 1/N of the batches; its
 Hessian products stay per batch until the group's pass ends, so G becomes G (8 k + 4) / 12
@@ -169,14 +175,14 @@ def _sizes(config) -> dict[str, int]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return {"P": total, "Pd": total - linears_total, "Pb": block_params, "Pl": block_linears, "G": groups,
             "M": layer_work, "H": text.hidden_size, "I": getattr(text, "intermediate_size", text.hidden_size),
-            "V": text.vocab_size}
+            "V": text.vocab_size, "Nb": len(blocks), "heads": getattr(text, "num_attention_heads", 1)}
 
 
 def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib_seqlen: int, batch_size: int,
                     compute_dtype_bytes: int, eval_windows: int, eval_seqlen: int, evaluate: bool, stream: bool,
                     calibrate: bool = True, baseline: int | None = None, offload_activations: bool = False,
                     processes: int = 1, local_processes: int = 1,
-                    shard_bytes: int = 50 * 10**9) -> MemoryPlan:
+                    shard_bytes: int = 50 * 10**9, finetune_batch: int | None = None) -> MemoryPlan:
     """The formula of the module docstring for one job."""
     s = _sizes(config)
     P, Pd, Pb, Pl, G, M, H, I, V = (s[k] for k in ("P", "Pd", "Pb", "Pl", "G", "M", "H", "I", "V"))
@@ -195,6 +201,12 @@ def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib
     else:
         quantize = R0 + 4 * P + acts + 8 * Pl + Gc + M + F + Q
     phases = {"quantize": quantize, "save": R0 + 4 * Pd + Q + 2 * Pd + min(shard_bytes, Q + 2 * Pd)}
+    if finetune_batch is not None:
+        Nb, heads = s["Nb"], s["heads"]
+        t = finetune_batch * L
+        T = 4 * t * (Nb * (12 * H + 5 * I) + 4 * V) + 8 * finetune_batch * heads * L * L * Nb
+        phases["quantize"] += 4 * P
+        phases["finetune"] = R0 + 4 * P + 4 * Pd + Q + 4 * (P - Pd) + T
     if evaluate:
         logits = 6 * eval_seqlen * V * 4
         if stream:

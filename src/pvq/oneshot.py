@@ -5,15 +5,19 @@ and the Python API (llm-compressor's ``oneshot`` idea).
     result.model.save_pretrained(...)   # or pvq.formats.save_checkpoint(result.model, ...)
 
 Order: refuse bad settings (method config, activation quantization against the model)
--> calibration windows (only when the method needs a Hessian; sampled from the float
-model unless a text is given) -> fused rotation -> layer-by-layer quantization (resumable
-in `work_dir`) -> the quantized linears become `QuantizedLinear`s owning their payloads
-(`pvq.formats.quantized_model`) -> simulated activation quantization. ``method=None``
+-> calibration windows (only when the method needs a Hessian or the recipe fine-tunes or
+allocates bits; sampled from the float model unless a text is given) -> fused rotation ->
+the per-layer bit allocation under `target_bpw` (`pvq.pipeline.allocation`) ->
+layer-by-layer quantization (resumable in `work_dir`) -> the quantized linears become
+`QuantizedLinear`s owning their payloads (`pvq.formats.quantized_model`) -> fine-tuning of
+their continuous parameters towards the float model (`pvq.finetune`, resumable) ->
+simulated activation quantization. ``method=None``
 ("float") skips the weights and keeps the model float (rotation and activations only).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,12 +27,14 @@ import torch
 from torch import nn
 
 from pvq.errors import PVQError
+from pvq.finetune import finetune
 from pvq.formats import quantized_model
 from pvq.formats.hf import finite_absmax, mark_quantized, pack_layers
 from pvq.models import adapter_for
 from pvq.models.streaming import StreamedModel, StreamError, release_freed_memory
 from pvq.pipeline import (
     QuantizeResult,
+    allocate_bits,
     calibration_windows,
     quantize_model,
     quantize_weights,
@@ -70,7 +76,11 @@ class Recipe:
     fields; rotate / rotate_seed: fused randomized-Hadamard rotation first; act: fields
     of `ActQuantConfig` (simulated activation quantization) or None; calib_*: the
     calibration windows (text None: sampled from the model, seeded); compute_dtype and
-    batch_size: of the calibration forwards; dense_dtype: how the float tensors are stored.
+    batch_size: of the calibration forwards; dense_dtype: how the float tensors are stored;
+    finetune: fields of `pvq.finetune.FinetuneConfig` (fine-tune the continuous parameters
+    after quantizing) or None; target_bpw: bits per weight over the quantized linears that
+    the per-layer allocation must meet (`pvq.pipeline.allocation`), None: one setting for
+    every layer.
     """
 
     method: str | None = "pvq"
@@ -85,6 +95,8 @@ class Recipe:
     compute_dtype: str = "float32"
     batch_size: int = 8
     dense_dtype: str = "float16"
+    finetune: dict[str, Any] | None = None
+    target_bpw: float | None = None
 
     def check(self) -> None:
         """Refuse, naming the field, settings that would fail after the long part (or as a
@@ -113,24 +125,57 @@ class Recipe:
             raise QuantizationError(f"recipe field dense_dtype must be one of {sorted(DENSE_DTYPES)}, got "
                                     f"{self.dense_dtype!r}")
         if self.act is not None:
-            if not isinstance(self.act, dict):
-                raise QuantizationError(f"recipe field act must be a dict of ActQuantConfig fields or None, got "
-                                        f"{type(self.act).__name__}")
-            act_fields = [f.name for f in dataclass_fields(ActQuantConfig)]
-            unknown = sorted(str(k) for k in self.act if k not in act_fields)
-            if unknown:
-                raise QuantizationError(f"unknown act field(s) {', '.join(map(repr, unknown))}; known: "
-                                        f"{', '.join(act_fields)}")
+            _check_fields("act", self.act, ActQuantConfig)
             ActQuantConfig(**self.act)  # ActQuantError for bad values
+        if self.finetune is not None:
+            from pvq.finetune import FinetuneConfig, FinetuneError
+
+            if self.method is None:
+                raise QuantizationError("recipe field finetune needs quantized weights (method is None)")
+            _check_fields("finetune", self.finetune, FinetuneConfig)
+            try:
+                config = FinetuneConfig(**self.finetune)
+            except FinetuneError as e:
+                raise QuantizationError(str(e)) from None
+            if self.calib_windows < config.val_windows + 1:
+                raise QuantizationError(f"fine-tuning holds out {config.val_windows} of the {self.calib_windows} "
+                                        "calibration windows and needs at least one more to train on")
+        if self.target_bpw is not None:
+            from pvq.pipeline.allocation import check_target
+
+            if self.method is None:
+                raise QuantizationError("recipe field target_bpw needs quantized weights (method is None)")
+            check_target(self.method, self.method_config(), self.target_bpw)
         if self.calib_text is not None and not isinstance(self.calib_text, (str, os.PathLike)):
             raise QuantizationError(f"recipe field calib_text must be a path or None, got "
                                     f"{type(self.calib_text).__name__}")
+
+    def stream_obstacle(self, windows_given: bool) -> str | None:
+        """Why this recipe cannot run on a streamed model (None: it can)."""
+        if self.rotate:
+            return "the fused rotation needs the whole float model at once (quantize without --stream to rotate)"
+        if self.method is None:
+            return "streaming quantizes weights; a float model (method None) has nothing to stream"
+        if self.finetune is not None:
+            return "fine-tuning trains the whole quantized model against the float one (drop --stream or --finetune)"
+        if self.target_bpw is not None:
+            return ("the bit allocation measures every layer of the float model first (drop --stream or "
+                    "--target-bpw)")
+        if not windows_given and self.needs_calibration() and self.calib_text is None:
+            return ("sampling calibration text runs the whole float model token by token; a streamed model needs a "
+                    "calibration text file (--calib-text)")
+        return None
 
     def method_config(self) -> Any:
         """The validated config object of the method (None for float weights)."""
         return None if self.method is None else get_method(self.method).make_config(self.config)
 
     def needs_calibration(self) -> bool:
+        """Whether calibration windows are needed: for the Hessians, the fine-tuning or the allocation."""
+        return self.method is not None and (self.needs_hessian() or self.finetune is not None
+                                            or self.target_bpw is not None)
+
+    def needs_hessian(self) -> bool:
         return self.method is not None and get_method(self.method).needs_hessian(self.method_config())
 
     def calibration(self, model: nn.Module, tokenizer: Any, progress: bool = True) -> torch.Tensor | None:
@@ -148,6 +193,19 @@ class Recipe:
         return out
 
 
+def _check_fields(name: str, value: Any, cls: type) -> None:
+    """QuantizationError unless `value` is a dict of `cls`'s field names (recipe field `name`)."""
+    from dataclasses import fields as dataclass_fields
+
+    if not isinstance(value, dict):
+        raise QuantizationError(f"recipe field {name} must be a dict of {cls.__name__} fields or None, got "
+                                f"{type(value).__name__}")
+    known = [f.name for f in dataclass_fields(cls)]
+    unknown = sorted(str(k) for k in value if k not in known)
+    if unknown:
+        raise QuantizationError(f"unknown {name} field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+
+
 @dataclass
 class OneshotResult:
     model: nn.Module  # quantized in place: QuantizedLinear layers owning their payloads
@@ -155,17 +213,21 @@ class OneshotResult:
     rotation: dict[str, Any] | None
     act_record: dict[str, Any] | None
     windows: torch.Tensor | None  # the calibration windows used (None without calibration)
-    seconds: dict[str, float]  # calibration, rotation, quantization
+    seconds: dict[str, float]  # calibration, rotation, allocation, quantization, finetune
+    finetune: Any = None  # the pvq.finetune.FinetuneReport (None: not fine-tuned)
+    allocation: Any = None  # the pvq.pipeline.allocation.Allocation (None: one setting for every layer)
 
     @property
     def bits_per_weight_nominal(self) -> float | None:
         if self.quantized is None:
             return None
-        method = get_method(next(iter(self.quantized.values())).method)
-        config = method.make_config(self.model.config.quantization_config.config)
+        qcfg = self.model.config.quantization_config
         weights = sum(qt.shape[0] * qt.shape[1] for qt in self.quantized.values())
-        return sum(method.nominal_bits_per_weight(config, qt.shape[1]) * qt.shape[0] * qt.shape[1]
-                   for qt in self.quantized.values()) / weights
+        total = 0.0
+        for name, qt in self.quantized.items():
+            method, config = qcfg.layer_settings(name)
+            total += get_method(method).nominal_bits_per_weight(config, qt.shape[1]) * qt.shape[0] * qt.shape[1]
+        return total / weights
 
 
 def oneshot(
@@ -188,14 +250,9 @@ def oneshot(
     if stream is not None:
         if model is not stream.model:
             raise QuantizationError("with stream=, the model must be stream.model")
-        if recipe.rotate:
-            raise StreamError("the fused rotation needs the whole float model at once; it cannot be streamed "
-                              "(quantize without --stream to rotate)")
-        if recipe.method is None:
-            raise StreamError("streaming quantizes weights; a float model (method None) has nothing to stream")
-        if windows is None and recipe.needs_calibration() and recipe.calib_text is None:
-            raise StreamError("sampling calibration text runs the whole float model token by token; a streamed "
-                              "model needs a calibration text file (--calib-text)")
+        obstacle = recipe.stream_obstacle(windows_given=windows is not None)
+        if obstacle is not None:
+            raise StreamError(f"cannot stream: {obstacle}")
     for name, tensor in model.state_dict().items():
         if tensor.device.type == "meta":
             continue  # a streamed block: checked when it is read
@@ -206,7 +263,7 @@ def oneshot(
     act_config = ActQuantConfig(**recipe.act) if recipe.act is not None else None
     if act_config is not None:
         check_act_quant(model, act_config, layer_names)
-    seconds = {"calibration": 0.0, "rotation": 0.0, "quantization": 0.0}
+    seconds = {"calibration": 0.0, "rotation": 0.0, "allocation": 0.0, "quantization": 0.0, "finetune": 0.0}
 
     if windows is None and recipe.needs_calibration():
         t0 = time.perf_counter()
@@ -214,13 +271,24 @@ def oneshot(
         seconds["calibration"] = time.perf_counter() - t0
     # The rotation comes after the calibration windows (sampled from the unrotated model, so
     # the same with and without it) and before any Hessian is collected.
+    # the fine-tuning's teacher: the float model as given (a rotation preserves its function)
+    reference = copy.deepcopy(model) if recipe.finetune is not None else None
     rotation = None
     if recipe.rotate:
         t0 = time.perf_counter()
         rotation = rotate_model(model, seed=recipe.rotate_seed)
         seconds["rotation"] = time.perf_counter() - t0
-    result = None
+    result, allocation, tuned = None, None, None
     if recipe.method is not None:
+        layer_configs = None
+        if recipe.target_bpw is not None:
+            t0 = time.perf_counter()
+            allocation = allocate_bits(model, adapter, windows, recipe.method, config, recipe.target_bpw,
+                                       device=device, batch_size=recipe.batch_size,
+                                       compute_dtype=COMPUTE_DTYPES[recipe.compute_dtype], work_dir=work_dir,
+                                       progress=progress)
+            layer_configs = allocation.configs
+            seconds["allocation"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         streaming = {}
         if stream is not None:  # each finished block's layers are packed at once: no float weight stays
@@ -229,16 +297,25 @@ def oneshot(
                 release_freed_memory()
 
             streaming = dict(stream=stream, on_block_done=pack_block)
-        if recipe.needs_calibration():
+        if recipe.needs_hessian():
             result = quantize_model(model, adapter, windows, recipe.method, config, device=device, work_dir=work_dir,
                                     batch_size=recipe.batch_size, compute_dtype=COMPUTE_DTYPES[recipe.compute_dtype],
-                                    progress=progress, offload_activations=offload_activations, **streaming)
+                                    progress=progress, offload_activations=offload_activations,
+                                    layer_configs=layer_configs, **streaming)
         else:
-            result = quantize_weights(model, adapter, recipe.method, config, **streaming)
+            result = quantize_weights(model, adapter, recipe.method, config, layer_configs=layer_configs, **streaming)
         seconds["quantization"] = time.perf_counter() - t0
         if stream is None:
-            quantized_model(model, dict(result), recipe.method, config, dense_dtype=recipe.dense_dtype)
+            quantized_model(model, dict(result), recipe.method, config, dense_dtype=recipe.dense_dtype,
+                            layer_configs=layer_configs)
         else:
             mark_quantized(model, sorted(result), recipe.method, config, dense_dtype=recipe.dense_dtype)
+        if reference is not None:
+            t0 = time.perf_counter()
+            tuned = finetune(model, reference, windows, recipe.finetune, work_dir=work_dir, device=device,
+                             progress=progress)
+            seconds["finetune"] = time.perf_counter() - t0
+            del reference
     act_record = install_act_quant(model, act_config, layer_names) if act_config is not None else None
-    return OneshotResult(model, result, rotation, act_record, windows if recipe.needs_calibration() else None, seconds)
+    return OneshotResult(model, result, rotation, act_record, windows if recipe.needs_calibration() else None, seconds,
+                         finetune=tuned, allocation=allocation)

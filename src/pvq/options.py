@@ -163,6 +163,21 @@ QUANTIZE_OPTIONS: tuple[Option, ...] = (
     Option("offload_activations", False, "keep the calibration activations in the work directory, one file per "
            "batch, instead of in memory", methods=_HESSIAN, group="hessian", stored=False),
     Option("seed", 0, "seed of the sampled calibration text and of gptvq's k-means", NONNEGATIVE),
+    # quality: bit allocation and fine-tuning
+    Option("target_bpw", None, "bits per weight over the quantized linears, allocated per layer: each layer's "
+           "setting (PVQ shape bits, scalar bits, VQ index bits) chosen from its measured distortion (default: "
+           "the same setting for every layer)", number(above=0), group="quality"),
+    Option("finetune", False, "after quantizing, fine-tune the continuous parameters (gains, scales, codebooks, "
+           "norms) towards the float model's next-token distributions on the calibration windows; codes and "
+           "sizes stay as they are", group="quality"),
+    Option("finetune_steps", 60, "fine-tuning optimizer steps at most (early stopping on held-out windows)",
+           POSITIVE, requires=("finetune", True), group="quality"),
+    Option("finetune_lr", 2e-3, "Adam learning rate, relative to each trained tensor's RMS", number(above=0),
+           requires=("finetune", True), group="quality"),
+    Option("finetune_batch", 2, "calibration windows per fine-tuning step", POSITIVE, requires=("finetune", True),
+           group="quality"),
+    Option("finetune_val_windows", 4, "calibration windows held out for early stopping (the last ones)", POSITIVE,
+           requires=("finetune", True), group="quality"),
     # rotation
     Option("rotate", False, "rotate the float model first (fused randomized Hadamard, online Hadamard before "
            "down_proj); recorded in the checkpoint and rebuilt on load", group="rotation"),
@@ -204,6 +219,7 @@ _GROUPS = {
     "scalar": "rtn and gptq (--method rtn | gptq)",
     "gptvq": "gptvq (--method gptvq)",
     "hessian": "calibration (pvq, gptq, gptvq: every method that uses a Hessian)",
+    "quality": "bit allocation and fine-tuning (any method)",
     "rotation": "rotation (any method)",
     "act": "activation quantization (simulated / fake quantization: each linear's input is quantized per token "
            "and dequantized in float in the forward pass; the weights are calibrated with float activations)",
@@ -413,6 +429,15 @@ def default_method_config(method: str) -> dict[str, Any]:
     return method_config({**_defaults(), "method": method})
 
 
+_FINETUNE_FIELDS = {"steps": "finetune_steps", "lr": "finetune_lr", "batch": "finetune_batch",
+                    "val_windows": "finetune_val_windows"}
+
+
+def finetune_config(values: dict[str, Any]) -> dict[str, Any] | None:
+    """pvq.finetune.FinetuneConfig fields from the settings (None: no fine-tuning)."""
+    return _to_fields(_FINETUNE_FIELDS, values) if values["finetune"] else None
+
+
 def act_config(values: dict[str, Any]) -> dict[str, Any] | None:
     """ActQuantConfig fields from the settings (None: float activations)."""
     if values["act_method"] == "none":
@@ -437,8 +462,19 @@ def values_from_recipe(recipe: dict[str, Any], model: str | None) -> dict[str, A
     if model is None or m not in _CONFIG_FIELDS or recipe.get("dense_dtype", "float16") != "float16":
         return None
     values = {**_defaults(), "model": str(model), "method": m, **{k: recipe[k] for k in _RECIPE_OPTIONS}}
+    values["target_bpw"] = recipe.get("target_bpw")
     method = get_method(m)
     try:
+        finetune = recipe.get("finetune")
+        if finetune is not None:
+            from pvq.finetune import FinetuneConfig
+
+            defaults = asdict(FinetuneConfig())
+            if {k: v for k, v in {**defaults, **finetune}.items() if k not in _FINETUNE_FIELDS} != \
+                    {k: v for k, v in defaults.items() if k not in _FINETUNE_FIELDS}:
+                return None  # a fine-tuning field no flag sets
+            values["finetune"] = True
+            _from_fields(_FINETUNE_FIELDS, {**defaults, **finetune}, values)
         config = method.make_config(recipe["config"])
         _from_fields(_CONFIG_FIELDS[m], asdict(config), values)
         act = None if recipe.get("act") is None else ActQuantConfig(**recipe["act"])

@@ -98,6 +98,7 @@ class SweepOptions:
     batch_size: int = 8
     redo_changed: bool = False
     progress: bool = True
+    finetune: dict[str, Any] | None = None  # pvq.finetune.FinetuneConfig fields: fine-tune every quantized point
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,9 @@ def point_settings(point: Point, opts: SweepOptions, task_names: list[str]) -> d
         "tasks": {"names": task_names, "limit": opts.limit, "scorer": "lm-eval",
                   "dir": str(opts.tasks_dir or default_tasks_dir())} if task_names else None,
     }
-    if point.method is not None and uses_hessian(point.method, point.config):
+    if point.method is not None and opts.finetune is not None:
+        settings["finetune"] = dict(opts.finetune)
+    if point.method is not None and (uses_hessian(point.method, point.config) or opts.finetune is not None):
         calib: dict[str, Any] = {"windows": opts.calib_windows, "seqlen": opts.calib_seqlen, "seed": opts.seed,
                                  "batch_size": opts.batch_size, "compute_dtype": opts.compute_dtype}
         if opts.calib_text:
@@ -223,7 +226,8 @@ def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, ev
     row: dict[str, Any] = {"point": point.name, "method": point.method or "float", "bits": point.bits}
     recipe = Recipe(method=point.method, config=dict(point.config), rotate=opts.rotate, rotate_seed=opts.rotate_seed,
                     calib_text=opts.calib_text, calib_windows=opts.calib_windows, calib_seqlen=opts.calib_seqlen,
-                    seed=opts.seed, compute_dtype=opts.compute_dtype, batch_size=opts.batch_size)
+                    seed=opts.seed, compute_dtype=opts.compute_dtype, batch_size=opts.batch_size,
+                    finetune=dict(opts.finetune) if opts.finetune is not None and point.method is not None else None)
     result = oneshot(model, tokenizer, recipe, windows=calibration.windows() if recipe.needs_calibration() else None,
                      device=opts.device, work_dir=str(work_dir), progress=opts.progress)
     if point.method is None:
@@ -233,6 +237,9 @@ def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, ev
         row.update(bpw_nominal=result.bits_per_weight_nominal, bpw_measured=q.measured_bits_per_weight,
                    quant_seconds=result.seconds["quantization"], mean_proxy_loss=q.mean_proxy_loss,
                    quantized_layers=len(q))
+        if result.finetune is not None:
+            row.update(finetune_seconds=result.seconds["finetune"], finetune_kept=result.finetune.kept,
+                       finetune_val_kl=[result.finetune.val_kl_before, result.finetune.val_kl_stored])
     del result
     model.to(opts.device)
     t0 = time.perf_counter()

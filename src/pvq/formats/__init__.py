@@ -39,7 +39,7 @@ from .hf import (
     quantized_model,
     register_with_transformers,
 )
-from .kernels import KERNELS, Kernel, decoded_weights, register_kernel, select_kernel
+from .kernels import KERNELS, Kernel, decoded_weights, register_kernel, select_kernel, tuned_weights
 from .legacy import convert_legacy
 from .linear import QuantizedLinear, replace_linear
 
@@ -77,5 +77,6 @@ __all__ = [
     "save_checkpoint",
     "select_kernel",
     "shard_size_bytes",
+    "tuned_weights",
     "verify_checkpoint",
 ]

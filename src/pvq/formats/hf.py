@@ -478,6 +478,7 @@ def quantized_model(
     config: Any,
     *,
     dense_dtype: str = "float16",
+    layer_configs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Turn `model` (a transformers causal LM) into a pvq model in place and return it.
 
@@ -486,16 +487,20 @@ def quantized_model(
     model gets a `PVQQuantizationConfig` (recording its rotation and activation
     quantization as they are now and when saved) and the quantizer transformers uses on
     save, and its dense tensors are rounded to `dense_dtype` so that save and reload
-    give bit-identical logits."""
-    pack_layers(model, quantized, method, config)
-    return mark_quantized(model, sorted(quantized), method, config, dense_dtype=dense_dtype)
+    give bit-identical logits. `layer_configs`: {layer: config} of layers quantized with
+    settings of their own (recorded as the config's layer_overrides)."""
+    pack_layers(model, quantized, method, config, layer_configs)
+    return mark_quantized(model, sorted(quantized), method, config, dense_dtype=dense_dtype,
+                          layer_configs=layer_configs)
 
 
-def pack_layers(model: nn.Module, quantized: dict[str, QuantizedTensor], method: str, config: Any) -> None:
+def pack_layers(model: nn.Module, quantized: dict[str, QuantizedTensor], method: str, config: Any,
+                layer_configs: dict[str, Any] | None = None) -> None:
     """Replace each linear named in `quantized` by a `QuantizedLinear` holding its payload,
     in place (the float weight is dropped): what the streaming pipeline does block by block."""
     method_obj = get_method(method)
     config = method_obj.make_config(config)
+    layer_configs = layer_configs or {}
     for name in sorted(quantized):
         qt = quantized[name]
         if qt.method != method:
@@ -504,22 +509,30 @@ def pack_layers(model: nn.Module, quantized: dict[str, QuantizedTensor], method:
         if tuple(qt.shape) != (module.out_features, module.in_features):
             raise CheckpointError(f"quantized layer {name!r} has shape {tuple(qt.shape)}, the model's linear "
                                   f"{(module.out_features, module.in_features)}")
-        layer = QuantizedLinear.from_quantized(qt, config, module.bias, name=name)
+        layer = QuantizedLinear.from_quantized(qt, method_obj.make_config(layer_configs.get(name, config)), module.bias,
+                                               name=name)
         device = module.weight.device
         replace_linear(model, name, layer.to(device))
 
 
 def mark_quantized(model: nn.Module, layers: list[str], method: str, config: Any, *,
-                   dense_dtype: str = "float16") -> nn.Module:
+                   dense_dtype: str = "float16", layer_configs: dict[str, Any] | None = None) -> nn.Module:
     """Give a model whose `layers` are packed (`pack_layers`) its pvq quantization config and
     save-time quantizer, and round its dense tensors to `dense_dtype`; returns the model."""
     register_with_transformers()
-    config = get_method(method).make_config(config)
+    method_obj = get_method(method)
+    config = method_obj.make_config(config)
     for name in layers:
         if not isinstance(model.get_submodule(name), QuantizedLinear):
             raise CheckpointError(f"layer {name!r} is not packed")
+    overrides = {}
+    for name, layer_config in sorted((layer_configs or {}).items()):
+        layer_config = asdict(method_obj.make_config(layer_config))
+        if layer_config != asdict(config):
+            overrides[name] = {"method": method, "config": layer_config}
     qcfg = PVQQuantizationConfig(method=method, config=asdict(config), layers=sorted(layers),
-                                 rotation=rotation_of(model), act_quant=act_quant_of(model), dense_dtype=dense_dtype)
+                                 layer_overrides=overrides, rotation=rotation_of(model), act_quant=act_quant_of(model),
+                                 dense_dtype=dense_dtype)
     model.config.quantization_config = qcfg
     model.hf_quantizer = PVQHfQuantizer(qcfg, pre_quantized=True)
     model.quantization_method = QUANT_METHOD

@@ -26,8 +26,9 @@ from . import cpu_kernels
 if TYPE_CHECKING:
     from .linear import QuantizedLinear
 
-__all__ = ["DECODED", "DEQUANTIZE", "KERNELS", "PVQ_CPU_DECODE_GEMM", "PVQ_CPU_GEMV", "PVQ_TRITON_DECODE_GEMM",
-           "PVQ_TRITON_GEMV", "Kernel", "decoded_weights", "register_kernel", "select_kernel"]
+__all__ = ["DECODED", "DEQUANTIZE", "TUNED", "KERNELS", "PVQ_CPU_DECODE_GEMM", "PVQ_CPU_GEMV", "PVQ_TRITON_DECODE_GEMM",
+           "PVQ_TRITON_GEMV", "Kernel", "decoded_weights", "register_kernel", "select_kernel",
+           "tuned_weights"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,16 @@ def _decoded_forward(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 
 #: Inside `decoded_weights(model)`: the weight decoded once, kept for the block's duration.
 DECODED = Kernel("decoded", lambda layer, x: getattr(layer, "_decoded_weight", None) is not None, _decoded_forward)
+
+
+def _tuned_forward(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    weight = layer._tuned_weight().to(x.dtype)
+    return F.linear(x, weight, None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+#: Inside `tuned_weights(model, ...)`: the weight built (differentiably) from its trainable
+#: continuous arrays (`pvq.quant.TunableWeight`): what fine-tuning runs.
+TUNED = Kernel("tuned", lambda layer, x: getattr(layer, "_tuned_weight", None) is not None, _tuned_forward)
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
@@ -169,7 +180,7 @@ PVQ_TRITON_DECODE_GEMM = Kernel("pvq-triton-decode-gemm",
                                 _triton_decode_gemm)
 
 #: Registered kernels, tried in order before the fallback.
-KERNELS: list[Kernel] = [DECODED, PVQ_CPU_GEMV, PVQ_CPU_DECODE_GEMM, PVQ_TRITON_GEMV, PVQ_TRITON_DECODE_GEMM]
+KERNELS: list[Kernel] = [TUNED, DECODED, PVQ_CPU_GEMV, PVQ_CPU_DECODE_GEMM, PVQ_TRITON_GEMV, PVQ_TRITON_DECODE_GEMM]
 
 
 @contextlib.contextmanager
@@ -187,6 +198,21 @@ def decoded_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for layer in layers:
             layer._decoded_weight = None
+
+
+@contextlib.contextmanager
+def tuned_weights(model: torch.nn.Module, tunables: dict) -> Iterator[torch.nn.Module]:
+    """Inside it, each quantized layer named in `tunables` ({layer name: TunableWeight})
+    computes with the weight its TunableWeight builds (gradients reach its parameters);
+    the stored payload is not touched."""
+    layers = {name: model.get_submodule(name) for name in tunables}
+    try:
+        for name, layer in layers.items():
+            object.__setattr__(layer, "_tuned_weight", tunables[name])  # not a submodule: not in the state_dict
+        yield model
+    finally:
+        for layer in layers.values():
+            object.__setattr__(layer, "_tuned_weight", None)
 
 
 def register_kernel(kernel: Kernel, *, first: bool = False) -> None:

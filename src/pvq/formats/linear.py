@@ -102,6 +102,7 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
         self.last_kernel: str | None = None  # name of the kernel the last forward used
         self._decoded_weight: torch.Tensor | None = None  # set only inside kernels.decoded_weights
+        self._tuned_weight = None  # a TunableWeight, set only inside kernels.tuned_weights (fine-tuning)
 
     # ------------------------------------------------------------------ building
 

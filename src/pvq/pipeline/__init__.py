@@ -1,5 +1,6 @@
 """The model quantization pipeline: calibration data and layer-by-layer quantization."""
 
+from .allocation import Allocation, allocate_bits
 from .calibration import CalibrationError, calibration_windows, encode_text, sample_windows, windows_from_ids
 from .quantize_model import (
     HessianAccumulator,
@@ -13,12 +14,14 @@ from .quantize_model import (
 from .workdir import WorkDirError
 
 __all__ = [
+    "Allocation",
     "CalibrationError",
     "HessianAccumulator",
     "LayerReport",
     "PipelineError",
     "QuantizeResult",
     "WorkDirError",
+    "allocate_bits",
     "calibration_windows",
     "capture_block_inputs",
     "encode_text",

@@ -430,6 +430,7 @@ def quantize_model(
     stream: Any = None,
     on_block_done: Callable[[int, dict[str, QuantizedTensor]], None] | None = None,
     offload_activations: bool = False,
+    layer_configs: dict[str, Any] | None = None,
 ) -> QuantizeResult:
     """Quantize every linear the adapter lists, block by block; see the module docstring.
 
@@ -457,9 +458,12 @@ def quantize_model(
         float weights.
     offload_activations: keep the blocks' inputs and outputs in the work directory, one file
         per batch, instead of in memory (needs `work_dir`).
+    layer_configs: {layer name: config} for layers quantized with other settings than
+        `config` (the bit allocation's), part of the settings a resume must match.
     """
     method_name, method_obj = _resolve_method(method)
     config = _resolve_config(method_obj, config)
+    layer_configs = {k: _resolve_config(method_obj, v) for k, v in (layer_configs or {}).items()}
     device = torch.device(device)
     windows = torch.as_tensor(windows).to("cpu", torch.long)
     if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
@@ -505,6 +509,8 @@ def quantize_model(
             }
             if offload_activations:  # recorded only when on: older states stay resumable
                 settings["offload_activations"] = True
+            if layer_configs:
+                settings["layer_configs"] = {k: jsonable(v) for k, v in sorted(layer_configs.items())}
             fingerprint = {
                 "rest": wd.module_digest(model, skip_prefix=adapter.blocks),
                 "blocks": [_block_digest(blocks, i, stream) for i in range(n_blocks)],
@@ -581,7 +587,7 @@ def quantize_model(
                 if stream is not None:
                     stream.load_block(i)
                 layers, infos, hidden_next = _quantize_block(
-                    model, adapter, i, hidden, kwargs_list, method_obj, config, device,
+                    model, adapter, i, hidden, kwargs_list, method_obj, (config, layer_configs), device,
                     batch_size, compute_dtype, torch.device(quant_device), result, on_layer, need_outputs=not last,
                     n_batches=n_batches,
                 )
@@ -617,13 +623,15 @@ def quantize_model(
 
 @torch.no_grad()
 def quantize_weights(model: nn.Module, adapter: ArchitectureAdapter, method: str, config: Any = None, *,
-                     stream: Any = None, on_block_done=None) -> QuantizeResult:
+                     stream: Any = None, on_block_done=None, layer_configs: dict[str, Any] | None = None
+                     ) -> QuantizeResult:
     """Methods that need no Hessian (rtn, pvq without it): quantize every linear the
     adapter lists from its weight alone, in place (no calibration forwards; no proxy loss).
     Returns {layer name: QuantizedTensor} with a per-layer `report`, like `quantize_model`
-    (`stream` and `on_block_done` as there)."""
+    (`stream`, `on_block_done` and `layer_configs` as there)."""
     method_name, method_obj = _resolve_method(method)
     config = _resolve_config(method_obj, config)
+    layer_configs = {k: _resolve_config(method_obj, v) for k, v in (layer_configs or {}).items()}
     adapter.prepare(model)
     adapter.validate(model)
     result = QuantizeResult()
@@ -635,7 +643,7 @@ def quantize_weights(model: nn.Module, adapter: ArchitectureAdapter, method: str
             name = adapter.layer_name(i, lin)
             module = block.get_submodule(lin)
             t0 = time.perf_counter()
-            qt = method_obj.quantize(module.weight.data.float(), None, config)
+            qt = method_obj.quantize(module.weight.data.float(), None, layer_configs.get(name, config))
             module.weight.data.copy_(torch.as_tensor(method_obj.dequantize(qt)).to(module.weight.dtype))
             result[name] = layers[name] = qt
             result.report.append(LayerReport(name, i, -1, tuple(qt.shape), qt.proxy_loss, qt.bits_per_weight,
@@ -649,6 +657,8 @@ def _check_resumable(state: dict, settings: dict, fingerprint: dict, work_dir: P
     diffs = [
         f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in settings.items() if k != "calibration_sha256" and state.get(k) != v
     ]
+    if "layer_configs" in state and "layer_configs" not in settings:
+        diffs.append("layer_configs: saved per-layer settings (a bit allocation), now none")
     if bool(state.get("offload_activations")) != bool(settings.get("offload_activations")):
         diffs.append(f"offload_activations: saved {bool(state.get('offload_activations'))}, now "
                      f"{bool(settings.get('offload_activations'))}")
@@ -779,9 +789,11 @@ def _restore_block(model, adapter, method_obj, work_dir, i, state, result) -> di
 
 
 def _quantize_block(
-    model, adapter, i, hidden, kwargs_list, method_obj, config, device, batch_size, compute_dtype,
+    model, adapter, i, hidden, kwargs_list, method_obj, configs, device, batch_size, compute_dtype,
     quant_device, result, on_layer, need_outputs, n_batches=0,
 ):
+    """Quantize block i's groups; `configs` = (config, {layer name: config of its own})."""
+    config, layer_configs = configs
     w = world()
     block = adapter.get_blocks(model)[i]
     home = _module_home(block)
@@ -811,8 +823,8 @@ def _quantize_block(
                 hessians.update(_forced_hessians(block, experts, forced, {lin: linears[lin] for lin in forced},
                                                  hidden, kwargs_list, batch_size, device, w, n_batches))
             # the group's layers dealt over the ranks (all of them in one process), results shared
-            owned = {k: _quantize_layer(method_obj, config, adapter.layer_name(i, lin), originals[lin], hessians[lin],
-                                        quant_device)
+            owned = {k: _quantize_layer(method_obj, layer_configs.get(adapter.layer_name(i, lin), config),
+                                        adapter.layer_name(i, lin), originals[lin], hessians[lin], quant_device)
                      for k, lin in enumerate(group) if w.owns(k)}
             if w.active:  # payloads travel, dequantized weights are remade (deterministic) on each rank
                 owned = {k: o if isinstance(o, str) else (o[0], o[1], None) for k, o in owned.items()}

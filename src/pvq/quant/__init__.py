@@ -15,7 +15,15 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .base import QuantizationError, QuantizedTensor, TensorSpec, check_payload, check_weight, proxy_loss
+from .base import (
+    QuantizationError,
+    QuantizedTensor,
+    TensorSpec,
+    TunableWeight,
+    check_payload,
+    check_weight,
+    proxy_loss,
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,16 @@ class Method:
         return self._mod().dequantize
 
     @property
+    def rate_ladder(self) -> Callable[[Any], list]:
+        """(config) -> the configs a per-layer bit allocation chooses from (increasing bits)."""
+        return self._mod().rate_ladder
+
+    @property
+    def tunable(self) -> Callable[[QuantizedTensor], TunableWeight]:
+        """(qt) -> the layer's weight as a function of its continuous arrays (`base.TunableWeight`)."""
+        return self._mod().tunable
+
+    @property
     def nominal_bits_per_weight(self) -> Callable[..., float]:
         """(config, columns=None) -> the bits per weight the settings promise."""
         return self._mod().nominal_bits_per_weight
@@ -88,5 +106,5 @@ def get_method(name: str) -> Method:
         raise QuantizationError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "Method", "QuantizationError", "QuantizedTensor", "TensorSpec", "check_payload", "check_weight",
+__all__ = ["METHODS", "Method", "QuantizationError", "QuantizedTensor", "TensorSpec", "TunableWeight", "check_payload", "check_weight",
            "get_method", "proxy_loss", "uses_hessian"]

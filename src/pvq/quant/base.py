@@ -8,6 +8,9 @@ A method is one module (`rtn.py`, `gptq.py`, `pvq.py`, `gptvq.py`) exposing one 
     payload_spec(config, shape) -> {name: TensorSpec}   the stored arrays, before any data
     quantize(weight, hessian, config) -> QuantizedTensor
     dequantize(qt) -> torch.Tensor (float32, shape qt.shape)
+    tunable(qt) -> TunableWeight        the weight as a differentiable function of its
+                                        continuous stored arrays, codes fixed (fine-tuning)
+    rate_ladder(config) -> [config]     the settings a per-layer bit allocation chooses from
 `QuantizedTensor.tensors` holds exactly the arrays `payload_spec` announces (numpy:
 bit-packed codes as uint8, scales, gains, ...) and `meta` at least the `layout`. Because
 the spec follows from (config, shape) alone, a quantized layer can be built empty and
@@ -118,3 +121,46 @@ def is_int(value) -> bool:
 def is_number(value) -> bool:
     """An int or float that is not a bool."""
     return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+class TunableWeight(torch.nn.Module):
+    """One layer's weight as a differentiable function of the continuous arrays of its
+    payload (gains, scales, norms, codebooks), its discrete codes held fixed: what
+    fine-tuning (`pvq.pipeline.finetune`) trains.
+
+    A method's ``tunable(qt)`` returns a subclass that keeps the fixed decoded parts as
+    buffers and the continuous arrays as float32 parameters, builds W (float32, qt.shape)
+    in ``forward()`` and hands the payload back in ``payload()``: the same arrays under the
+    same names, shapes and dtypes, the trained ones rounded to their stored dtype, every
+    code array untouched. So fine-tuning cannot change what a layer stores or its size.
+    """
+
+    def __init__(self, qt: QuantizedTensor) -> None:
+        super().__init__()
+        self.qt = qt
+
+    def forward(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def trained(self) -> dict[str, np.ndarray]:
+        """The payload arrays the trained parameters replace (name -> stored array)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def payload(self) -> dict[str, np.ndarray]:
+        out = dict(self.qt.tensors)
+        for name, arr in self.trained().items():
+            old = out[name]
+            if arr.shape != old.shape or arr.dtype != old.dtype:
+                raise QuantizationError(f"tuned array {name!r} is {arr.dtype} {arr.shape}, stored {old.dtype} {old.shape}")
+            out[name] = arr
+        return out
+
+
+def stored_float16(values: torch.Tensor, what: str) -> np.ndarray:
+    """float32 values as the float16 array a payload stores (QuantizationError on overflow)."""
+    arr = values.detach().to("cpu", torch.float32).numpy()
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float16)
+    if not np.all(np.isfinite(out)):
+        raise QuantizationError(f"{what} {float(np.max(np.abs(arr))):.6g} overflows float16")
+    return out

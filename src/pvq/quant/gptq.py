@@ -44,12 +44,13 @@ from .rtn import (
     resolve_group_size,
 )
 from .rtn import dequantize as _grid_dequantize_payload
+from .rtn import rate_ladder, tunable
 from .rtn import layout as _grid_layout
 from .rtn import nominal_bits_per_weight as _grid_nominal_bits
 from .rtn import payload_spec as _grid_payload_spec
 
 __all__ = ["CONFIG", "GPTQConfig", "dequantize", "layout", "needs_hessian", "nominal_bits_per_weight", "payload_spec",
-           "quantize"]
+           "quantize", "rate_ladder", "tunable"]
 
 
 @dataclass(frozen=True)

@@ -72,13 +72,13 @@ import torch
 from pvq.codec import pack_codes, packed_size, unpack_codes
 from pvq.codec.errors import CodecError
 
-from .base import (QuantizationError, QuantizedTensor, TensorSpec, as_float32, check_config, check_weight, is_int,
-                   proxy_loss)
+from .base import (QuantizationError, QuantizedTensor, TensorSpec, TunableWeight, as_float32, check_config,
+                   check_weight, is_int, proxy_loss)
 from .hessian import (check_percdamp, diagonal_block_inverses, feed_back_block_error, feed_back_vector_error,
                       inverse_hessian_cholesky)
 
 __all__ = ["CONFIG", "GPTVQConfig", "dequantize", "layout", "needs_hessian", "nominal_bits_per_weight", "payload_spec",
-           "quantize"]
+           "quantize", "rate_ladder", "tunable"]
 
 DIMS = (1, 2, 4)
 INITS = ("mahalanobis", "kpp")
@@ -642,7 +642,8 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTVQCo
     return qt
 
 
-def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+def _stored_parts(qt: QuantizedTensor):
+    """(int8 codebooks, float16 scales, indices (R, C/d), row bounds, column bounds, d), checked."""
     R, C = qt.shape
     meta = qt.meta
     try:
@@ -670,7 +671,62 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
         idx = unpack_codes(stream, R * (C // d), nbits)[:, 0].astype(np.int64)
     except CodecError as e:
         raise QuantizationError(f"corrupt gptvq indices: {e}") from None
-    return _reconstruct(
-        torch.from_numpy(codes.copy()), torch.from_numpy(scales.copy()), torch.from_numpy(idx).reshape(R, C // d),
-        row_bounds, col_bounds, d,
-    )
+    return (torch.from_numpy(codes.copy()), torch.from_numpy(scales.copy()), torch.from_numpy(idx).reshape(R, C // d),
+            row_bounds, col_bounds, d)
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    return _reconstruct(*_stored_parts(qt))
+
+
+class _TunableGPTVQ(TunableWeight):
+    """GPTVQ weight with the assignments fixed and the centroids trained in float32; stored
+    again as int8 codebooks with one float16 scale each: a codebook keeps its scale while
+    its centroids fit it (untrained ones come back bit for bit), else it gets a new one
+    (`_quantize_codebooks`, the quantizer's own rounding). The payload keeps its spec."""
+
+    def __init__(self, qt: QuantizedTensor) -> None:
+        super().__init__(qt)
+        codes, scales, indices, row_bounds, col_bounds, d = _stored_parts(qt)
+        RG, CB, K, _ = codes.shape
+        self.centroids = torch.nn.Parameter(_codebook_values(codes.reshape(RG * CB, K, d), scales.reshape(RG * CB)))
+        self.register_buffer("scales16", scales.reshape(RG * CB))
+        self.register_buffer("codebook_of", _codebook_of(row_bounds, col_bounds, d))
+        self.register_buffer("indices", indices)
+
+    def forward(self) -> torch.Tensor:
+        R, V = self.indices.shape
+        return self.centroids[self.codebook_of, self.indices].reshape(R, -1)
+
+    def trained(self) -> dict[str, np.ndarray]:
+        RG, CB, K, d = self.qt.tensors["codebooks"].shape
+        centroids = self.centroids.detach().cpu()
+        codes, scale16 = _quantize_codebooks(centroids)
+        kept = self.scales16.cpu()
+        c = centroids.double()
+        fits = (c.amax(dim=(1, 2)) <= kept.double() * _QMAX) & (c.amin(dim=(1, 2)) >= kept.double() * _QMIN)
+        scale16 = torch.where(fits, kept, scale16)
+        codes = torch.round(centroids.double() / scale16.double()[:, None, None]).clamp(_QMIN, _QMAX).to(torch.int8)
+        return {"codebooks": np.ascontiguousarray(codes.reshape(RG, CB, K, d).numpy()),
+                "codebook_scales": np.ascontiguousarray(scale16.reshape(RG, CB).numpy())}
+
+
+def tunable(qt: QuantizedTensor) -> TunableWeight:
+    """The layer's weight as a function of its centroids (`_TunableGPTVQ`)."""
+    return _TunableGPTVQ(qt)
+
+
+def rate_ladder(config: GPTVQConfig) -> list[GPTVQConfig]:
+    """The settings a per-layer bit allocation chooses from: `config` with every index
+    width of 1..5 bits per weight its vector dimension allows (bits * dim an integer)."""
+    import dataclasses
+
+    out = []
+    for nb in range(1, MAX_INDEX_BITS + 1):
+        bits = nb / int(config.dim)
+        if 1.0 <= bits <= 5.0:
+            try:
+                out.append(dataclasses.replace(config, bits=bits))
+            except QuantizationError:
+                continue
+    return out

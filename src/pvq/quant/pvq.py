@@ -88,11 +88,13 @@ from .base import (
     QuantizationError,
     QuantizedTensor,
     TensorSpec,
+    TunableWeight,
     as_float32,
     check_config,
     check_weight,
     is_int,
     proxy_loss,
+    stored_float16,
 )
 from .hessian import (
     check_percdamp,
@@ -103,7 +105,7 @@ from .hessian import (
 )
 
 __all__ = ["CONFIG", "PVQConfig", "dequantize", "layout", "needs_hessian", "nominal_bits_per_weight", "payload_spec",
-           "quantize"]
+           "quantize", "rate_ladder", "tunable"]
 
 GAIN_FORMATS = ("fp16", "beta", "empirical")
 RECONSTRUCTIONS = ("quantile", "centroid")
@@ -608,14 +610,22 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
     return qt
 
 
-def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+def _points(qt: QuantizedTensor) -> np.ndarray:
+    """The R*G pyramid points (R*G, D) of the stored codes."""
     R, C = qt.shape
     meta = qt.meta
     D, G, K, nbits = (int(meta[k]) for k in ("group_size", "num_groups", "pulses", "code_bits"))
     if D * G != C:
         raise QuantizationError(f"meta group_size {D} x num_groups {G} does not match in_features {C}")
+    return decode_shapes(unpack_codes(qt.tensors["codes"], R * G, nbits), D, K, meta.get("enumeration", "fischer"))
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    R, C = qt.shape
+    meta = qt.meta
+    G = int(meta["num_groups"])
     try:
-        points = decode_shapes(unpack_codes(qt.tensors["codes"], R * G, nbits), D, K, meta.get("enumeration", "fischer"))
+        points = _points(qt)
         if meta["gain"] == "fp16":
             gains16 = np.asarray(qt.tensors["gains"])
             if gains16.dtype != np.float16 or gains16.shape != (R, G):
@@ -632,3 +642,72 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     except CodecError as e:
         raise QuantizationError(f"corrupt pvq payload: {e}") from None
     return torch.from_numpy(_reconstruct(points, gains).reshape(R, C))
+
+
+class _TunablePVQ(TunableWeight):
+    """PVQ weight with the shapes fixed: fp16 gains (R, G) trained directly; Beta gains
+    through the row norms (the data-free codebook stays); fitted gains through the row
+    norms and the layer's gain levels. The gain indices never change."""
+
+    def __init__(self, qt: QuantizedTensor) -> None:
+        super().__init__(qt)
+        R, C = qt.shape
+        meta = qt.meta
+        G = int(meta["num_groups"])
+        self.gain = meta["gain"]
+        try:
+            units = _unit_shapes(_points(qt))
+        except CodecError as e:
+            raise QuantizationError(f"corrupt pvq payload: {e}") from None
+        self.register_buffer("units", torch.from_numpy(units.astype(np.float32)).reshape(R, G, -1))
+        if self.gain == "fp16":
+            self.gains = torch.nn.Parameter(torch.from_numpy(np.asarray(qt.tensors["gains"]).astype(np.float32)))
+            return
+        codebook, row_scale = gain_tables(meta, qt.tensors, R)
+        idx = unpack_codes(qt.tensors["gain_indices"], R * G, int(meta["gain_bits"]))[:, 0].astype(np.int64)
+        self.register_buffer("indices", torch.from_numpy(idx.reshape(R, G)))
+        self.row_norms = torch.nn.Parameter(torch.from_numpy(row_scale.astype(np.float32)))
+        levels = torch.from_numpy(codebook.astype(np.float32))
+        if self.gain == "empirical":
+            self.gain_codebook = torch.nn.Parameter(levels)
+        else:
+            self.register_buffer("beta_codebook", levels)
+
+    def forward(self) -> torch.Tensor:
+        if self.gain == "fp16":
+            gains = self.gains
+        else:
+            levels = self.gain_codebook if self.gain == "empirical" else self.beta_codebook
+            gains = levels[self.indices] * self.row_norms[:, None]
+        return (self.units * gains[:, :, None]).reshape(self.qt.shape)
+
+    def trained(self) -> dict[str, np.ndarray]:
+        if self.gain == "fp16":
+            return {"gains": stored_float16(self.gains, "gain")}
+        out = {"row_norms": stored_float16(self.row_norms, "row norm")}
+        if self.gain == "empirical":
+            out["gain_codebook"] = stored_float16(self.gain_codebook, "gain level")
+        return out
+
+
+def tunable(qt: QuantizedTensor) -> TunableWeight:
+    """The layer's weight as a function of its gains (see `_TunablePVQ`)."""
+    return _TunablePVQ(qt)
+
+
+#: Shape bits the bit allocation chooses from (`rate_ladder`), besides the config's own.
+LADDER_SHAPE_BITS = tuple(x / 8 for x in range(8, 41, 2))  # 1.0, 1.25, ..., 5.0
+
+
+def rate_ladder(config: PVQConfig) -> list[PVQConfig]:
+    """The settings a per-layer bit allocation chooses from: `config` with each shape
+    bits of LADDER_SHAPE_BITS (and its own) that buys a pyramid, in increasing order."""
+    import dataclasses
+
+    out = {}
+    for bits in sorted({*LADDER_SHAPE_BITS, float(config.shape_bits)}):
+        try:
+            out[bits] = dataclasses.replace(config, shape_bits=bits)
+        except QuantizationError:
+            continue
+    return list(out.values())

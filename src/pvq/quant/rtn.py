@@ -31,7 +31,17 @@ import torch
 from pvq.codec import pack_codes, packed_size, unpack_codes
 from pvq.codec.errors import CodecError
 
-from .base import QuantizationError, QuantizedTensor, TensorSpec, as_float32, check_config, check_weight, proxy_loss
+from .base import (
+    QuantizationError,
+    QuantizedTensor,
+    TensorSpec,
+    TunableWeight,
+    as_float32,
+    check_config,
+    check_weight,
+    proxy_loss,
+    stored_float16,
+)
 
 __all__ = [
     "CONFIG",
@@ -46,6 +56,8 @@ __all__ = [
     "payload_spec",
     "pack_grid",
     "quantize",
+    "rate_ladder",
+    "tunable",
     "resolve_group_size",
     "unpack_grid",
 ]
@@ -250,3 +262,45 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
         raise QuantizationError(f"meta group_size {gs} x num_groups {G} does not match in_features {C}")
     codes, scale16, zero = unpack_grid(qt.tensors, R, C, G, bits)
     return grid_reconstruct(codes, scale16, zero, gs)
+
+
+class TunableGrid(TunableWeight):
+    """RTN/GPTQ weight with the integer codes and zero points fixed, the float16 scales
+    (R, G) trained; GPTQ's act-order permutation (``perm``, when stored) is applied as in
+    its dequantize."""
+
+    def __init__(self, qt: QuantizedTensor) -> None:
+        super().__init__(qt)
+        R, C = qt.shape
+        meta = qt.meta
+        bits, gs, G = int(meta["bits"]), int(meta["group_size"]), int(meta["num_groups"])
+        codes, scale16, zero = unpack_grid(qt.tensors, R, C, G, bits)
+        self.register_buffer("steps", (codes.view(R, G, gs) - zero[:, :, None]).to(torch.float32))
+        self.scales = torch.nn.Parameter(scale16.float())
+        perm = qt.tensors.get("perm")
+        if perm is not None:
+            perm = torch.from_numpy(np.asarray(perm).astype(np.int64))
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(C)
+            self.register_buffer("inverse_perm", inverse)
+        else:
+            self.inverse_perm = None
+
+    def forward(self) -> torch.Tensor:
+        W = (self.steps * self.scales[:, :, None]).reshape(self.qt.shape)
+        return W if self.inverse_perm is None else W[:, self.inverse_perm]
+
+    def trained(self) -> dict[str, np.ndarray]:
+        return {"scales": stored_float16(self.scales, "scale")}
+
+
+def tunable(qt: QuantizedTensor) -> TunableWeight:
+    """The layer's weight as a function of its scales (`TunableGrid`)."""
+    return TunableGrid(qt)
+
+
+def rate_ladder(config):
+    """The settings a per-layer bit allocation chooses from: `config` with 2..8 bits."""
+    import dataclasses
+
+    return [dataclasses.replace(config, bits=b) for b in range(2, 9)]
