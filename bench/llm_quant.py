@@ -320,7 +320,8 @@ def main() -> None:
             if saved.get("settings") == settings:
                 results[name] = saved
     if args.table:  # the kept rows of --rows / --study (default: all)
-        print_table({name: r for name, r in results.items() if name in args.rows})
+        kept = {name: r for name, r in results.items() if name in args.rows}
+        print_quality_table(kept) if args.study == "quality" else print_table(kept)
         return
 
     model, tokenizer, _ = load_model(args.model)
@@ -357,7 +358,7 @@ def print_quality_table(results: dict[str, dict]) -> None:
     """Issue 15's table: each base setting plain, fine-tuned, allocated, allocated + fine-tuned."""
     base = results.get("float", {}).get("ppl_quick")
     print("\n| row | method | bit allocation | fine-tuned | bpw (linears) | bits/param (whole model) | PPL quick "
-          "| vs float | KL vs float | top-1 | quant s | fine-tune s |")
+          "| vs float | KL vs float | top-1 | quant s (with allocation) | fine-tune s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in STUDIES["quality"]:
         r = results.get(name)
@@ -365,11 +366,14 @@ def print_quality_table(results: dict[str, dict]) -> None:
             continue
         alloc = f"target {r['target_bpw']:g}" if r.get("target_bpw") else "-"
         ft = "-" if "finetune" not in r else ("yes" if r.get("finetune_kept") == "tuned" else "no gain, one-shot kept")
+        # a fine-tuned row reuses the quantization of the row without "-ft" (same work directory)
+        made_by = results.get(name.removesuffix("-ft"), r) if name.endswith("-ft") else r
+        ratio = f"{r['ppl_quick'] / base:.3f}x" if base else "-"
+        tune_s = f"{r['finetune_seconds']:.0f}" if "finetune_seconds" in r else "-"
         print(f"| {name} | {r['method']} | {alloc} | {ft} | {r['bpw_measured']:.3f} "
-              f"| {r.get('whole_model_bits_per_parameter', float('nan')):.3f} | {r['ppl_quick']:.2f} "
-              f"| {r['ppl_quick'] / base:.3f}x | {r.get('kl_vs_float', float('nan')):.4f} "
-              f"| {100 * r.get('top1_agreement', float('nan')):.1f}% | {r.get('quant_seconds', 0):.0f} "
-              f"| {r.get('finetune_seconds', 0):.0f} |" if base else f"| {name} | (no float row) |")
+              f"| {r.get('whole_model_bits_per_parameter', float('nan')):.3f} | {r['ppl_quick']:.2f} | {ratio} "
+              f"| {r.get('kl_vs_float', float('nan')):.4f} | {100 * r.get('top1_agreement', float('nan')):.1f}% "
+              f"| {made_by.get('quant_seconds', 0):.0f} | {tune_s} |")
 
 
 if __name__ == "__main__":

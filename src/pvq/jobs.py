@@ -500,7 +500,8 @@ def _memory_line(report: dict[str, Any]) -> str:
     elif work is None:
         phase = f"quantization phase peak {report['quantization_peak_memory_bytes'] / mib:.0f} MiB (process peak)"
     else:
-        phase = (f"quantization {report['quantization_peak_memory_bytes'] / mib:.0f} MiB at its peak = "
+        what = "quantization" + (" and fine-tuning (float teacher included)" if report.get("finetune") else "")
+        phase = (f"{what} {report['quantization_peak_memory_bytes'] / mib:.0f} MiB at its peak = "
                  f"{report['memory_before_quantization_bytes'] / mib:.0f} MiB held before (runtime + float model "
                  f"{model / mib:.0f} MiB) + {work / mib:.0f} MiB working memory; float model + working memory = "
                  f"{(model + work) / model:.2f}x the float model")
