@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pvq.errors import PVQError
-from pvq.fileio import replace_durably
+from pvq.fileio import sha256_file
 from pvq.formats import QuantizedLinear, tuned_weights
+from pvq.pipeline import workdir as wd
 from pvq.quant import get_method
 from pvq.quant.base import is_int, is_number
 
@@ -140,12 +140,9 @@ class _Trainable:
         for name, tw in self.tunables.items():
             for pname, p in tw.named_parameters():
                 self.params[f"{name}::{pname}"] = p
-        self.dense: dict[str, nn.Parameter] = {}
-        if config.dense:
-            for name, p in model.named_parameters():
-                if p.ndim == 1 and p.is_floating_point():  # norm weights and biases
-                    self.dense[name] = p
-        self.params.update({f"dense::{k}": p for k, p in self.dense.items()})
+        if config.dense:  # norm weights and biases
+            self.params.update({f"dense::{k}": p for k, p in model.named_parameters()
+                                if p.ndim == 1 and p.is_floating_point()})
         self.initial = {k: p.detach().clone() for k, p in self.params.items()}
 
     def values(self) -> dict[str, torch.Tensor]:
@@ -178,8 +175,8 @@ def finetune(
 ) -> FinetuneReport:
     """Fine-tune `model` (packed `QuantizedLinear`s) in place towards `reference` (the float
     model) on `windows` (n, seqlen) token ids; see the module docstring. The layers'
-    payloads are rewritten with the kept values (same spec, codes untouched); the dense
-    parameters are left in float32 (the caller rounds them to their stored dtype).
+    payloads are rewritten with the kept values (same spec, codes untouched) and the dense
+    parameters rounded to the dtype the checkpoint stores them in.
     `on_step(step, loss)` is called after every optimizer step (tests interrupt there)."""
     if config is None:
         config = FinetuneConfig()
@@ -364,7 +361,7 @@ def _round_dense(model: nn.Module) -> None:
 
 # -- state file ---------------------------------------------------------------------------------
 
-def _adam_tensors(opt: torch.optim.Optimizer, trainable: _Trainable) -> dict[str, torch.Tensor]:
+def _adam_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
     for group in opt.param_groups:
         p = group["params"][0]
@@ -386,21 +383,13 @@ def _load_adam(opt: torch.optim.Optimizer, tensors: dict) -> None:
 
 
 def _write_state(state_dir: Path, settings: dict, trainable: _Trainable, best_values: dict, opt, meta: dict) -> None:
-    from safetensors.torch import save_file
-
+    """The tensors first, then the JSON naming their digest: a state is whole or absent."""
     state_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"current/{k}": v for k, v in trainable.values().items()}
     tensors.update({f"best/{k}": v for k, v in best_values.items()})
-    tensors.update({k: v.detach().clone() for k, v in _adam_tensors(opt, trainable).items()})
-    tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
-    tmp = state_dir / f".state.safetensors.tmp{os.getpid()}"
-    save_file(tensors, str(tmp))
-    replace_durably(tmp, state_dir / "state.safetensors")
-    h = hashlib.sha256((state_dir / "state.safetensors").read_bytes()).hexdigest()
-    text = json.dumps({"settings": settings, **meta, "tensors_sha256": h}, indent=1, sort_keys=True) + "\n"
-    tmp = state_dir / f".state.json.tmp{os.getpid()}"
-    tmp.write_text(text)
-    replace_durably(tmp, state_dir / "state.json")
+    tensors.update(_adam_tensors(opt))
+    digest = wd.atomic_save_tensors(state_dir / "state.safetensors", tensors)
+    wd.atomic_write_json(state_dir / "state.json", {"settings": settings, **meta, "tensors_sha256": digest})
 
 
 def _read_state(state_dir: Path, settings: dict):
@@ -416,7 +405,7 @@ def _read_state(state_dir: Path, settings: dict):
         if meta.get("settings") != json.loads(json.dumps(settings)):
             log.warning("%s holds fine-tuning state of other settings; fine-tuning starts afresh", state_dir)
             return None
-        if hashlib.sha256(tensor_path.read_bytes()).hexdigest() != meta["tensors_sha256"]:
+        if sha256_file(tensor_path) != meta["tensors_sha256"]:
             log.warning("%s: the fine-tuning state does not match its digest; fine-tuning starts afresh", state_dir)
             return None
         return meta, load_file(str(tensor_path))

@@ -23,6 +23,7 @@ from pvq.eval.perplexity import (
     perplexity_details,
     wikitext2_test,
 )
+from pvq.finetune import FinetuneConfig
 from pvq.formats import (
     check_destination,
     decoded_weights,
@@ -333,7 +334,7 @@ def _memory_plan(opts: JobOptions, recipe: Recipe, config, w, eval_text: EvalTex
                            stream=opts.stream, calibrate=recipe.needs_calibration(),
                            offload_activations=opts.offload_activations,
                            processes=w.size, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", w.size)),
-                           finetune_batch=(opts.finetune or {}).get("batch", 2) if opts.finetune is not None else None,
+                           finetune_batch=FinetuneConfig(**opts.finetune).batch if opts.finetune is not None else None,
                            **({"shard_bytes": shard_size_bytes(opts.max_shard_size)} if opts.max_shard_size else {}))
 
 

@@ -93,27 +93,27 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def peak_memory_bytes() -> int:
-    """Peak resident memory of this process since start or since the last
-    `reset_peak_memory` (Linux: VmHWM; elsewhere ru_maxrss, which cannot be reset)."""
+def _status_bytes(field: str) -> int | None:
+    """A kB field of /proc/self/status (Linux) in bytes, None where unknown."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def resident_memory_bytes() -> int | None:
-    """Resident memory of this process now (Linux VmRSS), None where unknown."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process since start or since the last
+    `reset_peak_memory` (Linux: VmHWM; elsewhere ru_maxrss, which cannot be reset)."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resident_memory_bytes() -> int | None:
+    """Resident memory of this process now (Linux VmRSS), None where unknown."""
+    return _status_bytes("VmRSS")
 
 
 def reset_peak_memory() -> bool:

@@ -101,8 +101,6 @@ class Recipe:
     def check(self) -> None:
         """Refuse, naming the field, settings that would fail after the long part (or as a
         bare TypeError): the method config, counts, seeds, dtypes, act fields, calib_text."""
-        from dataclasses import fields as dataclass_fields
-
         from pvq.formats.hf import DENSE_DTYPES
 
         self.method_config()  # unknown method or config field: QuantizationError naming it
@@ -269,10 +267,10 @@ def oneshot(
         t0 = time.perf_counter()
         windows = recipe.calibration(model, tokenizer, progress=progress)
         seconds["calibration"] = time.perf_counter() - t0
-    # The rotation comes after the calibration windows (sampled from the unrotated model, so
-    # the same with and without it) and before any Hessian is collected.
     # the fine-tuning's teacher: the float model as given (a rotation preserves its function)
     reference = copy.deepcopy(model) if recipe.finetune is not None else None
+    # The rotation comes after the calibration windows (sampled from the unrotated model, so
+    # the same with and without it) and before any Hessian is collected.
     rotation = None
     if recipe.rotate:
         t0 = time.perf_counter()

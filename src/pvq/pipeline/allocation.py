@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,7 @@ ALLOCATION_FILE = "allocation.json"
 
 def stored_bits(method: str, config: Any, shape: tuple[int, int]) -> int:
     """Bits the payload of a (rows, columns) layer takes with `config` (from its spec alone)."""
-    import numpy as np
-
-    spec = get_method(method).payload_spec(config, shape)
-    return int(sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize * 8 for s in spec.values()))
+    return 8 * sum(s.nbytes for s in get_method(method).payload_spec(config, shape).values())
 
 
 def check_target(method: str, config: Any, target_bpw: Any) -> None:
@@ -94,7 +91,6 @@ class Allocation:
     distortion: dict[str, float]  # layer -> measured trial distortion at its setting
     field: str  # the config field the ladder varies
     seconds: float = 0.0
-    ladder: list[Any] = field(default_factory=list)
 
     @property
     def bits_per_weight(self) -> float:
@@ -349,7 +345,7 @@ def allocate_bits(model: nn.Module, adapter: ArchitectureAdapter, windows: torch
                                        {n: stored_bits(method, configs[n], shapes[n]) for n in names},
                                        {n: shapes[n][0] * shapes[n][1] for n in names},
                                        {n: float(saved["distortion"][n]) for n in names}, field_name,
-                                       seconds=float(saved.get("seconds", 0.0)), ladder=ladder)
+                                       seconds=float(saved.get("seconds", 0.0)))
                     log.info("bit allocation reused from %s", cache)
                     return alloc
             except (OSError, ValueError, KeyError, QuantizationError) as e:
@@ -374,7 +370,7 @@ def allocate_bits(model: nn.Module, adapter: ArchitectureAdapter, windows: torch
     configs = {n: ladder[choice[n]] for n in names}
     alloc = Allocation(method, float(target_bpw), configs, {n: costs[n][choice[n]] for n in names}, weights,
                        {n: distortions[n][choice[n]] for n in names}, field_name,
-                       seconds=time.perf_counter() - t0, ladder=ladder)
+                       seconds=time.perf_counter() - t0)
     log.info("bit allocation: %s", alloc.describe())
     if cache is not None:
         wd.claim(Path(work_dir))

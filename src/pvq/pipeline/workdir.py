@@ -188,13 +188,18 @@ def load_block(work_dir: Path, index: int) -> tuple[dict[str, QuantizedTensor], 
 
 
 # -- hidden states -------------------------------------------------------------------------------
-def save_hidden(work_dir: Path, hidden: torch.Tensor, after_block: int) -> str:
-    """Write the inputs of block after_block + 1; returns the file's sha256."""
-    path = work_dir / HIDDEN_FILE
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write torch tensors as one safetensors file, atomically; returns the file's sha256."""
     tmp = _tmp(path)
-    torch_save_file({"hidden_states": hidden.contiguous()}, str(tmp), metadata={"after_block": str(after_block)})
+    torch_save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     replace_durably(tmp, path)
     return sha256_file(path)
+
+
+def save_hidden(work_dir: Path, hidden: torch.Tensor, after_block: int) -> str:
+    """Write the inputs of block after_block + 1; returns the file's sha256."""
+    return atomic_save_tensors(work_dir / HIDDEN_FILE, {"hidden_states": hidden},
+                               metadata={"after_block": str(after_block)})
 
 
 def load_hidden(work_dir: Path, after_block: int) -> torch.Tensor:

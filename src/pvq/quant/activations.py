@@ -70,7 +70,7 @@ from pvq.codec import (
 from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
 
-from .base import QuantizationError, is_int, is_number
+from .base import QuantizationError, is_int, is_number, stored_float16
 from .input_transforms import INPUT_TRANSFORMS, attach_input_transform, detach_input_transform
 from .pvq import MAX_TABLE_BYTES, check_gain_settings
 
@@ -354,14 +354,6 @@ def _unit_shapes(points: np.ndarray) -> np.ndarray:
     return p / np.sqrt((p * p).sum(axis=1))[:, None]
 
 
-def _fp16(values: np.ndarray, what: str) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        out = values.astype(np.float16)
-    if not np.all(np.isfinite(out)):
-        raise ActQuantError(f"activation {what} {float(np.max(np.abs(values))):.6g} overflows float16")
-    return out
-
-
 def _host_rows(x2: torch.Tensor) -> np.ndarray:
     arr = x2.detach().to(device="cpu", dtype=torch.float64).numpy()
     if not np.isfinite(arr).all():
@@ -378,8 +370,8 @@ def _pvq_parts(rows: np.ndarray, config: ActQuantConfig, D: int, G: int) -> dict
     u = _unit_shapes(points)
     s = np.einsum("ij,ij->i", groups, u).reshape(-1, G)  # least-squares gains (>= 0: p has x's signs)
     if config.gain == "fp16":
-        return {"points": points, "gains": _fp16(s, "gain")}
-    norms16 = _fp16(np.sqrt((rows * rows).sum(axis=1)), "row norm")
+        return {"points": points, "gains": stored_float16(s, "activation gain", ActQuantError)}
+    norms16 = stored_float16(np.sqrt((rows * rows).sum(axis=1)), "activation row norm", ActQuantError)
     norms = norms16.astype(np.float64)
     codebook = _beta_codebook(D, G, config.gain_bits, config.reconstruction)
     ratio = np.divide(s, norms[:, None], out=np.zeros_like(s), where=norms[:, None] > 0)

@@ -41,6 +41,11 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str  # "uint8", "int8", "int16", "int32" or "float16"
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes an array of this spec takes."""
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
     def matches(self, arr: np.ndarray) -> bool:
         return tuple(arr.shape) == tuple(self.shape) and arr.dtype.name == self.dtype
 
@@ -126,7 +131,7 @@ def is_number(value) -> bool:
 class TunableWeight(torch.nn.Module):
     """One layer's weight as a differentiable function of the continuous arrays of its
     payload (gains, scales, norms, codebooks), its discrete codes held fixed: what
-    fine-tuning (`pvq.pipeline.finetune`) trains.
+    fine-tuning (`pvq.finetune`) trains.
 
     A method's ``tunable(qt)`` returns a subclass that keeps the fixed decoded parts as
     buffers and the continuous arrays as float32 parameters, builds W (float32, qt.shape)
@@ -156,11 +161,13 @@ class TunableWeight(torch.nn.Module):
         return out
 
 
-def stored_float16(values: torch.Tensor, what: str) -> np.ndarray:
-    """float32 values as the float16 array a payload stores (QuantizationError on overflow)."""
-    arr = values.detach().to("cpu", torch.float32).numpy()
+def stored_float16(values: np.ndarray | torch.Tensor, what: str,
+                   error: type[Exception] = QuantizationError) -> np.ndarray:
+    """Values (numpy or torch) as the float16 array a payload stores; `error` naming `what`
+    when one overflows float16."""
+    arr = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     with np.errstate(over="ignore"):
         out = arr.astype(np.float16)
     if not np.all(np.isfinite(out)):
-        raise QuantizationError(f"{what} {float(np.max(np.abs(arr))):.6g} overflows float16")
+        raise error(f"{what} {float(np.max(np.abs(arr))):.6g} overflows float16")
     return out

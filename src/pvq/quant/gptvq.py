@@ -701,12 +701,11 @@ class _TunableGPTVQ(TunableWeight):
     def trained(self) -> dict[str, np.ndarray]:
         RG, CB, K, d = self.qt.tensors["codebooks"].shape
         centroids = self.centroids.detach().cpu()
-        codes, scale16 = _quantize_codebooks(centroids)
         kept = self.scales16.cpu()
         c = centroids.double()
         fits = (c.amax(dim=(1, 2)) <= kept.double() * _QMAX) & (c.amin(dim=(1, 2)) >= kept.double() * _QMIN)
-        scale16 = torch.where(fits, kept, scale16)
-        codes = torch.round(centroids.double() / scale16.double()[:, None, None]).clamp(_QMIN, _QMAX).to(torch.int8)
+        scale16 = torch.where(fits, kept, _quantize_codebooks(centroids)[1])
+        codes = torch.round(c / scale16.double()[:, None, None]).clamp(_QMIN, _QMAX).to(torch.int8)
         return {"codebooks": np.ascontiguousarray(codes.reshape(RG, CB, K, d).numpy()),
                 "codebook_scales": np.ascontiguousarray(scale16.reshape(RG, CB).numpy())}
 

@@ -442,14 +442,6 @@ def _codebook_gains(codebook: np.ndarray, indices: np.ndarray, row_scale: np.nda
     return codebook[indices] * row_scale
 
 
-def _fp16(values: np.ndarray, what: str) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        out = values.astype(np.float16)
-    if not np.all(np.isfinite(out)):
-        raise QuantizationError(f"{what} {float(np.max(np.abs(values))):.6g} overflows float16")
-    return out
-
-
 # --------------------------------------------------------------------------- the method
 
 
@@ -495,14 +487,14 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
         W = W[:, col_order].contiguous()
         hessian = hessian.detach().to("cpu")[col_order][:, col_order]
     if config.gain != "fp16":
-        norms16 = _fp16(W0.double().norm(dim=1).numpy(), "row norm")
+        norms16 = stored_float16(W0.double().norm(dim=1).numpy(), "row norm")
         row_scale = _row_scale(norms16)
         live = row_scale > 0
         if config.gain == "beta":
             codebook = BetaGainQuantizer(D, G, int(config.gain_bits), config.reconstruction).codebook
         else:
             group_norms = W0.double().reshape(R, G, D).norm(dim=2).numpy()[live] / row_scale[live, None]
-            codebook16 = _fp16(empirical_gain_codebook(group_norms, int(config.gain_bits)), "gain level")
+            codebook16 = stored_float16(empirical_gain_codebook(group_norms, int(config.gain_bits)), "gain level")
             codebook = codebook16.astype(np.float64)
     damping = None
     if use_h:
@@ -551,7 +543,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
                 u = _unit_shapes(p)
                 s = (x * u).sum(axis=1)
             if config.gain == "fp16":
-                g16 = _fp16(s, "gain")
+                g16 = stored_float16(s, "gain")
                 gains_out[:, g] = g16
                 s_hat = g16.astype(np.float64)
             else:
