@@ -1,6 +1,6 @@
 """Quantizer settings compared on real layers of the benchmark model, by proxy loss.
 
-Run:  python bench/layer_study.py [--rotate] [--configs JSON]
+Run:  python bench/layer_study.py [--rotate] [--study default|gains | --configs JSON]
 
 Collects the input Hessians H = X^T X / n of 20 linear layers (blocks 0, 3, 10, 20, 29 x
 q_proj, o_proj, up_proj, down_proj) of the float model on 32 calibration windows of 512
@@ -38,6 +38,18 @@ DEFAULT = {
     "pvq-d64-s3-fp16": ["pvq", {"group_size": 64, "shape_bits": 3.0, "gain": "fp16"}],
     "pvq-d32-s3.125-emp4": ["pvq", {"group_size": 32, "shape_bits": 3.125, "gain": "empirical"}],
 }
+# Beta gains with escapes against the fitted ("empirical") gains at equal bits: 2 escape
+# slots per row cost 48 bits, paid for by 1/16 bit less per weight of shape (2.9375)
+GAINS = {
+    "beta4": ["pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "beta"}],
+    "beta4-esc2": ["pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "beta", "gain_escapes": 2}],
+    "beta4-esc2-s2.94": ["pvq", {"group_size": 16, "shape_bits": 2.9375, "gain": "beta", "gain_escapes": 2}],
+    "beta4-esc4-s2.94": ["pvq", {"group_size": 16, "shape_bits": 2.9375, "gain": "beta", "gain_escapes": 4}],
+    "beta5-s2.94": ["pvq", {"group_size": 16, "shape_bits": 2.9375, "gain": "beta", "gain_bits": 5}],
+    "emp4": ["pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "empirical"}],
+    "emp4-esc2-s2.94": ["pvq", {"group_size": 16, "shape_bits": 2.9375, "gain": "empirical", "gain_escapes": 2}],
+}
+STUDIES = {"default": DEFAULT, "gains": GAINS}
 
 
 def layer_hessians(rotate: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -71,10 +83,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rotate", action="store_true", help="fused Hadamard rotation (seed 0) first")
     parser.add_argument("--configs", default=None, help='JSON {label: [method, {config fields}]}')
+    parser.add_argument("--study", choices=sorted(STUDIES), default="default", help="a named set of settings")
     args = parser.parse_args()
     if not VALID.is_file():
         sys.exit(f"calibration text not found at {VALID} (../shared beside the checkout)")
-    configs = json.loads(args.configs) if args.configs else DEFAULT
+    configs = json.loads(args.configs) if args.configs else STUDIES[args.study]
     layers = layer_hessians(args.rotate)
     losses = {}
     print("| setting | bpw stored | summed proxy loss | geomean ratio to first | seconds |\n|---|---|---|---|---|")

@@ -137,6 +137,23 @@ for _name in QUALITY_BASES:
     ROWS[f"{_name}-alloc"] = (_method, _fields, {"target_bpw": _target})
     ROWS[f"{_name}-alloc-ft"] = (_method, _fields, {"target_bpw": _target, "finetune": {}})
     QUALITY_STUDY += [_name, f"{_name}-ft", f"{_name}-alloc", f"{_name}-alloc-ft"]
+# Beta gains with escapes (2 exact gains per row for groups beyond the top level) at the
+# bits of the 3-bit rows, and the embedding + tied head stored at 8 / 6 bits (extras "embeddings")
+EMB8, EMB6 = {"bits": 8, "group_size": 64}, {"bits": 6, "group_size": 64}
+ROWS.update({
+    "pvq-d16-s2.94-beta4-esc2": ("pvq", {"group_size": 16, "shape_bits": 2.9375, "gain": "beta", "gain_bits": 4,
+                                         "gain_escapes": 2}),
+    "pvq-d16-s2.94-emp4-esc2": ("pvq", {"group_size": 16, "shape_bits": 2.9375, "gain": "empirical", "gain_bits": 4,
+                                        "gain_escapes": 2}),
+    "pvq-d16-s3-emp4-emb8": (*ROWS["pvq-d16-s3-emp4"], {"embeddings": EMB8}),
+    "pvq-d16-s3-emp4-ft-emb8": (*ROWS["pvq-d16-s3-emp4"], {"finetune": {}, "embeddings": EMB8}),
+    "pvq-d16-s3-emp4-ft-emb6": (*ROWS["pvq-d16-s3-emp4"], {"finetune": {}, "embeddings": EMB6}),
+    # the fused rotation before PVQ, then fine-tuning
+    "pvq-d16-s3-emp4-rot-ft": (*ROWS["pvq-d16-s3-emp4"], {"rotate": True, "finetune": {}}),
+})
+QUALITY_STUDY += ["pvq-d16-s3-beta4", "pvq-d16-s2.94-beta4-esc2", "pvq-d16-s2.94-emp4-esc2", "pvq-d16-s3-emp4-emb8",
+                  "pvq-d16-s3-emp4-ft-emb8", "pvq-d16-s3-emp4-ft-emb6", "pvq-d16-s3-emp4-rot",
+                  "pvq-d16-s3-emp4-rot-ft"]
 STUDIES = {"rotation": ROTATION_STUDY, "quality": ["float", *QUALITY_STUDY]}
 
 
@@ -171,7 +188,7 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
     recipe = Recipe(method=method_name, config=dict(fields), rotate=bool(extras.get("rotate")), act=extras.get("act"),
                     compute_dtype=args.compute_dtype, batch_size=args.batch_size, calib_windows=args.calib_windows,
                     calib_seqlen=args.calib_seqlen, finetune=extras.get("finetune"),
-                    target_bpw=extras.get("target_bpw"))
+                    target_bpw=extras.get("target_bpw"), embeddings=extras.get("embeddings"))
     result = oneshot(model, tokenizer, recipe, windows=windows if recipe.needs_calibration() else None,
                      work_dir=str(out_dir / weights_work_dir(name)), progress=True)
     if recipe.rotate:
@@ -183,6 +200,8 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
             row["mean_proxy_loss"] = q.mean_proxy_loss
         row["quant_seconds"] = result.seconds["quantization"] + result.seconds["allocation"]
         row["whole_model_bits_per_parameter"] = whole_model_bits_per_parameter(model, base_model)
+        if result.embeddings is not None:
+            row["embeddings"] = result.embeddings["config"]
         if result.allocation is not None:
             row.update(target_bpw=recipe.target_bpw, allocation=result.allocation.histogram(),
                        allocation_seconds=result.seconds["allocation"])
@@ -216,8 +235,9 @@ def whole_model_bits_per_parameter(model, float_model) -> float:
     """Every stored byte per parameter of the float model: packed payloads plus the dense
     tensors at 16 bits (tied ones once), as the checkpoint holds them."""
     from pvq.formats import QuantizedLinear
+    from pvq.formats.embedding import QuantizedEmbedding
 
-    payload = sum(m.stored_bytes for m in model.modules() if isinstance(m, QuantizedLinear))
+    payload = sum(m.stored_bytes for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding)))
     seen, dense = set(), 0
     for name, t in model.state_dict().items():
         if t.is_floating_point() and t.data_ptr() not in seen:
@@ -357,20 +377,25 @@ def main() -> None:
 def print_quality_table(results: dict[str, dict]) -> None:
     """Issue 15's table: each base setting plain, fine-tuned, allocated, allocated + fine-tuned."""
     base = results.get("float", {}).get("ppl_quick")
-    print("\n| row | method | bit allocation | fine-tuned | bpw (linears) | bits/param (whole model) | PPL quick "
-          "| vs float | KL vs float | top-1 | quant s (with allocation) | fine-tune s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| row | method | bit allocation | fine-tuned | embedding + head | bpw (linears) | bits/param (whole model) "
+          "| PPL quick | vs float | KL vs float | top-1 | quant s (with allocation) | fine-tune s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in STUDIES["quality"]:
         r = results.get(name)
         if r is None or name == "float":
             continue
         alloc = f"target {r['target_bpw']:g}" if r.get("target_bpw") else "-"
         ft = "-" if "finetune" not in r else ("yes" if r.get("finetune_kept") == "tuned" else "no gain, one-shot kept")
-        # a fine-tuned row reuses the quantization of the row without "-ft" (same work directory)
-        made_by = results.get(name.removesuffix("-ft"), r) if name.endswith("-ft") else r
+        # a row reuses the quantization (and fine-tuning) of the first row with its weights (same work directory)
+        base_name = weights_work_dir(name).removesuffix(".work")
+        made_by = results.get(base_name, r)
+        tuned_by = results.get(f"{base_name}-ft", r) if r.get("embeddings") else r
         ratio = f"{r['ppl_quick'] / base:.3f}x" if base else "-"
-        tune_s = f"{r['finetune_seconds']:.0f}" if "finetune_seconds" in r else "-"
-        print(f"| {name} | {r['method']} | {alloc} | {ft} | {r['bpw_measured']:.3f} "
+        tune_s = f"{tuned_by['finetune_seconds']:.0f}" if "finetune_seconds" in tuned_by else "-"
+        emb = r.get("embeddings")
+        emb = f"{emb['bits']}-bit g{emb['group_size']}" if emb else "float16"
+        method = r["method"] + (", rotated" if r.get("rotate") else "")
+        print(f"| {name} | {method} | {alloc} | {ft} | {emb} | {r['bpw_measured']:.3f} "
               f"| {r.get('whole_model_bits_per_parameter', float('nan')):.3f} | {r['ppl_quick']:.2f} | {ratio} "
               f"| {r.get('kl_vs_float', float('nan')):.4f} | {100 * r.get('top1_agreement', float('nan')):.1f}% "
               f"| {made_by.get('quant_seconds', 0):.0f} | {tune_s} |")

@@ -206,7 +206,7 @@ def _drop_tensor(key):
 @pytest.mark.parametrize("edit,message", [
     (_edit_config(lambda c: c["quantization_config"]["layers"].remove("model.layers.0.self_attn.v_proj")),
      "do not match the model.*model.layers.0.self_attn.v_proj"),
-    (_drop_tensor("model.embed_tokens.weight"), "missing: model.embed_tokens.weight"),
+    (_drop_tensor("model.embed_tokens.codes"), "missing: model.embed_tokens.codes"),
     (_drop_tensor("model.layers.0.input_layernorm.weight"), "missing: model.layers.0.input_layernorm.weight"),
     (_edit_config(lambda c: c["quantization_config"].update(dense_dtype=["float16"])), "dense_dtype must be one of"),
     (_edit_config(lambda c: c["quantization_config"].update(method=["rtn"])), "method must be a method name"),

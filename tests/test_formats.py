@@ -194,7 +194,9 @@ def test_every_method_round_trips_through_from_pretrained_bit_exactly(tmp_path, 
     with safe_open(tmp_path / "ck" / "model.safetensors", "pt") as f:
         stored = set(f.keys())
     tied = method != "gptq"
-    assert ("lm_head.weight" in stored) != tied and "model.embed_tokens.weight" in stored  # tied: stored once
+    # the embedding at 8 bits (the default); a tied head stored once, with it; an untied one its own table
+    assert ("lm_head.table.codes" in stored) != tied and "model.embed_tokens.codes" in stored
+    assert not {"lm_head.weight", "model.embed_tokens.weight"} & stored
     assert len(qc["layers"]) == 14 and qc["config"] == json.loads(json.dumps(
         __import__("dataclasses").asdict(get_method(method).make_config(CONFIGS[method]))))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
@@ -251,7 +253,8 @@ def test_loading_never_allocates_a_float_weight_for_a_quantized_layer(saved, mon
 
     monkeypatch.setattr(torch.nn.Linear, "reset_parameters", linear_spy)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(root)
-    assert len(shapes) == 14 and all(d == "meta" for s in shapes for d in s.values())
+    # the 14 layers and the view the tied head reads the quantized embedding's table through
+    assert len(shapes) == 15 and all(d == "meta" for s in shapes for d in s.values())
     assert all(d == "meta" for d in made)  # the float linears existed only as shapes
     assert not any(isinstance(m, torch.nn.Linear) and m.weight.shape[0] in (64, 128) and "layers" in n
                    for n, m in loaded.named_modules())

@@ -67,6 +67,24 @@ def test_cpu_kernels_match_the_reference(D, gain):
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, lin.out_features)
 
 
+@pytest.mark.parametrize("gain", ["beta", "empirical"])
+def test_cpu_kernels_apply_gain_escapes(gain):
+    torch.manual_seed(1)
+    W = torch.randn(48, 96) * torch.exp(1.5 * torch.randn(48, 6, 1)).repeat_interleave(16, dim=2).reshape(48, 96)
+    cfg = {"group_size": 16, "shape_bits": 3.0, "gain": gain, "use_hessian": False, "gain_escapes": 2}
+    qt = get_method("pvq").quantize(W, None, get_method("pvq").make_config(cfg))
+    used = qt.tensors["escape_groups"] < 6
+    assert 0 < used.sum() < used.size  # some slots used, some free
+    lin = QuantizedLinear.from_quantized(qt, cfg, None, name="test.escapes")
+    assert torch.equal(lin.dequantize(), get_method("pvq").dequantize(qt))
+    assert rel(decoded_weight(lin), lin.dequantize()) < TOLERANCE
+    for rows in (1, 5):
+        x = torch.randn(rows, 96)
+        assert rel(lin(x), DEQUANTIZE.forward(lin, x)) < TOLERANCE
+    from pvq.formats import triton_kernels
+    assert "escapes" in triton_kernels.triton_refusal(lin)
+
+
 @pytest.mark.parametrize("method, config", [("rtn", {"bits": 3, "group_size": 32}),
                                             ("gptq", {"bits": 4, "group_size": 16, "act_order": True}),
                                             ("gptq", {"bits": 2, "group_size": -1, "act_order": False})])

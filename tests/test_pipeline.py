@@ -414,3 +414,18 @@ def test_real_model_two_layer_slice(real_model, tmp_path):
     with torch.no_grad():
         out = model(windows).logits
     assert torch.isfinite(out).all() and not torch.allclose(out, ref)
+
+
+def test_a_work_directory_saved_before_a_config_field_existed_still_resumes():
+    """A config field added since (at its default) is no difference in the resume check."""
+    from dataclasses import asdict
+
+    from pvq.pipeline.quantize_model import _with_current_defaults
+    from pvq.quant import get_method
+
+    now = asdict(get_method("pvq").make_config({"group_size": 16, "gain": "empirical"}))
+    saved = {k: v for k, v in now.items() if k != "gain_escapes"}
+    state = _with_current_defaults({"method": "pvq", "config": saved, "layer_configs": {"a": saved}})
+    assert state["config"] == now and state["layer_configs"]["a"] == now
+    other = _with_current_defaults({"method": "pvq", "config": {**saved, "gain_escapes": 2}})
+    assert other["config"] != now

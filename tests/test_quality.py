@@ -24,12 +24,14 @@ SETTINGS = [
     ("pvq", {"group_size": 16, "shape_bits": 2.0, "gain": "fp16"}, {"codes"}),
     ("pvq", {"group_size": 16, "shape_bits": 2.0, "gain": "beta"}, {"codes", "gain_indices"}),
     ("pvq", {"group_size": 16, "shape_bits": 2.0, "gain": "empirical"}, {"codes", "gain_indices"}),
+    ("pvq", {"group_size": 16, "shape_bits": 2.0, "gain": "beta", "gain_escapes": 2},
+     {"codes", "gain_indices", "escape_groups"}),
     ("gptvq", {"dim": 2, "bits": 2.0, "group_size": 256, "group_columns": 32}, {"indices"}),
 ]
 
 
 def _ids(settings):
-    return [f"{m}-{c.get('gain', '')}" for m, c, _ in settings]
+    return [f"{m}-{c.get('gain', '')}{'-escapes' if c.get('gain_escapes') else ''}" for m, c, _ in settings]
 
 
 @pytest.mark.parametrize("method,fields,codes", SETTINGS, ids=_ids(SETTINGS))
@@ -86,8 +88,8 @@ def _payloads(model):
             if isinstance(m, QuantizedLinear)}
 
 
-@pytest.mark.parametrize("method,fields,codes", [SETTINGS[1], SETTINGS[2], SETTINGS[4], SETTINGS[5]],
-                         ids=_ids([SETTINGS[1], SETTINGS[2], SETTINGS[4], SETTINGS[5]]))
+@pytest.mark.parametrize("method,fields,codes", [SETTINGS[1], SETTINGS[2], SETTINGS[4], SETTINGS[6]],
+                         ids=_ids([SETTINGS[1], SETTINGS[2], SETTINGS[4], SETTINGS[6]]))
 def test_finetuning_lowers_the_kl_and_never_changes_codes_or_sizes(method, fields, codes):
     model, reference, windows = _quantized_tiny(method, fields)
     before = _payloads(model)

@@ -11,7 +11,15 @@ import torch
 from pvq.codec import decode, pulses_for_bits, search, unpack_codes
 from pvq.quant import QuantizationError, get_method, proxy_loss
 from pvq.quant import pvq, rtn
-from pvq.quant.pvq import _REFINE_REL_TOL, _refine_rows
+from pvq.quant.pvq import (
+    _REFINE_REL_TOL,
+    PVQConfig,
+    _refine_rows,
+    dequantize,
+    nominal_bits_per_weight,
+    payload_spec,
+    quantize,
+)
 from pvq.quant.synthetic import synthetic_layer
 
 
@@ -253,3 +261,41 @@ def test_act_order_changes_only_the_processing_order():
     # without a Hessian there is no order to follow
     plain = pvq.quantize(W, None, pvq.CONFIG(group_size=16, shape_bits=3, gain="empirical", use_hessian=False))
     assert "act_order" not in plain.meta
+
+
+@pytest.mark.parametrize("gain", ["beta", "empirical"])
+def test_gain_escapes_keep_the_gains_beyond_the_top_level(gain):
+    """Without the Hessian each gain is the least-squares one, so an escaped (exact float16)
+    gain can only lower its group's error; the slots are filled in increasing stored group
+    order, unused ones hold G and gain 0, and the bits per weight count them."""
+    torch.manual_seed(3)
+    R, C, D, E = 40, 192, 16, 3
+    G = C // D
+    W = torch.randn(R, C) * torch.exp(1.5 * torch.randn(R, G, 1)).expand(R, G, D).reshape(R, C)
+    base = {"group_size": D, "shape_bits": 2.5, "gain": gain, "use_hessian": False}
+    plain = quantize(W, None, PVQConfig(**base))
+    esc = quantize(W, None, PVQConfig(**base, gain_escapes=E))
+    assert ((W - dequantize(esc)) ** 2).sum() < ((W - dequantize(plain)) ** 2).sum()
+    assert esc.tensors["escape_groups"].dtype == np.uint8
+    pos, vals = esc.tensors["escape_groups"].astype(np.int64), esc.tensors["escape_gains"]
+    assert pos.shape == (R, E) and vals.dtype == np.float16
+    used = pos < G
+    assert used.any() and (~used).any()
+    assert np.all(np.diff(np.where(used, pos, G + 1), axis=1) >= 0)  # sorted, unused last
+    assert np.all(vals[~used] == 0)
+    Q = dequantize(esc).reshape(R, G, D)
+    for r, k in zip(*np.nonzero(used)):
+        assert float(Q[r, pos[r, k]].norm()) == pytest.approx(float(vals[r, k]), rel=1e-6)
+    config = PVQConfig(**base, gain_escapes=E)
+    assert nominal_bits_per_weight(config, C) == pytest.approx(nominal_bits_per_weight(PVQConfig(**base)) + E * 24 / C)
+    spec_bits = sum(s.nbytes for s in payload_spec(config, (R, C)).values()) * 8 / (R * C)
+    assert spec_bits == pytest.approx(sum(a.nbytes for a in esc.tensors.values()) * 8 / (R * C))
+
+
+def test_gain_escapes_settings_are_checked():
+    with pytest.raises(QuantizationError, match="fp16"):
+        PVQConfig(gain="fp16", gain_escapes=1)
+    with pytest.raises(QuantizationError, match="gain_escapes"):
+        PVQConfig(gain="beta", gain_escapes=-1)
+    with pytest.raises(QuantizationError, match="exceeds"):
+        quantize(torch.randn(4, 32), None, PVQConfig(group_size=16, gain="beta", gain_escapes=3, use_hessian=False))

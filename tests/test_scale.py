@@ -16,7 +16,7 @@ import torch
 from conftest import printable_char_tokenizer, write_texts
 from test_families import tiny, windows
 
-from pvq.formats import save_checkpoint
+from pvq.formats import load_checkpoint, save_checkpoint
 from pvq.models.streaming import StreamedModel, StreamError
 from pvq.oneshot import Recipe, oneshot
 
@@ -282,3 +282,18 @@ def test_the_streamed_float_reference_gives_the_model_s_logits(family, tmp_path)
         expected = model(input_ids=ids).logits
     got = torch.cat([reference.logits(0, 2), reference.logits(2, 3)])
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_streamed_run_stores_the_quantized_embedding_of_the_in_memory_run(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = _saved("gemma3_text", tmp_path / "model")  # a scaled, tied embedding
+    recipe = Recipe(method="rtn", config={"bits": 4, "group_size": 32}, embeddings={"bits": 8, "group_size": 32})
+    in_memory = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    oneshot(in_memory, None, recipe, progress=False)
+    save_checkpoint(in_memory, tmp_path / "a")
+    stream = StreamedModel(source)
+    oneshot(stream.model, None, recipe, progress=False, stream=stream)
+    save_checkpoint(stream.model, tmp_path / "b")
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    assert "embed_tokens.codes" in " ".join(load_checkpoint(tmp_path / "b")[0].state_dict())

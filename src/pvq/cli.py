@@ -15,6 +15,7 @@ from pvq.options import (
     act_config,
     add_act_options,
     add_quantize_options,
+    embedding_config,
     finetune_config,
 )
 
@@ -76,6 +77,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         max_shard_size=v["max_shard_size"], recipe_text=recipe_text(v), stream=v["stream"],
         dry_run=v["dry_run"], ignore_memory_check=v["ignore_memory_check"],
         offload_activations=v["offload_activations"], finetune=finetune_config(v), target_bpw=v["target_bpw"],
+        embeddings=embedding_config(v),
     )
     report = run_quantize_job(opts)
     if "rank" not in report and not report.get("dry_run"):  # under torchrun, rank 0 prints

@@ -96,6 +96,7 @@ class JobOptions:
     ignore_memory_check: bool = False  # run even when the predicted peak exceeds the available memory
     finetune: dict[str, Any] | None = None  # pvq.finetune.FinetuneConfig fields; None: no fine-tuning
     target_bpw: float | None = None  # per-layer bit allocation to this budget (pvq.pipeline.allocation)
+    embeddings: dict[str, Any] | None = None  # RTN fields of the quantized embedding and head; None: dense
 
 
 def _distinct(tensors):
@@ -138,7 +139,8 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     recipe = Recipe(method=opts.method, config=dict(opts.config), rotate=opts.rotate, rotate_seed=opts.rotate_seed,
                     act=opts.act, calib_text=opts.calib_text, calib_windows=opts.calib_windows,
                     calib_seqlen=opts.calib_seqlen, seed=opts.seed, compute_dtype=opts.compute_dtype,
-                    batch_size=opts.batch_size, finetune=opts.finetune, target_bpw=opts.target_bpw)
+                    batch_size=opts.batch_size, finetune=opts.finetune, target_bpw=opts.target_bpw,
+                    embeddings=opts.embeddings)
     get_method(opts.method)  # an unknown method fails here, naming the known ones
     recipe.check()  # bad settings fail here, before the model is loaded
     config = recipe.method_config()
@@ -248,6 +250,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         "allocation_seconds": result.seconds["allocation"],
         "finetune": asdict(result.finetune) if result.finetune is not None else None,
         "finetune_seconds": result.seconds["finetune"],
+        "embeddings": result.embeddings,
         "predicted_memory": plan.phases,
         "predicted_peak_memory_bytes": plan.peak_bytes,
         "streamed": opts.stream,
@@ -457,6 +460,12 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{f['val_kl_stored']:.4f} nats/token as stored; {f['trained_values']} continuous values trained, "
                      f"codes unchanged; {report['finetune_seconds']:.0f} s"
                      + ("; no gain: the one-shot model was kept" if f["kept"] == "one-shot" else ""))
+    if report.get("embeddings"):
+        e = report["embeddings"]
+        head = ("the tied head served from the same table" if e["tied"] else
+                f"the head {e['head']!r} quantized the same way" if e["head"] else "no head")
+        lines.append(f"embedding        {e['embedding']!r} round-to-nearest, {e['config']['bits']} bits, a float16 scale "
+                     f"and zero point per {e['config']['group_size']} columns; {head}")
     if report.get("rotation"):
         lines.append(f"rotation         {report['rotation']}")
     if report.get("act_quant"):

@@ -29,6 +29,7 @@ from torch import nn
 from pvq.errors import PVQError
 from pvq.finetune import finetune
 from pvq.formats import quantized_model
+from pvq.formats.embedding import DEFAULT_EMBEDDINGS, quantize_embeddings
 from pvq.formats.hf import finite_absmax, mark_quantized, pack_layers
 from pvq.models import adapter_for
 from pvq.models.streaming import StreamedModel, StreamError, release_freed_memory
@@ -80,7 +81,9 @@ class Recipe:
     finetune: fields of `pvq.finetune.FinetuneConfig` (fine-tune the continuous parameters
     after quantizing) or None; target_bpw: bits per weight over the quantized linears that
     the per-layer allocation must meet (`pvq.pipeline.allocation`), None: one setting for
-    every layer.
+    every layer; embeddings: RTN config fields (bits, group_size) the token embedding and
+    the head are stored with (`pvq.formats.embedding`; default DEFAULT_EMBEDDINGS), None:
+    kept as dense tensors (as they always are with float weights, method None).
     """
 
     method: str | None = "pvq"
@@ -97,6 +100,7 @@ class Recipe:
     dense_dtype: str = "float16"
     finetune: dict[str, Any] | None = None
     target_bpw: float | None = None
+    embeddings: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EMBEDDINGS))
 
     def check(self) -> None:
         """Refuse, naming the field, settings that would fail after the long part (or as a
@@ -144,6 +148,14 @@ class Recipe:
             if self.method is None:
                 raise QuantizationError("recipe field target_bpw needs quantized weights (method is None)")
             check_target(self.method, self.method_config(), self.target_bpw)
+        if self.embeddings is not None and self.method is not None:  # float weights keep a dense embedding
+            _check_fields("embeddings", self.embeddings, get_method("rtn").config_class)
+            try:
+                config = get_method("rtn").make_config(self.embeddings)
+            except QuantizationError as e:
+                raise QuantizationError(f"recipe field embeddings: {e}") from None
+            if not 4 <= config.bits <= 8:
+                raise QuantizationError(f"recipe field embeddings: bits must be in 4..8, got {config.bits}")
         if self.calib_text is not None and not isinstance(self.calib_text, (str, os.PathLike)):
             raise QuantizationError(f"recipe field calib_text must be a path or None, got "
                                     f"{type(self.calib_text).__name__}")
@@ -213,6 +225,7 @@ class OneshotResult:
     windows: torch.Tensor | None  # the calibration windows used (None without calibration)
     seconds: dict[str, float]  # calibration, rotation, allocation, quantization, finetune
     finetune: Any = None  # the pvq.finetune.FinetuneReport (None: not fine-tuned)
+    embeddings: dict[str, Any] | None = None  # the quantized embedding's record (None: kept dense)
     allocation: Any = None  # the pvq.pipeline.allocation.Allocation (None: one setting for every layer)
 
     @property
@@ -276,7 +289,7 @@ def oneshot(
         t0 = time.perf_counter()
         rotation = rotate_model(model, seed=recipe.rotate_seed)
         seconds["rotation"] = time.perf_counter() - t0
-    result, allocation, tuned = None, None, None
+    result, allocation, tuned, embeddings = None, None, None, None
     if recipe.method is not None:
         layer_configs = None
         if recipe.target_bpw is not None:
@@ -314,6 +327,9 @@ def oneshot(
                              progress=progress)
             seconds["finetune"] = time.perf_counter() - t0
             del reference
+        if recipe.embeddings is not None:  # data-free, after the fine-tuning (which keeps them float)
+            embeddings = quantize_embeddings(model, recipe.embeddings)
+            model.config.quantization_config.embeddings = embeddings
     act_record = install_act_quant(model, act_config, layer_names) if act_config is not None else None
     return OneshotResult(model, result, rotation, act_record, windows if recipe.needs_calibration() else None, seconds,
-                         finetune=tuned, allocation=allocation)
+                         finetune=tuned, allocation=allocation, embeddings=embeddings)

@@ -86,7 +86,8 @@ class Option:
     type: Callable[[str], Any] | None = None  # None with a bool default: an on/off switch
     choices: tuple[str, ...] | None = None
     methods: tuple[str, ...] | None = None  # None: every method
-    requires: tuple[str, Any] | None = None  # (dest, value it must have, or "!none" for anything but "none")
+    # (dest, value it must have, "!none" for anything but "none", "!default" for anything but its default)
+    requires: tuple[str, Any] | None = None
     group: str = "job"
     stored: bool = True  # part of the checkpoint's recipe.yaml
 
@@ -123,6 +124,8 @@ QUANTIZE_OPTIONS: tuple[Option, ...] = (
     Option("gain", "empirical", "PVQ gain storage: float16, Beta-quantile indices, or per-layer fitted levels",
            choices=("fp16", "beta", "empirical"), methods=_PVQ, group="pvq"),
     Option("gain_bits", 4, "bits per PVQ gain index (beta, empirical)", POSITIVE, methods=_PVQ, group="pvq"),
+    Option("gain_escapes", 0, "PVQ beta/empirical gains: per row, this many groups beyond the top gain level keep "
+           "an exact float16 gain", NONNEGATIVE, methods=_PVQ, group="pvq"),
     Option("enumeration", "auto", "PVQ code order: split (fast kernels; codes up to 53 bits), fischer, or auto "
            "(split where it fits)", choices=("auto", "split", "fischer"), methods=_PVQ, group="pvq"),
     Option("no_hessian", False, "plain PVQ: no Hessian error feedback", methods=_PVQ, group="pvq"),
@@ -178,6 +181,11 @@ QUANTIZE_OPTIONS: tuple[Option, ...] = (
            group="quality"),
     Option("finetune_val_windows", 4, "calibration windows held out for early stopping (the last ones)", POSITIVE,
            requires=("finetune", True), group="quality"),
+    Option("embed_bits", 8, "store the token embedding (and the head: a tied one from the same table) "
+           "round-to-nearest at this many bits, 4..8, with a float16 scale and zero point per --embed-group-size "
+           "columns (0: keep them as dense float16 tensors)", NONNEGATIVE, group="quality"),
+    Option("embed_group_size", 64, "columns per scale of the quantized embedding", POSITIVE,
+           requires=("embed_bits", "!default"), group="quality"),
     # rotation
     Option("rotate", False, "rotate the float model first (fused randomized Hadamard, online Hadamard before "
            "down_proj); recorded in the checkpoint and rebuilt on load", group="rotation"),
@@ -327,6 +335,8 @@ def _active(o: Option, values: dict[str, Any]) -> bool:
         dest, wanted = o.requires
         if wanted == "!none":
             return values[dest] != "none"
+        if wanted == "!default":
+            return values[dest] != OPTIONS_BY_DEST[dest].default
         return values[dest] == wanted
     return True
 
@@ -362,6 +372,8 @@ def _requirement(o: Option) -> str:
     flag = "--" + dest.replace("_", "-")
     if wanted == "!none":
         return f"without {flag} ({', '.join(c for c in OPTIONS_BY_DEST[dest].choices if c != 'none')})"
+    if wanted == "!default":
+        return f"without {flag}"
     if wanted is True:
         return f"without {flag}"
     if wanted is False:
@@ -384,8 +396,8 @@ def recipe_text(values: dict[str, Any]) -> str:
 # method_config reads this table one way, values_from_recipe the other.
 _CONFIG_FIELDS: dict[str, dict[str, str]] = {
     "pvq": {"group_size": "pvq_group_size", "shape_bits": "shape_bits", "gain": "gain", "gain_bits": "gain_bits",
-            "enumeration": "enumeration", "use_hessian": "!no_hessian", "percdamp": "percdamp",
-            "hessian_refine": "!no_refine"},
+            "gain_escapes": "gain_escapes", "enumeration": "enumeration", "use_hessian": "!no_hessian",
+            "percdamp": "percdamp", "hessian_refine": "!no_refine"},
     "gptvq": {"dim": "vq_dim", "bits": "vq_bits", "group_size": "vq_group_size", "group_columns": "vq_columns",
               "codebook_update": "!no_codebook_update", "kmeans_iters": "kmeans_iters", "init": "vq_init",
               "assignment": "vq_assignment", "percdamp": "percdamp", "seed": "seed"},
@@ -433,6 +445,13 @@ _FINETUNE_FIELDS = {"steps": "finetune_steps", "lr": "finetune_lr", "batch": "fi
                     "val_windows": "finetune_val_windows"}
 
 
+def embedding_config(values: dict[str, Any]) -> dict[str, Any] | None:
+    """RTN config fields of the quantized embedding (None: kept dense)."""
+    if not values["embed_bits"]:
+        return None
+    return {"bits": values["embed_bits"], "group_size": values["embed_group_size"]}
+
+
 def finetune_config(values: dict[str, Any]) -> dict[str, Any] | None:
     """pvq.finetune.FinetuneConfig fields from the settings (None: no fine-tuning)."""
     return _to_fields(_FINETUNE_FIELDS, values) if values["finetune"] else None
@@ -463,6 +482,12 @@ def values_from_recipe(recipe: dict[str, Any], model: str | None) -> dict[str, A
         return None
     values = {**_defaults(), "model": str(model), "method": m, **{k: recipe[k] for k in _RECIPE_OPTIONS}}
     values["target_bpw"] = recipe.get("target_bpw")
+    embeddings = recipe.get("embeddings")
+    if embeddings is not None:
+        if set(embeddings) - {"bits", "group_size"}:
+            return None
+        values["embed_bits"] = embeddings.get("bits")
+        values["embed_group_size"] = embeddings.get("group_size", values["embed_group_size"])
     method = get_method(m)
     try:
         finetune = recipe.get("finetune")

@@ -48,6 +48,7 @@ from .hf import (
     stored_block_count,
     verified_by_caller,
 )
+from .embedding import QuantizedEmbedding
 from .linear import QuantizedLinear
 
 __all__ = [
@@ -108,8 +109,9 @@ def checkpoint_stats(model: torch.nn.Module) -> dict[str, Any]:
     """Measured sizes of a pvq model in memory: quantized layers, their weights and stored
     bytes, bits per weight, and the dense (float) tensors (tied ones once)."""
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    tables = [m for m in model.modules() if isinstance(m, QuantizedEmbedding)]  # embedding, untied head
     seen, dense_bytes, dense_values = set(), 0, 0
-    payload = {id(getattr(m, t)) for m in layers for t in m.payload_spec}
+    payload = {id(getattr(m, t)) for m in [*layers, *tables] for t in m.payload_spec}
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) in payload or t.data_ptr() in seen:
             continue
@@ -120,6 +122,7 @@ def checkpoint_stats(model: torch.nn.Module) -> dict[str, Any]:
         "quantized_layers": len(layers),
         "quantized_weights": sum(m.in_features * m.out_features for m in layers),
         "quantized_bytes": sum(m.stored_bytes for m in layers),
+        "quantized_embedding_bytes": sum(m.stored_bytes for m in tables),
         "bits_per_weight": bits_per_weight(model) if layers else None,
         "dense_values": dense_values,
         "dense_bytes_in_memory": dense_bytes,
@@ -382,6 +385,13 @@ def _check_config_against_files(root: Path, config: dict, files: dict) -> None:
         raise CheckpointError(f"config.json says num_hidden_layers {n_layers!r}, the stored tensors hold "
                               f"{blocks} decoder blocks")
     emb = shapes.get(f"{description.embedding}.weight")
+    if emb is None and {f"{description.embedding}.scales", f"{description.embedding}.codes"} <= set(shapes):  # a quantized embedding: rows x bit-packed codes
+        record = (config.get("quantization_config") or {}).get("embeddings") or {}
+        bits = (record.get("config") or {}).get("bits") if isinstance(record, dict) else None
+        rows = shapes[f"{description.embedding}.scales"][0]
+        codes = shapes[f"{description.embedding}.codes"][0]
+        width = codes * 8 // (bits * rows) if isinstance(bits, int) and bits > 0 and rows else None
+        emb = [rows, width]
     want = [text.get("vocab_size"), text.get("hidden_size")]
     if emb is not None and emb != want:
         raise CheckpointError(f"config.json says vocab_size x hidden_size {want}, the stored embedding is {emb}")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pvq.codec.split import split_decode_many, split_supported, split_tables
-from pvq.quant.pvq import gain_tables
+from pvq.quant.pvq import escape_tables, gain_tables
 
 from .errors import LayerCodecError
 
@@ -103,19 +103,23 @@ def _decode_row(r, codes, nbits, D, G, K, total, start, length, left, right, kin
 
 
 @nb.njit(inline="always")
-def _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_scale, scales):
-    """scales[g] = gain / ||p|| of row r's groups (float32), pts (G, D) its decoded points."""
+def _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, scales):
+    """scales[g] = gain / ||p|| of row r's groups (float32), pts (G, D) its decoded points;
+    a group in one of the row's escape slots (esc_pos[r], G unused) takes its escaped gain."""
     for g in range(G):
         ss = np.float32(0.0)
         for i in range(D):
             ss += pts[g, i] * pts[g, i]  # small integers: exact
-        scales[g] = np.float32(_gain(r, g, G, gain_mode, gains16, gidx, gbits, codebook, row_scale)
-                               / math.sqrt(np.float64(ss)))
+        gain = _gain(r, g, G, gain_mode, gains16, gidx, gbits, codebook, row_scale)
+        for k in range(esc_pos.shape[1]):
+            if esc_pos[r, k] == g:
+                gain = esc_gain[r, k]
+        scales[g] = np.float32(gain / math.sqrt(np.float64(ss)))
 
 
 @nb.njit(cache=True, nogil=True)
 def pvq_rows(lo, hi, x, codes, nbits, D, G, K, total, start, length, left, right, kind, kl_, of, dv, rc, gd, gs, kmax,
-             lb, lp, gain_mode, gains16, gidx, gbits, codebook, row_scale, out, weight):
+             lb, lp, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, out, weight):
     """Rows lo..hi of a PVQ layer from its packed payload, either
     - (weight empty) ``out[:, r] = x @ W[r]^T`` as sum_g scale_g <p_g, x_g> (the GEMV: no weight formed), or
     - (weight (R, C)) ``weight[r] = p_i * scale_g`` (the decode for a GEMM),
@@ -134,7 +138,7 @@ def pvq_rows(lo, hi, x, codes, nbits, D, G, K, total, start, length, left, right
                           kmax, lb, lp, crow, pts, cs, ks)
         if bad >= 0:
             return r * G + bad
-        _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_scale, scales)
+        _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, scales)
         if not gemv:
             for g in range(G):
                 for i in range(D):
@@ -275,8 +279,10 @@ def _pvq_state(layer, key: tuple) -> PVQCpuState:
     else:
         gain_mode, gains16, gidx, gbits = 1, np.zeros((1, 1), np.int16), pay["gain_indices"], int(lay["gain_bits"])
         codebook, row_scale = gain_tables(lay, pay, R)
+    escapes = None if lay["gain"] == "fp16" else escape_tables(lay, pay, R)
+    esc_pos, esc_gain = escapes if escapes is not None else (np.zeros((1, 0), np.int64), np.zeros((1, 0)))
     args = (pay["codes"], np.int64(nbits), np.int64(D), np.int64(G), np.int64(K), np.int64(tb.total), *tb.arrays,
-            np.int64(gain_mode), gains16, gidx, np.int64(gbits), codebook, row_scale)
+            np.int64(gain_mode), gains16, gidx, np.int64(gbits), codebook, row_scale, esc_pos, esc_gain)
     return PVQCpuState(key, args, (R, G * D))
 
 

@@ -44,6 +44,7 @@ from pvq.quant.input_transforms import input_transforms_of
 from pvq.rotation import RotationError, install_rotation, refresh_online_transforms, rotation_of
 
 from .errors import CheckpointActQuantError, CheckpointError, CheckpointRotationError, CheckpointVersionError
+from .embedding import QuantizedEmbedding, embedding_record, install_embeddings
 from .linear import STORAGE_DTYPES, QuantizedLinear, replace_linear
 
 __all__ = [
@@ -64,7 +65,7 @@ FORMAT_VERSION = 5
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 _FIELDS = ("quant_method", "format_version", "pvq_version", "method", "config", "layers", "layer_overrides",
-           "rotation", "act_quant", "dense_dtype")
+           "rotation", "act_quant", "dense_dtype", "embeddings")
 
 
 def stored_block_count(names, model_type: str | None) -> int | None:
@@ -99,7 +100,8 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
     layers: the quantized modules' names; layer_overrides: {layer: {"method", "config"}}
     for layers quantized with other settings; rotation / act_quant: the JSON records of
     `pvq.rotation` and `pvq.quant.activations` (None: none); dense_dtype: how the
-    float tensors that are not quantized are stored.
+    float tensors that are not quantized are stored; embeddings: the record of a quantized
+    embedding and head (`pvq.formats.embedding`), None: stored as dense tensors.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
         rotation: dict[str, Any] | None = None,
         act_quant: dict[str, Any] | None = None,
         dense_dtype: str = "float16",
+        embeddings: dict[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
         pvq_version: str | None = None,
         quant_method: str = QUANT_METHOD,
@@ -167,6 +170,7 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
         _need(isinstance(dense_dtype, str) and dense_dtype in DENSE_DTYPES,
               f"dense_dtype must be one of {sorted(DENSE_DTYPES)}, got {dense_dtype!r}")
         self.dense_dtype = dense_dtype
+        self.embeddings = None if embeddings is None else copy.deepcopy(embedding_record(embeddings))
 
     @staticmethod
     def _method_config(where: str, method: Any, config: Any) -> Any:
@@ -183,7 +187,7 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
         return self._override_objs.get(name, (self.method, self._config_obj))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "quant_method": self.quant_method,
             "format_version": self.format_version,
             "pvq_version": self.pvq_version,
@@ -195,6 +199,9 @@ class PVQQuantizationConfig(QuantizationConfigMixin):
             "act_quant": copy.deepcopy(self.act_quant),
             "dense_dtype": self.dense_dtype,
         }
+        if self.embeddings is not None:  # absent otherwise: the config of earlier checkpoints, byte for byte
+            out["embeddings"] = copy.deepcopy(self.embeddings)
+        return out
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -332,7 +339,7 @@ def _check_stored_payloads(model: nn.Module, checkpoint_files: list[str]) -> Non
             + (f"; not in the model: {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}" if unexpected else "")
         )
     for name, module in model.named_modules():
-        if not isinstance(module, QuantizedLinear):
+        if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             continue
         for tname, spec in module.payload_spec.items():
             key = f"{name}.{tname}"  # present: the key comparison above refused missing ones
@@ -391,6 +398,8 @@ class PVQHfQuantizer(HfQuantizer):
                 except QuantizationError as e:
                     raise CheckpointError(f"layer {name!r}: the recorded {method} config does not fit its shape: {e}") from None
                 replace_linear(model, name, layer)
+            if cfg.embeddings is not None:
+                install_embeddings(model, cfg.embeddings)
             if cfg.act_quant is not None:
                 try:
                     install_act_quant_record(model, cfg.act_quant)
@@ -423,7 +432,7 @@ class PVQHfQuantizer(HfQuantizer):
             if value.is_floating_point() and value.device.type != "meta" and finite_absmax(value) is None:
                 raise CheckpointError(f"stored tensor {key!r} has non-finite values")
         for module in model.modules():
-            if isinstance(module, QuantizedLinear):
+            if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
                 module.check_payload()
                 # own the payload: a buffer loaded as it is stored can be a view into the memory-mapped
                 # shard, which would keep the whole file (its dense tensors too) mapped and resident
@@ -546,7 +555,7 @@ def ready_to_save(model: nn.Module) -> None:
     against its spec (CheckpointError naming the layer)."""
     refresh_records(model)
     for module in model.modules():
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             module.check_payload()
 
 

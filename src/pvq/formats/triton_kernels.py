@@ -184,6 +184,8 @@ def triton_refusal(layer) -> str | None:
     why = refusal(layer)
     if why is not None:
         return why
+    if layer.layout.get("gain_escapes"):
+        return "PVQ gain escapes (the CPU kernels serve them)"
     D, K = int(layer.layout["group_size"]), int(layer.layout["pulses"])
     if D not in TRITON_DIMENSIONS or split_tables(D, K).leaf_kmax < K:
         return f"D={D}, K={K} (the Triton decoder takes D in {TRITON_DIMENSIONS} with every leaf tabulated)"

@@ -653,7 +653,22 @@ def quantize_weights(model: nn.Module, adapter: ArchitectureAdapter, method: str
     return result
 
 
+def _with_current_defaults(state: dict) -> dict:
+    """The saved settings with each method config read by this pvq (a config field added
+    since, at its default, is no difference)."""
+    try:
+        method = get_method(state["method"])
+        norm = lambda c: jsonable(method.make_config(c))  # noqa: E731
+        state = {**state, "config": norm(state["config"])}
+        if "layer_configs" in state:
+            state["layer_configs"] = {k: norm(v) for k, v in state["layer_configs"].items()}
+    except (KeyError, TypeError, QuantizationError):
+        pass  # compared as saved: a difference is reported below
+    return state
+
+
 def _check_resumable(state: dict, settings: dict, fingerprint: dict, work_dir: Path) -> None:
+    state = _with_current_defaults(state)
     diffs = [
         f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in settings.items() if k != "calibration_sha256" and state.get(k) != v
     ]

@@ -32,6 +32,10 @@ Algorithm (blocks b = the D columns of one group, left to right):
      because unrotated weights have far heavier-tailed group energies than the Beta law:
      with 4-bit Beta gains 7-11% of the benchmark model's D=16 groups land in the top
      cell with gain errors up to 180%.
+   * escapes (``gain_escapes`` E > 0, with "beta" or "empirical"): up to E groups per row
+     whose gain lies beyond the top level keep it exactly (float16), with their group
+     position; the first E such groups of a row in processing order (act-order puts the
+     high-energy groups first) take the slots. Their stored index is ignored.
 5. Feedback: ``E = (W_b - Q_b) U_bb^{-1}`` (triangular solve) and
    ``W[:, after b] -= E @ U[b, after b]`` (the paper's step 6).
 6. `act_order` (default on, with the Hessian): the groups are *processed* in order of
@@ -53,9 +57,12 @@ Stored tensors:
 * beta gains: ``gain_indices`` (R*G indices, row-major, bit-packed at gain_bits) and
   ``row_norms`` float16 (R,) (a row whose stored norm is 0 dequantizes to zeros);
 * empirical gains: the same plus ``gain_codebook`` float16 (2^gain_bits,).
+* escapes: ``escape_groups`` (R, E) uint8 (uint16 when G > 255), the stored group of each
+  slot in increasing order, G in an unused slot; ``escape_gains`` float16 (R, E), 0 unused.
 Dequantization: unpack, decode, ``u = p / ||p||`` (float64), times the gains, float32.
-Nominal bits per weight (paper eq. 7): ``code_bits / D + gain_bits / D`` (16 for fp16);
-the measured value adds the row norms (16 bits per row) and byte padding.
+Nominal bits per weight (paper eq. 7): ``code_bits / D + gain_bits / D`` (16 for fp16),
+plus the escape slots' bits per weight when the row length is given; the measured value
+adds the row norms (16 bits per row) and byte padding.
 """
 
 from __future__ import annotations
@@ -146,7 +153,8 @@ class PVQConfig:
     refine_candidates / refine_max_moves: its search width and move budget per vector;
     act_order: with the Hessian, process the groups in order of decreasing Hessian
     energy (the storage is unchanged, see the module docstring); enumeration: the code
-    order of the stored shapes, one of ENUMERATIONS.
+    order of the stored shapes, one of ENUMERATIONS; gain_escapes: exact float16 gain
+    slots per row for groups beyond the top gain level (codebook gains only).
     """
 
     group_size: int = 64
@@ -162,6 +170,7 @@ class PVQConfig:
     refine_max_moves: int = 64
     act_order: bool = True
     enumeration: str = "auto"
+    gain_escapes: int = 0
 
     def __post_init__(self) -> None:
         if not is_int(self.group_size) or self.group_size < 2:
@@ -188,6 +197,10 @@ class PVQConfig:
                 f"shape_bits={self.shape_bits} buys no pulse for D={self.group_size} "
                 f"(N(D, 1) = {2 * self.group_size} codes need log2({2 * self.group_size}) / D bits per weight)"
             )
+        if not is_int(self.gain_escapes) or self.gain_escapes < 0:
+            raise QuantizationError(f"gain_escapes must be an integer >= 0, got {self.gain_escapes!r}")
+        if self.gain_escapes and self.gain == "fp16":
+            raise QuantizationError("gain_escapes applies to codebook gains ('beta' or 'empirical'), not 'fp16'")
         if self.enumeration not in ENUMERATIONS:
             raise QuantizationError(f"enumeration must be one of {ENUMERATIONS}, got {self.enumeration!r}")
         if self.enumeration == "split" and not split_supported(int(self.group_size), self.pulses):
@@ -231,7 +244,15 @@ def nominal_bits_per_weight(config: PVQConfig, columns: int | None = None) -> fl
 
     (`columns` is accepted for a signature common to all methods and not needed.)"""
     gain = 16 if config.gain == "fp16" else config.gain_bits
-    return (config.code_bits + gain) / config.group_size
+    bits = (config.code_bits + gain) / config.group_size
+    if config.gain_escapes and columns:
+        bits += config.gain_escapes * (16 + 8 * _escape_position_dtype(int(columns) // int(config.group_size)).itemsize) / int(columns)
+    return bits
+
+
+def _escape_position_dtype(G: int) -> np.dtype:
+    """Stored dtype of escape group positions (G itself marks an unused slot)."""
+    return np.dtype(np.uint8 if G <= 255 else np.uint16)
 
 
 def needs_hessian(config: PVQConfig) -> bool:
@@ -266,6 +287,8 @@ def layout(config: PVQConfig, shape: tuple[int, int]) -> dict:
     }
     if config.gain == "beta":
         out["reconstruction"] = config.reconstruction
+    if config.gain_escapes:
+        out["gain_escapes"] = int(config.gain_escapes)
     return out
 
 
@@ -282,6 +305,10 @@ def payload_spec(config: PVQConfig, shape: tuple[int, int]) -> dict[str, TensorS
         spec["row_norms"] = TensorSpec((R,), "float16")
         if config.gain == "empirical":
             spec["gain_codebook"] = TensorSpec((1 << gain_bits,), "float16")
+        if config.gain_escapes:
+            E = int(config.gain_escapes)
+            spec["escape_groups"] = TensorSpec((R, E), _escape_position_dtype(G).name)
+            spec["escape_gains"] = TensorSpec((R, E), "float16")
     return spec
 
 
@@ -442,6 +469,35 @@ def _codebook_gains(codebook: np.ndarray, indices: np.ndarray, row_scale: np.nda
     return codebook[indices] * row_scale
 
 
+def escape_tables(meta: dict, tensors: dict, R: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(positions int64 (R, E), gains float64 (R, E)) of a layer's gain escapes, or None
+    without them; an unused slot has position G (= num_groups)."""
+    E = int(meta.get("gain_escapes", 0))
+    if not E:
+        return None
+    G = int(meta["num_groups"])
+    pos = np.asarray(tensors["escape_groups"])
+    gains16 = np.asarray(tensors["escape_gains"])
+    if pos.dtype != _escape_position_dtype(G) or pos.shape != (R, E):
+        raise QuantizationError(f"escape_groups must be {_escape_position_dtype(G)} of shape {(R, E)}, "
+                                f"got {pos.dtype} {pos.shape}")
+    if gains16.dtype != np.float16 or gains16.shape != (R, E):
+        raise QuantizationError(f"escape_gains must be float16 of shape {(R, E)}, got {gains16.dtype} {gains16.shape}")
+    pos = pos.astype(np.int64)
+    if (pos > G).any():
+        raise QuantizationError(f"escape_groups holds a group beyond num_groups={G}: the payload is damaged")
+    return pos, gains16.astype(np.float64)
+
+
+def apply_escapes(gains: np.ndarray, escapes: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """Gains (R, G) with the escaped groups' stored gains put in place (in place; returned)."""
+    if escapes is not None:
+        pos, values = escapes
+        rows, slots = np.nonzero(pos < gains.shape[1])
+        gains[rows, pos[rows, slots]] = values[rows, slots]
+    return gains
+
+
 # --------------------------------------------------------------------------- the method
 
 
@@ -504,6 +560,12 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
         W[:, inv.dead] = 0.0
     refine = use_h and config.hessian_refine and config.refine_max_moves > 0
 
+    E = int(config.gain_escapes)
+    if E > G:
+        raise QuantizationError(f"gain_escapes={E} exceeds the {G} groups of a row")
+    esc_pos = np.full((R, E), G, dtype=np.int64)
+    esc_gain = np.zeros((R, E), dtype=np.float16)
+    esc_used = np.zeros(R, dtype=np.int64)
     points = np.empty((R, G, D), dtype=np.int32)
     gains_out = np.empty((R, G), dtype=np.float16 if config.gain == "fp16" else np.int64)
     Q = torch.empty((R, C), dtype=torch.float32)
@@ -551,6 +613,14 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
                 idx[~live] = 0
                 gains_out[:, g] = idx
                 s_hat = _codebook_gains(codebook, idx, row_scale)
+                if E:
+                    rows = np.nonzero(live & (s / np.where(live, row_scale, 1.0) > codebook[-1]) & (esc_used < E))[0]
+                    if rows.size:
+                        exact = stored_float16(s[rows], "gain")
+                        esc_pos[rows, esc_used[rows]] = g if group_order is None else int(group_order[g])
+                        esc_gain[rows, esc_used[rows]] = exact
+                        esc_used[rows] += 1
+                        s_hat[rows] = exact.astype(np.float64)
             points[:, g, :] = p
             Qb = torch.from_numpy(_reconstruct(p, s_hat))
             Q[:, i1 + lo : i1 + hi] = Qb
@@ -574,6 +644,10 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
         tensors["row_norms"] = norms16
         if config.gain == "empirical":
             tensors["gain_codebook"] = codebook16
+        if E:
+            order = np.argsort(esc_pos, axis=1, kind="stable")  # slots by stored group, unused last
+            tensors["escape_groups"] = np.take_along_axis(esc_pos, order, axis=1).astype(_escape_position_dtype(G))
+            tensors["escape_gains"] = np.take_along_axis(esc_gain, order, axis=1)
     meta = {
         "group_size": D,
         "num_groups": G,
@@ -591,6 +665,8 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
     }
     if config.gain == "beta":
         meta["reconstruction"] = config.reconstruction
+    if E:
+        meta["gain_escapes"] = E
     if damping is not None:
         meta["damping"] = float(damping)
     qt = QuantizedTensor(method="pvq", shape=(R, C), tensors=tensors, meta=meta)
@@ -626,7 +702,8 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
         elif meta["gain"] in ("beta", "empirical"):
             codebook, row_scale = gain_tables(meta, qt.tensors, R)
             idx = unpack_codes(qt.tensors["gain_indices"], R * G, int(meta["gain_bits"]))[:, 0].astype(np.int64)
-            gains = _codebook_gains(codebook, idx.reshape(R, G), row_scale[:, None]).reshape(-1)
+            gains = _codebook_gains(codebook, idx.reshape(R, G), row_scale[:, None])
+            gains = apply_escapes(gains, escape_tables(meta, qt.tensors, R)).reshape(-1)
         else:
             raise QuantizationError(f"unknown gain format {meta['gain']!r}")
     except KeyError as e:
@@ -664,6 +741,15 @@ class _TunablePVQ(TunableWeight):
             self.gain_codebook = torch.nn.Parameter(levels)
         else:
             self.register_buffer("beta_codebook", levels)
+        escapes = escape_tables(meta, qt.tensors, R)
+        self.escaped = escapes is not None
+        if self.escaped:
+            pos, values = escapes
+            rows, slots = np.nonzero(pos < G)
+            self.register_buffer("escape_rows", torch.from_numpy(rows))
+            self.register_buffer("escape_slots", torch.from_numpy(slots))
+            self.register_buffer("escape_groups", torch.from_numpy(pos[rows, slots]))
+            self.escape_gains = torch.nn.Parameter(torch.from_numpy(values.astype(np.float32)))
 
     def forward(self) -> torch.Tensor:
         if self.gain == "fp16":
@@ -671,6 +757,9 @@ class _TunablePVQ(TunableWeight):
         else:
             levels = self.gain_codebook if self.gain == "empirical" else self.beta_codebook
             gains = levels[self.indices] * self.row_norms[:, None]
+            if self.escaped:
+                gains = gains.index_put((self.escape_rows, self.escape_groups),
+                                        self.escape_gains[self.escape_rows, self.escape_slots])
         return (self.units * gains[:, :, None]).reshape(self.qt.shape)
 
     def trained(self) -> dict[str, np.ndarray]:
@@ -679,6 +768,10 @@ class _TunablePVQ(TunableWeight):
         out = {"row_norms": stored_float16(self.row_norms, "row norm")}
         if self.gain == "empirical":
             out["gain_codebook"] = stored_float16(self.gain_codebook, "gain level")
+        if self.escaped:
+            used = torch.zeros_like(self.escape_gains, dtype=torch.bool)
+            used[self.escape_rows, self.escape_slots] = True
+            out["escape_gains"] = stored_float16(torch.where(used, self.escape_gains, 0.0), "escaped gain")
         return out
 
 
