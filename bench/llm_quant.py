@@ -389,7 +389,7 @@ def print_quality_table(results: dict[str, dict]) -> None:
         # a row reuses the quantization (and fine-tuning) of the first row with its weights (same work directory)
         base_name = weights_work_dir(name).removesuffix(".work")
         made_by = results.get(base_name, r)
-        tuned_by = results.get(f"{base_name}-ft", r) if r.get("embeddings") else r
+        tuned_by = results.get(f"{base_name}-ft", r) if r.get("embeddings") and "finetune" in r else r
         ratio = f"{r['ppl_quick'] / base:.3f}x" if base else "-"
         tune_s = f"{tuned_by['finetune_seconds']:.0f}" if "finetune_seconds" in tuned_by else "-"
         emb = r.get("embeddings")

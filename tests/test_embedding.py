@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from conftest import printable_char_tokenizer, save_tiny_model, write_texts
@@ -145,3 +147,16 @@ def test_the_main_job_and_the_recipe_share_one_default():
     assert Recipe(method="rtn").embeddings == DEFAULT_EMBEDDINGS
     assert {"bits": OPTIONS_BY_DEST["embed_bits"].default,
             "group_size": OPTIONS_BY_DEST["embed_group_size"].default} == DEFAULT_EMBEDDINGS
+
+
+@pytest.mark.parametrize("rows,bits", [(256, 8), (250, 6), (77, 4)])
+def test_a_table_quantized_in_chunks_has_the_bytes_of_one_piece(rows, bits):
+    from pvq.formats.embedding import quantize_table
+
+    table = torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows))
+    config = get_method("rtn").make_config({"bits": bits, "group_size": 8})
+    whole = get_method("rtn").quantize(table, None, config).tensors
+    chunked = quantize_table(table, config, chunk_rows=16)
+    assert set(chunked) == set(whole)
+    for k in whole:
+        assert chunked[k].dtype == whole[k].dtype and np.array_equal(chunked[k], whole[k]), k

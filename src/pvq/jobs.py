@@ -483,7 +483,7 @@ def format_report(report: dict[str, Any]) -> str:
         if report.get("loaded_model_bytes") is not None:
             lines.append(
                 f"loaded model     {report['loaded_model_bytes'] / mib:.1f} MiB of tensors after pvq.load (packed "
-                f"payloads + float32 embeddings and norms) vs {report['float_model_memory_bytes'] / mib:.1f} MiB for "
+                f"payloads + the float32 norms and any dense embedding or head) vs {report['float_model_memory_bytes'] / mib:.1f} MiB for "
                 f"the float model ({report['loaded_model_bytes'] / report['float_model_memory_bytes']:.3f}x); "
                 "`pvq generate` reports resident memory")
         if report.get("act_quant_seconds_in_ppl") is not None:

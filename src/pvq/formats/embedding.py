@@ -205,6 +205,25 @@ def _head_is_tied(model: nn.Module, embedding: nn.Module, head: nn.Module | None
     return head is not None and getattr(head, "weight", None) is not None and head.weight is embedding.weight
 
 
+#: Rows quantized at a time (a multiple of 8, so every chunk's packed streams are whole
+#: bytes and their concatenation is the packing of the whole table): the temporaries stay
+#: a few MiB for any vocabulary.
+TABLE_CHUNK_ROWS = 2048
+
+
+def quantize_table(weight: torch.Tensor, config: Any, chunk_rows: int = TABLE_CHUNK_ROWS) -> dict[str, np.ndarray]:
+    """The RTN payload of a (rows, cols) table, quantized `chunk_rows` rows at a time; the
+    same bytes as `pvq.quant.rtn.quantize` of the whole table (round-to-nearest is row-wise)."""
+    if chunk_rows % 8:
+        raise QuantizationError(f"chunk_rows must be a multiple of 8, got {chunk_rows}")
+    method = get_method("rtn")
+    parts = [method.quantize(weight[lo:lo + chunk_rows].detach().float().cpu(), None, config).tensors
+             for lo in range(0, weight.shape[0], chunk_rows)]
+    return {"codes": np.concatenate([p["codes"] for p in parts]),
+            "scales": np.concatenate([p["scales"] for p in parts]),
+            "zeros": np.concatenate([p["zeros"] for p in parts])}
+
+
 def quantize_embeddings(model: nn.Module, config: Any) -> dict[str, Any]:
     """Quantize the input embedding (and the output head: tied, from the same payload;
     untied, a payload of its own) of a transformers causal LM in place, round-to-nearest
@@ -219,9 +238,8 @@ def quantize_embeddings(model: nn.Module, config: Any) -> dict[str, Any]:
     tied = _head_is_tied(model, embedding, head)
     scale = embedding_scale(embedding)
     weight = embedding.weight.detach()
-    qt = method.quantize(weight.float().cpu(), None, config)
     packed = QuantizedEmbedding(*weight.shape, config, dtype=weight.dtype, name=emb_name, embed_scale=scale)
-    packed.set_payload(qt.tensors)
+    packed.set_payload(quantize_table(weight, config))
     replace_linear(model, emb_name, packed.to(weight.device))
     if head_name is not None:
         if tied:
@@ -230,7 +248,7 @@ def quantize_embeddings(model: nn.Module, config: Any) -> dict[str, Any]:
             if head.bias is not None:
                 raise QuantizationError(f"the head {head_name!r} has a bias; keep it dense (no --embed-bits)")
             table = QuantizedEmbedding(*head.weight.shape, config, dtype=head.weight.dtype, name=head_name)
-            table.set_payload(method.quantize(head.weight.detach().float().cpu(), None, config).tensors)
+            table.set_payload(quantize_table(head.weight, config))
             replace_linear(model, head_name, QuantizedHead(table.to(head.weight.device)))
     _untie(model)
     return {"config": asdict(config), "embedding": emb_name, "head": head_name, "tied": tied}
