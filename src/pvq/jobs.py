@@ -31,6 +31,7 @@ from pvq.formats import (
     save_checkpoint,
     shard_size_bytes,
 )
+from pvq.formats.embedding import DEFAULT_EMBEDDINGS
 from pvq.memory import (
     MemoryPlan,
     MemoryPlanError,
@@ -96,7 +97,8 @@ class JobOptions:
     ignore_memory_check: bool = False  # run even when the predicted peak exceeds the available memory
     finetune: dict[str, Any] | None = None  # pvq.finetune.FinetuneConfig fields; None: no fine-tuning
     target_bpw: float | None = None  # per-layer bit allocation to this budget (pvq.pipeline.allocation)
-    embeddings: dict[str, Any] | None = None  # RTN fields of the quantized embedding and head; None: dense
+    # RTN fields of the quantized embedding and head (the main job's default); None: dense
+    embeddings: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EMBEDDINGS))
 
 
 def _distinct(tensors):
