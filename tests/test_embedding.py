@@ -112,6 +112,13 @@ def test_bad_settings_are_named():
         Recipe(method="rtn", config={"bits": 4}, embeddings={"bits": 9}).check()
     with pytest.raises(QuantizationError, match="whole number of bytes"):
         QuantizedEmbedding(10, 12, {"bits": 3, "group_size": 4})
+    # refused before any quantization: a group size that does not divide the width
+    model = tiny_llama(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match="divisible|divide"):
+        oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32},
+                                    embeddings={"bits": 8, "group_size": 48}), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_cli_stores_the_embedding_and_names_bad_options(tmp_path, capsys):

@@ -29,7 +29,7 @@ from torch import nn
 from pvq.errors import PVQError
 from pvq.finetune import finetune
 from pvq.formats import quantized_model
-from pvq.formats.embedding import DEFAULT_EMBEDDINGS, quantize_embeddings
+from pvq.formats.embedding import DEFAULT_EMBEDDINGS, check_embeddings, quantize_embeddings
 from pvq.formats.hf import finite_absmax, mark_quantized, pack_layers
 from pvq.models import adapter_for
 from pvq.models.streaming import StreamedModel, StreamError, release_freed_memory
@@ -270,6 +270,8 @@ def oneshot(
         if tensor.is_floating_point() and finite_absmax(tensor) is None:
             raise QuantizationError(f"model tensor {name!r} has non-finite values; refusing to quantize the model")
     adapter = adapter_for(model)
+    if recipe.method is not None and recipe.embeddings is not None:
+        check_embeddings(model, recipe.embeddings)  # refused now, not after the quantization
     layer_names = adapter.quantized_layer_names(model)
     act_config = ActQuantConfig(**recipe.act) if recipe.act is not None else None
     if act_config is not None:

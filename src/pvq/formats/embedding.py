@@ -32,7 +32,7 @@ from .linear import STORAGE_DTYPES, QuantizedLinear, _to_array, _to_buffer, repl
 #: per 64 columns (measured: no perplexity cost on the benchmark model; docs/results.md).
 DEFAULT_EMBEDDINGS = {"bits": 8, "group_size": 64}
 
-__all__ = ["DEFAULT_EMBEDDINGS", "QuantizedEmbedding", "QuantizedHead", "TiedHead", "embedding_record", "install_embeddings",
+__all__ = ["DEFAULT_EMBEDDINGS", "check_embeddings", "QuantizedEmbedding", "QuantizedHead", "TiedHead", "embedding_record", "install_embeddings",
            "quantize_embeddings"]
 
 
@@ -224,12 +224,28 @@ def quantize_table(weight: torch.Tensor, config: Any, chunk_rows: int = TABLE_CH
             "zeros": np.concatenate([p["zeros"] for p in parts])}
 
 
+def check_embeddings(model: nn.Module, config: Any) -> None:
+    """QuantizationError now, before any long work, if `quantize_embeddings(model, config)`
+    would refuse: an embedding class whose forward pvq does not reproduce, a group size
+    that does not divide the width, rows that are not whole bytes, a head with a bias."""
+    config = get_method("rtn").make_config(config)
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        raise QuantizationError(f"the input embedding is a {type(embedding).__name__}, not nn.Embedding; keep it dense "
+                                "(no --embed-bits)")
+    embedding_scale(embedding)
+    QuantizedEmbedding(embedding.num_embeddings, embedding.embedding_dim, config, device="meta")
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear) and not _head_is_tied(model, embedding, head) and head.bias is not None:
+        raise QuantizationError("the output head has a bias; keep it dense (no --embed-bits)")
+
+
 def quantize_embeddings(model: nn.Module, config: Any) -> dict[str, Any]:
     """Quantize the input embedding (and the output head: tied, from the same payload;
     untied, a payload of its own) of a transformers causal LM in place, round-to-nearest
     with the RTN `config`; returns the record `install_embeddings` rebuilds it from."""
-    method = get_method("rtn")
-    config = method.make_config(config)
+    check_embeddings(model, config)
+    config = get_method("rtn").make_config(config)
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
@@ -245,8 +261,6 @@ def quantize_embeddings(model: nn.Module, config: Any) -> dict[str, Any]:
         if tied:
             replace_linear(model, head_name, TiedHead(packed))
         else:
-            if head.bias is not None:
-                raise QuantizationError(f"the head {head_name!r} has a bias; keep it dense (no --embed-bits)")
             table = QuantizedEmbedding(*head.weight.shape, config, dtype=head.weight.dtype, name=head_name)
             table.set_payload(quantize_table(head.weight, config))
             replace_linear(model, head_name, QuantizedHead(table.to(head.weight.device)))
