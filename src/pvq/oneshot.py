@@ -10,8 +10,9 @@ allocates bits; sampled from the float model unless a text is given) -> fused ro
 the per-layer bit allocation under `target_bpw` (`pvq.pipeline.allocation`) ->
 layer-by-layer quantization (resumable in `work_dir`) -> the quantized linears become
 `QuantizedLinear`s owning their payloads (`pvq.formats.quantized_model`) -> fine-tuning of
-their continuous parameters towards the float model (`pvq.finetune`, resumable) ->
-simulated activation quantization. ``method=None``
+their continuous parameters towards the float model (`pvq.finetune`, resumable) -> the
+token embedding and head stored at 8 bits (`pvq.formats.embedding`; its settings are
+refused at the start, not here) -> simulated activation quantization. ``method=None``
 ("float") skips the weights and keeps the model float (rotation and activations only).
 """
 
