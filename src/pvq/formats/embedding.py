@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from pvq.codec import unpack_codes
-from pvq.quant import QuantizationError, QuantizedTensor, check_payload, get_method
+from pvq.quant import QuantizationError, QuantizedTensor, get_method
 from pvq.quant.rtn import grid_dequantize
 
 from .errors import CheckpointError
-from .linear import STORAGE_DTYPES, QuantizedLinear, _to_array, _to_buffer, replace_linear
+from .linear import PackedPayload, QuantizedLinear, replace_linear
 
 #: What the main job stores the embedding (and head) with: 8 bits, a scale and zero point
 #: per 64 columns (measured: no perplexity cost on the benchmark model; docs/results.md).
@@ -36,7 +36,7 @@ __all__ = ["DEFAULT_EMBEDDINGS", "check_embeddings", "QuantizedEmbedding", "Quan
            "quantize_embeddings"]
 
 
-class QuantizedEmbedding(nn.Module):
+class QuantizedEmbedding(PackedPayload, nn.Module):
     """``nn.Embedding`` whose (num_embeddings x embedding_dim) table lives only as an RTN
     payload (persistent integer buffers); `forward(ids)` decodes the rows it reads, in
     float32 exactly as `pvq.quant.rtn.dequantize`, then casts them to `dtype` (and multiplies
@@ -55,8 +55,7 @@ class QuantizedEmbedding(nn.Module):
         shape = (self.num_embeddings, self.embedding_dim)
         self.layout = method.layout(self.config, shape)
         self.payload_spec = method.payload_spec(self.config, shape)
-        for tname, spec in self.payload_spec.items():
-            self.register_buffer(tname, torch.empty(spec.shape, dtype=STORAGE_DTYPES[spec.dtype], device=device))
+        self._register_payload(device)
         self.dtype = dtype
         self.embed_scale = embed_scale
         self.layer_name = name
@@ -65,27 +64,9 @@ class QuantizedEmbedding(nn.Module):
     def _label(self) -> str:
         return f"embedding {self.layer_name!r} (rtn)" if self.layer_name else "quantized embedding (rtn)"
 
-    def set_payload(self, tensors: dict[str, np.ndarray]) -> None:
-        check_payload({k: np.asarray(v) for k, v in tensors.items()}, self.payload_spec, self._label())
-        for tname, spec in self.payload_spec.items():
-            setattr(self, tname, _to_buffer(np.asarray(tensors[tname]), spec).to(getattr(self, tname).device))
-
-    def payload(self) -> dict[str, np.ndarray]:
-        return {t: _to_array(getattr(self, t), spec) for t, spec in self.payload_spec.items()}
-
-    @property
-    def stored_bytes(self) -> int:
-        return int(sum(getattr(self, t).numel() * getattr(self, t).element_size() for t in self.payload_spec))
-
-    def check_payload(self) -> None:
-        QuantizedLinear.check_payload(self)  # the same checks: shapes, dtypes, values present
-
     @property
     def method(self) -> str:
         return "rtn"
-
-    def payload_key(self) -> tuple:
-        return tuple((getattr(self, t).data_ptr(), getattr(self, t)._version) for t in self.payload_spec)
 
     def dequantize(self) -> torch.Tensor:
         """The whole float32 table (for tests and the reference path; a forward never forms it)."""

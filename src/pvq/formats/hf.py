@@ -44,8 +44,8 @@ from pvq.quant.input_transforms import input_transforms_of
 from pvq.rotation import RotationError, install_rotation, refresh_online_transforms, rotation_of
 
 from .errors import CheckpointActQuantError, CheckpointError, CheckpointRotationError, CheckpointVersionError
-from .embedding import QuantizedEmbedding, embedding_record, install_embeddings
-from .linear import STORAGE_DTYPES, QuantizedLinear, replace_linear
+from .embedding import embedding_record, install_embeddings
+from .linear import STORAGE_DTYPES, PackedPayload, QuantizedLinear, replace_linear
 
 __all__ = [
     "DENSE_DTYPES",
@@ -339,7 +339,7 @@ def _check_stored_payloads(model: nn.Module, checkpoint_files: list[str]) -> Non
             + (f"; not in the model: {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}" if unexpected else "")
         )
     for name, module in model.named_modules():
-        if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        if not isinstance(module, PackedPayload):
             continue
         for tname, spec in module.payload_spec.items():
             key = f"{name}.{tname}"  # present: the key comparison above refused missing ones
@@ -432,7 +432,7 @@ class PVQHfQuantizer(HfQuantizer):
             if value.is_floating_point() and value.device.type != "meta" and finite_absmax(value) is None:
                 raise CheckpointError(f"stored tensor {key!r} has non-finite values")
         for module in model.modules():
-            if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            if isinstance(module, PackedPayload):
                 module.check_payload()
                 # own the payload: a buffer loaded as it is stored can be a view into the memory-mapped
                 # shard, which would keep the whole file (its dense tensors too) mapped and resident
@@ -555,7 +555,7 @@ def ready_to_save(model: nn.Module) -> None:
     against its spec (CheckpointError naming the layer)."""
     refresh_records(model)
     for module in model.modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        if isinstance(module, PackedPayload):
             module.check_payload()
 
 

@@ -37,7 +37,7 @@ from pvq.quant.input_transforms import attach_input_transform, input_transforms_
 from .errors import CheckpointError, LayerCodecError, LayerDecodeError, LayerInputError
 from .kernels import select_kernel
 
-__all__ = ["STORAGE_DTYPES", "QuantizedLinear", "replace_linear"]
+__all__ = ["STORAGE_DTYPES", "PackedPayload", "QuantizedLinear", "replace_linear"]
 
 #: torch dtype holding each numpy dtype of a payload spec (float16 as its int16 bits).
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -61,7 +61,53 @@ def _to_array(buf: torch.Tensor, spec: TensorSpec) -> np.ndarray:
     return arr.view(np.float16) if spec.dtype == "float16" else arr
 
 
-class QuantizedLinear(nn.Module):
+class PackedPayload:
+    """The stored arrays of a packed module (`QuantizedLinear`, the quantized embedding): the
+    persistent buffers of `payload_spec`, filled, read, measured and checked one way. The
+    module sets `payload_spec`, `method` and `_label()`."""
+
+    def _register_payload(self, device) -> None:
+        for tname, spec in self.payload_spec.items():
+            if hasattr(nn.Module, tname) or tname in ("bias", "weight"):
+                raise QuantizationError(f"payload tensor name {tname!r} of method {self.method!r} collides with a module attribute")
+            self.register_buffer(tname, torch.empty(spec.shape, dtype=STORAGE_DTYPES[spec.dtype], device=device))
+
+    def set_payload(self, tensors: dict[str, np.ndarray]) -> None:
+        """Fill the stored arrays (QuantizationError naming the layer and field if they do not fit the spec)."""
+        check_payload({k: np.asarray(v) for k, v in tensors.items()}, self.payload_spec, self._label())
+        for tname, spec in self.payload_spec.items():
+            buf = getattr(self, tname)
+            setattr(self, tname, _to_buffer(np.asarray(tensors[tname]), spec).to(buf.device))
+
+    @property
+    def stored_bytes(self) -> int:
+        return int(sum(getattr(self, t).numel() * getattr(self, t).element_size() for t in self.payload_spec))
+
+    def payload(self) -> dict[str, np.ndarray]:
+        """The stored arrays as numpy (host views where the buffers are on the CPU; float16 restored)."""
+        return {t: _to_array(getattr(self, t), spec) for t, spec in self.payload_spec.items()}
+
+    def check_payload(self) -> None:
+        """CheckpointError naming the layer and field if a buffer's shape or dtype left the spec
+        (e.g. a checkpoint whose tensors transformers loaded as they were stored)."""
+        for tname, spec in self.payload_spec.items():
+            buf = getattr(self, tname)
+            want = STORAGE_DTYPES[spec.dtype]
+            if tuple(buf.shape) != tuple(spec.shape) or buf.dtype != want:
+                raise CheckpointError(
+                    f"{self._label()}: stored tensor {tname!r} is {str(buf.dtype).removeprefix('torch.')} "
+                    f"{tuple(buf.shape)}, the {self.method} payload spec says {spec.dtype} {tuple(spec.shape)}"
+                )
+            if buf.device.type == "meta":
+                raise CheckpointError(f"{self._label()}: stored tensor {tname!r} received no value")
+
+    def payload_key(self) -> tuple:
+        """Changes whenever a stored buffer is replaced or written: what kernels key their cached state on."""
+        return tuple((getattr(self, t).data_ptr(), getattr(self, t)._version) for t in self.payload_spec)
+
+
+
+class QuantizedLinear(PackedPayload, nn.Module):
     """``y = x W^T + b`` with W decoded from the stored payload of `method` (rtn, gptq, pvq, gptvq).
 
     Args:
@@ -92,10 +138,7 @@ class QuantizedLinear(nn.Module):
         shape = (self.out_features, self.in_features)
         self.layout = method_obj.layout(self.config, shape)
         self.payload_spec: dict[str, TensorSpec] = method_obj.payload_spec(self.config, shape)
-        for tname, spec in self.payload_spec.items():
-            if hasattr(nn.Module, tname) or tname in ("bias", "weight"):
-                raise QuantizationError(f"payload tensor name {tname!r} of method {method!r} collides with a module attribute")
-            self.register_buffer(tname, torch.empty(spec.shape, dtype=STORAGE_DTYPES[spec.dtype], device=device))
+        self._register_payload(device)
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -119,52 +162,19 @@ class QuantizedLinear(nn.Module):
             layer.bias.data.copy_(bias.detach())
         return layer
 
-    def set_payload(self, tensors: dict[str, np.ndarray]) -> None:
-        """Fill the stored arrays (QuantizationError naming the layer and field if they do not fit the spec)."""
-        check_payload({k: np.asarray(v) for k, v in tensors.items()}, self.payload_spec, self._label())
-        for tname, spec in self.payload_spec.items():
-            buf = getattr(self, tname)
-            setattr(self, tname, _to_buffer(np.asarray(tensors[tname]), spec).to(buf.device))
-
     # ------------------------------------------------------------------ stored data
 
     def _label(self) -> str:
         return f"layer {self.layer_name!r} ({self.method})" if self.layer_name else f"quantized layer ({self.method})"
 
     @property
-    def stored_bytes(self) -> int:
-        return int(sum(getattr(self, t).numel() * getattr(self, t).element_size() for t in self.payload_spec))
-
-    @property
     def bits_per_weight(self) -> float:
         return self.stored_bytes * 8 / (self.out_features * self.in_features)
-
-    def payload(self) -> dict[str, np.ndarray]:
-        """The stored arrays as numpy (host views where the buffers are on the CPU; float16 restored)."""
-        return {t: _to_array(getattr(self, t), spec) for t, spec in self.payload_spec.items()}
 
     def quantized_tensor(self) -> QuantizedTensor:
         """The payload as a `QuantizedTensor` (copies) with the layout as its meta."""
         return QuantizedTensor(self.method, (self.out_features, self.in_features),
                                {t: a.copy() for t, a in self.payload().items()}, dict(self.layout))
-
-    def check_payload(self) -> None:
-        """CheckpointError naming the layer and field if a buffer's shape or dtype left the spec
-        (e.g. a checkpoint whose tensors transformers loaded as they were stored)."""
-        for tname, spec in self.payload_spec.items():
-            buf = getattr(self, tname)
-            want = STORAGE_DTYPES[spec.dtype]
-            if tuple(buf.shape) != tuple(spec.shape) or buf.dtype != want:
-                raise CheckpointError(
-                    f"{self._label()}: stored tensor {tname!r} is {str(buf.dtype).removeprefix('torch.')} "
-                    f"{tuple(buf.shape)}, the {self.method} payload spec says {spec.dtype} {tuple(spec.shape)}"
-                )
-            if buf.device.type == "meta":
-                raise CheckpointError(f"{self._label()}: stored tensor {tname!r} received no value")
-
-    def payload_key(self) -> tuple:
-        """Changes whenever a stored buffer is replaced or written: what kernels key their cached state on."""
-        return tuple((getattr(self, t).data_ptr(), getattr(self, t)._version) for t in self.payload_spec)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (out_features, in_features) on the host, decoded now.
