@@ -167,3 +167,10 @@ def test_a_table_quantized_in_chunks_has_the_bytes_of_one_piece(rows, bits):
     assert set(chunked) == set(whole)
     for k in whole:
         assert chunked[k].dtype == whole[k].dtype and np.array_equal(chunked[k], whole[k]), k
+
+
+def test_a_recipe_with_a_dense_embedding_maps_back_to_embed_bits_0():
+    from pvq.options import values_from_recipe
+
+    assert values_from_recipe(Recipe(method="pvq", embeddings=None).to_dict(), "m")["embed_bits"] == 0
+    assert values_from_recipe(Recipe(method="pvq").to_dict(), "m")["embed_bits"] == 8

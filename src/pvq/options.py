@@ -483,7 +483,9 @@ def values_from_recipe(recipe: dict[str, Any], model: str | None) -> dict[str, A
     values = {**_defaults(), "model": str(model), "method": m, **{k: recipe[k] for k in _RECIPE_OPTIONS}}
     values["target_bpw"] = recipe.get("target_bpw")
     embeddings = recipe.get("embeddings")
-    if embeddings is not None:
+    if embeddings is None:  # dense (also a recipe written before the field existed)
+        values["embed_bits"] = 0
+    else:
         if set(embeddings) - {"bits", "group_size"}:
             return None
         values["embed_bits"] = embeddings.get("bits")
