@@ -228,11 +228,34 @@ def test_which_methods_need_calibration():
         uses_hessian("awq", {})
 
 
-def test_sweep_fine_tunes_every_quantized_point(tiny_dir, tmp_path):
-    opts = _opts(tiny_dir, tmp_path / "ft", methods=["rtn"], bits=[3], calib_windows=3,
-                 finetune={"steps": 2, "eval_every": 1, "val_windows": 1})
-    run_sweep(opts)
-    point = json.loads((tmp_path / "ft" / "points" / "rtn-3b.json").read_text())
-    assert point["settings"]["finetune"]["steps"] == 2 and point["settings"]["calibration"]["windows"] == 3
-    assert point["row"]["finetune_kept"] in ("tuned", "one-shot") and point["row"]["finetune_seconds"] > 0
-    assert "finetune" not in json.loads((tmp_path / "ft" / "points" / "float.json").read_text())["settings"]
+def test_sweep_adds_a_fine_tuned_point_beside_each_one_shot_point(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "ft"
+    plain = run_sweep(_opts(tiny_dir, out, methods=["rtn", "pvq"], bits=[3], calib_windows=3))
+    calls = []
+    real_oneshot = sweep.oneshot
+    monkeypatch.setattr(sweep, "oneshot", lambda *a, **k: calls.append(a[2]) or real_oneshot(*a, **k))
+    ft = {"steps": 2, "eval_every": 1, "val_windows": 1}
+    opts = _opts(tiny_dir, out, methods=["rtn", "pvq", "gptq"], bits=[3], calib_windows=3, finetune=ft)
+    assert [p.name for p in plan_points(opts)] == ["float", "rtn-3b", "rtn-3b-ft", "pvq-3b", "pvq-3b-ft", "gptq-3b",
+                                                   "gptq-3b-ft"]
+    rows = {r["point"]: r for r in run_sweep(opts)}
+    # the one-shot points of the plain sweep are kept; gptq's pair comes from one quantization
+    assert [(r.method, r.finetune is not None) for r in calls] == [("rtn", True), ("pvq", True), ("gptq", True)]
+    for r in plain:
+        assert rows[r["point"]] == r
+    assert rows["gptq-3b"]["finetuned"] is False and "finetune_seconds" not in rows["gptq-3b"]
+    for name in ("rtn-3b-ft", "pvq-3b-ft", "gptq-3b-ft"):
+        point = json.loads((out / "points" / f"{name}.json").read_text())
+        assert point["settings"]["finetune"] == ft and point["settings"]["calibration"]["windows"] == 3
+        assert point["row"]["finetuned"] is True and point["row"]["finetune_kept"] in ("tuned", "one-shot")
+        assert point["row"]["finetune_seconds"] > 0
+        assert point["row"]["bpw_measured"] == rows[name[:-3]]["bpw_measured"]  # the same bytes
+    # the one-shot twin of a fine-tuned run equals a plain sweep of it
+    alone = {r["point"]: r for r in run_sweep(_opts(tiny_dir, tmp_path / "alone", methods=["gptq"], bits=[3],
+                                                        calib_windows=3, float_point=False))}
+    assert alone["gptq-3b"]["ppl"] == rows["gptq-3b"]["ppl"]
+    assert "finetune" not in json.loads((out / "points" / "float.json").read_text())["settings"]
+    assert "finetune" not in json.loads((out / "points" / "gptq-3b.json").read_text())["settings"]
+    text = (out / "results.md").read_text()
+    assert "| gptq-3b-ft | gptq |" in text and "finetune_seconds" in text
+    assert (out / "ppl_vs_bpw.png").read_bytes()[:4] == b"\x89PNG"

@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     sw.add_argument("--batch-size", type=POSITIVE, default=8, help="calibration windows per forward")
     sw.add_argument("--finetune", action="store_true",
-                    help="fine-tune every quantized point's continuous parameters (pvq quantize --finetune)")
+                    help="add a fine-tuned point beside each one-shot point (pvq quantize --finetune; the same "
+                         "quantization serves both; the plots draw the fine-tuned curves dashed)")
     sw.add_argument("--finetune-steps", type=POSITIVE, default=60, help="fine-tuning steps at most (default: 60)")
     sw.set_defaults(func=_cmd_sweep)
 

@@ -228,6 +228,7 @@ class OneshotResult:
     finetune: Any = None  # the pvq.finetune.FinetuneReport (None: not fine-tuned)
     embeddings: dict[str, Any] | None = None  # the quantized embedding's record (None: kept dense)
     allocation: Any = None  # the pvq.pipeline.allocation.Allocation (None: one setting for every layer)
+    before_finetune: nn.Module | None = None  # with keep_before_finetune: the one-shot model, stored alike
 
     @property
     def bits_per_weight_nominal(self) -> float | None:
@@ -253,10 +254,13 @@ def oneshot(
     progress: bool = True,
     stream: StreamedModel | None = None,
     offload_activations: bool = False,
+    keep_before_finetune: bool = False,
 ) -> OneshotResult:
     """Quantize `model` in place as `recipe` says (see the module docstring). With `stream`
     (then `model` is `stream.model`) the blocks are read one at a time and packed as soon
-    as each is done, so the float model is never held whole."""
+    as each is done, so the float model is never held whole. With `keep_before_finetune` and
+    a fine-tuning recipe, `result.before_finetune` is a copy of the quantized model before its
+    fine-tuning (embeddings stored the same way), so one run gives both points of a sweep."""
     recipe.check()  # QuantizationError for bad settings, before any work
     config = recipe.method_config()
     if stream is not None:
@@ -292,7 +296,7 @@ def oneshot(
         t0 = time.perf_counter()
         rotation = rotate_model(model, seed=recipe.rotate_seed)
         seconds["rotation"] = time.perf_counter() - t0
-    result, allocation, tuned, embeddings = None, None, None, None
+    result, allocation, tuned, embeddings, before = None, None, None, None, None
     if recipe.method is not None:
         layer_configs = None
         if recipe.target_bpw is not None:
@@ -325,14 +329,17 @@ def oneshot(
         else:
             mark_quantized(model, sorted(result), recipe.method, config, dense_dtype=recipe.dense_dtype)
         if reference is not None:
+            if keep_before_finetune:
+                before = copy.deepcopy(model)
             t0 = time.perf_counter()
             tuned = finetune(model, reference, windows, recipe.finetune, work_dir=work_dir, device=device,
                              progress=progress)
             seconds["finetune"] = time.perf_counter() - t0
             del reference
         if recipe.embeddings is not None:  # data-free, after the fine-tuning (which keeps them float)
-            embeddings = quantize_embeddings(model, recipe.embeddings)
-            model.config.quantization_config.embeddings = embeddings
+            for m in (model,) if before is None else (model, before):
+                embeddings = quantize_embeddings(m, recipe.embeddings)
+                m.config.quantization_config.embeddings = embeddings
     act_record = install_act_quant(model, act_config, layer_names) if act_config is not None else None
     return OneshotResult(model, result, rotation, act_record, windows if recipe.needs_calibration() else None, seconds,
-                         finetune=tuned, allocation=allocation, embeddings=embeddings)
+                         finetune=tuned, allocation=allocation, embeddings=embeddings, before_finetune=before)

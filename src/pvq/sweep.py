@@ -15,6 +15,11 @@ weight of side information on top of "bits", so that points line up on the bpw a
   codebooks of 2^(2b) entries over `vq_columns` columns x the fewest rows that keep the
   codebook cost at or below 0.25 bits per weight.
 
+With fine-tuning (`finetune`, `pvq sweep --finetune`) every quantized setting gives two
+points from one quantization: the one-shot point ``<method>-<bits>b`` (the same as a sweep
+without fine-tuning, so kept points are shared) and ``<method>-<bits>b-ft``, its
+continuous parameters fine-tuned (`pvq.finetune`); the plots draw them as two curves.
+
 Each point starts from a fresh copy of the float model (rotated first with --rotate),
 is quantized (methods without a Hessian directly from the weights, the others through
 `pvq.pipeline.quantize_model` on the sweep's calibration windows, the same for every
@@ -98,7 +103,7 @@ class SweepOptions:
     batch_size: int = 8
     redo_changed: bool = False
     progress: bool = True
-    finetune: dict[str, Any] | None = None  # pvq.finetune.FinetuneConfig fields: fine-tune every quantized point
+    finetune: dict[str, Any] | None = None  # pvq.finetune.FinetuneConfig fields: add a fine-tuned point per setting
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Point:
     method: str | None  # None: the float model
     bits: float | None
     config: dict[str, Any] = field(default_factory=dict)
+    finetuned: bool = False  # the continuous parameters fine-tuned after the quantization
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -143,8 +149,8 @@ def method_config(method: str, bits: float, opts: SweepOptions) -> dict[str, Any
     return asdict(config)
 
 
-def point_name(method: str, bits: float) -> str:
-    return f"{method}-{bits:g}b"
+def point_name(method: str, bits: float, finetuned: bool = False) -> str:
+    return f"{method}-{bits:g}b" + ("-ft" if finetuned else "")
 
 
 def plan_points(opts: SweepOptions) -> list[Point]:
@@ -161,7 +167,10 @@ def plan_points(opts: SweepOptions) -> list[Point]:
     points = [Point(FLOAT_POINT, None, None)] if opts.float_point else []
     for method in methods:
         for bits in dict.fromkeys(float(b) for b in opts.bits):
-            points.append(Point(point_name(method, bits), method, bits, method_config(method, bits, opts)))
+            config = method_config(method, bits, opts)
+            points.append(Point(point_name(method, bits), method, bits, config))
+            if opts.finetune is not None:
+                points.append(Point(point_name(method, bits, True), method, bits, config, finetuned=True))
     return points
 
 
@@ -177,9 +186,9 @@ def point_settings(point: Point, opts: SweepOptions, task_names: list[str]) -> d
         "tasks": {"names": task_names, "limit": opts.limit, "scorer": "lm-eval",
                   "dir": str(opts.tasks_dir or default_tasks_dir())} if task_names else None,
     }
-    if point.method is not None and opts.finetune is not None:
-        settings["finetune"] = dict(opts.finetune)
-    if point.method is not None and (uses_hessian(point.method, point.config) or opts.finetune is not None):
+    if point.finetuned:
+        settings["finetune"] = dict(opts.finetune or {})
+    if point.method is not None and (uses_hessian(point.method, point.config) or point.finetuned):
         calib: dict[str, Any] = {"windows": opts.calib_windows, "seqlen": opts.calib_seqlen, "seed": opts.seed,
                                  "batch_size": opts.batch_size, "compute_dtype": opts.compute_dtype}
         if opts.calib_text:
@@ -219,28 +228,43 @@ class _Calibration:
 
 
 def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, eval_ids: torch.Tensor,
-              tasks: TaskPlan | None, opts: SweepOptions, work_dir: Path) -> dict[str, Any]:
-    """Quantize a fresh copy of the float model as `point` says and evaluate it."""
+              tasks: TaskPlan | None, opts: SweepOptions, work_dir: Path,
+              oneshot_point: Point | None = None) -> list[dict[str, Any]]:
+    """Quantize a fresh copy of the float model as `point` says and evaluate it: its row,
+    then, for a fine-tuned point given its `oneshot_point`, that point's row too (the model
+    before the fine-tuning of the same run)."""
     t_start = time.perf_counter()
     model = copy.deepcopy(base_model)
-    row: dict[str, Any] = {"point": point.name, "method": point.method or "float", "bits": point.bits}
     recipe = Recipe(method=point.method, config=dict(point.config), rotate=opts.rotate, rotate_seed=opts.rotate_seed,
                     calib_text=opts.calib_text, calib_windows=opts.calib_windows, calib_seqlen=opts.calib_seqlen,
                     seed=opts.seed, compute_dtype=opts.compute_dtype, batch_size=opts.batch_size,
-                    finetune=dict(opts.finetune) if opts.finetune is not None and point.method is not None else None)
+                    finetune=dict(opts.finetune or {}) if point.finetuned else None)
     result = oneshot(model, tokenizer, recipe, windows=calibration.windows() if recipe.needs_calibration() else None,
-                     device=opts.device, work_dir=str(work_dir), progress=opts.progress)
+                     device=opts.device, work_dir=str(work_dir), progress=opts.progress,
+                     keep_before_finetune=oneshot_point is not None)
+    row: dict[str, Any] = {"point": point.name, "method": point.method or "float", "bits": point.bits}
     if point.method is None:
         row.update(bpw_nominal=16.0, bpw_measured=16.0, quant_seconds=0.0, mean_proxy_loss=None)
     else:
         q = result.quantized
         row.update(bpw_nominal=result.bits_per_weight_nominal, bpw_measured=q.measured_bits_per_weight,
                    quant_seconds=result.seconds["quantization"], mean_proxy_loss=q.mean_proxy_loss,
-                   quantized_layers=len(q))
-        if result.finetune is not None:
-            row.update(finetune_seconds=result.seconds["finetune"], finetune_kept=result.finetune.kept,
-                       finetune_val_kl=[result.finetune.val_kl_before, result.finetune.val_kl_stored])
+                   quantized_layers=len(q), finetuned=point.finetuned)
+    rows = []
+    if oneshot_point is not None:
+        first = {**row, "point": oneshot_point.name, "finetuned": False}
+        rows.append(_evaluate(result.before_finetune, first, tokenizer, eval_ids, tasks, opts, t_start))
+    if result.finetune is not None:
+        row.update(finetune_seconds=result.seconds["finetune"], finetune_kept=result.finetune.kept,
+                   finetune_val_kl=[result.finetune.val_kl_before, result.finetune.val_kl_stored])
+    model = result.model
     del result
+    return [*rows, _evaluate(model, row, tokenizer, eval_ids, tasks, opts, t_start)]
+
+
+def _evaluate(model, row: dict[str, Any], tokenizer, eval_ids: torch.Tensor, tasks: TaskPlan | None,
+              opts: SweepOptions, t_start: float) -> dict[str, Any]:
+    """`row` with the perplexity (and task scores) of `model`."""
     model.to(opts.device)
     t0 = time.perf_counter()
     with decoded_weights(model):  # many forwards: decode each quantized layer once
@@ -312,14 +336,25 @@ def run_sweep(opts: SweepOptions) -> list[dict[str, Any]]:
                 raise SweepError(f"{opts.model} has no tokenizer")
             eval_ids = encode_text(tokenizer, eval_text)
             calibration = _Calibration(base_model, tokenizer, opts)
-            for k, (point, settings) in enumerate(pending, 1):
-                print(f"[sweep {k}/{len(pending)}] {point.name}: running", flush=True)
+            # a fine-tuned point whose one-shot twin is pending too gives both from one quantization
+            all_settings = {p.name: s for p, s in pending}
+            by_name = {p.name: p for p, _ in pending}
+            twins = {p.name: by_name[point_name(p.method, p.bits)] for p, _ in pending
+                     if p.finetuned and point_name(p.method, p.bits) in by_name}
+            twinned = {t.name for t in twins.values()}
+            runs = [p for p, _ in pending if p.name not in twinned]
+            for k, point in enumerate(runs, 1):
+                twin = twins.get(point.name)
+                names = point.name + (f" and {twin.name}" if twin is not None else "")
+                print(f"[sweep {k}/{len(runs)}] {names}: running", flush=True)
                 work_dir = point_dir / f"{point.name}.work"
-                row = run_point(point, base_model, tokenizer, calibration, eval_ids, tasks, opts, work_dir)
-                atomic_write_json(point_dir / f"{point.name}.json", {"settings": settings, "row": row}, sort_keys=False)
+                for row in run_point(point, base_model, tokenizer, calibration, eval_ids, tasks, opts, work_dir,
+                                     oneshot_point=twin):
+                    atomic_write_json(point_dir / f"{row['point']}.json",
+                                      {"settings": all_settings[row["point"]], "row": row}, sort_keys=False)
+                    rows[row["point"]] = row
+                    print(f"[sweep {k}/{len(runs)}] {row['point']}: {format_point(row)}", flush=True)
                 shutil.rmtree(work_dir, ignore_errors=True)  # its blocks are no longer needed to resume
-                rows[point.name] = row
-                print(f"[sweep {k}/{len(pending)}] {point.name}: {format_point(row)}", flush=True)
         finally:
             if tasks is not None:
                 tasks.close()
@@ -359,7 +394,7 @@ def results_table_rows(rows: list[dict], task_names: list[str]) -> tuple[list[st
     header += [f"{t}:{m}" for t, m in tcols]
     if task_names:
         header.append("avg_acc")
-    header += ["quant_seconds", "mean_proxy_loss"]
+    header += ["quant_seconds", "finetune_seconds", "mean_proxy_loss"]
 
     def num(v, fmt):
         return "" if v is None else format(v, fmt)
@@ -372,7 +407,8 @@ def results_table_rows(rows: list[dict], task_names: list[str]) -> tuple[list[st
             cells.append(num(r.get("tasks", {}).get(t, {}).get("metrics", {}).get(m, {}).get("value"), ".4f"))
         if task_names:
             cells.append(num(r.get("avg_acc"), ".4f"))
-        cells += [num(r.get("quant_seconds"), ".1f"), num(r.get("mean_proxy_loss"), ".4g")]
+        cells += [num(r.get("quant_seconds"), ".1f"), num(r.get("finetune_seconds"), ".1f"),
+                  num(r.get("mean_proxy_loss"), ".4g")]
         table.append(cells)
     return header, table
 
@@ -401,19 +437,25 @@ def write_reports(rows: list[dict], out: Path, title: str, task_names: list[str]
 
 
 def plot_pareto(rows: list[dict], path: Path, key: str, ylabel: str, title: str, log_y: bool) -> None:
-    """One line per method of `key` against the measured bits per weight; the float
-    model as a dashed horizontal line."""
+    """One line per method of `key` against the measured bits per weight (fine-tuned
+    points a dashed line of the method's colour); the float model a dashed black line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "float"):
-        pts = sorted((r["bpw_measured"], r[key]) for r in rows
-                     if r["method"] == method and r.get(key) is not None and math.isfinite(r[key]))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "float"))
+    for i, method in enumerate(methods):
+        for tuned in (False, True):
+            pts = sorted((r["bpw_measured"], r[key]) for r in rows
+                         if r["method"] == method and bool(r.get("finetuned")) == tuned and r.get(key) is not None
+                         and math.isfinite(r[key]))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[i % len(colors)],
+                        marker="s" if tuned else "o", linestyle="--" if tuned else "-",
+                        label=f"{method}, fine-tuned" if tuned else method)
     for r in rows:
         if r["method"] == "float" and r.get(key) is not None:
             ax.axhline(r[key], color="k", linestyle="--", linewidth=1, label=f"float model ({r[key]:.3g})")
