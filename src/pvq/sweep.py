@@ -187,7 +187,7 @@ def point_settings(point: Point, opts: SweepOptions, task_names: list[str]) -> d
                   "dir": str(opts.tasks_dir or default_tasks_dir())} if task_names else None,
     }
     if point.finetuned:
-        settings["finetune"] = dict(opts.finetune or {})
+        settings["finetune"] = dict(opts.finetune)
     if point.method is not None and (uses_hessian(point.method, point.config) or point.finetuned):
         calib: dict[str, Any] = {"windows": opts.calib_windows, "seqlen": opts.calib_seqlen, "seed": opts.seed,
                                  "batch_size": opts.batch_size, "compute_dtype": opts.compute_dtype}
@@ -238,7 +238,7 @@ def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, ev
     recipe = Recipe(method=point.method, config=dict(point.config), rotate=opts.rotate, rotate_seed=opts.rotate_seed,
                     calib_text=opts.calib_text, calib_windows=opts.calib_windows, calib_seqlen=opts.calib_seqlen,
                     seed=opts.seed, compute_dtype=opts.compute_dtype, batch_size=opts.batch_size,
-                    finetune=dict(opts.finetune or {}) if point.finetuned else None)
+                    finetune=dict(opts.finetune) if point.finetuned else None)
     result = oneshot(model, tokenizer, recipe, windows=calibration.windows() if recipe.needs_calibration() else None,
                      device=opts.device, work_dir=str(work_dir), progress=opts.progress,
                      keep_before_finetune=oneshot_point is not None)
@@ -338,11 +338,9 @@ def run_sweep(opts: SweepOptions) -> list[dict[str, Any]]:
             calibration = _Calibration(base_model, tokenizer, opts)
             # a fine-tuned point whose one-shot twin is pending too gives both from one quantization
             all_settings = {p.name: s for p, s in pending}
-            by_name = {p.name: p for p, _ in pending}
-            twins = {p.name: by_name[point_name(p.method, p.bits)] for p, _ in pending
-                     if p.finetuned and point_name(p.method, p.bits) in by_name}
-            twinned = {t.name for t in twins.values()}
-            runs = [p for p, _ in pending if p.name not in twinned]
+            twins = {p.name: q for p, _ in pending for q, _ in pending
+                     if p.finetuned and q.name == point_name(p.method, p.bits)}
+            runs = [p for p, _ in pending if p not in twins.values()]
             for k, point in enumerate(runs, 1):
                 twin = twins.get(point.name)
                 names = point.name + (f" and {twin.name}" if twin is not None else "")
