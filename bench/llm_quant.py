@@ -132,11 +132,28 @@ QUALITY_BASES = ["pvq-d16-s3-emp4", "gptq-3b-g64", "gptvq-d2-b3", "pvq-d32-s2.12
 QUALITY_STUDY = []
 for _name in QUALITY_BASES:
     _method, _fields = ROWS[_name][:2]
-    _target = round(get_method(_method).nominal_bits_per_weight(get_method(_method).make_config(_fields), 576), 4)
+    _m = get_method(_method)
+    _config = _m.make_config(_fields)
     ROWS[f"{_name}-ft"] = (_method, _fields, {"finetune": {}})
+    QUALITY_STUDY += [_name, f"{_name}-ft"]
+    # a setting at the bottom of its method's ladder (GPTQ's 2 bits) leaves the allocation
+    # nothing to choose under its own budget: no allocated rows
+    if _m.nominal_bits_per_weight(_config, 576) <= min(_m.nominal_bits_per_weight(c, 576) for c in _m.rate_ladder(_config)):
+        continue
+    _target = round(_m.nominal_bits_per_weight(_config, 576), 4)
     ROWS[f"{_name}-alloc"] = (_method, _fields, {"target_bpw": _target})
     ROWS[f"{_name}-alloc-ft"] = (_method, _fields, {"target_bpw": _target, "finetune": {}})
-    QUALITY_STUDY += [_name, f"{_name}-ft", f"{_name}-alloc", f"{_name}-alloc-ft"]
+    QUALITY_STUDY += [f"{_name}-alloc", f"{_name}-alloc-ft"]
+# GPTQ and GPTVQ have no uniform setting at ~2.5 bpw (integer bits; GPTVQ's next index width
+# costs ~2.7 with 6-row codebooks): the allocation reaches it by mixing layers' bits, under the
+# budget the ~2.5 PVQ row spends (GPTVQ from the 24-row codebooks of its 3-bit row, whose
+# 2-bit setting costs 2.06)
+_TARGET_2_5 = round(get_method("pvq").nominal_bits_per_weight(
+    get_method("pvq").make_config(ROWS["pvq-d16-s2.25-emp4"][1]), 576), 4)
+for _name, _base in (("gptq-g64-alloc-2.5", "gptq-3b-g64"), ("gptvq-d2-alloc-2.5", "gptvq-d2-b3")):
+    ROWS[_name] = (*ROWS[_base][:2], {"target_bpw": _TARGET_2_5})
+    ROWS[f"{_name}-ft"] = (*ROWS[_base][:2], {"target_bpw": _TARGET_2_5, "finetune": {}})
+    QUALITY_STUDY += [_name, f"{_name}-ft"]
 # Beta gains with escapes (2 exact gains per row for groups beyond the top level) at the
 # bits of the 3-bit rows, and the embedding + tied head stored at 8 / 6 bits (extras "embeddings")
 EMB8, EMB6 = {"bits": 8, "group_size": 64}, {"bits": 6, "group_size": 64}
@@ -148,10 +165,13 @@ ROWS.update({
     "pvq-d16-s3-emp4-emb8": (*ROWS["pvq-d16-s3-emp4"], {"embeddings": EMB8}),
     "pvq-d16-s3-emp4-ft-emb8": (*ROWS["pvq-d16-s3-emp4"], {"finetune": {}, "embeddings": EMB8}),
     "pvq-d16-s3-emp4-ft-emb6": (*ROWS["pvq-d16-s3-emp4"], {"finetune": {}, "embeddings": EMB6}),
+    # GPTVQ at ~4.25 bpw lost held-out KL at the default learning rate (the one-shot model was
+    # kept): the same fine-tuning at a quarter of it
+    "gptvq-d2-b4-ft-lr5e-4": (*ROWS["gptvq-d2-b4"], {"finetune": {"lr": 5e-4}}),
     # the fused rotation before PVQ, then fine-tuning
     "pvq-d16-s3-emp4-rot-ft": (*ROWS["pvq-d16-s3-emp4"], {"rotate": True, "finetune": {}}),
 })
-QUALITY_STUDY += ["pvq-d16-s3-beta4", "pvq-d16-s2.94-beta4-esc2", "pvq-d16-s2.94-emp4-esc2", "pvq-d16-s3-emp4-emb8",
+QUALITY_STUDY += ["gptvq-d2-b4-ft-lr5e-4", "pvq-d16-s3-beta4", "pvq-d16-s2.94-beta4-esc2", "pvq-d16-s2.94-emp4-esc2", "pvq-d16-s3-emp4-emb8",
                   "pvq-d16-s3-emp4-ft-emb8", "pvq-d16-s3-emp4-ft-emb6", "pvq-d16-s3-emp4-rot",
                   "pvq-d16-s3-emp4-rot-ft"]
 STUDIES = {"rotation": ROTATION_STUDY, "quality": ["float", *QUALITY_STUDY]}
