@@ -60,6 +60,7 @@ from pvq.formats import decoded_weights
 from pvq.models import adapter_for, load_model
 from pvq.oneshot import Recipe, oneshot
 from pvq.pipeline import encode_text, windows_from_ids
+from pvq.pipeline.allocation import ladder_range
 from pvq.quant import get_method
 from pvq.quant.activations import ActQuantConfig, ActQuantizer
 
@@ -130,17 +131,23 @@ ROWS.update({
 QUALITY_BASES = ["pvq-d16-s3-emp4", "gptq-3b-g64", "gptvq-d2-b3", "pvq-d32-s2.125-emp4", "gptq-2b-g64", "gptvq-d2-b2",
                  "pvq-d16-s2.25-emp4", "pvq-d32-s4.125-emp4", "gptq-4b-g64", "gptvq-d2-b4"]
 QUALITY_STUDY = []
+
+
+def nominal_bpw(name: str) -> float:
+    """The bits per weight a ROWS entry's setting promises at the model's width (576)."""
+    method, fields = ROWS[name][:2]
+    return get_method(method).nominal_bits_per_weight(get_method(method).make_config(fields), 576)
+
+
 for _name in QUALITY_BASES:
     _method, _fields = ROWS[_name][:2]
-    _m = get_method(_method)
-    _config = _m.make_config(_fields)
     ROWS[f"{_name}-ft"] = (_method, _fields, {"finetune": {}})
     QUALITY_STUDY += [_name, f"{_name}-ft"]
     # a setting at the bottom of its method's ladder (GPTQ's 2 bits) leaves the allocation
     # nothing to choose under its own budget: no allocated rows
-    if _m.nominal_bits_per_weight(_config, 576) <= min(_m.nominal_bits_per_weight(c, 576) for c in _m.rate_ladder(_config)):
+    if nominal_bpw(_name) <= ladder_range(_method, get_method(_method).make_config(_fields))[0]:
         continue
-    _target = round(_m.nominal_bits_per_weight(_config, 576), 4)
+    _target = round(nominal_bpw(_name), 4)
     ROWS[f"{_name}-alloc"] = (_method, _fields, {"target_bpw": _target})
     ROWS[f"{_name}-alloc-ft"] = (_method, _fields, {"target_bpw": _target, "finetune": {}})
     QUALITY_STUDY += [f"{_name}-alloc", f"{_name}-alloc-ft"]
@@ -148,8 +155,7 @@ for _name in QUALITY_BASES:
 # costs ~2.7 with 6-row codebooks): the allocation reaches it by mixing layers' bits, under the
 # budget the ~2.5 PVQ row spends (GPTVQ from the 24-row codebooks of its 3-bit row, whose
 # 2-bit setting costs 2.06)
-_TARGET_2_5 = round(get_method("pvq").nominal_bits_per_weight(
-    get_method("pvq").make_config(ROWS["pvq-d16-s2.25-emp4"][1]), 576), 4)
+_TARGET_2_5 = round(nominal_bpw("pvq-d16-s2.25-emp4"), 4)
 for _name, _base in (("gptq-g64-alloc-2.5", "gptq-3b-g64"), ("gptvq-d2-alloc-2.5", "gptvq-d2-b3")):
     ROWS[_name] = (*ROWS[_base][:2], {"target_bpw": _TARGET_2_5})
     ROWS[f"{_name}-ft"] = (*ROWS[_base][:2], {"target_bpw": _TARGET_2_5, "finetune": {}})

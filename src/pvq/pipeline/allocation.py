@@ -43,8 +43,8 @@ from .quantize_model import PipelineError, jsonable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Allocation", "LayerStatistics", "allocate_bits", "check_target", "layer_statistics", "solve_allocation",
-           "stored_bits"]
+__all__ = ["Allocation", "LayerStatistics", "allocate_bits", "check_target", "ladder_range", "layer_statistics",
+           "solve_allocation", "stored_bits"]
 
 #: How a layer's trial error is weighted: "fisher" (each output channel by its mean squared
 #: gradient of the next-token loss: the error's expected loss increase, comparable across
@@ -60,12 +60,9 @@ def stored_bits(method: str, config: Any, shape: tuple[int, int]) -> int:
     return 8 * sum(s.nbytes for s in get_method(method).payload_spec(config, shape).values())
 
 
-def check_target(method: str, config: Any, target_bpw: Any) -> None:
-    """QuantizationError unless `target_bpw` is a finite number inside the method's ladder range."""
-    from pvq.quant.base import is_number
-
-    if not is_number(target_bpw) or not math.isfinite(target_bpw) or target_bpw <= 0:
-        raise QuantizationError(f"target_bpw must be a positive number of bits per weight, got {target_bpw!r}")
+def ladder_range(method: str, config: Any) -> tuple[float, float]:
+    """The nominal bits per weight of the cheapest and dearest settings of `config`'s rate
+    ladder (QuantizationError when it has none)."""
     ladder = get_method(method).rate_ladder(config)
     if not ladder:
         raise QuantizationError(f"{method}: no setting to allocate from")
@@ -75,7 +72,16 @@ def check_target(method: str, config: Any, target_bpw: Any) -> None:
             nominal.append(get_method(method).nominal_bits_per_weight(c))
         except QuantizationError:  # per-row groups: their overhead depends on the width
             nominal.append(get_method(method).nominal_bits_per_weight(c, 4096))
-    lo, hi = min(nominal), max(nominal)
+    return min(nominal), max(nominal)
+
+
+def check_target(method: str, config: Any, target_bpw: Any) -> None:
+    """QuantizationError unless `target_bpw` is a finite number inside the method's ladder range."""
+    from pvq.quant.base import is_number
+
+    if not is_number(target_bpw) or not math.isfinite(target_bpw) or target_bpw <= 0:
+        raise QuantizationError(f"target_bpw must be a positive number of bits per weight, got {target_bpw!r}")
+    lo, hi = ladder_range(method, config)
     if not lo <= target_bpw <= hi + 1:
         raise QuantizationError(f"target_bpw {target_bpw} is outside what {method}'s settings reach "
                                 f"(about {lo:.3g} to {hi:.3g} bits per weight)")
