@@ -129,14 +129,18 @@ def cuda_layer_rows(shapes: list[tuple[int, int]], rng: np.random.Generator, rep
 def layer_rows(shapes: list[tuple[int, int]], rng: np.random.Generator, threads: int, repeats: int) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
+    from pvq.formats.int8_layout import transcode_int8
+
     for R, C in shapes:
         layer = pvq_layer(R, C, rng)
+        layer8 = pvq_layer(R, C, np.random.default_rng(0))  # the int8 compute layout (pvq.load(..., layout="int8"))
+        layer8.release_payload(transcode_int8(layer8))
         w32 = torch.randn(R, C)
         w16 = w32.to(torch.bfloat16)
         packed, sz = int4_layer(R, C, rng)
         sizes = {"float32": w32.numel() * 4, "bfloat16": w16.numel() * 2,
                  "int4": packed.numel() * packed.element_size() + sz.numel() * sz.element_size(),
-                 "pvq": layer.stored_bytes}
+                 "pvq": layer.stored_bytes, "pvq-int8": layer8._compute.nbytes}
         for B in BATCHES:
             x32 = torch.randn(B, C)
             x16 = x32.to(torch.bfloat16)
@@ -147,6 +151,7 @@ def layer_rows(shapes: list[tuple[int, int]], rng: np.random.Generator, threads:
                     "bfloat16": timed(lambda: F.linear(x16, w16), repeats),
                     "int4": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, packed, 64, sz), repeats),
                     "pvq": timed(lambda: layer(x32), repeats),
+                    "pvq-int8": timed(lambda: layer8(x32), repeats),
                 }
                 if R * C <= 1 << 20:
                     t["pvq-reference"] = timed(lambda: DEQUANTIZE.forward(layer, x32), max(3, repeats // 4))
@@ -181,15 +186,17 @@ def tables(decode_res: list[dict], layer_res: list[dict], threads: int) -> str:
     for r in decode_res:
         out.append(f"| {r['order']} | {r['weights_per_s'] / 1e6:.0f} M | {r['weights_per_s'] / base:.2f}x |")
     out += ["", f"Layer forward, {threads} threads (ms; in brackets: time / float32 `F.linear`):", "",
-            "| shape (out x in) | batch | kernel | float32 | bfloat16 | int4 (torch) | pvq | pvq reference | "
-            "bytes pvq / float32 |", "|---|---|---|---|---|---|---|---|---|"]
+            "| shape (out x in) | batch | kernel | float32 | bfloat16 | int4 (torch) | pvq (packed) | pvq (int8 layout) | "
+            "pvq reference | bytes pvq / float32 | bytes int8 layout / float32 | ns per 16-weight code per core (packed, all tokens) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in layer_res:
         t = r["seconds"]
         f32 = t["float32"]
         cell = lambda k: f"{t[k] * 1e3:.3f} ({t[k] / f32:.2f}x)" if k in t else "-"
         out.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['batch']} | {r['kernel']} | {f32 * 1e3:.3f} | "
-                   f"{cell('bfloat16')} | {cell('int4')} | {cell('pvq')} | {cell('pvq-reference')} | "
-                   f"{r['bytes']['pvq'] / r['bytes']['float32']:.3f} |")
+                   f"{cell('bfloat16')} | {cell('int4')} | {cell('pvq')} | {cell('pvq-int8')} | {cell('pvq-reference')} | "
+                   f"{r['bytes']['pvq'] / r['bytes']['float32']:.3f} | {r['bytes']['pvq-int8'] / r['bytes']['float32']:.3f} | "
+                   f"{r['seconds']['pvq'] * r['threads'] / (r['shape'][0] * r['shape'][1] / 16) * 1e9 / r['batch'] ** 0:.1f} |")
     return "\n".join(out)
 
 

@@ -2,7 +2,8 @@
 
 Run:  python bench/runtime.py --pvq pvq-out [--gptq gptq-out] [--threads 2] [--out bench-out/runtime.json]
 
-Every row runs in a fresh process (this script with --worker), so resident memory is that
+Rows "pvq" and "pvq-int8" load the same checkpoint in the packed (as stored) and the int8
+compute layout (`pvq.load(..., layout=...)`). Every row runs in a fresh process (this script with --worker), so resident memory is that
 of one model alone: the increase of VmRSS over the process after its imports (torch,
 transformers, pvq, the Llama modelling code, the codec's compiled code, or llama_cpp) were
 done, right after the load and again after the prefill and decode runs (a float model
@@ -14,6 +15,8 @@ them; "vs float32" compares the after-the-run figures). Per row:
 * load: seconds from the call to a model ready to run (pvq: `pvq.load`, verified, every
   layer decoded once as a check; float rows: transformers' `from_pretrained` of the model
   saved once as float32 safetensors in --float-dir, made from the GGUF when missing);
+* warm-up (not in the table's speeds): one 8-token forward and one decode step first, where
+  the kernels load their compiled code (numba's on-disk cache; compiled once per machine);
 * prefill: tokens/s of one forward over `--prompt-tokens` tokens (KV cache on);
 * decode: tokens/s of `--new-tokens` greedy steps after it, one token per forward, KV cache;
 * linear share: the fraction of the decode steps' time spent inside the linear layers
@@ -34,7 +37,10 @@ import sys
 import time
 from pathlib import Path
 
-ROWS = ("float32", "bfloat16", "pvq", "gptq", "llama.cpp")
+# bench/kernels.py would shadow the `kernels` package transformers imports: keep this folder off the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+ROWS = ("float32", "bfloat16", "pvq", "pvq-int8", "gptq", "llama.cpp")
 
 
 def _rss() -> int:
@@ -54,14 +60,15 @@ def _torch_worker(row: str, args) -> dict:
     torch.set_num_threads(args.threads)
     from pvq.generate import warm_imports
 
-    warm_imports(getattr(args, row) if row in ("pvq", "gptq") else args.float_dir)
+    source = {"pvq": args.pvq, "pvq-int8": args.pvq, "gptq": args.gptq}.get(row)
+    warm_imports(source or args.float_dir)
     rss0 = _rss()
     t0 = time.perf_counter()
-    if row in ("pvq", "gptq"):
-        path = getattr(args, row)
-        model, _, info = pvq.load(path)
-        nbytes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-        what = f"{info['quantization_config']['method']} {info['stats']['bits_per_weight']:.3f} bpw"
+    if source is not None:
+        layout = "int8" if row == "pvq-int8" else "packed"
+        model, _, info = pvq.load(source, layout=layout)
+        nbytes = sum(f.stat().st_size for f in Path(source).rglob("*") if f.is_file())
+        what = f"{info['quantization_config']['method']} {info['stats']['bits_per_weight']:.3f} bpw, {layout} layout"
     else:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[row]
         model = transformers.AutoModelForCausalLM.from_pretrained(args.float_dir, dtype=dtype, local_files_only=True)
@@ -106,13 +113,21 @@ def _torch_worker(row: str, args) -> dict:
             h.remove()
         return prefill, decode, linear_s[0]
 
+    # warm-up outside the timed part: the kernels' first call loads their compiled code from
+    # numba's on-disk cache (or compiles it, once per machine)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        warm = model(prompt[:, :8], use_cache=True)
+        model(prompt[:, 8:9], past_key_values=warm.past_key_values, use_cache=True)
+    del warm
+    warm_s = time.perf_counter() - t0
     prefill, decode, _ = run(hooks=False, steps=args.new_tokens)
     rss_run = _rss() - rss0
     _, decode_hooked, linear = run(hooks=True, steps=min(8, args.new_tokens))
     kernels = sorted({m.last_kernel for m in model.modules() if isinstance(m, QuantizedLinear) and m.last_kernel})
     return {
         "row": row, "what": what, "bytes": nbytes, "rss_bytes": rss, "rss_after_run_bytes": rss_run,
-        "load_seconds": load_s,
+        "load_seconds": load_s, "warmup_seconds": warm_s,
         "prefill_tokens_per_second": args.prompt_tokens / prefill,
         "decode_tokens_per_second": args.new_tokens / decode,
         "linear_share": linear / decode_hooked, "threads": torch.get_num_threads(),
@@ -158,11 +173,11 @@ def table(results: list[dict]) -> str:
     ref = next((r for r in results if r["row"] == "float32" and "rss_bytes" in r), None)
     mib = 2**20
     lines = ["| row | model | bytes (MiB) | resident after load (MiB) | resident after the run (MiB) | vs float32 | "
-             "load s | prefill tok/s | decode tok/s | decode vs float32 | linear share of decode | kernels |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "load s | warm-up s | prefill tok/s | decode tok/s | decode vs float32 | linear share of decode | kernels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "rss_bytes" not in r:
-            lines.append(f"| {r['row']} | {r['what']} | - | - | - | - | - | - | - | - | - | - |")
+            lines.append(f"| {r['row']} | {r['what']} | - | - | - | - | - | - | - | - | - | - | - |")
             continue
         vs = f"{r['rss_after_run_bytes'] / ref['rss_after_run_bytes']:.2f}x" if ref else "-"
         dvs = f"{r['decode_tokens_per_second'] / ref['decode_tokens_per_second']:.2f}x" if ref else "-"
@@ -170,7 +185,7 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['row']} | {r['what']} | {r['bytes'] / mib:.1f} | {r['rss_bytes'] / mib:.0f} | "
             f"{r['rss_after_run_bytes'] / mib:.0f} | {vs} | "
-            f"{r['load_seconds']:.1f} | {r['prefill_tokens_per_second']:.0f} | {r['decode_tokens_per_second']:.2f} | "
+            f"{r['load_seconds']:.1f} | {r.get('warmup_seconds', float('nan')):.1f} | {r['prefill_tokens_per_second']:.0f} | {r['decode_tokens_per_second']:.2f} | "
             f"{dvs} | {share} | {', '.join(r['kernels']) or '-'} |"
         )
     return "\n".join(lines)
@@ -206,7 +221,7 @@ def main() -> None:
         del model
     results = []
     for row in args.rows:
-        if row in ("pvq", "gptq") and getattr(args, row) is None:
+        if row in ("pvq", "pvq-int8", "gptq") and getattr(args, row.split("-")[0]) is None:
             continue
         cmd = [sys.executable, __file__, "--worker", row, "--model", args.model, "--float-dir", args.float_dir,
                "--threads", str(args.threads),

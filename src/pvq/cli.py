@@ -205,7 +205,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_any(spec: str, device: str, dtype: str, verify: bool = True):
+def _load_any(spec: str, device: str, dtype: str, verify: bool = True, layout: str = "packed"):
     """(model, tokenizer, description) of a pvq checkpoint directory or a float model spec."""
     from pvq.formats import (
         INDEX_FILE,
@@ -219,19 +219,39 @@ def _load_any(spec: str, device: str, dtype: str, verify: bool = True):
         if not verify:
             print(f"warning: {spec}: --no-verify: loaded without checking its files against {INDEX_FILE}",
                   file=sys.stderr)
-        model, tokenizer, info = load_checkpoint(spec, device=device, dtype=dtype, verify=verify)
+        model, tokenizer, info = load_checkpoint(spec, device=device, dtype=dtype, verify=verify, layout=layout)
         qc = info["quantization_config"]
-        return model, tokenizer, f"pvq checkpoint ({qc['method']}, {info['stats']['bits_per_weight']:.3f} bits/weight)"
+        return model, tokenizer, (f"pvq checkpoint ({qc['method']}, {info['stats']['bits_per_weight']:.3f} bits/weight, "
+                                  f"{layout} layout)")
     import torch
 
     model, tokenizer, _ = load_model(spec, device=device, dtype=getattr(torch, dtype))
     return model, tokenizer, "float model" + ("" if dtype == "float32" else f" ({dtype})")
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from pvq.chat import run_chat
+    from pvq.generate import warm_imports, warm_up
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warm_imports(args.model)
+    model, tokenizer, what = _load_any(args.model, "cpu", "float32", verify=not args.no_verify, layout=args.layout)
+    if tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer")
+    if not getattr(tokenizer, "chat_template", None):
+        raise CLIError(f"{args.model}: its tokenizer has no chat template; use `pvq generate` for plain text")
+    print(f"{args.model}: {what}; kernels ready in {warm_up(model):.1f} s", file=sys.stderr)
+    run_chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from pvq.generate import generate_text, warm_imports
+    from pvq.generate import generate_text, warm_imports, warm_up
     from pvq.memory import resident_memory_bytes
 
     if args.threads:
@@ -239,10 +259,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     device = _default_device(args.device)
     warm_imports(args.model)
     rss0 = resident_memory_bytes()
-    model, tokenizer, what = _load_any(args.model, device, args.dtype, verify=not args.no_verify)
+    model, tokenizer, what = _load_any(args.model, device, args.dtype, verify=not args.no_verify, layout=args.layout)
     rss1 = resident_memory_bytes()
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer")
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise CLIError(f"{args.model}: --chat needs a chat template and its tokenizer has none")
+    warm_s = warm_up(model)
     print(f"{args.model}: {what}", file=sys.stderr)
     stats = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
                           out=sys.stdout)
@@ -254,6 +277,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"decode           {stats['new_tokens']} tokens, {stats['decode_tokens_per_second']:.2f} tokens/s "
         f"(greedy, {torch.get_num_threads()} torch threads)",
         f"kernels          {kernels}",
+        f"warm-up          {warm_s:.2f} s before the prompt (the kernels' compiled code loaded from numba's cache, "
+        f"or compiled on a machine's first run)",
     ]
     if rss0 is not None and rss1 is not None:
         lines.append(f"memory           +{(rss1 - rss0) / mib:.0f} MiB resident after load; "
@@ -431,10 +456,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="dtype of the dense tensors and the compute (default float32)")
     gen.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (default: torch's default)")
+    gen.add_argument("--layout", default="packed", choices=["packed", "int8"],
+                     help="packed: compute from the stored codes (the smallest); int8: transcode PVQ layers at load "
+                          "to int8 points + a float32 scale per group (1.25 bytes/weight at D=16, faster) "
+                          "(default: packed)")
     gen.add_argument("--no-verify", action="store_true",
                      help=f"load a pvq checkpoint without its integrity check (e.g. one saved by plain "
                           f"save_pretrained, which writes no {'pvq_index.json'})")
     gen.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser("chat", parents=[common], help="talk to a model: a multi-turn conversation in the terminal "
+                                                         "(chat template, streamed replies, KV cache kept between turns)")
+    chat.add_argument("model", help="pvq checkpoint directory, or a float model: hub id, local directory, .gguf, smollm2-135m")
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    chat.add_argument("--max-new-tokens", type=POSITIVE, default=256, help="longest reply in tokens (default 256)")
+    chat.add_argument("--layout", default="packed", choices=["packed", "int8"],
+                      help="as for `pvq generate` (default: packed)")
+    chat.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (default: torch's default)")
+    chat.add_argument("--no-verify", action="store_true", help="load a pvq checkpoint without its integrity check")
+    chat.set_defaults(func=_cmd_chat)
 
     ver = sub.add_parser("verify", parents=[common], help="check a pvq checkpoint: every file's sha256, every layer's payload decodes")
     ver.add_argument("checkpoint")

@@ -15,7 +15,7 @@ import torch
 
 from pvq.errors import PVQError
 
-__all__ = ["GenerationError", "generate_text", "warm_imports"]
+__all__ = ["GenerationError", "generate_text", "warm_imports", "warm_up"]
 
 
 class GenerationError(PVQError, ValueError):
@@ -52,6 +52,19 @@ def warm_imports(spec: str) -> None:
                            ("rtn", {"bits": 4, "group_size": 4})):
         m = get_method(method)
         m.dequantize(m.quantize(torch.ones(2, 8), None, m.make_config(config)))
+
+
+def warm_up(model: torch.nn.Module) -> float:
+    """Run the model once on 3 tokens and once on 1 (both kernel paths: decode + GEMM and the
+    GEMV), so that loading the kernels' compiled code (numba's on-disk cache; a compile on a
+    machine's first run) is not counted in a prompt's time. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    ids = torch.zeros((1, 3), dtype=torch.long, device=device)
+    with torch.inference_mode():
+        model(ids)
+        model(ids[:, :1])
+    return time.perf_counter() - t0
 
 
 class _TimedStreamer:

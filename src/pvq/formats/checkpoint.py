@@ -441,6 +441,7 @@ def load_checkpoint(
     verify: bool = True,
     check_decode: bool = True,
     load_tokenizer: bool = True,
+    layout: str = "packed",
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """Load a pvq checkpoint: (model in eval mode, tokenizer or None, info).
 
@@ -451,8 +452,14 @@ def load_checkpoint(
     quantized layer once while loading, so a damaged payload fails here naming the layer
     and not in the middle of a generation. `dtype`: of the dense tensors and the compute
     ("auto" or None: the dtype config.json records); `device` or a transformers `device_map`.
+    `layout`: "packed" (as stored) or "int8" (PVQ layers transcoded for speed at 1 + 4/D
+    bytes per weight, their packed payload released: `pvq.formats.int8_layout`).
     info: {"quantization_config", "index" (None unverified), "stats"}.
     """
+    from .int8_layout import LAYOUTS, apply_layout
+
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     root = Path(path)
     if is_legacy_checkpoint(root):
         read_index(root)  # raises the conversion message
@@ -477,9 +484,12 @@ def load_checkpoint(
     if device_map is None:
         model.to(device)
     model.eval()
+    stats = checkpoint_stats(model)
+    if layout != "packed":
+        apply_layout(model, layout)  # decodes (and so checks) every PVQ layer
     if check_decode:
         for module in model.modules():
-            if isinstance(module, QuantizedLinear):
+            if isinstance(module, QuantizedLinear) and not module.payload_released:
                 module.check_decode()
     release_freed_memory()
     tokenizer = None
@@ -493,6 +503,7 @@ def load_checkpoint(
     info = {
         "quantization_config": model.config.quantization_config.to_dict(),
         "index": index,
-        "stats": checkpoint_stats(model),
+        "stats": stats,
+        "layout": layout,
     }
     return model, tokenizer, info

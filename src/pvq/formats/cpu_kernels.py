@@ -32,6 +32,9 @@ from pvq.codec.split import split_decode_many, split_supported, split_tables
 from pvq.quant.pvq import escape_tables, gain_tables
 
 from .errors import LayerCodecError
+from .grid_fast import FAST_GRID_BITS, grid_fast_rows, grid_fast_tables
+from .int8_layout import int8_rows
+from .pvq_fast import fast_pvq_supported, fast_pvq_tables, fast_stream_args, pvq_fast_rows
 
 __all__ = ["GEMV_MAX_ROWS", "PVQCpuState", "gemv_max_rows", "decoded_weight", "forward_decode_gemm", "forward_gemv", "cpu_state", "grid_rows",
            "pvq_rows", "refusal"]
@@ -49,8 +52,12 @@ def gemv_max_rows(layer) -> int:
     """Token rows up to which `layer` runs the fused GEMV on the CPU."""
     large = layer.out_features * layer.in_features >= GEMV_LARGE_WEIGHTS
     return GEMV_MAX_ROWS_LARGE if large else GEMV_MAX_ROWS
-#: Layers with fewer weights than this run on one thread (a thread hand-off costs more).
-_PARALLEL_MIN_WEIGHTS = 1 << 16
+#: A call whose estimated single-thread time is below this runs on one thread: a hand-off
+#: to the pool costs 100-150 us here (`bench/kernels.py`, 2 threads), more than it saves.
+_PARALLEL_MIN_SECONDS = 400e-6
+#: Single-thread seconds per weight of each kernel at batch 1 (measured on this machine
+#: class, `bench/kernels.py`; only used to decide whether to hand work to the pool).
+_SECONDS_PER_WEIGHT = {"pvq-fast": 3.6e-9, "pvq-tree": 8e-9, "int8": 0.25e-9, "grid-fast": 0.3e-9, "grid": 2e-9}
 
 
 @nb.njit(inline="always")
@@ -119,7 +126,7 @@ def _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_sca
 
 @nb.njit(cache=True, nogil=True)
 def pvq_rows(lo, hi, x, codes, nbits, D, G, K, total, start, length, left, right, kind, kl_, of, dv, rc, gd, gs, kmax,
-             lb, lp, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, out, weight):
+             lb, lp, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, out, weight, row0):
     """Rows lo..hi of a PVQ layer from its packed payload, either
     - (weight empty) ``out[:, r] = x @ W[r]^T`` as sum_g scale_g <p_g, x_g> (the GEMV: no weight formed), or
     - (weight (R, C)) ``weight[r] = p_i * scale_g`` (the decode for a GEMM),
@@ -142,7 +149,7 @@ def pvq_rows(lo, hi, x, codes, nbits, D, G, K, total, start, length, left, right
         if not gemv:
             for g in range(G):
                 for i in range(D):
-                    weight[r, g * D + i] = pts[g, i] * scales[g]
+                    weight[r - row0, g * D + i] = pts[g, i] * scales[g]
             continue
         acc[:] = 0.0
         for g in range(G):
@@ -158,7 +165,7 @@ def pvq_rows(lo, hi, x, codes, nbits, D, G, K, total, start, length, left, right
 
 
 @nb.njit(cache=True, nogil=True)
-def grid_rows(lo, hi, x, codes, bits, gs, G, scales16, zeros, out, weight):
+def grid_rows(lo, hi, x, codes, bits, gs, G, scales16, zeros, out, weight, row0):
     """Rows lo..hi of an RTN/GPTQ layer (codes and zero points bit-packed at `bits`,
     float16 scales per group of `gs` columns), in stored column order: GEMV into out
     (weight empty) or the weights into weight, ``float32(code - zero) * float32(scale)``
@@ -179,7 +186,7 @@ def grid_rows(lo, hi, x, codes, bits, gs, G, scales16, zeros, out, weight):
                     for b in range(B):
                         acc[b] += w * x[b, base + j]
                 else:
-                    weight[r, base + j] = w
+                    weight[r - row0, base + j] = w
         if gemv:
             for b in range(B):
                 out[b, r] = acc[b]
@@ -197,16 +204,18 @@ class _RowPool:
         self._pool: ThreadPoolExecutor | None = None
         self._workers = 0
 
-    def run(self, kernel, rows: int, weights: int, *args) -> int:
+    def run(self, kernel, start: int, stop: int, seconds: float, *args) -> int:
+        """Run `kernel` over rows start..stop; `seconds`: its estimated single-thread time."""
         threads = max(1, torch.get_num_threads())
-        if threads == 1 or weights < _PARALLEL_MIN_WEIGHTS or rows < 2 * threads:
-            return int(kernel(0, rows, *args))
+        rows = stop - start
+        if threads == 1 or seconds < _PARALLEL_MIN_SECONDS or rows < 2 * threads:
+            return int(kernel(start, stop, *args))
         if self._pool is None or self._workers != threads:
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pvq-kernel")
             self._workers = threads
-        bounds = [rows * i // threads for i in range(threads + 1)]
+        bounds = [start + rows * i // threads for i in range(threads + 1)]
         futures = [self._pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
         results = [int(kernel(bounds[0], bounds[1], *args))] + [int(f.result()) for f in futures]
         bad = [b for b in results if b >= 0]
@@ -218,13 +227,16 @@ _ROWS = _RowPool()
 
 @dataclass
 class PVQCpuState:
-    """The arguments of the kernels for one layer (views of its buffers plus decoded tables);
-    perm: GPTQ's act-order column permutation (stored column j is input column perm[j])."""
+    """The kernel chosen for one layer and its arguments (views of its buffers plus decoded
+    tables), chosen once and kept until a buffer changes; perm: GPTQ's act-order column
+    permutation (stored column j is input column perm[j])."""
 
     key: tuple
     args: tuple
     shape: tuple[int, int]
     perm: torch.Tensor | None = None
+    kernel: object = None
+    name: str = ""
 
 
 #: Methods with CPU kernels.
@@ -246,11 +258,16 @@ def refusal(layer) -> str | None:
 
 def cpu_state(layer) -> PVQCpuState:
     """Kernel arguments of a `QuantizedLinear`, cached on the layer until a buffer changes."""
-    key = layer.payload_key()
+    compute = layer.__dict__.get("_compute")
+    key = ("int8", id(compute)) if compute is not None else layer.payload_key()
     state = layer.__dict__.get("_cpu_state")
     if state is not None and state.key == key:
         return state
-    state = _pvq_state(layer, key) if layer.method == "pvq" else _grid_state(layer, key)
+    if compute is not None:
+        state = PVQCpuState(key, (compute.points, compute.scales, np.int64(layer.layout["group_size"])),
+                            (layer.out_features, layer.in_features), kernel=int8_rows, name="int8")
+    else:
+        state = _pvq_state(layer, key) if layer.method == "pvq" else _grid_state(layer, key)
     layer._cpu_state = state
     return state
 
@@ -259,20 +276,24 @@ def _grid_state(layer, key: tuple) -> PVQCpuState:
     lay = layer.layout
     pay = layer.payload()
     perm = pay.get("perm")
-    state = PVQCpuState(key, (pay["codes"], np.int64(lay["bits"]), np.int64(lay["group_size"]),
-                              np.int64(lay["num_groups"]), pay["scales"].view(np.int16), pay["zeros"]),
-                        (layer.out_features, layer.in_features))
+    bits, gs, G = int(lay["bits"]), int(lay["group_size"]), int(lay["num_groups"])
+    if bits in FAST_GRID_BITS and gs % 2 == 0:
+        scales, zeros = grid_fast_tables(pay["scales"], pay["zeros"], layer.out_features, G, bits)
+        state = PVQCpuState(key, (pay["codes"], np.int64(bits), np.int64(gs), np.int64(G), scales, zeros),
+                            (layer.out_features, layer.in_features), kernel=grid_fast_rows, name="grid-fast")
+    else:
+        state = PVQCpuState(key, (pay["codes"], np.int64(bits), np.int64(gs), np.int64(G),
+                                  pay["scales"].view(np.int16), pay["zeros"]),
+                            (layer.out_features, layer.in_features), kernel=grid_rows, name="grid")
     state.perm = None if perm is None else torch.from_numpy(perm.astype(np.int64))
     return state
 
 
-def _pvq_state(layer, key: tuple) -> PVQCpuState:
+def _pvq_gain_args(layer) -> tuple:
     lay = layer.layout
-    D, G, K, nbits = (int(lay[k]) for k in ("group_size", "num_groups", "pulses", "code_bits"))
-    R = layer.out_features
-    tb = split_tables(D, K)
     pay = layer.payload()
     empty8 = np.zeros(1, np.uint8)
+    R = layer.out_features
     if lay["gain"] == "fp16":
         gain_mode, gains16, gidx, gbits = 0, pay["gains"].view(np.int16), empty8, 0
         codebook, row_scale = np.zeros(1), np.zeros(1)
@@ -281,9 +302,30 @@ def _pvq_state(layer, key: tuple) -> PVQCpuState:
         codebook, row_scale = gain_tables(lay, pay, R)
     escapes = None if lay["gain"] == "fp16" else escape_tables(lay, pay, R)
     esc_pos, esc_gain = escapes if escapes is not None else (np.zeros((1, 0), np.int64), np.zeros((1, 0)))
-    args = (pay["codes"], np.int64(nbits), np.int64(D), np.int64(G), np.int64(K), np.int64(tb.total), *tb.arrays,
-            np.int64(gain_mode), gains16, gidx, np.int64(gbits), codebook, row_scale, esc_pos, esc_gain)
-    return PVQCpuState(key, args, (R, G * D))
+    return (np.int64(gain_mode), gains16, gidx, np.int64(gbits), codebook, row_scale, esc_pos, esc_gain)
+
+
+def _pvq_state(layer, key: tuple) -> PVQCpuState:
+    """The fast kernel (`pvq_fast`) where it serves the layer's (D, K), else the tree kernel."""
+    lay = layer.layout
+    D, G, K, nbits = (int(lay[k]) for k in ("group_size", "num_groups", "pulses", "code_bits"))
+    if not fast_pvq_supported(D, K):
+        return _pvq_tree_state(layer, key)
+    ft = fast_pvq_tables(D, K)
+    args = (*fast_stream_args(layer.payload()["codes"]), np.int64(nbits), np.int64(D), np.int64(G), np.int64(K),
+            np.int64(ft.total), ft.offs, ft.divs, ft.recs, ft.guide, ft.gscale, ft.lbase, ft.leaf32,
+            *_pvq_gain_args(layer))
+    return PVQCpuState(key, args, (layer.out_features, G * D), kernel=pvq_fast_rows, name="pvq-fast")
+
+
+def _pvq_tree_state(layer, key: tuple) -> PVQCpuState:
+    """`pvq_rows`: any split-order (D, K) the fast codec takes (the tree walked per code)."""
+    lay = layer.layout
+    D, G, K, nbits = (int(lay[k]) for k in ("group_size", "num_groups", "pulses", "code_bits"))
+    tb = split_tables(D, K)
+    args = (layer.payload()["codes"], np.int64(nbits), np.int64(D), np.int64(G), np.int64(K), np.int64(tb.total),
+            *tb.arrays, *_pvq_gain_args(layer))
+    return PVQCpuState(key, args, (layer.out_features, G * D), kernel=pvq_rows, name="pvq-tree")
 
 
 def _raise_bad(layer, flat: int) -> None:
@@ -295,9 +337,12 @@ def _raise_bad(layer, flat: int) -> None:
 _EMPTY = np.zeros((0, 0), np.float32)  # an absent x, out or weight argument of the row kernels
 
 
-def _run(layer, state: PVQCpuState, x2: np.ndarray, out: np.ndarray, weight: np.ndarray, work: int) -> None:
-    kernel = pvq_rows if layer.method == "pvq" else grid_rows
-    bad = _ROWS.run(kernel, layer.out_features, work, x2, *state.args, out, weight)
+def _run(layer, state: PVQCpuState, x2: np.ndarray, out: np.ndarray, weight: np.ndarray, work: int,
+         start: int = 0, stop: int | None = None) -> None:
+    """Rows start..stop of the layer (weight row 0 is layer row `start`)."""
+    stop = layer.out_features if stop is None else stop
+    seconds = work * _SECONDS_PER_WEIGHT.get(state.name, 4e-9)
+    bad = _ROWS.run(state.kernel, start, stop, seconds, x2, *state.args, out, weight, np.int64(start))
     if bad >= 0:
         _raise_bad(layer, int(bad))
 
@@ -316,26 +361,41 @@ def forward_gemv(layer, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*shape[:-1], layer.out_features).to(x.dtype)
 
 
-def decoded_weight(layer) -> torch.Tensor:
-    """The layer's float32 weight decoded into the shared workspace (valid until the next
-    call), in stored column order (GPTQ act-order: see `cpu_state(layer).perm`)."""
+#: Most weights decoded at once for a GEMM: larger layers are decoded and multiplied in
+#: chunks of rows (the workspace stays at 32 MiB; the 8-bit head of the demo model would
+#: otherwise take 113 MB during a prefill, an 8B MLP layer 235 MB).
+DECODE_CHUNK_WEIGHTS = 1 << 23
+
+
+def decoded_weight(layer, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows start..stop of the layer's float32 weight decoded into the shared workspace
+    (valid until the next call), in stored column order (GPTQ act-order: see `cpu_state(layer).perm`)."""
     state = cpu_state(layer)
     R, C = state.shape
+    stop = R if stop is None else stop
     from .kernels import (
         WORKSPACE,  # the one workspace of all kernels (kernels imports this module)
     )
 
-    weight = WORKSPACE.device_buffer(R * C, torch.device("cpu")).view(R, C)
-    _run(layer, state, _EMPTY, _EMPTY, weight.numpy(), R * C)
+    weight = WORKSPACE.device_buffer((stop - start) * C, torch.device("cpu")).view(stop - start, C)
+    _run(layer, state, _EMPTY, _EMPTY, weight.numpy(), (stop - start) * C, start, stop)
     return weight
 
 
 def forward_decode_gemm(layer, x: torch.Tensor) -> torch.Tensor:
-    weight = decoded_weight(layer)
-    perm = cpu_state(layer).perm
-    if perm is not None:
-        x = x[..., perm]
+    state = cpu_state(layer)
+    R, C = state.shape
+    if state.perm is not None:
+        x = x[..., state.perm]
     from .kernels import WORKSPACE
 
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x, WORKSPACE.weight_like(weight, x), bias)
+    step = max(1, DECODE_CHUNK_WEIGHTS // C)
+    if step >= R:
+        return F.linear(x, WORKSPACE.weight_like(decoded_weight(layer), x), bias)
+    out = torch.empty(*x.shape[:-1], R, dtype=x.dtype)
+    for start in range(0, R, step):
+        stop = min(R, start + step)
+        chunk = decoded_weight(layer, start, stop)
+        out[..., start:stop] = F.linear(x, WORKSPACE.weight_like(chunk, x), None if bias is None else bias[start:stop])
+    return out

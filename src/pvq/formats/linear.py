@@ -176,11 +176,36 @@ class QuantizedLinear(PackedPayload, nn.Module):
         return QuantizedTensor(self.method, (self.out_features, self.in_features),
                                {t: a.copy() for t, a in self.payload().items()}, dict(self.layout))
 
+    @property
+    def payload_released(self) -> bool:
+        """True once the packed payload was released for a compute layout (`release_payload`)."""
+        return self.__dict__.get("_compute") is not None
+
+    def release_payload(self, compute) -> None:
+        """Compute from `compute` (an `int8_layout.Int8Weights`) from now on and free the packed
+        buffers: the layer still runs, but it has no checkpoint to give (`state_dict` refuses)."""
+        self._compute = compute
+        self._cpu_state = None
+        for tname, spec in self.payload_spec.items():
+            self._buffers[tname] = torch.empty(0, dtype=STORAGE_DTYPES[spec.dtype], device=self._buffers[tname].device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.payload_released:
+            raise CheckpointError(f"{self._label()}: this model was loaded in a compute layout and holds no packed "
+                                  "payload to save; load the checkpoint with layout='packed' to save or convert it")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (out_features, in_features) on the host, decoded now.
 
         A codec failure (code out of range, truncated stream) is a `LayerCodecError`, any
-        other decoder failure a `LayerDecodeError`, both naming the layer."""
+        other decoder failure a `LayerDecodeError`, both naming the layer. A layer in the int8
+        compute layout returns points x scales (what its kernels compute with)."""
+        compute = self.__dict__.get("_compute")
+        if compute is not None:
+            G = compute.scales.shape[1]
+            pts = torch.from_numpy(compute.points).view(self.out_features, G, -1).to(torch.float32)
+            return (pts * torch.from_numpy(compute.scales)[:, :, None]).view(self.out_features, self.in_features)
         qt = QuantizedTensor(self.method, (self.out_features, self.in_features), self.payload(), self.layout)
         try:
             weight = get_method(self.method).dequantize(qt)
