@@ -16,7 +16,9 @@ Run:  python bench/kernels.py [--threads 2] [--shapes demo 8b] [--out bench-out/
    kernels' row threshold, `pvq.formats.cpu_kernels.gemv_max_rows`).
 4. With ``--cuda`` (a GPU machine): the same layer table on the GPU, PVQ's Triton kernels
    against float16 `F.linear`.
-Targets (issue 13) are reported, not asserted.
+   The PVQ kernels are the C ones where they were built (`pvq.formats.c_kernels`), else numba;
+   the table's title says which. `--threads` is both torch's and the kernels' thread count.
+Targets (issues 13 and 28) are reported, not asserted.
 """
 
 from __future__ import annotations
@@ -129,18 +131,23 @@ def cuda_layer_rows(shapes: list[tuple[int, int]], rng: np.random.Generator, rep
 def layer_rows(shapes: list[tuple[int, int]], rng: np.random.Generator, threads: int, repeats: int) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
-    from pvq.formats.int8_layout import transcode_int8
+    from pvq.formats.compute_layout import Int4Weights, transcode_int8
 
     for R, C in shapes:
         layer = pvq_layer(R, C, rng)
-        layer8 = pvq_layer(R, C, np.random.default_rng(0))  # the int8 compute layout (pvq.load(..., layout="int8"))
-        layer8.release_payload(transcode_int8(layer8))
+        # the compute layouts (pvq.load(..., layout="int8" / "int4")) of a copy of the same payload
+        layer8, layer4 = QuantizedLinear(C, R, "pvq", PVQ_CONFIG), QuantizedLinear(C, R, "pvq", PVQ_CONFIG)
+        layer8.set_payload(layer.payload())
+        layer4.set_payload(layer.payload())
+        w8 = transcode_int8(layer8)
+        layer8.release_payload(w8)
+        layer4.release_payload(Int4Weights.from_int8(w8))
         w32 = torch.randn(R, C)
         w16 = w32.to(torch.bfloat16)
         packed, sz = int4_layer(R, C, rng)
         sizes = {"float32": w32.numel() * 4, "bfloat16": w16.numel() * 2,
                  "int4": packed.numel() * packed.element_size() + sz.numel() * sz.element_size(),
-                 "pvq": layer.stored_bytes, "pvq-int8": layer8._compute.nbytes}
+                 "pvq": layer.stored_bytes, "pvq-int8": layer8._compute.nbytes, "pvq-int4": layer4._compute.nbytes}
         for B in BATCHES:
             x32 = torch.randn(B, C)
             x16 = x32.to(torch.bfloat16)
@@ -152,6 +159,7 @@ def layer_rows(shapes: list[tuple[int, int]], rng: np.random.Generator, threads:
                     "int4": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, packed, 64, sz), repeats),
                     "pvq": timed(lambda: layer(x32), repeats),
                     "pvq-int8": timed(lambda: layer8(x32), repeats),
+                    "pvq-int4": timed(lambda: layer4(x32), repeats),
                 }
                 if R * C <= 1 << 20:
                     t["pvq-reference"] = timed(lambda: DEQUANTIZE.forward(layer, x32), max(3, repeats // 4))
@@ -185,18 +193,22 @@ def tables(decode_res: list[dict], layer_res: list[dict], threads: int) -> str:
     base = decode_res[0]["weights_per_s"]
     for r in decode_res:
         out.append(f"| {r['order']} | {r['weights_per_s'] / 1e6:.0f} M | {r['weights_per_s'] / base:.2f}x |")
-    out += ["", f"Layer forward, {threads} threads (ms; in brackets: time / float32 `F.linear`):", "",
+    from pvq.formats import c_kernels
+
+    backend = f"C kernels ({c_kernels.simd()})" if c_kernels.available() else "numba kernels"
+    out += ["", f"Layer forward, {threads} threads, {backend} (ms; in brackets: time / float32 `F.linear`):", "",
             "| shape (out x in) | batch | kernel | float32 | bfloat16 | int4 (torch) | pvq (packed) | pvq (int8 layout) | "
-            "pvq reference | bytes pvq / float32 | bytes int8 layout / float32 | ns per 16-weight code per core (packed, all tokens) |",
+            "pvq (int4 layout) | pvq reference | bytes / float32: packed, int8, int4 | ns per 16-weight code per core (packed) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in layer_res:
         t = r["seconds"]
         f32 = t["float32"]
         cell = lambda k: f"{t[k] * 1e3:.3f} ({t[k] / f32:.2f}x)" if k in t else "-"
         out.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['batch']} | {r['kernel']} | {f32 * 1e3:.3f} | "
-                   f"{cell('bfloat16')} | {cell('int4')} | {cell('pvq')} | {cell('pvq-int8')} | {cell('pvq-reference')} | "
-                   f"{r['bytes']['pvq'] / r['bytes']['float32']:.3f} | {r['bytes']['pvq-int8'] / r['bytes']['float32']:.3f} | "
-                   f"{r['seconds']['pvq'] * r['threads'] / (r['shape'][0] * r['shape'][1] / 16) * 1e9 / r['batch'] ** 0:.1f} |")
+                   f"{cell('bfloat16')} | {cell('int4')} | {cell('pvq')} | {cell('pvq-int8')} | {cell('pvq-int4')} | "
+                   f"{cell('pvq-reference')} | " + ", ".join(f"{r['bytes'][k] / r['bytes']['float32']:.3f}" for k in
+                                                           ("pvq", "pvq-int8", "pvq-int4")) + " | "
+                   f"{r['seconds']['pvq'] * r['threads'] / (r['shape'][0] * r['shape'][1] / 16) * 1e9:.1f} |")
     return "\n".join(out)
 
 

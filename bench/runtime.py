@@ -2,8 +2,10 @@
 
 Run:  python bench/runtime.py --pvq pvq-out [--gptq gptq-out] [--threads 2] [--out bench-out/runtime.json]
 
-Rows "pvq" and "pvq-int8" load the same checkpoint in the packed (as stored) and the int8
-compute layout (`pvq.load(..., layout=...)`). Every row runs in a fresh process (this script with --worker), so resident memory is that
+Rows "pvq", "pvq-int8" and "pvq-int4" load the same checkpoint in the packed (as stored)
+and the two compute layouts (`pvq.load(..., layout=...)`), with the threads `pvq generate`
+uses for a quantized model (`runtime_threads`: the kernels take --threads; torch's ops take
+one thread in a decode step, --threads in the prefill). Every row runs in a fresh process (this script with --worker), so resident memory is that
 of one model alone: the increase of VmRSS over the process after its imports (torch,
 transformers, pvq, the Llama modelling code, the codec's compiled code, or llama_cpp) were
 done, right after the load and again after the prefill and decode runs (a float model
@@ -17,7 +19,8 @@ them; "vs float32" compares the after-the-run figures). Per row:
   saved once as float32 safetensors in --float-dir, made from the GGUF when missing);
 * warm-up (not in the table's speeds): one 8-token forward and one decode step first, where
   the kernels load their compiled code (numba's on-disk cache; compiled once per machine);
-* prefill: tokens/s of one forward over `--prompt-tokens` tokens (KV cache on);
+* prefill: tokens/s of one forward over `--prompt-tokens` tokens (KV cache on; the logits of
+  the last position only, as transformers' `generate` asks for them);
 * decode: tokens/s of `--new-tokens` greedy steps after it, one token per forward, KV cache;
 * linear share: the fraction of the decode steps' time spent inside the linear layers
   (nn.Linear and QuantizedLinear forwards, timed with hooks in a second run of 8 decode steps);
@@ -40,7 +43,7 @@ from pathlib import Path
 # bench/kernels.py would shadow the `kernels` package transformers imports: keep this folder off the path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-ROWS = ("float32", "bfloat16", "pvq", "pvq-int8", "gptq", "llama.cpp")
+ROWS = ("float32", "bfloat16", "pvq", "pvq-int8", "pvq-int4", "gptq", "llama.cpp")
 
 
 def _rss() -> int:
@@ -60,13 +63,16 @@ def _torch_worker(row: str, args) -> dict:
     torch.set_num_threads(args.threads)
     from pvq.generate import warm_imports
 
-    source = {"pvq": args.pvq, "pvq-int8": args.pvq, "gptq": args.gptq}.get(row)
+    source = {"pvq": args.pvq, "pvq-int8": args.pvq, "pvq-int4": args.pvq, "gptq": args.gptq}.get(row)
     warm_imports(source or args.float_dir)
     rss0 = _rss()
     t0 = time.perf_counter()
     if source is not None:
-        layout = "int8" if row == "pvq-int8" else "packed"
-        model, _, info = pvq.load(source, layout=layout)
+        layout = row.split("-")[1] if row.startswith("pvq-") else "packed"
+        model, _, info = pvq.load(source, layout=layout, load_tokenizer=False)  # as the float rows: no tokenizer
+        from pvq.formats.cpu_kernels import runtime_threads
+
+        runtime_threads(args.threads, model)  # as `pvq generate` runs a quantized model
         nbytes = sum(f.stat().st_size for f in Path(source).rglob("*") if f.is_file())
         what = f"{info['quantization_config']['method']} {info['stats']['bits_per_weight']:.3f} bpw, {layout} layout"
     else:
@@ -98,7 +104,7 @@ def _torch_worker(row: str, args) -> dict:
                     handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = model(prompt, use_cache=True)
+            out = model(prompt, use_cache=True, logits_to_keep=1)  # as generate(): the last position's logits
             prefill = time.perf_counter() - t0
             past = out.past_key_values
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -121,16 +127,20 @@ def _torch_worker(row: str, args) -> dict:
         model(prompt[:, 8:9], past_key_values=warm.past_key_values, use_cache=True)
     del warm
     warm_s = time.perf_counter() - t0
+    from pvq.formats.cpu_kernels import _KERNEL_THREADS
+
+    threads_note = (f"torch {torch.get_num_threads()}" if _KERNEL_THREADS is None else
+                    f"kernels {_KERNEL_THREADS}, torch ops 1 at one token, {_KERNEL_THREADS} at several")
     prefill, decode, _ = run(hooks=False, steps=args.new_tokens)
     rss_run = _rss() - rss0
     _, decode_hooked, linear = run(hooks=True, steps=min(8, args.new_tokens))
     kernels = sorted({m.last_kernel for m in model.modules() if isinstance(m, QuantizedLinear) and m.last_kernel})
     return {
-        "row": row, "what": what, "bytes": nbytes, "rss_bytes": rss, "rss_after_run_bytes": rss_run,
+        "row": row, "what": what, "bytes": nbytes, "rss_bytes": rss, "rss_after_run_bytes": rss_run, "threads_note": threads_note,
         "load_seconds": load_s, "warmup_seconds": warm_s,
         "prefill_tokens_per_second": args.prompt_tokens / prefill,
         "decode_tokens_per_second": args.new_tokens / decode,
-        "linear_share": linear / decode_hooked, "threads": torch.get_num_threads(),
+        "linear_share": linear / decode_hooked, "threads": args.threads,
         "kernels": kernels,
     }
 
@@ -183,7 +193,7 @@ def table(results: list[dict]) -> str:
         dvs = f"{r['decode_tokens_per_second'] / ref['decode_tokens_per_second']:.2f}x" if ref else "-"
         share = f"{100 * r['linear_share']:.0f}%" if r.get("linear_share") is not None else "-"
         lines.append(
-            f"| {r['row']} | {r['what']} | {r['bytes'] / mib:.1f} | {r['rss_bytes'] / mib:.0f} | "
+            f"| {r['row']} | {r['what']}; threads: {r.get('threads_note', '-')} | {r['bytes'] / mib:.1f} | {r['rss_bytes'] / mib:.0f} | "
             f"{r['rss_after_run_bytes'] / mib:.0f} | {vs} | "
             f"{r['load_seconds']:.1f} | {r.get('warmup_seconds', float('nan')):.1f} | {r['prefill_tokens_per_second']:.0f} | {r['decode_tokens_per_second']:.2f} | "
             f"{dvs} | {share} | {', '.join(r['kernels']) or '-'} |"

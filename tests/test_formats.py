@@ -544,8 +544,11 @@ def test_legacy_checkpoints_convert_bit_exactly(tmp_path, name):
     convert_legacy(LEGACY / name, tmp_path / "new")
     model, tok, info = load_checkpoint(tmp_path / "new")
     ref = load_file(LEGACY / f"{name}.logits.safetensors")
-    with decoded_weights(model):  # the reference decode (the kernels agree to float tolerance)
-        assert torch.equal(logits(model, ref["input_ids"]), ref["logits"])
+    # the stored logits came from another machine's BLAS build (its matmul rounding is not
+    # ours: the exact comparison failed on this machine before any kernel change), so the
+    # reference decode is compared at 1e-6, the kernels at 1e-5
+    with decoded_weights(model):  # the reference decode
+        assert float((logits(model, ref["input_ids"]) - ref["logits"]).norm() / ref["logits"].norm()) < 1e-6
     assert float((logits(model, ref["input_ids"]) - ref["logits"]).norm() / ref["logits"].norm()) < 1e-5
     assert tok is not None
     assert (info["quantization_config"]["rotation"] is not None) == name.startswith("v3")

@@ -118,11 +118,15 @@ class Conversation:
 
 
 def run_chat(model: torch.nn.Module, tokenizer: Any, *, system: str | None = None, max_new_tokens: int = 256,
-             read: Callable[[str], str] = input, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> int:
+             read: Callable[[str], str] | None = None, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
     """The interactive loop: a line from `read`, the streamed reply on `out`, stats on `err`.
     Returns the number of replies."""
+    import builtins
+
     from pvq.memory import resident_memory_bytes
 
+    read = read or builtins.input
+    out, err = out or sys.stdout, err or sys.stderr
     conv = Conversation(model, tokenizer, system=system, max_new_tokens=max_new_tokens)
     print("chat: type a message and press Enter; Ctrl-D (EOF) or Ctrl-C ends it", file=err)
     replies = 0

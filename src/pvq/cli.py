@@ -222,11 +222,32 @@ def _load_any(spec: str, device: str, dtype: str, verify: bool = True, layout: s
         model, tokenizer, info = load_checkpoint(spec, device=device, dtype=dtype, verify=verify, layout=layout)
         qc = info["quantization_config"]
         return model, tokenizer, (f"pvq checkpoint ({qc['method']}, {info['stats']['bits_per_weight']:.3f} bits/weight, "
-                                  f"{layout} layout)")
+                                  f"{info['layout']} layout)")
     import torch
 
     model, tokenizer, _ = load_model(spec, device=device, dtype=getattr(torch, dtype))
     return model, tokenizer, "float model" + ("" if dtype == "float32" else f" ({dtype})")
+
+
+def _threads_text() -> str:
+    import torch
+
+    from pvq.formats.cpu_kernels import _KERNEL_THREADS
+
+    if _KERNEL_THREADS is None:
+        return f"{torch.get_num_threads()} torch threads"
+    return f"{_KERNEL_THREADS} kernel threads, torch ops on {torch.get_num_threads()}"
+
+
+def _batch1_threads(model) -> None:
+    """A quantized model on the CPU: the kernels take the threads, torch's small ops one
+    (`pvq.formats.cpu_kernels.runtime_threads`); a float model keeps torch's threads."""
+    from pvq.formats import QuantizedLinear
+    from pvq.formats.cpu_kernels import runtime_threads
+
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if layers and layers[0]._buffers[next(iter(layers[0].payload_spec))].device.type == "cpu":
+        runtime_threads(model=model)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -243,6 +264,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.model} has no tokenizer")
     if not getattr(tokenizer, "chat_template", None):
         raise CLIError(f"{args.model}: its tokenizer has no chat template; use `pvq generate` for plain text")
+    _batch1_threads(model)
     print(f"{args.model}: {what}; kernels ready in {warm_up(model):.1f} s", file=sys.stderr)
     run_chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens)
     return 0
@@ -263,6 +285,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     rss1 = resident_memory_bytes()
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer")
+    _batch1_threads(model)
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise CLIError(f"{args.model}: --chat needs a chat template and its tokenizer has none")
     warm_s = warm_up(model)
@@ -275,7 +298,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"prefill          {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s "
         f"({stats['prefill_tokens_per_second']:.1f} tokens/s)",
         f"decode           {stats['new_tokens']} tokens, {stats['decode_tokens_per_second']:.2f} tokens/s "
-        f"(greedy, {torch.get_num_threads()} torch threads)",
+        f"(greedy, {_threads_text()})",
         f"kernels          {kernels}",
         f"warm-up          {warm_s:.2f} s before the prompt (the kernels' compiled code loaded from numba's cache, "
         f"or compiled on a machine's first run)",
@@ -456,10 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="dtype of the dense tensors and the compute (default float32)")
     gen.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (default: torch's default)")
-    gen.add_argument("--layout", default="packed", choices=["packed", "int8"],
-                     help="packed: compute from the stored codes (the smallest); int8: transcode PVQ layers at load "
-                          "to int8 points + a float32 scale per group (1.25 bytes/weight at D=16, faster) "
-                          "(default: packed)")
+    gen.add_argument("--layout", default="auto", choices=["auto", "packed", "int8", "int4"],
+                     help="how PVQ layers are held while generating: packed: the stored codes (the smallest, slowest); "
+                          "int4 / int8: transcoded at load to small-integer points + a float32 scale per group (about "
+                          "0.75 / 1.25 bytes per weight at D=16); auto: int4 where it holds every PVQ layer, else "
+                          "packed (default: auto)")
     gen.add_argument("--no-verify", action="store_true",
                      help=f"load a pvq checkpoint without its integrity check (e.g. one saved by plain "
                           f"save_pretrained, which writes no {'pvq_index.json'})")
@@ -470,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("model", help="pvq checkpoint directory, or a float model: hub id, local directory, .gguf, smollm2-135m")
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
     chat.add_argument("--max-new-tokens", type=POSITIVE, default=256, help="longest reply in tokens (default 256)")
-    chat.add_argument("--layout", default="packed", choices=["packed", "int8"],
-                      help="as for `pvq generate` (default: packed)")
+    chat.add_argument("--layout", default="auto", choices=["auto", "packed", "int8", "int4"],
+                      help="as for `pvq generate` (default: auto)")
     chat.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (default: torch's default)")
     chat.add_argument("--no-verify", action="store_true", help="load a pvq checkpoint without its integrity check")
     chat.set_defaults(func=_cmd_chat)

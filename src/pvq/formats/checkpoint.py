@@ -452,11 +452,13 @@ def load_checkpoint(
     quantized layer once while loading, so a damaged payload fails here naming the layer
     and not in the middle of a generation. `dtype`: of the dense tensors and the compute
     ("auto" or None: the dtype config.json records); `device` or a transformers `device_map`.
-    `layout`: "packed" (as stored) or "int8" (PVQ layers transcoded for speed at 1 + 4/D
-    bytes per weight, their packed payload released: `pvq.formats.int8_layout`).
+    `layout`: "packed" (as stored), "int8" or "int4" (PVQ layers transcoded for speed, at
+    1 + 4/D or about 0.5 + 4/D bytes per weight, their packed payload released:
+    `pvq.formats.compute_layout`), or "auto" (int4 where it holds every PVQ layer, else
+    packed; info["layout"] says which).
     info: {"quantization_config", "index" (None unverified), "stats"}.
     """
-    from .int8_layout import LAYOUTS, apply_layout
+    from .compute_layout import LAYOUTS, apply_layout, resolve_layout
 
     if layout not in LAYOUTS:
         raise CheckpointError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -485,6 +487,7 @@ def load_checkpoint(
         model.to(device)
     model.eval()
     stats = checkpoint_stats(model)
+    layout = resolve_layout(model, layout)
     if layout != "packed":
         apply_layout(model, layout)  # decodes (and so checks) every PVQ layer
     if check_decode:

@@ -19,6 +19,7 @@ re-encodes them); codes are range-checked like the reference decoder's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,12 +32,13 @@ import torch.nn.functional as F
 from pvq.codec.split import split_decode_many, split_supported, split_tables
 from pvq.quant.pvq import escape_tables, gain_tables
 
+from . import c_kernels
 from .errors import LayerCodecError
 from .grid_fast import FAST_GRID_BITS, grid_fast_rows, grid_fast_tables
-from .int8_layout import int8_rows
-from .pvq_fast import fast_pvq_supported, fast_pvq_tables, fast_stream_args, pvq_fast_rows
+from .compute_layout import int4_rows, int8_rows
+from .pvq_fast import fast_pvq_supported, fast_pvq_tables, fast_stream_args, pvq_fast_points, pvq_fast_rows
 
-__all__ = ["GEMV_MAX_ROWS", "PVQCpuState", "gemv_max_rows", "decoded_weight", "forward_decode_gemm", "forward_gemv", "cpu_state", "grid_rows",
+__all__ = ["runtime_threads", "set_kernel_threads", "kernel_threads", "GEMV_MAX_ROWS", "PVQCpuState", "gemv_max_rows", "decoded_weight", "forward_decode_gemm", "forward_gemv", "cpu_state", "grid_rows",
            "pvq_rows", "refusal"]
 
 #: Token rows up to which the fused GEMV runs (above: decode + GEMM), for layers below
@@ -57,7 +59,35 @@ def gemv_max_rows(layer) -> int:
 _PARALLEL_MIN_SECONDS = 400e-6
 #: Single-thread seconds per weight of each kernel at batch 1 (measured on this machine
 #: class, `bench/kernels.py`; only used to decide whether to hand work to the pool).
-_SECONDS_PER_WEIGHT = {"pvq-fast": 3.6e-9, "pvq-tree": 8e-9, "int8": 0.25e-9, "grid-fast": 0.3e-9, "grid": 2e-9}
+#: Threads of the kernels (None: torch's intra-op thread count): `set_kernel_threads`.
+_KERNEL_THREADS: int | None = None
+
+
+def set_kernel_threads(n: int | None) -> None:
+    """Threads the CPU kernels split a layer's rows over (None: follow torch.get_num_threads())."""
+    global _KERNEL_THREADS
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"kernel threads must be a positive integer or None, got {n!r}")
+    _KERNEL_THREADS = n
+
+
+def kernel_threads() -> int:
+    return _KERNEL_THREADS if _KERNEL_THREADS is not None else max(1, torch.get_num_threads())
+
+
+#: The same for the C kernels' own pool (a hand-off of a few microseconds) while torch's ops
+#: run on one thread (`runtime_threads`, a decode step); while torch's run on several, its
+#: spinning workers and the pool's take turns on the same cores (measured: a 576 x 576 decode +
+#: GEMM over 512 tokens 6.2 ms against 2.8 ms with the decode on one thread), so the pool
+#: serves only calls estimated above _C_PARALLEL_MIN_SECONDS_SHARED.
+_C_PARALLEL_MIN_SECONDS = 40e-6
+_C_PARALLEL_MIN_SECONDS_SHARED = 5e-3
+
+
+def _c_threads(seconds: float) -> int:
+    limit = _C_PARALLEL_MIN_SECONDS if torch.get_num_threads() == 1 else _C_PARALLEL_MIN_SECONDS_SHARED
+    return kernel_threads() if seconds >= limit else 1
+_SECONDS_PER_WEIGHT = {"pvq-fast": 3.6e-9, "pvq-tree": 8e-9, "int8": 0.25e-9, "int4": 0.2e-9, "grid-fast": 0.3e-9, "grid": 2e-9}
 
 
 @nb.njit(inline="always")
@@ -206,7 +236,7 @@ class _RowPool:
 
     def run(self, kernel, start: int, stop: int, seconds: float, *args) -> int:
         """Run `kernel` over rows start..stop; `seconds`: its estimated single-thread time."""
-        threads = max(1, torch.get_num_threads())
+        threads = kernel_threads()
         rows = stop - start
         if threads == 1 or seconds < _PARALLEL_MIN_SECONDS or rows < 2 * threads:
             return int(kernel(start, stop, *args))
@@ -237,6 +267,7 @@ class PVQCpuState:
     perm: torch.Tensor | None = None
     kernel: object = None
     name: str = ""
+    c: tuple | None = None  # (c_kernels.LayerArgs, arrays it points into) where the C kernels serve it
 
 
 #: Methods with CPU kernels.
@@ -259,15 +290,17 @@ def refusal(layer) -> str | None:
 def cpu_state(layer) -> PVQCpuState:
     """Kernel arguments of a `QuantizedLinear`, cached on the layer until a buffer changes."""
     compute = layer.__dict__.get("_compute")
-    key = ("int8", id(compute)) if compute is not None else layer.payload_key()
+    key = (compute.kind, id(compute)) if compute is not None else layer.payload_key()
     state = layer.__dict__.get("_cpu_state")
     if state is not None and state.key == key:
         return state
     if compute is not None:
-        state = PVQCpuState(key, (compute.points, compute.scales, np.int64(layer.layout["group_size"])),
-                            (layer.out_features, layer.in_features), kernel=int8_rows, name="int8")
+        state = PVQCpuState(key, compute.kernel_args(int(layer.layout["group_size"])),
+                            (layer.out_features, layer.in_features),
+                            kernel=int8_rows if compute.kind == "int8" else int4_rows, name=compute.kind)
     else:
         state = _pvq_state(layer, key) if layer.method == "pvq" else _grid_state(layer, key)
+    state.c = c_kernels.c_args_for(state.name, state.args)
     layer._cpu_state = state
     return state
 
@@ -313,7 +346,7 @@ def _pvq_state(layer, key: tuple) -> PVQCpuState:
         return _pvq_tree_state(layer, key)
     ft = fast_pvq_tables(D, K)
     args = (*fast_stream_args(layer.payload()["codes"]), np.int64(nbits), np.int64(D), np.int64(G), np.int64(K),
-            np.int64(ft.total), ft.offs, ft.divs, ft.recs, ft.guide, ft.gscale, ft.lbase, ft.leaf32,
+            np.int64(ft.total), ft.offs, ft.divs, ft.recs, ft.guide, ft.gscale, ft.lbase, ft.leaf32, ft.inv_norm,
             *_pvq_gain_args(layer))
     return PVQCpuState(key, args, (layer.out_features, G * D), kernel=pvq_fast_rows, name="pvq-fast")
 
@@ -342,7 +375,29 @@ def _run(layer, state: PVQCpuState, x2: np.ndarray, out: np.ndarray, weight: np.
     """Rows start..stop of the layer (weight row 0 is layer row `start`)."""
     stop = layer.out_features if stop is None else stop
     seconds = work * _SECONDS_PER_WEIGHT.get(state.name, 4e-9)
-    bad = _ROWS.run(state.kernel, start, stop, seconds, x2, *state.args, out, weight, np.int64(start))
+    if state.c is not None:  # the C kernels: their own pool, a hand-off of a few microseconds
+        threads = _c_threads(seconds)
+        if weight.shape[0]:
+            bad = c_kernels.run(state.name, state.c[0], start, stop, weight=weight, row0=start, threads=threads)
+        else:
+            bad = c_kernels.run(state.name, state.c[0], start, stop, x=x2, out=out, R=layer.out_features,
+                                threads=threads)
+    else:
+        bad = _ROWS.run(state.kernel, start, stop, seconds, x2, *state.args, out, weight, np.int64(start))
+    if bad >= 0:
+        _raise_bad(layer, int(bad))
+
+
+def run_transcode(layer, points: np.ndarray, scales: np.ndarray) -> None:
+    """A PVQ layer's codes decoded into the int8 layout's arrays (C kernel or `pvq_fast_points`)."""
+    state = cpu_state(layer)
+    R = layer.out_features
+    seconds = 4e-9 * R * layer.in_features
+    if state.c is not None:
+        threads = _c_threads(seconds)
+        bad = c_kernels.run("pvq-fast", state.c[0], 0, R, points_out=points, scales_out=scales, threads=threads)
+    else:
+        bad = _ROWS.run(pvq_fast_points, 0, R, seconds, *state.args, points, scales)
     if bad >= 0:
         _raise_bad(layer, int(bad))
 
@@ -362,9 +417,10 @@ def forward_gemv(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 #: Most weights decoded at once for a GEMM: larger layers are decoded and multiplied in
-#: chunks of rows (the workspace stays at 32 MiB; the 8-bit head of the demo model would
-#: otherwise take 113 MB during a prefill, an 8B MLP layer 235 MB).
-DECODE_CHUNK_WEIGHTS = 1 << 23
+#: chunks of rows (the workspace stays at 4 MiB; the 8-bit head of the demo model would
+#: otherwise take 113 MB during a prefill, an 8B MLP layer 235 MB; chunks of 4 MiB cost
+#: nothing measurable in a GEMM over the prompt's tokens).
+DECODE_CHUNK_WEIGHTS = 1 << 20
 
 
 def decoded_weight(layer, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -391,11 +447,53 @@ def forward_decode_gemm(layer, x: torch.Tensor) -> torch.Tensor:
 
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     step = max(1, DECODE_CHUNK_WEIGHTS // C)
-    if step >= R:
-        return F.linear(x, WORKSPACE.weight_like(decoded_weight(layer), x), bias)
-    out = torch.empty(*x.shape[:-1], R, dtype=x.dtype)
-    for start in range(0, R, step):
-        stop = min(R, start + step)
-        chunk = decoded_weight(layer, start, stop)
-        out[..., start:stop] = F.linear(x, WORKSPACE.weight_like(chunk, x), None if bias is None else bias[start:stop])
-    return out
+    with _gemm_threads():
+        if step >= R:
+            return F.linear(x, WORKSPACE.weight_like(decoded_weight(layer), x), bias)
+        out = torch.empty(*x.shape[:-1], R, dtype=x.dtype)
+        for start in range(0, R, step):
+            stop = min(R, start + step)
+            chunk = decoded_weight(layer, start, stop)
+            out[..., start:stop] = F.linear(x, WORKSPACE.weight_like(chunk, x), None if bias is None else bias[start:stop])
+        return out
+
+
+@contextlib.contextmanager
+def _gemm_threads():
+    """torch's threads raised to the kernels' for a prefill GEMM (`runtime_threads` leaves
+    torch one thread between layers; a GEMM over many tokens wants them all)."""
+    want, have = kernel_threads(), torch.get_num_threads()
+    if want <= have:
+        yield
+        return
+    torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(have)
+
+
+def runtime_threads(threads: int | None = None, model: torch.nn.Module | None = None) -> int:
+    """Set the threads of generation with a quantized model on the CPU: the kernels split
+    each quantized layer over `threads` (default: torch's current count) with their own pool;
+    torch's ops run on one thread while a step feeds one token (they are too small to gain
+    from threads, and torch's spinning workers would take the cores the kernels' workers
+    need: measured 77 against 48 ms a decode step of the demo model, int4 layout) and on
+    `threads` for a step of several tokens (prefill: a forward pre-hook on `model` switches;
+    without a model, torch stays on one thread and only the prefill GEMMs use `threads`).
+    Returns `threads`."""
+    n = int(threads) if threads else max(1, torch.get_num_threads())
+    set_kernel_threads(n)
+    torch.set_num_threads(1)
+    if model is not None and not getattr(model, "_pvq_thread_hook", None):
+        def switch(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            tokens = ids.shape[1] if ids is not None and ids.ndim >= 2 else 1
+            want = kernel_threads() if tokens > 1 else 1
+            if torch.get_num_threads() != want:
+                torch.set_num_threads(want)
+
+        model._pvq_thread_hook = model.register_forward_pre_hook(switch, with_kwargs=True)
+    return n

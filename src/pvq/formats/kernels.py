@@ -138,6 +138,25 @@ PVQ_CPU_GEMV = Kernel("pvq-cpu-gemv", _cpu_gemv_supports, cpu_kernels.forward_ge
 #: PVQ, RTN and GPTQ on the CPU, many tokens: threaded decode into one reusable workspace, then `F.linear`.
 PVQ_CPU_DECODE_GEMM = Kernel("pvq-cpu-decode-gemm", _cpu_gemm_supports, cpu_kernels.forward_decode_gemm)
 
+def cpu_kernel_for(layer: "QuantizedLinear", x: torch.Tensor) -> Kernel | None:
+    """The CPU kernel for this call when the layer is served by them (decided once per layer
+    and payload device, then only the input and the row count are looked at), else None:
+    `select_kernel` decides (and `QuantizedLinear._check_input` names a bad input)."""
+    if x.device.type != "cpu" or x.ndim == 0 or x.shape[-1] != layer.in_features or not x.is_floating_point():
+        return None
+    if layer._tuned_weight is not None or layer._decoded_weight is not None:
+        return None
+    device = layer._buffers[next(iter(layer.payload_spec))].device
+    got = layer.__dict__.get("_cpu_choice")
+    if got is None or got[0] != device:
+        served = (device.type == "cpu" and layer.method in cpu_kernels.CPU_METHODS
+                  and cpu_kernels.refusal(layer) is None)
+        got = layer._cpu_choice = (device, served, cpu_kernels.gemv_max_rows(layer))
+    if not got[1]:
+        return None
+    return PVQ_CPU_GEMV if x.numel() // layer.in_features <= got[2] else PVQ_CPU_DECODE_GEMM
+
+
 def _triton_supports(layer: "QuantizedLinear", x: torch.Tensor) -> bool:
     """CUDA input and layer, Triton importable, a layout the Triton decoder takes (else one warning)."""
     if layer.method != "pvq" or x.device.type != "cuda" or layer.codes.device != x.device or not x.is_floating_point():

@@ -35,7 +35,7 @@ from pvq.quant import (
 from pvq.quant.input_transforms import attach_input_transform, input_transforms_of
 
 from .errors import CheckpointError, LayerCodecError, LayerDecodeError, LayerInputError
-from .kernels import select_kernel
+from .kernels import cpu_kernel_for, select_kernel
 
 __all__ = ["STORAGE_DTYPES", "PackedPayload", "QuantizedLinear", "replace_linear"]
 
@@ -182,7 +182,7 @@ class QuantizedLinear(PackedPayload, nn.Module):
         return self.__dict__.get("_compute") is not None
 
     def release_payload(self, compute) -> None:
-        """Compute from `compute` (an `int8_layout.Int8Weights`) from now on and free the packed
+        """Compute from `compute` (`compute_layout.Int8Weights` or `Int4Weights`) from now on and free the packed
         buffers: the layer still runs, but it has no checkpoint to give (`state_dict` refuses)."""
         self._compute = compute
         self._cpu_state = None
@@ -200,11 +200,11 @@ class QuantizedLinear(PackedPayload, nn.Module):
 
         A codec failure (code out of range, truncated stream) is a `LayerCodecError`, any
         other decoder failure a `LayerDecodeError`, both naming the layer. A layer in the int8
-        compute layout returns points x scales (what its kernels compute with)."""
+        or int4 compute layout returns points x scales (what its kernels compute with)."""
         compute = self.__dict__.get("_compute")
         if compute is not None:
             G = compute.scales.shape[1]
-            pts = torch.from_numpy(compute.points).view(self.out_features, G, -1).to(torch.float32)
+            pts = torch.from_numpy(compute.int8_points()).view(self.out_features, G, -1).to(torch.float32)
             return (pts * torch.from_numpy(compute.scales)[:, :, None]).view(self.out_features, self.in_features)
         qt = QuantizedTensor(self.method, (self.out_features, self.in_features), self.payload(), self.layout)
         try:
@@ -225,8 +225,10 @@ class QuantizedLinear(PackedPayload, nn.Module):
     # ------------------------------------------------------------------ nn.Module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        kernel = select_kernel(self, x)
+        kernel = cpu_kernel_for(self, x)  # the CPU kernels, chosen once per layer (a few checks a call)
+        if kernel is None:
+            self._check_input(x)
+            kernel = select_kernel(self, x)
         self.last_kernel = kernel.name
         return kernel.forward(self, x)
 

@@ -12,7 +12,7 @@ the decode into a workspace for prefill. What makes it faster than `cpu_kernels.
   a gain index as one byte load;
 * per row, the gains of every group first (codebook x row norm, escapes applied), then
   one pass over the groups: three node splits, four leaf lookups, the dot product and
-  the squared norm of the 16 integers, ``scale = float32(gain / sqrt(||p||^2))``;
+  the squared norm of the 16 integers, ``scale = float32(gain * inv_norm[||p||^2])`` (a table of 1/sqrt(n));
 * threads inside the kernel (`pvq.formats.threads`), no per-call argument tuples.
 
 Codes out of range are never decoded (the first such flat index r*G + g is returned).
@@ -20,8 +20,8 @@ Codes out of range are never decoded (the first such flat index r*G + g is retur
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numba as nb
 import numpy as np
@@ -57,9 +57,12 @@ class FastPVQTables:
     lbase: np.ndarray
     leaf32: np.ndarray
     total: int
+    inv_norm: np.ndarray
 
 
+@lru_cache(maxsize=16)
 def fast_pvq_tables(D: int, K: int) -> FastPVQTables:
+    """The tables of P(D, K), built once per process and shared by every layer of that shape."""
     tb = split_tables(D, K)
     levels = []
     n = D
@@ -84,7 +87,7 @@ def fast_pvq_tables(D: int, K: int) -> FastPVQTables:
     if tb.leaf_points.dtype != np.int8:
         raise ValueError("the fast decoder reads int8 leaves (K <= 127)")
     leaf32 = np.ascontiguousarray(tb.leaf_points).view(np.uint32).reshape(-1)
-    return FastPVQTables(offs, divs, recs, guide, gscale, tb.leaf_base.copy(), leaf32, int(tb.total))
+    return FastPVQTables(offs, divs, recs, guide, gscale, tb.leaf_base.copy(), leaf32, int(tb.total), inv_norm_table(K))
 
 
 _GUIDE = 128  # buckets per (level, k): `pvq.codec.split.GUIDE_BUCKETS`
@@ -201,9 +204,9 @@ def _row_points(r, G, D, K, S, L, nbits, mask, words, stream, total, offs, divs,
 
 @nb.njit(cache=True, nogil=True, fastmath={"contract", "reassoc", "nsz"})
 def pvq_fast_rows(lo, hi, x, words, stream, nbits, D, G, K, total, offs, divs, recs, guide, gscale, lbase, leaf32,
-                  gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, out, weight, row0):
+                  inv_norm, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, out, weight, row0):
     """Rows lo..hi of a PVQ layer (D = 8, 16 or 32): ``out[b, r] = <W[r], x[b]>`` (weight
-    empty) or ``weight[r] = W[r]`` (float32), W[r, g*D + i] = p_i * float32(gain / ||p||).
+    empty) or ``weight[r] = W[r]`` (float32), W[r, g*D + i] = p_i * float32(gain * inv_norm[||p||^2]).
     Returns the first flat index r*G + g of a code out of range, or -1."""
     B = x.shape[0]
     gemv = weight.shape[0] == 0
@@ -233,7 +236,7 @@ def pvq_fast_rows(lo, hi, x, words, stream, nbits, D, G, K, total, offs, divs, r
             for i in range(D):
                 v = np.int32(pts[col + i])
                 ss += v * v
-            scale = np.float32(gains[g] / math.sqrt(np.float64(ss)))
+            scale = np.float32(gains[g] * inv_norm[ss])
             if gemv:
                 for b in range(B):
                     d = np.float32(0.0)
@@ -251,7 +254,7 @@ def pvq_fast_rows(lo, hi, x, words, stream, nbits, D, G, K, total, offs, divs, r
 
 @nb.njit(cache=True, nogil=True)
 def pvq_fast_points(lo, hi, words, stream, nbits, D, G, K, total, offs, divs, recs, guide, gscale, lbase, leaf32,
-                    gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, points, scales):
+                    inv_norm, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, points, scales):
     """Rows lo..hi decoded to the int8 compute layout: ``points[r]`` the pyramid points of
     the row's groups, ``scales[r, g] = float32(gain / ||p||)`` (so that ``points * scales``
     is bit for bit the weight `pvq_fast_rows` forms). Returns the first bad flat index or -1."""
@@ -277,8 +280,18 @@ def pvq_fast_points(lo, hi, words, stream, nbits, D, G, K, total, offs, divs, re
             for i in range(D):
                 v = np.int32(pts[g * D + i])
                 ss += v * v
-            scales[r, g] = np.float32(gains[g] / math.sqrt(np.float64(ss)))
+            scales[r, g] = np.float32(gains[g] * inv_norm[ss])
     return -1
+
+
+@lru_cache(maxsize=16)
+def inv_norm_table(K: int) -> np.ndarray:
+    """``1 / sqrt(n)`` (float64) for n = 0..K*K: a point's scale is ``float32(gain * table[||p||^2])``
+    in every fast kernel and layout (so they agree bit for bit; the reference decoder divides
+    by the norm, which differs from this by at most an ulp of float64)."""
+    n = np.arange(K * K + 1, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return 1.0 / np.sqrt(n)
 
 
 def fast_stream_args(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
