@@ -12,9 +12,11 @@ Run:  python bench/kernels.py [--threads 2] [--shapes demo 8b] [--out bench-out/
    weight-only CPU matmul (`_weight_int4pack_mm_for_cpu`, group 64, bfloat16
    activations). All with `--threads` torch threads; the PVQ kernels use as many.
    Ratios are against float32 `F.linear` of the same shape timed in the same run.
-3. With ``--crossover``: the fused GEMV against decode + GEMM at batch 1-16 (the CPU
+3. With ``--per-code`` (and ``--checkpoint DIR``): ns per 16-weight code of each kernel of
+   the stored layout on one thread: the previous release's tree kernel, numba's and C's fast one.
+4. With ``--crossover``: the fused GEMV against decode + GEMM at batch 1-16 (the CPU
    kernels' row threshold, `pvq.formats.cpu_kernels.gemv_max_rows`).
-4. With ``--cuda`` (a GPU machine): the same layer table on the GPU, PVQ's Triton kernels
+5. With ``--cuda`` (a GPU machine): the same layer table on the GPU, PVQ's Triton kernels
    against float16 `F.linear`.
    The PVQ kernels are the C ones where they were built (`pvq.formats.c_kernels`), else numba;
    the table's title says which. `--threads` is both torch's and the kernels' thread count.
@@ -27,7 +29,12 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
+
+# this file would shadow the `kernels` package transformers imports: keep its folder off the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import numpy as np
 import torch
@@ -187,6 +194,48 @@ def crossover_rows(rng: np.random.Generator, threads: int, repeats: int) -> list
     return rows
 
 
+def per_code_rows(checkpoint: str | None, rng: np.random.Generator, repeats: int) -> list[dict]:
+    """One thread, batch 1: ns per 16-weight code of the packed PVQ GEMV for each kernel that
+    serves the stored layout: the tree kernel of the previous release (`cpu_kernels.pvq_rows`),
+    the numba fast kernel and the C one, on uniform random codes (4096 x 4096) and, with
+    --checkpoint, on the codes of that checkpoint's first 70 PVQ layers (real codes split
+    less evenly). The same layer objects and inputs for every kernel."""
+    from pvq.formats import c_kernels, cpu_kernels
+
+    sets = {"uniform random codes, 4096 x 4096": [pvq_layer(4096, 4096, rng)]}
+    if checkpoint:
+        import pvq
+
+        model, _, _ = pvq.load(checkpoint, check_decode=False, load_tokenizer=False)
+        sets[f"{checkpoint}: 70 layers"] = [m for m in model.modules()
+                                            if isinstance(m, QuantizedLinear) and m.method == "pvq"][:70]
+    rows = []
+    for what, layers in sets.items():
+        jobs = []
+        for lay in layers:
+            R, C = lay.out_features, lay.in_features
+            x = rng.standard_normal((1, C)).astype(np.float32)
+            out = np.zeros((1, R), np.float32)
+            tree = cpu_kernels._pvq_tree_state(lay, ("tree",))
+            fast = cpu_kernels._pvq_state(lay, ("fast",))
+            c = c_kernels.c_args_for("pvq-fast", fast.args)
+            jobs.append((lay, R, C, x, out, tree, fast, c))
+        codes = sum(R * C / 16 for _, R, C, *_ in jobs)
+        kernels = {
+            "tree (previous release, numba)": lambda j: cpu_kernels.pvq_rows(0, j[1], j[3], *j[5].args, j[4],
+                                                                           cpu_kernels._EMPTY, np.int64(0)),
+            "fast, numba": lambda j: cpu_kernels.pvq_fast_rows(0, j[1], j[3], *j[6].args, j[4], cpu_kernels._EMPTY,
+                                                              np.int64(0)),
+        }
+        if jobs[0][7] is not None:
+            kernels["fast, C"] = lambda j: c_kernels.run("pvq-fast", j[7][0], 0, j[1], x=j[3], out=j[4], R=j[1])
+        for name, fn in kernels.items():
+            seconds = timed(lambda: [fn(j) for j in jobs], repeats)
+            rows.append({"codes": what, "kernel": name, "ns_per_code": seconds / codes * 1e9})
+            print(f"  per code, {what}, {name}: {seconds / codes * 1e9:.1f} ns", flush=True)
+    return rows
+
+
 def tables(decode_res: list[dict], layer_res: list[dict], threads: int) -> str:
     out = ["Decode, one core (D=16, K=%d, uniform random codes):" % decode_res[0]["K"], "",
            "| order | weights/s | vs Fischer |", "|---|---|---|"]
@@ -198,7 +247,7 @@ def tables(decode_res: list[dict], layer_res: list[dict], threads: int) -> str:
     backend = f"C kernels ({c_kernels.simd()})" if c_kernels.available() else "numba kernels"
     out += ["", f"Layer forward, {threads} threads, {backend} (ms; in brackets: time / float32 `F.linear`):", "",
             "| shape (out x in) | batch | kernel | float32 | bfloat16 | int4 (torch) | pvq (packed) | pvq (int8 layout) | "
-            "pvq (int4 layout) | pvq reference | bytes / float32: packed, int8, int4 | ns per 16-weight code per core (packed) |",
+            "pvq (int4 layout) | pvq reference | bytes / float32: packed, int8, int4 | ns per 16-weight code per core (packed, batch 1; both threads counted) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in layer_res:
         t = r["seconds"]
@@ -208,7 +257,8 @@ def tables(decode_res: list[dict], layer_res: list[dict], threads: int) -> str:
                    f"{cell('bfloat16')} | {cell('int4')} | {cell('pvq')} | {cell('pvq-int8')} | {cell('pvq-int4')} | "
                    f"{cell('pvq-reference')} | " + ", ".join(f"{r['bytes'][k] / r['bytes']['float32']:.3f}" for k in
                                                            ("pvq", "pvq-int8", "pvq-int4")) + " | "
-                   f"{r['seconds']['pvq'] * r['threads'] / (r['shape'][0] * r['shape'][1] / 16) * 1e9:.1f} |")
+                   + (f"{r['seconds']['pvq'] * r['threads'] / (r['shape'][0] * r['shape'][1] / 16) * 1e9:.1f} |"
+                      if r["batch"] == 1 else "- |"))
     return "\n".join(out)
 
 
@@ -220,6 +270,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crossover", action="store_true", help="also fused GEMV vs decode+GEMM at batch 1-16")
+    parser.add_argument("--per-code", action="store_true",
+                        help="also ns per code of each packed-PVQ kernel on one thread (the tree, numba and C kernels)")
+    parser.add_argument("--checkpoint", default=None, help="with --per-code: also time the codes of this checkpoint")
     parser.add_argument("--cuda", action="store_true", help="also the layer table on the GPU (Triton kernels vs float16)")
     parser.add_argument("--out", default="bench-out/kernels.json")
     args = parser.parse_args()
@@ -235,6 +288,13 @@ def main() -> None:
         for r in cross:
             text += (f"\n| {r['shape'][0]} x {r['shape'][1]} | {r['batch']} | {r['gemv'] * 1e3:.2f} | "
                      f"{r['decode_gemm'] * 1e3:.2f} | {r['gemv'] / r['decode_gemm']:.2f} |")
+    per_code = []
+    if args.per_code:
+        per_code = per_code_rows(args.checkpoint, rng, max(3, args.repeats // 2))
+        text += ("\n\nPacked PVQ GEMV, one thread, batch 1 (ns per 16-weight code):\n\n| codes | kernel | ns per code |"
+                 "\n|---|---|---|")
+        for r in per_code:
+            text += f"\n| {r['codes']} | {r['kernel']} | {r['ns_per_code']:.1f} |"
     cuda_res = []
     if args.cuda:
         cuda_res = cuda_layer_rows([s for name in args.shapes for s in SHAPES[name]], rng, args.repeats)
@@ -247,6 +307,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"decode": decode_res, "layers": layer_res, "crossover": cross, "cuda_layers": cuda_res,
+                   "per_code": per_code,
                    "threads": args.threads,
                    "table": text}, f, indent=1)
 

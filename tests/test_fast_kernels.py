@@ -281,3 +281,16 @@ def test_chat_command(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 0, err
     assert err.count("tokens/s") == 2 and "from the cache" in err
+
+
+def test_c_kernels_are_built_where_a_compiler_is():
+    """The extension is optional at install (no compiler: the numba kernels run), so a C file
+    that stops compiling would only show as skipped tests: where a compiler exists, it must be there."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine: the numba kernels serve")
+    if c_kernels.os.environ.get("PVQ_KERNELS", "").lower() == "numba":
+        pytest.skip("PVQ_KERNELS=numba")
+    assert c_kernels.available(), "the C kernels were not built or are stale: reinstall pvq (pip install -e .)"
+    assert c_kernels.simd() in ("avx2+fma", "portable C")

@@ -238,11 +238,16 @@ def _split_node(c, k, t, offsets, divisors, reciprocals, guide, guide_scale):
         kl += 1
     while c < offsets[t, k, kl]:
         kl -= 1
-    c -= offsets[t, k, kl]
-    d = divisors[t, k, kl]
-    # c // d by the float reciprocal: c < 2^53 is exact in float64 and the product is
-    # within 1 of the quotient, so one correction each way (no division, no loop)
-    q = np.int64(np.float64(c) * reciprocals[t, k, kl])
+    q, r = divmod_by_reciprocal(c - offsets[t, k, kl], divisors[t, k, kl], reciprocals[t, k, kl])
+    return kl, q, r
+
+
+@nb.njit(inline="always")
+def divmod_by_reciprocal(c, d, rec):
+    """(c // d, c % d) for 0 <= c < 2^53 by the float reciprocal rec = 1/d: c is exact in
+    float64 and the product is within 1 of the quotient, so one correction each way (no
+    division, no loop)."""
+    q = np.int64(np.float64(c) * rec)
     r = c - q * d
     low = np.int64(r < 0)
     q -= low
@@ -250,7 +255,7 @@ def _split_node(c, k, t, offsets, divisors, reciprocals, guide, guide_scale):
     high = np.int64(r >= d)
     q += high
     r -= high * d
-    return kl, q, r
+    return q, r
 
 
 @nb.njit(inline="always")

@@ -17,6 +17,9 @@ import torch
 
 __all__ = ["CallArgs", "LayerArgs", "available", "c_args_for", "run"]
 
+#: The interface version this binding speaks (PVQ_KERNELS_ABI in pvqkernels.c).
+ABI = 3
+
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -65,7 +68,11 @@ def _load():
     lib.pvq_layer_args_size.restype = ctypes.c_int64
     lib.pvq_call_args_size.restype = ctypes.c_int64
     lib.pvq_has_avx2.restype = ctypes.c_int
-    if lib.pvq_layer_args_size() != ctypes.sizeof(LayerArgs) or lib.pvq_call_args_size() != ctypes.sizeof(CallArgs):
+    abi = getattr(lib, "pvq_abi", None)
+    if abi is not None:
+        abi.restype = ctypes.c_int
+    if (abi is None or abi() != ABI or lib.pvq_layer_args_size() != ctypes.sizeof(LayerArgs)
+            or lib.pvq_call_args_size() != ctypes.sizeof(CallArgs)):
         _warn_once("the built C kernels do not match this pvq version (reinstall pvq to rebuild them)")
         return None
     _LIB = lib

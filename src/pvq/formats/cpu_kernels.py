@@ -36,7 +36,14 @@ from . import c_kernels
 from .errors import LayerCodecError
 from .grid_fast import FAST_GRID_BITS, grid_fast_rows, grid_fast_tables
 from .compute_layout import int4_rows, int8_rows
-from .pvq_fast import fast_pvq_supported, fast_pvq_tables, fast_stream_args, pvq_fast_points, pvq_fast_rows
+from .pvq_fast import (
+    fast_pvq_supported,
+    fast_pvq_tables,
+    fast_stream_args,
+    half_to_double,
+    pvq_fast_points,
+    pvq_fast_rows,
+)
 
 __all__ = ["runtime_threads", "set_kernel_threads", "kernel_threads", "GEMV_MAX_ROWS", "PVQCpuState", "gemv_max_rows", "decoded_weight", "forward_decode_gemm", "forward_gemv", "cpu_state", "grid_rows",
            "pvq_rows", "refusal"]
@@ -102,23 +109,9 @@ def _read_bits(stream, bitpos, nbits):
 
 
 @nb.njit(inline="always")
-def _half_to_double(h):
-    """An IEEE float16 (its int16 bits) as float64, exactly."""
-    u = np.int64(h) & 0xFFFF
-    sign = -1.0 if u & 0x8000 else 1.0
-    e = (u >> 10) & 0x1F
-    m = u & 0x3FF
-    if e == 0:
-        return sign * m * 2.0 ** -24
-    if e == 31:
-        return sign * np.inf if m == 0 else np.nan
-    return sign * (1024 + m) * 2.0 ** (e - 25)
-
-
-@nb.njit(inline="always")
 def _gain(r, g, G, gain_mode, gains16, gidx, gbits, codebook, row_scale):
     if gain_mode == 0:
-        return _half_to_double(gains16[r, g])
+        return half_to_double(gains16[r, g])
     idx = _read_bits(gidx, (r * G + g) * gbits, gbits)
     return codebook[idx] * row_scale[r]
 
@@ -207,7 +200,7 @@ def grid_rows(lo, hi, x, codes, bits, gs, G, scales16, zeros, out, weight, row0)
     for r in range(lo, hi):
         acc[:] = 0.0
         for g in range(G):
-            s = np.float32(_half_to_double(scales16[r, g]))
+            s = np.float32(half_to_double(scales16[r, g]))
             z = _read_bits(zeros, (r * G + g) * bits, bits)
             base = g * gs
             for j in range(gs):

@@ -26,7 +26,7 @@ from functools import lru_cache
 import numba as nb
 import numpy as np
 
-from pvq.codec.split import split_supported, split_tables
+from pvq.codec.split import divmod_by_reciprocal, split_supported, split_tables
 
 __all__ = ["FastPVQTables", "fast_pvq_supported", "fast_pvq_tables", "pvq_fast_rows"]
 
@@ -104,16 +104,7 @@ def _node(c, k, lvl, S, offs, divs, recs, guide, gscale):
         kl += 1
     while c < offs[lvl, row + kl]:
         kl -= 1
-    c -= offs[lvl, row + kl]
-    d = divs[lvl, row + kl]
-    q = np.int64(np.float64(c) * recs[lvl, row + kl])
-    r = c - q * d
-    low = np.int64(r < 0)
-    q -= low
-    r += low * d
-    high = np.int64(r >= d)
-    q += high
-    r -= high * d
+    q, r = divmod_by_reciprocal(c - offs[lvl, row + kl], divs[lvl, row + kl], recs[lvl, row + kl])
     return kl, q, r
 
 
@@ -137,7 +128,7 @@ def _read_code(words, stream, bitpos, mask):
 
 
 @nb.njit(inline="always")
-def _half(h):
+def half_to_double(h):
     """An IEEE float16 (its int16 bits) as float64, exactly."""
     u = np.int64(h) & 0xFFFF
     sign = -1.0 if u & 0x8000 else 1.0
@@ -155,7 +146,7 @@ def _row_gains(r, G, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_p
     """gains[g] (float64) of row r: fp16 gains, or codebook[index] * row norm, escapes last."""
     if gain_mode == 0:
         for g in range(G):
-            gains[g] = _half(gains16[r, g])
+            gains[g] = half_to_double(gains16[r, g])
     else:
         scale = row_scale[r]
         mask = (1 << gbits) - 1
@@ -202,53 +193,59 @@ def _row_points(r, G, D, K, S, L, nbits, mask, words, stream, total, offs, divs,
     return -1
 
 
+@nb.njit(inline="always")
+def _tree_scratch(G, D):
+    n_leaves = G * D // 4
+    return (np.empty(n_leaves, np.int64), np.empty(n_leaves, np.int64), np.empty(n_leaves, np.int64),
+            np.empty(n_leaves, np.int64), np.empty(G, np.float64))
+
+
+@nb.njit(inline="always")
+def _group_scales(G, D, pts, gains, inv_norm, scales):
+    """scales[g] = float32(gain * 1/sqrt(||p_g||^2)) of a row's groups (pts: its int8 points)."""
+    for g in range(G):
+        ss = np.int32(0)
+        for i in range(D):
+            v = np.int32(pts[g * D + i])
+            ss += v * v
+        scales[g] = np.float32(gains[g] * inv_norm[ss])
+
+
 @nb.njit(cache=True, nogil=True, fastmath={"contract", "reassoc", "nsz"})
 def pvq_fast_rows(lo, hi, x, words, stream, nbits, D, G, K, total, offs, divs, recs, guide, gscale, lbase, leaf32,
                   inv_norm, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, out, weight, row0):
     """Rows lo..hi of a PVQ layer (D = 8, 16 or 32): ``out[b, r] = <W[r], x[b]>`` (weight
-    empty) or ``weight[r] = W[r]`` (float32), W[r, g*D + i] = p_i * float32(gain * inv_norm[||p||^2]).
+    empty) or ``weight[r - row0] = W[r]`` (float32), W[r, g*D + i] = p_i * float32(gain * inv_norm[||p||^2]).
     Returns the first flat index r*G + g of a code out of range, or -1."""
     B = x.shape[0]
     gemv = weight.shape[0] == 0
-    S = K + 2
-    L = offs.shape[0]
     mask = (np.uint64(1) << np.uint64(nbits)) - np.uint64(1)
-    n_leaves = G * D // 4
-    ka = np.empty(n_leaves, np.int64)
-    ca = np.empty(n_leaves, np.int64)
-    kb = np.empty(n_leaves, np.int64)
-    cb = np.empty(n_leaves, np.int64)
-    pts32 = np.empty(n_leaves, np.uint32)
+    ka, ca, kb, cb, gains = _tree_scratch(G, D)
+    pts32 = np.empty(G * D // 4, np.uint32)
     pts = pts32.view(np.int8)
-    gains = np.empty(G, np.float64)
+    scales = np.empty(G, np.float32)
     acc = np.zeros(max(B, 1), np.float32)
     for r in range(lo, hi):
-        bad = _row_points(r, G, D, K, S, L, nbits, mask, words, stream, total, offs, divs, recs, guide, gscale,
-                          lbase, leaf32, ka, ca, kb, cb, pts32)
+        bad = _row_points(r, G, D, K, K + 2, offs.shape[0], nbits, mask, words, stream, total, offs, divs, recs, guide,
+                          gscale, lbase, leaf32, ka, ca, kb, cb, pts32)
         if bad >= 0:
             return r * G + bad
         _row_gains(r, G, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, gains)
-        for b in range(B):
-            acc[b] = 0.0
-        for g in range(G):
-            col = g * D
-            ss = np.int32(0)
-            for i in range(D):
-                v = np.int32(pts[col + i])
-                ss += v * v
-            scale = np.float32(gains[g] * inv_norm[ss])
-            if gemv:
-                for b in range(B):
-                    d = np.float32(0.0)
-                    for i in range(D):
-                        d += np.float32(pts[col + i]) * x[b, col + i]
-                    acc[b] += scale * d
-            else:
+        _group_scales(G, D, pts, gains, inv_norm, scales)
+        if not gemv:
+            for g in range(G):
                 for i in range(D):
-                    weight[r - row0, col + i] = np.float32(pts[col + i]) * scale
-        if gemv:
+                    weight[r - row0, g * D + i] = np.float32(pts[g * D + i]) * scales[g]
+            continue
+        acc[:] = 0.0
+        for g in range(G):
             for b in range(B):
-                out[b, r] = acc[b]
+                d = np.float32(0.0)
+                for i in range(D):
+                    d += np.float32(pts[g * D + i]) * x[b, g * D + i]
+                acc[b] += scales[g] * d
+        for b in range(B):
+            out[b, r] = acc[b]
     return -1
 
 
@@ -256,31 +253,17 @@ def pvq_fast_rows(lo, hi, x, words, stream, nbits, D, G, K, total, offs, divs, r
 def pvq_fast_points(lo, hi, words, stream, nbits, D, G, K, total, offs, divs, recs, guide, gscale, lbase, leaf32,
                     inv_norm, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, points, scales):
     """Rows lo..hi decoded to the int8 compute layout: ``points[r]`` the pyramid points of
-    the row's groups, ``scales[r, g] = float32(gain / ||p||)`` (so that ``points * scales``
-    is bit for bit the weight `pvq_fast_rows` forms). Returns the first bad flat index or -1."""
-    S = K + 2
-    L = offs.shape[0]
+    the row's groups, ``scales[r]`` their scales (so that ``points * scales`` is bit for bit
+    the weight `pvq_fast_rows` forms). Returns the first bad flat index or -1."""
     mask = (np.uint64(1) << np.uint64(nbits)) - np.uint64(1)
-    n_leaves = G * D // 4
-    ka = np.empty(n_leaves, np.int64)
-    ca = np.empty(n_leaves, np.int64)
-    kb = np.empty(n_leaves, np.int64)
-    cb = np.empty(n_leaves, np.int64)
-    gains = np.empty(G, np.float64)
+    ka, ca, kb, cb, gains = _tree_scratch(G, D)
     for r in range(lo, hi):
-        pts32 = points[r].view(np.uint32)
-        bad = _row_points(r, G, D, K, S, L, nbits, mask, words, stream, total, offs, divs, recs, guide, gscale,
-                          lbase, leaf32, ka, ca, kb, cb, pts32)
+        bad = _row_points(r, G, D, K, K + 2, offs.shape[0], nbits, mask, words, stream, total, offs, divs, recs, guide,
+                          gscale, lbase, leaf32, ka, ca, kb, cb, points[r].view(np.uint32))
         if bad >= 0:
             return r * G + bad
         _row_gains(r, G, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, gains)
-        pts = points[r]
-        for g in range(G):
-            ss = np.int32(0)
-            for i in range(D):
-                v = np.int32(pts[g * D + i])
-                ss += v * v
-            scales[r, g] = np.float32(gains[g] * inv_norm[ss])
+        _group_scales(G, D, points[r], gains, inv_norm, scales[r])
     return -1
 
 

@@ -309,6 +309,18 @@ static inline float dot_groups(const int8_t *p, const float *scale, const float 
     return dot_groups_c(p, scale, x, G, D);
 }
 
+/* row r from its int8 points p and group scales sc: the GEMV (mode 0) or the weight row */
+static void points_row(const LayerArgs *a, const CallArgs *c, int64_t r, const int8_t *p, const float *sc, int mode) {
+    const int64_t G = a->G, D = a->D, C = G * D;
+    if (mode == 0) {
+        for (int64_t b = 0; b < c->B; b++) c->out[b * c->R + r] = dot_groups(p, sc, c->x + b * C, G, D);
+    } else {
+        float *w = c->weight + (r - c->row0) * C;
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t i = 0; i < D; i++) w[g * D + i] = (float)p[g * D + i] * sc[g];
+    }
+}
+
 /* mode 0: GEMV, 1: decode weight rows, 2: transcode to int8 points + scales */
 static int64_t pvq_rows(const LayerArgs *a, const CallArgs *c, int64_t lo, int64_t hi, int mode) {
     const int64_t G = a->G, D = a->D, C = G * D;
@@ -321,12 +333,8 @@ static int64_t pvq_rows(const LayerArgs *a, const CallArgs *c, int64_t lo, int64
         row_gains(a, r, s.gains);
         for (int64_t g = 0; g < G; g++) s.scale[g] = (float)(s.gains[g] * a->inv_norm[s.ss[g]]);
         const int8_t *p = (const int8_t *)s.pts32;
-        if (mode == 0) {
-            for (int64_t b = 0; b < c->B; b++) c->out[b * c->R + r] = dot_groups(p, s.scale, c->x + b * C, G, D);
-        } else if (mode == 1) {
-            float *w = c->weight + (r - c->row0) * C;
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t i = 0; i < D; i++) w[g * D + i] = (float)p[g * D + i] * s.scale[g];
+        if (mode != 2) {
+            points_row(a, c, r, p, s.scale, mode);
         } else {
             memcpy(c->points_out + r * C, p, (size_t)C);
             memcpy(c->scales_out + r * G, s.scale, (size_t)G * sizeof(float));
@@ -338,18 +346,8 @@ static int64_t pvq_rows(const LayerArgs *a, const CallArgs *c, int64_t lo, int64
 /* ------------------------------------------------------------------ int8 layout */
 
 static int64_t int8_rows(const LayerArgs *a, const CallArgs *c, int64_t lo, int64_t hi, int mode) {
-    const int64_t G = a->G, D = a->D, C = G * D;
-    for (int64_t r = lo; r < hi; r++) {
-        const int8_t *p = a->points + r * C;
-        const float *sc = a->scales + r * G;
-        if (mode == 0) {
-            for (int64_t b = 0; b < c->B; b++) c->out[b * c->R + r] = dot_groups(p, sc, c->x + b * C, G, D);
-        } else {
-            float *w = c->weight + (r - c->row0) * C;
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t i = 0; i < D; i++) w[g * D + i] = (float)p[g * D + i] * sc[g];
-        }
-    }
+    const int64_t G = a->G, C = G * a->D;
+    for (int64_t r = lo; r < hi; r++) points_row(a, c, r, a->points + r * C, a->scales + r * G, mode);
     return -1;
 }
 
@@ -368,19 +366,12 @@ static void int4_row_points(const LayerArgs *a, int64_t r, int8_t *p) {
 }
 
 static int64_t int4_rows(const LayerArgs *a, const CallArgs *c, int64_t lo, int64_t hi, int mode) {
-    const int64_t G = a->G, D = a->D, C = G * D;
+    const int64_t G = a->G, C = G * a->D;
     int8_t *p = thread_buffer((size_t)C + 64);
     if (!p) return -2;
     for (int64_t r = lo; r < hi; r++) {
         int4_row_points(a, r, p);
-        const float *sc = a->scales + r * G;
-        if (mode == 0) {
-            for (int64_t b = 0; b < c->B; b++) c->out[b * c->R + r] = dot_groups(p, sc, c->x + b * C, G, D);
-        } else {
-            float *w = c->weight + (r - c->row0) * C;
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t i = 0; i < D; i++) w[g * D + i] = (float)p[g * D + i] * sc[g];
-        }
+        points_row(a, c, r, p, a->scales + r * G, mode);
     }
     return -1;
 }
@@ -578,7 +569,7 @@ static int64_t run_rows(RowKernel kernel, const LayerArgs *a, const CallArgs *c,
 
 /* kind 0: PVQ as stored, 1: int8 layout, 2: grid, 3: int4 layout. mode 0 GEMV, 1 decode, 2 transcode (PVQ).
  * spin: whether the workers then spin for the next call (~2-3 ms; when torch's own ops run
- * on one thread, as in a decode step) or sleep almost at once (torch's threads need the cores). */
+ * on one thread, as in a decode step) or sleep almost at once (torch's threads need the cores).
  * Returns -1, the flat index r*G + g of the first code out of range, or -2 (out of memory). */
 int64_t pvq_run(int kind, const LayerArgs *a, const CallArgs *c, int64_t lo, int64_t hi, int mode, int threads,
                 int spin) {
@@ -588,12 +579,17 @@ int64_t pvq_run(int kind, const LayerArgs *a, const CallArgs *c, int64_t lo, int
 
 int pvq_has_avx2(void) { return have_avx2; }
 
+/* bumped with every change of an entry point or a struct: a stale build is not used */
+#define PVQ_KERNELS_ABI 3
+int pvq_abi(void) { return PVQ_KERNELS_ABI; }
+
 int64_t pvq_layer_args_size(void) { return (int64_t)sizeof(LayerArgs); }
 
 int64_t pvq_call_args_size(void) { return (int64_t)sizeof(CallArgs); }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_pvqkernels",
-                                    "pvq's C kernels (called through ctypes: pvq.formats.c_kernels)", -1, NULL};
+                                    "pvq's C kernels (called through ctypes: pvq.formats.c_kernels)", -1, NULL,
+                                    NULL, NULL, NULL, NULL};
 
 void pvq_init(void) {
 #if PVQ_X86
