@@ -93,7 +93,7 @@ class Conversation:
         try:
             with torch.inference_mode():
                 output = self.model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                                             past_key_values=self.cache, max_new_tokens=self.max_new_tokens,
+                                             cache=self.cache, max_new_tokens=self.max_new_tokens,
                                              do_sample=False, streamer=streamer, pad_token_id=pad)
         except KeyboardInterrupt:
             interrupted = True
@@ -153,7 +153,7 @@ def run_chat(model: torch.nn.Module, tokenizer: Any, *, system: str | None = Non
         if stats["new_tokens"]:
             replies += 1
             rss = resident_memory_bytes()
-            mem = f", {rss / 2**20:.0f} MiB resident" if rss is not None else ""
+            mem = f", the process {rss / 2**20:.0f} MiB resident" if rss is not None else ""
             print(f"[{stats['new_tokens']} tokens, {stats['decode_tokens_per_second']:.1f} tokens/s; "
                   f"{stats['prompt_tokens'] - stats['reused_tokens']} new prompt tokens "
                   f"({stats['reused_tokens']} from the cache){mem}]", file=err)

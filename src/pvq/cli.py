@@ -300,8 +300,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"decode           {stats['new_tokens']} tokens, {stats['decode_tokens_per_second']:.2f} tokens/s "
         f"(greedy, {_threads_text()})",
         f"kernels          {kernels}",
-        f"warm-up          {warm_s:.2f} s before the prompt (the kernels' compiled code loaded from numba's cache, "
-        f"or compiled on a machine's first run)",
+        f"warm-up          {warm_s:.2f} s before the prompt (loading the kernels' code: C built at install, numba "
+        f"compiled once per machine and cached)",
     ]
     if rss0 is not None and rss1 is not None:
         lines.append(f"memory           +{(rss1 - rss0) / mib:.0f} MiB resident after load; "

@@ -73,7 +73,7 @@ class _TimedStreamer:
     def __init__(self, tokenizer: Any, out: IO[str] | None) -> None:
         from transformers import TextStreamer
 
-        self.text = TextStreamer(tokenizer, skip_prompt=True) if out is not None else None
+        self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if out is not None else None
         self.times: list[float] = []
         self.out = out
 
