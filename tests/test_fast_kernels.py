@@ -29,13 +29,15 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def pvq_layer(D=16, gain="empirical", R=40, C=96, escapes=0, shape_bits=None, seed=0):
+def pvq_layer(D=16, gain="empirical", R=40, C=96, escapes=0, shape_bits=None, seed=0, gain_bits=None):
     shape_bits = shape_bits or (1.5 if D == 32 else 3.0)  # D=32 codes must stay below 2^53
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(R, C, generator=g) * torch.exp(torch.randn(R, C // D, 1, generator=g)).repeat_interleave(D, 2).reshape(R, C)
     cfg = {"group_size": D, "shape_bits": shape_bits, "gain": gain, "use_hessian": False}
     if escapes:
         cfg["gain_escapes"] = escapes
+    if gain_bits:
+        cfg["gain_bits"] = gain_bits
     qt = get_method("pvq").quantize(W, None, get_method("pvq").make_config(cfg))
     return QuantizedLinear.from_quantized(qt, cfg, torch.randn(R, generator=g), name="test.fast")
 
@@ -67,6 +69,18 @@ def test_fast_pvq_kernel_matches_the_tree_kernel_and_the_reference(D, gain, esca
     assert lin.last_kernel == "pvq-cpu-gemv"
     assert rel(y, tree_y) < TOLERANCE
     assert rel(lin(x), DEQUANTIZE.forward(lin, x)) < TOLERANCE
+
+
+@pytest.mark.parametrize("gain_bits", [11, 14, 16])
+def test_wide_gain_indices_spanning_three_bytes(gain_bits, monkeypatch):
+    lin = pvq_layer(16, "beta", R=8, C=64, gain_bits=gain_bits)
+    x = torch.randn(1, 64)
+    ref_w, ref_y = lin.dequantize(), DEQUANTIZE.forward(lin, x)
+    for backend in ("c", "numba"):
+        monkeypatch.setattr(c_kernels, "_LIB", c_kernels._LIB if backend == "c" else None)
+        lin._cpu_state = None
+        assert rel(decoded_weight(lin), ref_w) < TOLERANCE
+        assert rel(lin(x), ref_y) < TOLERANCE
 
 
 def test_fast_pvq_kernel_threads_do_not_change_results(monkeypatch):

@@ -18,7 +18,7 @@ import torch
 __all__ = ["CallArgs", "LayerArgs", "available", "c_args_for", "run"]
 
 #: The interface version this binding speaks (PVQ_KERNELS_ABI in pvqkernels.c).
-ABI = 3
+ABI = 4
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64

@@ -156,6 +156,8 @@ def _row_gains(r, G, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_p
             v = np.int64(gidx[byte])
             if (bp & 7) + gbits > 8:
                 v |= np.int64(gidx[byte + 1]) << 8
+            if (bp & 7) + gbits > 16:  # up to 16-bit indices span three bytes
+                v |= np.int64(gidx[byte + 2]) << 16
             gains[g] = codebook[(v >> (bp & 7)) & mask] * scale
     for k in range(esc_pos.shape[1]):
         pos = np.int64(esc_pos[r, k])

@@ -231,6 +231,7 @@ static void row_gains(const LayerArgs *a, int64_t r, double *gains) {
             int64_t bp = (r * G + g) * gb, byte = bp >> 3;
             int64_t v = a->gidx[byte];
             if ((bp & 7) + gb > 8) v |= (int64_t)a->gidx[byte + 1] << 8;
+            if ((bp & 7) + gb > 16) v |= (int64_t)a->gidx[byte + 2] << 16;  /* up to 16-bit indices */
             gains[g] = a->codebook[(v >> (bp & 7)) & m] * scale;
         }
     }
@@ -483,14 +484,16 @@ static atomic_long generation = 0;
 static atomic_int pending = 0;
 static atomic_int sleepers = 0;
 
+static long start_gen[MAX_THREADS + 1];  /* the generation current when each worker was made */
+
 static void *worker_main(void *arg) {
     const int id = (int)(intptr_t)arg;  /* 1..n_workers */
-    long seen = 0;
+    long seen = start_gen[id];  /* a worker made during a call waits for the next bump, never runs a half-written task */
     long spin_limit = 0;
     for (;;) {
         long gen;
         long spins = 0;
-        while ((gen = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
+        while ((gen = atomic_load(&generation)) == seen) {  /* seq_cst: pairs with sleepers (no lost wake-up) */
             if (++spins < spin_limit) {
 #if PVQ_X86
                 _mm_pause();
@@ -499,7 +502,7 @@ static void *worker_main(void *arg) {
             }
             pthread_mutex_lock(&wake_lock);
             atomic_fetch_add(&sleepers, 1);
-            while (atomic_load_explicit(&generation, memory_order_acquire) == seen) pthread_cond_wait(&wake_cond, &wake_lock);
+            while (atomic_load(&generation) == seen) pthread_cond_wait(&wake_cond, &wake_lock);
             atomic_fetch_sub(&sleepers, 1);
             pthread_mutex_unlock(&wake_lock);
             spins = 0;
@@ -515,12 +518,28 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* a forked child has none of the parent's threads: start the pool afresh there */
+static void pool_after_fork_child(void) {
+    n_workers = 0;
+    atomic_store(&pending, 0);
+    atomic_store(&sleepers, 0);
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_mutex_init(&wake_lock, NULL);
+    pthread_cond_init(&wake_cond, NULL);
+}
+
 static int ensure_workers(int want) {
+    static int atfork_done = 0;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, pool_after_fork_child);
+        atfork_done = 1;
+    }
     while (n_workers < want) {
         pthread_t t;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        start_gen[n_workers + 1] = atomic_load(&generation);  /* ordered before the thread by pthread_create */
         int rc = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(n_workers + 1));
         pthread_attr_destroy(&attr);
         if (rc != 0) return n_workers;
@@ -544,7 +563,7 @@ static int64_t run_rows(RowKernel kernel, const LayerArgs *a, const CallArgs *c,
     for (int i = 0; i <= MAX_THREADS; i++) task.bounds[i] = hi;
     for (int i = 0; i <= parts; i++) task.bounds[i] = lo + (hi - lo) * i / parts;
     atomic_store(&pending, n_workers);
-    atomic_fetch_add_explicit(&generation, 1, memory_order_acq_rel);
+    atomic_fetch_add(&generation, 1);  /* seq_cst, then the sleepers check below */
     if (atomic_load(&sleepers) > 0) {
         pthread_mutex_lock(&wake_lock);
         pthread_cond_broadcast(&wake_cond);
@@ -580,7 +599,7 @@ int64_t pvq_run(int kind, const LayerArgs *a, const CallArgs *c, int64_t lo, int
 int pvq_has_avx2(void) { return have_avx2; }
 
 /* bumped with every change of an entry point or a struct: a stale build is not used */
-#define PVQ_KERNELS_ABI 3
+#define PVQ_KERNELS_ABI 4
 int pvq_abi(void) { return PVQ_KERNELS_ABI; }
 
 int64_t pvq_layer_args_size(void) { return (int64_t)sizeof(LayerArgs); }
