@@ -72,7 +72,7 @@ def _torch_worker(row: str, args) -> dict:
         model, _, info = pvq.load(source, layout=layout, load_tokenizer=False)  # as the float rows: no tokenizer
         from pvq.formats.cpu_kernels import runtime_threads
 
-        runtime_threads(args.threads, model)  # as `pvq generate` runs a quantized model
+        runtime_threads(model, args.threads)  # as `pvq generate` runs a quantized model
         nbytes = sum(f.stat().st_size for f in Path(source).rglob("*") if f.is_file())
         what = f"{info['quantization_config']['method']} {info['stats']['bits_per_weight']:.3f} bpw, {layout} layout"
     else:
@@ -127,10 +127,8 @@ def _torch_worker(row: str, args) -> dict:
         model(prompt[:, 8:9], past_key_values=warm.past_key_values, use_cache=True)
     del warm
     warm_s = time.perf_counter() - t0
-    from pvq.formats.cpu_kernels import _KERNEL_THREADS
-
-    threads_note = (f"torch {torch.get_num_threads()}" if _KERNEL_THREADS is None else
-                    f"kernels {_KERNEL_THREADS}, torch ops 1 at one token, {_KERNEL_THREADS} at several")
+    threads_note = (f"torch {args.threads}" if source is None else
+                    f"kernels {args.threads}, torch ops 1 at one token, {args.threads} at several")
     prefill, decode, _ = run(hooks=False, steps=args.new_tokens)
     rss_run = _rss() - rss0
     _, decode_hooked, linear = run(hooks=True, steps=min(8, args.new_tokens))

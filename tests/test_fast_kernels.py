@@ -15,7 +15,7 @@ from pvq.formats import CheckpointError, LayerCodecError, QuantizedLinear, load_
 from pvq.formats import cpu_kernels
 from pvq.formats.cpu_kernels import cpu_state, decoded_weight, grid_rows, pvq_rows
 from pvq.formats import c_kernels
-from pvq.formats.compute_layout import Int4Weights, apply_layout, int8_refusal, transcode_int4, transcode_int8
+from pvq.formats.compute_layout import Int4Weights, apply_layout, int8_refusal, transcode_int8
 from pvq.formats.kernels import DEQUANTIZE
 from pvq.formats.pvq_fast import fast_pvq_supported
 from pvq.models import tiny_llama

@@ -229,66 +229,53 @@ def _load_any(spec: str, device: str, dtype: str, verify: bool = True, layout: s
     return model, tokenizer, "float model" + ("" if dtype == "float32" else f" ({dtype})")
 
 
-def _threads_text() -> str:
+def _load_for_generation(args: argparse.Namespace, device: str, dtype: str, chat: bool):
+    """What `pvq generate` and `pvq chat` share: threads, the load (in --layout), the tokenizer
+    and its chat template checked, batch-1 threads for a quantized model, the warm-up.
+    Returns (model, tokenizer, description, threads text, warm-up seconds, resident bytes
+    before and after the load)."""
     import torch
 
-    from pvq.formats.cpu_kernels import _KERNEL_THREADS
-
-    if _KERNEL_THREADS is None:
-        return f"{torch.get_num_threads()} torch threads"
-    return f"{_KERNEL_THREADS} kernel threads, torch ops on {torch.get_num_threads()}"
-
-
-def _batch1_threads(model) -> None:
-    """A quantized model on the CPU: the kernels take the threads, torch's small ops one
-    (`pvq.formats.cpu_kernels.runtime_threads`); a float model keeps torch's threads."""
     from pvq.formats import QuantizedLinear
     from pvq.formats.cpu_kernels import runtime_threads
-
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    if layers and layers[0]._buffers[next(iter(layers[0].payload_spec))].device.type == "cpu":
-        runtime_threads(model=model)
-
-
-def _cmd_chat(args: argparse.Namespace) -> int:
-    import torch
-
-    from pvq.chat import run_chat
     from pvq.generate import warm_imports, warm_up
+    from pvq.memory import resident_memory_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
     warm_imports(args.model)
-    model, tokenizer, what = _load_any(args.model, "cpu", "float32", verify=not args.no_verify, layout=args.layout)
+    rss0 = resident_memory_bytes()
+    model, tokenizer, what = _load_any(args.model, device, dtype, verify=not args.no_verify, layout=args.layout)
+    rss1 = resident_memory_bytes()
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer")
-    if not getattr(tokenizer, "chat_template", None):
-        raise CLIError(f"{args.model}: its tokenizer has no chat template; use `pvq generate` for plain text")
-    _batch1_threads(model)
-    print(f"{args.model}: {what}; kernels ready in {warm_up(model):.1f} s", file=sys.stderr)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise CLIError(f"{args.model}: its tokenizer has no chat template; use `pvq generate` without --chat")
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if layers and layers[0]._buffers[next(iter(layers[0].payload_spec))].device.type == "cpu":
+        # a quantized model on the CPU: the kernels take the threads, torch's small ops one
+        n = runtime_threads(model)
+        threads = f"{n} kernel threads, torch ops on 1 at one token"
+    else:
+        threads = f"{torch.get_num_threads()} torch threads"
+    return model, tokenizer, what, threads, warm_up(model), rss0, rss1
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from pvq.chat import run_chat
+
+    model, tokenizer, what, _, warm_s, _, _ = _load_for_generation(args, "cpu", "float32", chat=True)
+    print(f"{args.model}: {what}; kernels ready in {warm_s:.1f} s", file=sys.stderr)
     run_chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens)
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from pvq.generate import generate_text, warm_imports, warm_up
+    from pvq.generate import generate_text
     from pvq.memory import resident_memory_bytes
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = _default_device(args.device)
-    warm_imports(args.model)
-    rss0 = resident_memory_bytes()
-    model, tokenizer, what = _load_any(args.model, device, args.dtype, verify=not args.no_verify, layout=args.layout)
-    rss1 = resident_memory_bytes()
-    if tokenizer is None:
-        raise CLIError(f"{args.model} has no tokenizer")
-    _batch1_threads(model)
-    if args.chat and not getattr(tokenizer, "chat_template", None):
-        raise CLIError(f"{args.model}: --chat needs a chat template and its tokenizer has none")
-    warm_s = warm_up(model)
+    model, tokenizer, what, threads, warm_s, rss0, rss1 = _load_for_generation(args, device, args.dtype, args.chat)
     print(f"{args.model}: {what}", file=sys.stderr)
     stats = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
                           out=sys.stdout)
@@ -298,7 +285,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"prefill          {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s "
         f"({stats['prefill_tokens_per_second']:.1f} tokens/s)",
         f"decode           {stats['new_tokens']} tokens, {stats['decode_tokens_per_second']:.2f} tokens/s "
-        f"(greedy, {_threads_text()})",
+        f"(greedy, {threads})",
         f"kernels          {kernels}",
         f"warm-up          {warm_s:.2f} s before the prompt (loading the kernels' code: C built at install, numba "
         f"compiled once per machine and cached)",

@@ -458,7 +458,7 @@ def load_checkpoint(
     packed; info["layout"] says which).
     info: {"quantization_config", "index" (None unverified), "stats"}.
     """
-    from .compute_layout import LAYOUTS, apply_layout, resolve_layout
+    from .compute_layout import LAYOUTS, apply_layout
 
     if layout not in LAYOUTS:
         raise CheckpointError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -487,9 +487,7 @@ def load_checkpoint(
         model.to(device)
     model.eval()
     stats = checkpoint_stats(model)
-    layout = resolve_layout(model, layout)
-    if layout != "packed":
-        apply_layout(model, layout)  # decodes (and so checks) every PVQ layer
+    layout = apply_layout(model, layout)  # a compute layout decodes (and so checks) every PVQ layer
     if check_decode:
         for module in model.modules():
             if isinstance(module, QuantizedLinear) and not module.payload_released:

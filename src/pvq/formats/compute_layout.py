@@ -24,7 +24,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-__all__ = ["LAYOUTS", "Int4Weights", "Int8Weights", "apply_layout", "int4_rows", "int8_rows", "transcode_int4",
+__all__ = ["LAYOUTS", "Int4Weights", "Int8Weights", "apply_layout", "int4_rows", "int8_rows", "transcode",
            "transcode_int8"]
 
 #: Layouts `pvq.load` accepts: "packed" (as stored, the default), "int8" and "int4"; "auto"
@@ -67,8 +67,8 @@ def int4_rows(lo, hi, x, nibbles, scales, D, x_ptr, x_col, x_delta, out, weight,
     """As `int8_rows`, the points read from nibbles (less 8) plus the row's escapes."""
     G = scales.shape[1]
     C = G * D
-    p = np.empty(C, np.int8)
     pts = np.empty((1, C), np.int8)
+    p = pts[0]
     for r in range(lo, hi):
         q = nibbles[r]
         for j in range(C // 2):
@@ -77,7 +77,6 @@ def int4_rows(lo, hi, x, nibbles, scales, D, x_ptr, x_col, x_delta, out, weight,
             p[2 * j + 1] = np.int8((v >> 4) - 8)
         for e in range(x_ptr[r], x_ptr[r + 1]):
             p[x_col[e]] = np.int8(np.int32(p[x_col[e]]) + np.int32(x_delta[e]))
-        pts[0] = p
         _int8_row(r, x, pts, scales, D, out, weight, row0, 0)
     return -1
 
@@ -86,6 +85,7 @@ class Int8Weights:
     """A PVQ layer's weight in the int8 compute layout: points (R, C) int8, scales (R, G) float32."""
 
     kind = "int8"
+    kernel = int8_rows  # the numba kernel of the layout (`cpu_kernels.cpu_state`)
 
     def __init__(self, points: np.ndarray, scales: np.ndarray) -> None:
         self.points, self.scales = points, scales
@@ -107,6 +107,7 @@ class Int4Weights:
     ``x_col[x_ptr[r]:x_ptr[r+1]]`` (int32) where p differs from its clamp by ``x_delta`` (int8)."""
 
     kind = "int4"
+    kernel = int4_rows
 
     def __init__(self, nibbles, scales, x_ptr, x_col, x_delta) -> None:
         self.nibbles, self.scales, self.x_ptr, self.x_col, self.x_delta = nibbles, scales, x_ptr, x_col, x_delta
@@ -162,10 +163,6 @@ def transcode(layer, layout: str):
     return w if layout == "int8" else Int4Weights.from_int8(w)
 
 
-def transcode_int4(layer) -> Int4Weights:
-    return Int4Weights.from_int8(transcode_int8(layer))
-
-
 def transcode_int8(layer) -> Int8Weights:
     """Decode a PVQ layer's stored codes into the int8 layout (codes range-checked, scales finite)."""
     from .cpu_kernels import run_transcode
@@ -199,19 +196,16 @@ def resolve_layout(model, layout: str) -> str:
     return "packed"
 
 
-def apply_layout(model, layout: str) -> int:
+def apply_layout(model, layout: str) -> str:
     """Put every PVQ layer of `model` in `layout` ("packed": nothing to do; "int8" or "int4":
-    transcode and release the packed payload). Returns the bytes the layers then hold."""
-    import torch
-
+    transcode and release the packed payload; "auto": `resolve_layout`). Returns the layout."""
     from .linear import QuantizedLinear
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     layout = resolve_layout(model, layout)
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if layout != "packed":
-        pvq_layers = [m for m in layers if m.method == "pvq"]
+        pvq_layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.method == "pvq"]
         for m in pvq_layers:  # refuse before transcoding anything
             if m.codes.device.type != "cpu":
                 raise ValueError(f"{m._label()}: the {layout} layout is a CPU layout; the model is on {m.codes.device}")
@@ -222,8 +216,4 @@ def apply_layout(model, layout: str) -> int:
                 raise CheckpointError(why)
         for m in pvq_layers:
             m.release_payload(transcode(m, layout))
-    total = 0
-    for m in layers:
-        compute = m.__dict__.get("_compute")
-        total += compute.nbytes if compute is not None else m.stored_bytes
-    return total
+    return layout

@@ -19,7 +19,6 @@ re-encodes them); codes are range-checked like the reference decoder's.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,14 +34,15 @@ from pvq.quant.pvq import escape_tables, gain_tables
 from . import c_kernels
 from .errors import LayerCodecError
 from .grid_fast import FAST_GRID_BITS, grid_fast_rows, grid_fast_tables
-from .compute_layout import int4_rows, int8_rows
 from .pvq_fast import (
     fast_pvq_supported,
     fast_pvq_tables,
     fast_stream_args,
+    _row_gains,
     half_to_double,
     pvq_fast_points,
     pvq_fast_rows,
+    read_bits,
 )
 
 __all__ = ["runtime_threads", "set_kernel_threads", "kernel_threads", "GEMV_MAX_ROWS", "PVQCpuState", "gemv_max_rows", "decoded_weight", "forward_decode_gemm", "forward_gemv", "cpu_state", "grid_rows",
@@ -64,8 +64,6 @@ def gemv_max_rows(layer) -> int:
 #: A call whose estimated single-thread time is below this runs on one thread: a hand-off
 #: to the pool costs 100-150 us here (`bench/kernels.py`, 2 threads), more than it saves.
 _PARALLEL_MIN_SECONDS = 400e-6
-#: Single-thread seconds per weight of each kernel at batch 1 (measured on this machine
-#: class, `bench/kernels.py`; only used to decide whether to hand work to the pool).
 #: Threads of the kernels (None: torch's intra-op thread count): `set_kernel_threads`.
 _KERNEL_THREADS: int | None = None
 
@@ -94,26 +92,11 @@ _C_PARALLEL_MIN_SECONDS_SHARED = 5e-3
 def _c_threads(seconds: float) -> int:
     limit = _C_PARALLEL_MIN_SECONDS if torch.get_num_threads() == 1 else _C_PARALLEL_MIN_SECONDS_SHARED
     return kernel_threads() if seconds >= limit else 1
+
+
+#: Single-thread seconds per weight of each kernel at batch 1 (measured on this machine
+#: class, `bench/kernels.py`; only used to decide whether to hand work to a pool).
 _SECONDS_PER_WEIGHT = {"pvq-fast": 3.6e-9, "pvq-tree": 8e-9, "int8": 0.25e-9, "int4": 0.2e-9, "grid-fast": 0.3e-9, "grid": 2e-9}
-
-
-@nb.njit(inline="always")
-def _read_bits(stream, bitpos, nbits):
-    """The `nbits` (<= 56) bits at stream bit `bitpos` (little-endian bit order, `pvq.codec.pack_codes`)."""
-    byte = bitpos >> 3
-    shift = bitpos & 7
-    v = np.uint64(0)
-    for i in range((shift + nbits + 7) >> 3):
-        v |= np.uint64(stream[byte + i]) << np.uint64(8 * i)
-    return np.int64((v >> np.uint64(shift)) & ((np.uint64(1) << np.uint64(nbits)) - np.uint64(1)))
-
-
-@nb.njit(inline="always")
-def _gain(r, g, G, gain_mode, gains16, gidx, gbits, codebook, row_scale):
-    if gain_mode == 0:
-        return half_to_double(gains16[r, g])
-    idx = _read_bits(gidx, (r * G + g) * gbits, gbits)
-    return codebook[idx] * row_scale[r]
 
 
 @nb.njit(inline="always")
@@ -122,7 +105,7 @@ def _decode_row(r, codes, nbits, D, G, K, total, start, length, left, right, kin
     """Codes of row r into pts (G, D); returns the first group whose code is out of range, or -1."""
     bad = -1
     for g in range(G):
-        c = _read_bits(codes, (r * G + g) * nbits, nbits)
+        c = read_bits(codes, (r * G + g) * nbits, nbits)
         if c >= total:  # never decoded: an out-of-range code would index past the tables
             if bad < 0:
                 bad = g
@@ -133,18 +116,15 @@ def _decode_row(r, codes, nbits, D, G, K, total, start, length, left, right, kin
 
 
 @nb.njit(inline="always")
-def _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, scales):
-    """scales[g] = gain / ||p|| of row r's groups (float32), pts (G, D) its decoded points;
-    a group in one of the row's escape slots (esc_pos[r], G unused) takes its escaped gain."""
+def _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, gains, scales):
+    """scales[g] = gain / ||p|| of row r's groups (float32), pts (G, D) its decoded points,
+    the gains as every kernel reads them (`pvq_fast._row_gains`: escapes applied)."""
+    _row_gains(r, G, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, gains)
     for g in range(G):
         ss = np.float32(0.0)
         for i in range(D):
             ss += pts[g, i] * pts[g, i]  # small integers: exact
-        gain = _gain(r, g, G, gain_mode, gains16, gidx, gbits, codebook, row_scale)
-        for k in range(esc_pos.shape[1]):
-            if esc_pos[r, k] == g:
-                gain = esc_gain[r, k]
-        scales[g] = np.float32(gain / math.sqrt(np.float64(ss)))
+        scales[g] = np.float32(gains[g] / math.sqrt(np.float64(ss)))
 
 
 @nb.njit(cache=True, nogil=True)
@@ -160,6 +140,7 @@ def pvq_rows(lo, hi, x, codes, nbits, D, G, K, total, start, length, left, right
     crow = np.empty(G, np.int64)
     pts = np.empty((G, D), np.float32)
     scales = np.empty(G, np.float32)
+    gains = np.empty(G, np.float64)
     acc = np.empty(B, np.float32)
     cs = np.empty(start.shape[0], np.int64)
     ks = np.empty(start.shape[0], np.int64)
@@ -168,7 +149,8 @@ def pvq_rows(lo, hi, x, codes, nbits, D, G, K, total, start, length, left, right
                           kmax, lb, lp, crow, pts, cs, ks)
         if bad >= 0:
             return r * G + bad
-        _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, scales)
+        _row_scales(r, G, D, pts, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_pos, esc_gain, gains,
+                    scales)
         if not gemv:
             for g in range(G):
                 for i in range(D):
@@ -201,10 +183,10 @@ def grid_rows(lo, hi, x, codes, bits, gs, G, scales16, zeros, out, weight, row0)
         acc[:] = 0.0
         for g in range(G):
             s = np.float32(half_to_double(scales16[r, g]))
-            z = _read_bits(zeros, (r * G + g) * bits, bits)
+            z = read_bits(zeros, (r * G + g) * bits, bits)
             base = g * gs
             for j in range(gs):
-                w = np.float32(_read_bits(codes, (r * C + base + j) * bits, bits) - z) * s
+                w = np.float32(read_bits(codes, (r * C + base + j) * bits, bits) - z) * s
                 if gemv:
                     for b in range(B):
                         acc[b] += w * x[b, base + j]
@@ -289,8 +271,7 @@ def cpu_state(layer) -> PVQCpuState:
         return state
     if compute is not None:
         state = PVQCpuState(key, compute.kernel_args(int(layer.layout["group_size"])),
-                            (layer.out_features, layer.in_features),
-                            kernel=int8_rows if compute.kind == "int8" else int4_rows, name=compute.kind)
+                            (layer.out_features, layer.in_features), kernel=compute.kernel, name=compute.kind)
     else:
         state = _pvq_state(layer, key) if layer.method == "pvq" else _grid_state(layer, key)
     state.c = c_kernels.c_args_for(state.name, state.args)
@@ -440,45 +421,28 @@ def forward_decode_gemm(layer, x: torch.Tensor) -> torch.Tensor:
 
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     step = max(1, DECODE_CHUNK_WEIGHTS // C)
-    with _gemm_threads():
-        if step >= R:
-            return F.linear(x, WORKSPACE.weight_like(decoded_weight(layer), x), bias)
-        out = torch.empty(*x.shape[:-1], R, dtype=x.dtype)
-        for start in range(0, R, step):
-            stop = min(R, start + step)
-            chunk = decoded_weight(layer, start, stop)
-            out[..., start:stop] = F.linear(x, WORKSPACE.weight_like(chunk, x), None if bias is None else bias[start:stop])
-        return out
+    if step >= R:
+        return F.linear(x, WORKSPACE.weight_like(decoded_weight(layer), x), bias)
+    out = torch.empty(*x.shape[:-1], R, dtype=x.dtype)
+    for start in range(0, R, step):
+        stop = min(R, start + step)
+        chunk = decoded_weight(layer, start, stop)
+        out[..., start:stop] = F.linear(x, WORKSPACE.weight_like(chunk, x), None if bias is None else bias[start:stop])
+    return out
 
 
-@contextlib.contextmanager
-def _gemm_threads():
-    """torch's threads raised to the kernels' for a prefill GEMM (`runtime_threads` leaves
-    torch one thread between layers; a GEMM over many tokens wants them all)."""
-    want, have = kernel_threads(), torch.get_num_threads()
-    if want <= have:
-        yield
-        return
-    torch.set_num_threads(want)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(have)
-
-
-def runtime_threads(threads: int | None = None, model: torch.nn.Module | None = None) -> int:
+def runtime_threads(model: torch.nn.Module, threads: int | None = None) -> int:
     """Set the threads of generation with a quantized model on the CPU: the kernels split
     each quantized layer over `threads` (default: torch's current count) with their own pool;
     torch's ops run on one thread while a step feeds one token (they are too small to gain
     from threads, and torch's spinning workers would take the cores the kernels' workers
     need: measured 77 against 48 ms a decode step of the demo model, int4 layout) and on
-    `threads` for a step of several tokens (prefill: a forward pre-hook on `model` switches;
-    without a model, torch stays on one thread and only the prefill GEMMs use `threads`).
+    `threads` for a step of several tokens (prefill: a forward pre-hook on `model` switches).
     Returns `threads`."""
     n = int(threads) if threads else max(1, torch.get_num_threads())
     set_kernel_threads(n)
     torch.set_num_threads(1)
-    if model is not None and not getattr(model, "_pvq_thread_hook", None):
+    if not getattr(model, "_pvq_thread_hook", None):
         def switch(module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:

@@ -37,7 +37,6 @@ def grid_fast_rows(lo, hi, x, codes, bits, gs, G, scales, zeros, out, weight, ro
     B = x.shape[0]
     C = G * gs
     gemv = weight.shape[0] == 0
-    acc = np.zeros(max(B, 1), np.float32)
     row = np.empty(C, np.float32)
     for r in range(lo, hi):
         # the row's integers (code - zero) as float32, then the groups

@@ -8,12 +8,11 @@ the decode into a workspace for prefill. What makes it faster than `cpu_kernels.
   its search reads one row of offsets (K + 2 int64); the 8-coordinate nodes read
   (K + 1) x (K + 2) offsets; the guides are uint8. Together about 20 KB for D=16, K=27,
   in L1; the P(4, k) leaf table is read where the codes land (97% in its first 90 KB);
-* a code read with two aligned 64-bit loads (the stream viewed as uint64, no copy),
-  a gain index as one byte load;
+* a code read with two aligned 64-bit loads (the stream viewed as uint64, no copy);
 * per row, the gains of every group first (codebook x row norm, escapes applied), then
   one pass over the groups: three node splits, four leaf lookups, the dot product and
   the squared norm of the 16 integers, ``scale = float32(gain * inv_norm[||p||^2])`` (a table of 1/sqrt(n));
-* threads inside the kernel (`pvq.formats.threads`), no per-call argument tuples.
+* the rows of a layer split over threads by the caller (`cpu_kernels`).
 
 Codes out of range are never decoded (the first such flat index r*G + g is returned).
 """
@@ -26,7 +25,7 @@ from functools import lru_cache
 import numba as nb
 import numpy as np
 
-from pvq.codec.split import divmod_by_reciprocal, split_supported, split_tables
+from pvq.codec.split import GUIDE_BUCKETS, divmod_by_reciprocal, split_supported, split_tables
 
 __all__ = ["FastPVQTables", "fast_pvq_supported", "fast_pvq_tables", "pvq_fast_rows"]
 
@@ -90,15 +89,12 @@ def fast_pvq_tables(D: int, K: int) -> FastPVQTables:
     return FastPVQTables(offs, divs, recs, guide, gscale, tb.leaf_base.copy(), leaf32, int(tb.total), inv_norm_table(K))
 
 
-_GUIDE = 128  # buckets per (level, k): `pvq.codec.split.GUIDE_BUCKETS`
-
-
 @nb.njit(inline="always")
 def _node(c, k, lvl, S, offs, divs, recs, guide, gscale):
     """(left pulses, left code, right code) of code c of a node of k pulses at tree level lvl."""
     row = k * S
-    j = min(np.int64(np.float64(c) * gscale[lvl, k]), _GUIDE - 1)
-    kl = np.int64(guide[lvl, k * _GUIDE + j])
+    j = min(np.int64(np.float64(c) * gscale[lvl, k]), GUIDE_BUCKETS - 1)
+    kl = np.int64(guide[lvl, k * GUIDE_BUCKETS + j])
     kl += np.int64(c >= offs[lvl, row + kl + 1])  # the guide is right or one short for most codes
     while c >= offs[lvl, row + kl + 1]:
         kl += 1
@@ -128,6 +124,17 @@ def _read_code(words, stream, bitpos, mask):
 
 
 @nb.njit(inline="always")
+def read_bits(stream, bitpos, nbits):
+    """The `nbits` (<= 56) bits at stream bit `bitpos` (little-endian bit order, `pvq.codec.pack_codes`)."""
+    byte = bitpos >> 3
+    shift = bitpos & 7
+    v = np.uint64(0)
+    for i in range((shift + nbits + 7) >> 3):
+        v |= np.uint64(stream[byte + i]) << np.uint64(8 * i)
+    return np.int64((v >> np.uint64(shift)) & ((np.uint64(1) << np.uint64(nbits)) - np.uint64(1)))
+
+
+@nb.njit(inline="always")
 def half_to_double(h):
     """An IEEE float16 (its int16 bits) as float64, exactly."""
     u = np.int64(h) & 0xFFFF
@@ -149,16 +156,8 @@ def _row_gains(r, G, gain_mode, gains16, gidx, gbits, codebook, row_scale, esc_p
             gains[g] = half_to_double(gains16[r, g])
     else:
         scale = row_scale[r]
-        mask = (1 << gbits) - 1
         for g in range(G):
-            bp = (r * G + g) * gbits
-            byte = bp >> 3
-            v = np.int64(gidx[byte])
-            if (bp & 7) + gbits > 8:
-                v |= np.int64(gidx[byte + 1]) << 8
-            if (bp & 7) + gbits > 16:  # up to 16-bit indices span three bytes
-                v |= np.int64(gidx[byte + 2]) << 16
-            gains[g] = codebook[(v >> (bp & 7)) & mask] * scale
+            gains[g] = codebook[read_bits(gidx, (r * G + g) * gbits, gbits)] * scale
     for k in range(esc_pos.shape[1]):
         pos = np.int64(esc_pos[r, k])
         if pos < G:
