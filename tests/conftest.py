@@ -122,3 +122,35 @@ def write_texts(root, text: str, eval_chars: int | None = None):
     (root / "calib.txt").write_text(text)
     (root / "wiki.test.raw").write_text(" \n = Title = \n \n" + text[:eval_chars] + "\n \n")
     return root
+
+
+ADVERSARIAL_TEXT = "the quick brown fox jumps over the lazy dog. " * 60
+
+
+def adversarial_env(root, extra_files: dict | None = None):
+    """What the adversarial tests start from, in `root`: model/ (the tiny float llama),
+    calib.txt and wiki.test.raw (ADVERSARIAL_TEXT) and ck/ (its RTN 4-bit checkpoint, with
+    `extra_files` such as a recipe.yaml); returns root."""
+    from pvq.formats import save_checkpoint
+    from pvq.models import tiny_llama
+    from pvq.oneshot import Recipe, oneshot
+
+    save_tiny_model(root / "model")
+    write_texts(root, ADVERSARIAL_TEXT)
+    model = tiny_llama(seed=0)
+    oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}), progress=False)
+    save_checkpoint(model, root / "ck", tokenizer=printable_char_tokenizer(), extra_files=extra_files)
+    return root
+
+
+def scripted_input(monkeypatch, lines):
+    """`input()` returns `lines` one by one, then raises EOFError (the user pressed Ctrl-D)."""
+    feed = iter(lines)
+
+    def fake_input(prompt=""):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)

@@ -18,24 +18,17 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import cli_error, printable_char_tokenizer, save_tiny_model, write_texts  # noqa: E402
+from conftest import ADVERSARIAL_TEXT as TEXT  # noqa: E402
+from conftest import adversarial_env, cli_error, printable_char_tokenizer  # noqa: E402
 from pvq.errors import PVQError  # noqa: E402
-from pvq.formats import save_checkpoint  # noqa: E402
 from pvq.models import tiny_llama  # noqa: E402
 from pvq.oneshot import Recipe, oneshot  # noqa: E402
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 60
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adv")
-    save_tiny_model(root / "model")
-    write_texts(root, TEXT)
-    model = tiny_llama(seed=0)
-    oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}), progress=False)
-    save_checkpoint(model, root / "ck", tokenizer=printable_char_tokenizer())
-    return root
+    return adversarial_env(tmp_path_factory.mktemp("adv"))
 
 
 def quantize_args(env: Path, out: Path, *extra: str) -> list[str]:

@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import printable_char_tokenizer
+from conftest import printable_char_tokenizer, scripted_input
 
 from pvq.formats import CheckpointError, LayerCodecError, QuantizedLinear, load_checkpoint, save_checkpoint
 from pvq.formats import cpu_kernels
@@ -282,15 +282,7 @@ def test_chat_command(tmp_path, monkeypatch, capsys):
     assert "no chat template" in capsys.readouterr().err
     _, tok = chat_setup()
     tok.save_pretrained(d)
-    lines = iter(["hello", "again"])
-
-    def fake_input(prompt=""):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", fake_input)
+    scripted_input(monkeypatch, ["hello", "again"])
     code = main(["chat", str(d), "--max-new-tokens", "3"])
     err = capsys.readouterr().err
     assert code == 0, err

@@ -485,7 +485,7 @@ def test_codes_out_of_range_name_the_layer(saved, tmp_path):
     name = "model.layers.0.mlp.down_proj"
     bad = tampered_copy(root, tmp_path / "bad",  # every code past N(D, K)
                         lambda t: t.update({f"{name}.codes": torch.full_like(t[f"{name}.codes"], 0xFF)}))
-    with pytest.raises(LayerCodecError, match=rf"layer '{name}' \(pvq\): cannot decode the stored codes") as info:
+    with pytest.raises(LayerCodecError, match=rf"layer '{name}' \(pvq\): code of row 0, group 0 is out of range") as info:
         load_checkpoint(bad)
     assert isinstance(info.value, CodecError)
     unchecked, _, _ = load_checkpoint(bad, check_decode=False)

@@ -16,6 +16,7 @@ from typing import IO, Any, Callable
 
 import torch
 
+from pvq.chat_template import chat_ids, check_text
 from pvq.generate import GenerationError, _TimedStreamer
 
 __all__ = ["Conversation", "run_chat"]
@@ -28,8 +29,12 @@ class Conversation:
                  max_new_tokens: int = 256) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise GenerationError("this tokenizer has no chat template; `pvq chat` needs one (use `pvq generate`)")
+        if system is not None:
+            check_text(system, "the system message")
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, int(max_new_tokens)
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        # a template that fails (or is refused) fails here, before the first message is asked for
+        self._render(self.messages + [{"role": "user", "content": "hello"}])
         self.cache = None
         self.cached_ids = torch.zeros((1, 0), dtype=torch.long)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -37,9 +42,8 @@ class Conversation:
         self.dropped_turns = 0
 
     def _render(self, messages: list[dict[str, str]]) -> torch.Tensor:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True)["input_ids"]
-        return ids.to(torch.long)
+        """The token ids of `messages` through the chat template (within a budget: `pvq.chat_template`)."""
+        return chat_ids(self.tokenizer, messages)
 
     def _fits(self, ids: torch.Tensor) -> bool:
         return self.positions is None or ids.shape[1] + self.max_new_tokens <= self.positions
@@ -74,6 +78,7 @@ class Conversation:
         """Add the user's message, stream the reply to `out`, add it to the history; stats."""
         from transformers import DynamicCache
 
+        check_text(text, "the message")
         self.messages.append({"role": "user", "content": text})
         try:
             ids = self._fit()
@@ -94,7 +99,8 @@ class Conversation:
             with torch.inference_mode():
                 output = self.model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                                              cache=self.cache, max_new_tokens=self.max_new_tokens,
-                                             do_sample=False, streamer=streamer, pad_token_id=pad)
+                                             do_sample=False, num_beams=1, num_return_sequences=1,
+                                             streamer=streamer, pad_token_id=pad)
         except KeyboardInterrupt:
             interrupted = True
         t_end = time.perf_counter()
@@ -129,13 +135,20 @@ def run_chat(model: torch.nn.Module, tokenizer: Any, *, system: str | None = Non
     out, err = out or sys.stdout, err or sys.stderr
     conv = Conversation(model, tokenizer, system=system, max_new_tokens=max_new_tokens)
     print("chat: type a message and press Enter; Ctrl-D (EOF) or Ctrl-C ends it", file=err)
-    replies = 0
+    replies = undecodable = 0
     while True:
         try:
             text = read("you> ")
         except (EOFError, KeyboardInterrupt):
             print("", file=err)
             return replies
+        except UnicodeDecodeError as e:  # the terminal sent bytes that are not UTF-8
+            undecodable += 1
+            print(f"error: the message is not valid UTF-8 text ({e.reason}); type it again", file=err)
+            if undecodable >= 3:  # a stream of bytes, not a person typing
+                raise GenerationError("the input is not UTF-8 text") from None
+            continue
+        undecodable = 0
         if not text.strip():
             continue
         dropped = conv.dropped_turns

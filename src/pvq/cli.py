@@ -11,6 +11,7 @@ from pvq.errors import PVQError
 from pvq.options import (
     NONNEGATIVE,
     POSITIVE,
+    SEED,
     SEQLEN,
     act_config,
     add_act_options,
@@ -236,11 +237,17 @@ def _load_for_generation(args: argparse.Namespace, device: str, dtype: str, chat
     before and after the load)."""
     import torch
 
+    from pvq.chat_template import check_text
     from pvq.formats import QuantizedLinear
     from pvq.formats.cpu_kernels import runtime_threads
+    from pvq.formats.load_checks import check_generation_config
     from pvq.generate import warm_imports, warm_up
     from pvq.memory import resident_memory_bytes
 
+    for option in ("prompt", "system"):  # text from the command line: UTF-8, before the load
+        if getattr(args, option, None) is not None:
+            check_text(getattr(args, option), f"--{option}")
+    check_generation_config(Path(args.model))  # before anything is loaded (the loading contract checks it again)
     if args.threads:
         torch.set_num_threads(args.threads)
     warm_imports(args.model)
@@ -263,22 +270,30 @@ def _load_for_generation(args: argparse.Namespace, device: str, dtype: str, chat
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from pvq.chat import run_chat
+    from pvq.chat_template import ChatTemplateError
 
     model, tokenizer, what, _, warm_s, _, _ = _load_for_generation(args, "cpu", "float32", chat=True)
     print(f"{args.model}: {what}; kernels ready in {warm_s:.1f} s", file=sys.stderr)
-    run_chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens)
+    try:
+        run_chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens)
+    except ChatTemplateError as e:  # the template fails on the first rendering: name the model
+        raise ChatTemplateError(f"{args.model}: {e}") from None
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from pvq.chat_template import ChatTemplateError
     from pvq.generate import generate_text
     from pvq.memory import resident_memory_bytes
 
     device = _default_device(args.device)
     model, tokenizer, what, threads, warm_s, rss0, rss1 = _load_for_generation(args, device, args.dtype, args.chat)
     print(f"{args.model}: {what}", file=sys.stderr)
-    stats = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                          out=sys.stdout)
+    try:
+        stats = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                              out=sys.stdout)
+    except ChatTemplateError as e:  # name the model whose template it is
+        raise ChatTemplateError(f"{args.model}: {e}") from None
     mib = 2**20
     kernels = ", ".join(f"{k} ({n} layers)" for k, n in sorted(stats["kernels"].items())) or "torch F.linear (float)"
     lines = [
@@ -375,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     snr.add_argument("--samples", type=POSITIVE, default=512, help="Gaussian rows of 1024 values (default 512)")
     snr.add_argument("--dims", type=int, nargs="+", default=[8, 16, 32, 64, 128], help="PVQ group sizes D")
-    snr.add_argument("--seed", type=NONNEGATIVE, default=0)
+    snr.add_argument("--seed", type=SEED, default=0)
     snr.add_argument("--plot", default="pvq_snr.png", help="output PNG (default pvq_snr.png)")
     snr.add_argument("--csv", default=None, help="also write the table as CSV")
     snr.add_argument("--quick", action="store_true", help="fewer samples and rates, for a smoke test")
@@ -431,11 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--pvq-gain-bits", type=int, default=4, help="pvq: bits per fitted gain index (default 4)")
     sw.add_argument("--vq-columns", type=int, default=256, help="gptvq: columns per codebook block (default 256)")
     sw.add_argument("--rotate", action="store_true", help="rotate every point's float model first (fused Hadamard)")
-    sw.add_argument("--rotate-seed", type=NONNEGATIVE, default=0)
+    sw.add_argument("--rotate-seed", type=SEED, default=0)
     sw.add_argument("--calib-text", default=None, help="calibration text file (default: sampled from the model, seeded)")
     sw.add_argument("--calib-windows", type=POSITIVE, default=32)
     sw.add_argument("--calib-seqlen", type=SEQLEN, default=512)
-    sw.add_argument("--seed", type=NONNEGATIVE, default=0)
+    sw.add_argument("--seed", type=SEED, default=0)
     sw.add_argument("--eval-text", default=None,
                     help="WikiText-2 raw test file (default: $PVQ_WIKITEXT2_TEST, else the datasets cache or hub, "
                          "else ../shared/assets)")
@@ -506,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("model", help="hub id, local directory, .gguf, or smollm2-135m")
     pg.add_argument("--pvq-group-size", type=POSITIVE, default=16, help="D, columns per group (default 16)")
     pg.add_argument("--rotate", action="store_true", help="rotate the model first (the paper's setting)")
-    pg.add_argument("--rotate-seed", type=NONNEGATIVE, default=0)
+    pg.add_argument("--rotate-seed", type=SEED, default=0)
     pg.add_argument("--layers", nargs="+", default=None,
                     help="layer names (default: q/o/up/down_proj of the first, middle and last block)")
     pg.add_argument("--quantity", choices=["energy", "gain"], default="energy",
@@ -561,6 +576,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = " ".join(str(e).split())  # one line, whatever the library's message looked like
         print(f"pvq {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as e:  # an I/O failure a library reports in its own type (safetensors: a full disk)
+        from pvq.fileio import as_os_error
+
+        if as_os_error(e) is None or getattr(args, "debug", False):
+            raise
+        print(f"pvq {args.command}: error: {' '.join(str(e).split())[:300]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if getattr(args, "debug", False):

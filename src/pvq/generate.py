@@ -8,7 +8,10 @@ token after it. It reports which kernel each quantized layer ran.
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import torch
@@ -16,7 +19,6 @@ import torch
 from pvq.errors import PVQError
 
 __all__ = ["GenerationError", "generate_text", "warm_imports", "warm_up"]
-
 
 class GenerationError(PVQError, ValueError):
     """A prompt or length the model cannot generate from."""
@@ -97,12 +99,17 @@ def generate_text(
     out: IO[str] | None = None,
 ) -> dict[str, Any]:
     """Greedy continuation of `prompt` (printed to `out` as it is generated); returns the
-    text, token counts, prefill and decode speed, and {kernel: layers that ran it}."""
+    text, token counts, prefill and decode speed, and {kernel: layers that ran it}.
+    `chat`: the prompt as a user message through the tokenizer's chat template (rendered
+    within a budget of time and size: `pvq.chat_template`)."""
+    from pvq.chat_template import chat_ids, check_text
     from pvq.formats import QuantizedLinear
 
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+    check_text(prompt, "the prompt")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise GenerationError("the tokenizer has no chat template; generate without chat")
+        ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}])
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
@@ -120,7 +127,8 @@ def generate_text(
     t0 = time.perf_counter()
     with torch.inference_mode():
         output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, streamer=streamer, pad_token_id=pad)
+                                do_sample=False, num_beams=1, num_return_sequences=1, streamer=streamer,
+                                pad_token_id=pad)
     t_end = time.perf_counter()
     new = output[0, ids.shape[1]:]
     token_times = streamer.times[1:]  # the first put is the prompt itself

@@ -115,10 +115,12 @@ class Recipe:
                 raise QuantizationError(f"recipe field {name} must be a positive integer, got {value!r}")
         if self.calib_seqlen < 2:
             raise QuantizationError(f"recipe field calib_seqlen must be at least 2, got {self.calib_seqlen}")
+        from pvq.options import MAX_SEED, excerpt
+
         for name in ("seed", "rotate_seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise QuantizationError(f"recipe field {name} must be an integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+                raise QuantizationError(f"recipe field {name} must be an integer in 0..2**32-1, got {excerpt(value)}")
         if not isinstance(self.rotate, bool):
             raise QuantizationError(f"recipe field rotate must be True or False, got {self.rotate!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:

@@ -11,6 +11,12 @@ option whose switch is off (`--rotate-seed` without `--rotate`). The stored reci
 every field that decides the checkpoint, defaults included, and none that only says
 where to write (`--out`, `--work-dir`, `--overwrite`, `--device`, `--max-shard-size`), so
 ``pvq quantize --recipe CKPT/recipe.yaml --out NEW`` quantizes the same model again.
+
+A recipe is data, not authority: the fields that choose where pvq writes, what it replaces
+or which safety check it skips (`out`, `work_dir`, `overwrite`, `ignore_memory_check`)
+are refused in a recipe (they are command-line flags only). A recipe file is at most 1 MiB,
+YAML anchors and aliases are refused (no "billion laughs"), nesting is bounded, and every
+value goes through its flag's own check; messages quote a short excerpt of a bad value.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pvq.errors import PVQError
-from pvq.fileio import read_utf8
+from pvq.fileio import nesting_depth, read_utf8
 
 __all__ = ["Option", "OptionConflictError", "QUANTIZE_OPTIONS", "RecipeFileError", "add_quantize_options",
            "read_recipe_file", "recipe_text", "resolve_quantize_options"]
@@ -36,22 +42,35 @@ class OptionConflictError(PVQError, ValueError):
     """An option given for another method, or with its switch off."""
 
 
+def shorten(text: str, limit: int = 200) -> str:
+    """`text` on one line, cut to about `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text)} characters)"
+
+
+def excerpt(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters: what an error message quotes of a value."""
+    return shorten(repr(value), limit)
+
+
 def integer(text: str) -> int:
     """An argparse type: an integer."""
     try:
         return int(str(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer, got {excerpt(text)}") from None
 
 
-def count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= minimum."""
+def count(minimum: int, maximum: int | None = None, shown: str | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum (and <= maximum, written `shown` in messages)."""
     def parse(text: str) -> int:
         value = integer(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {excerpt(value)}")
+        if maximum is not None and not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be in {minimum}..{shown or maximum}, got {excerpt(value)}")
         return value
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = f"integer >= {minimum}" if maximum is None else f"integer in {minimum}..{shown or maximum}"
     return parse
 
 
@@ -61,9 +80,9 @@ def number(minimum: float | None = None, above: float | None = None) -> Callable
         try:
             value = float(str(text))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a number, got {excerpt(text)}") from None
         if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {excerpt(text)}")
         if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value:g}")
         if above is not None and value <= above:
@@ -74,6 +93,11 @@ def number(minimum: float | None = None, above: float | None = None) -> Callable
 
 
 POSITIVE, NONNEGATIVE, SEQLEN = count(1), count(0), count(2)
+#: the largest seed: torch.Generator.manual_seed takes 64 bits and the job derives seed + 1;
+#: 32 bits keep a seed exact in every JSON reader and numpy's legacy seeding
+MAX_SEED = 2**32 - 1
+#: an argparse type: a seed, 0..2**32-1 (--seed, --rotate-seed; the same check for recipes)
+SEED = count(0, MAX_SEED, "2**32-1")
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,9 @@ class Option:
     requires: tuple[str, Any] | None = None
     group: str = "job"
     stored: bool = True  # part of the checkpoint's recipe.yaml
+    # a recipe may hold it; False: a command-line flag only (where to write, what to
+    # replace, which safety check to skip: a recipe is data, not authority)
+    in_recipe: bool = True
 
     @property
     def flag(self) -> str:
@@ -105,17 +132,18 @@ _PVQ, _SCALAR, _HESSIAN = ("pvq",), ("rtn", "gptq"), ("pvq", "gptq", "gptvq")
 QUANTIZE_OPTIONS: tuple[Option, ...] = (
     Option("model", "smollm2-135m", "hub id, local directory, .gguf file, or the demo alias smollm2-135m"),
     Option("method", "pvq", "quantization method", choices=("pvq", "gptq", "gptvq", "rtn")),
-    Option("out", "pvq-out", "checkpoint directory to write", stored=False),
-    Option("overwrite", False, "replace an existing checkpoint at --out", stored=False),
+    Option("out", "pvq-out", "checkpoint directory to write", stored=False, in_recipe=False),
+    Option("overwrite", False, "replace an existing checkpoint at --out", stored=False, in_recipe=False),
     Option("max_shard_size", None, "largest safetensors shard, e.g. 2GB or 500MB (default: transformers' 50GB)",
            stored=False),
-    Option("work_dir", None, "resumable state (default: <out>.work); a rerun continues there", stored=False),
+    Option("work_dir", None, "resumable state (default: <out>.work); a rerun continues there", stored=False,
+           in_recipe=False),
     Option("device", "auto", "compute device for one block at a time (auto: cuda if present)", stored=False),
     Option("stream", False, "read the model block by block from its safetensors shards: the float model is never "
            "held whole (a local directory; needs --calib-text)", stored=False),
     Option("dry_run", False, "print the predicted peak memory and disk use, then stop", stored=False),
     Option("ignore_memory_check", False, "run even when the predicted peak memory exceeds what is available",
-           stored=False),
+           stored=False, in_recipe=False),
     # pvq
     Option("pvq_group_size", 16, "PVQ dimension D: weights per group along the input", POSITIVE, methods=_PVQ,
            group="pvq"),
@@ -165,7 +193,7 @@ QUANTIZE_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", 8, "calibration windows per forward", POSITIVE, methods=_HESSIAN, group="hessian"),
     Option("offload_activations", False, "keep the calibration activations in the work directory, one file per "
            "batch, instead of in memory", methods=_HESSIAN, group="hessian", stored=False),
-    Option("seed", 0, "seed of the sampled calibration text and of gptvq's k-means", NONNEGATIVE),
+    Option("seed", 0, "seed of the sampled calibration text and of gptvq's k-means", SEED),
     # quality: bit allocation and fine-tuning
     Option("target_bpw", None, "bits per weight over the quantized linears, allocated per layer: each layer's "
            "setting (PVQ shape bits, scalar bits, VQ index bits) chosen from its measured distortion (default: "
@@ -189,7 +217,7 @@ QUANTIZE_OPTIONS: tuple[Option, ...] = (
     # rotation
     Option("rotate", False, "rotate the float model first (fused randomized Hadamard, online Hadamard before "
            "down_proj); recorded in the checkpoint and rebuilt on load", group="rotation"),
-    Option("rotate_seed", 0, "seed of the rotation's random signs", NONNEGATIVE, requires=("rotate", True),
+    Option("rotate_seed", 0, "seed of the rotation's random signs", SEED, requires=("rotate", True),
            group="rotation"),
     # activation quantization (simulated)
     Option("act_method", "none", "quantize the inputs of every quantized linear layer: round-to-nearest or PVQ",
@@ -277,53 +305,101 @@ def add_act_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert(o: Option, value: Any, where: str) -> Any:
-    """A recipe value checked as its flag would be (RecipeFileError naming field and file)."""
+    """A recipe value checked as its flag would be (RecipeFileError naming field and file):
+    the flag's own argparse type, so a recipe and a command line obey one set of rules."""
+    if not o.in_recipe:
+        raise RecipeFileError(f"{where}: field {o.dest!r} is not taken from a recipe (a recipe cannot choose where "
+                              f"pvq writes, what it replaces or which check it skips); pass {o.flag} on the "
+                              "command line instead")
     if o.switch:
         if not isinstance(value, bool):
-            raise RecipeFileError(f"{where}: field {o.dest!r} must be true or false, got {value!r}")
+            raise RecipeFileError(f"{where}: field {o.dest!r} must be true or false, got {excerpt(value)}")
         return value
     if value is None:
         if o.default is None:
             return None
         raise RecipeFileError(f"{where}: field {o.dest!r} needs a value")
     if isinstance(value, (dict, list, bool)):
-        raise RecipeFileError(f"{where}: field {o.dest!r} must be a single value, got {value!r}")
+        raise RecipeFileError(f"{where}: field {o.dest!r} must be a single value, got {excerpt(value)}")
     try:
         converted = o.type(str(value)) if o.type is not None else str(value)
     except argparse.ArgumentTypeError as e:
         raise RecipeFileError(f"{where}: field {o.dest!r}: {e}") from None
     if o.choices is not None and converted not in o.choices:
         raise RecipeFileError(f"{where}: field {o.dest!r} must be one of {', '.join(map(str, o.choices))}, "
-                              f"got {value!r}")
+                              f"got {excerpt(value)}")
     return converted
+
+
+#: a recipe file larger than this is refused unread (a real one is a few hundred bytes)
+MAX_RECIPE_BYTES = 1 << 20
+#: mappings and lists nested deeper than this are refused (a recipe is one flat mapping)
+MAX_RECIPE_DEPTH = 8
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """safe_load, after a pass over the parser's events that refuses anchors and aliases
+    (a few hundred bytes of nested aliases expand to gigabytes) and deep nesting, before
+    any node is built."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        depth = 0
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                line = event.start_mark.line + 1
+                raise RecipeFileError(f"{where}: YAML anchors and aliases are not allowed in a recipe (line {line}); "
+                                      "write each value out")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_RECIPE_DEPTH:
+                    raise RecipeFileError(f"{where}: nested deeper than {MAX_RECIPE_DEPTH} levels (line "
+                                          f"{event.start_mark.line + 1}); a recipe is a flat mapping of field: value")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text)
+    except RecipeFileError:
+        raise
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an integer of more digits than Python converts
+        raise RecipeFileError(f"{where}: not valid YAML: {shorten(e)}") from None
+    finally:
+        loader.dispose()
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """The fields of a YAML or JSON recipe file, each checked as its flag would be."""
     p = Path(path)
+    where = f"--recipe {path}"
+    if p.is_file() and p.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeFileError(f"{where}: {p.stat().st_size} bytes, more than a recipe may hold "
+                              f"({MAX_RECIPE_BYTES} bytes)")
     text = read_utf8(p, RecipeFileError, "recipe file")
-    try:
-        if p.suffix.lower() == ".json":
+    if p.suffix.lower() == ".json":
+        try:
             data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as e:
-        raise RecipeFileError(f"--recipe {path}: not valid JSON: {e}") from None
-    except Exception as e:  # yaml.YAMLError and its subclasses
-        raise RecipeFileError(f"--recipe {path}: not valid YAML: {' '.join(str(e).split())}") from None
+        except RecursionError:
+            raise RecipeFileError(f"{where}: nested deeper than {MAX_RECIPE_DEPTH} levels; a recipe is a flat "
+                                  "mapping of field: value") from None
+        except ValueError as e:  # json.JSONDecodeError, or an integer of more digits than Python converts
+            raise RecipeFileError(f"{where}: not valid JSON: {shorten(e)}") from None
+        if nesting_depth(data, MAX_RECIPE_DEPTH) > MAX_RECIPE_DEPTH:
+            raise RecipeFileError(f"{where}: nested deeper than {MAX_RECIPE_DEPTH} levels; a recipe is a flat "
+                                  "mapping of field: value")
+    else:
+        data = _load_yaml(text, where)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeFileError(f"--recipe {path}: expected a mapping of field: value, got {type(data).__name__}")
+        raise RecipeFileError(f"{where}: expected a mapping of field: value, got {type(data).__name__}")
     fields: dict[str, Any] = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest not in OPTIONS_BY_DEST:
-            raise RecipeFileError(f"--recipe {path}: unknown field {key!r} (fields are the flags of pvq quantize "
+            raise RecipeFileError(f"{where}: unknown field {excerpt(key)} (fields are the flags of pvq quantize "
                                   "without dashes, e.g. shape_bits)")
-        fields[dest] = _convert(OPTIONS_BY_DEST[dest], value, f"--recipe {path}")
+        fields[dest] = _convert(OPTIONS_BY_DEST[dest], value, where)
     return fields
 
 

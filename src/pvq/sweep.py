@@ -284,7 +284,10 @@ def _evaluate(model, row: dict[str, Any], tokenizer, eval_ids: torch.Tensor, tas
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _read_point(path: Path) -> dict[str, Any]:
+def _read_point(path: Path, point: Point | None = None) -> dict[str, Any]:
+    """The kept file of `point`, checked: readable, a settings/row pair, a row with its
+    figures, and a row of this very point (a file whose row names another point, or
+    another method, would put that point's figures in this one's place in the table)."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -298,6 +301,12 @@ def _read_point(path: Path) -> dict[str, Any]:
             isinstance(row.get(k), bool) or not isinstance(row.get(k), (int, float)) for k in numbers):
         raise SweepError(f"kept point {path} is damaged (its row lacks {', '.join(numbers)} or the point name); "
                          "delete it to recompute the point")
+    method = None if point is None else point.method or "float"
+    if point is not None and (row["point"] != point.name or row.get("method") != method):
+        from pvq.options import excerpt
+
+        raise SweepError(f"kept point {path} holds the row of another point (point {excerpt(row['point'])}, method "
+                         f"{excerpt(row.get('method'))}, not {point.name}, {method}); delete it to recompute the point")
     return saved
 
 
@@ -316,7 +325,7 @@ def run_sweep(opts: SweepOptions) -> list[dict[str, Any]]:
         settings = point_settings(point, opts, task_names)
         path = point_dir / f"{point.name}.json"
         if path.is_file():
-            saved = _read_point(path)
+            saved = _read_point(path, point)
             if saved["settings"] == settings:
                 rows[point.name] = saved["row"]
                 log.info("%s: kept from %s", point.name, path)

@@ -75,15 +75,18 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointIntegrityError(f"{path}: {what} is not valid JSON: {type(e).__name__}: {e}") from None
+    from .load_checks import read_json_file
+
+    return read_json_file(path, what)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` is a directory holding a pvq model (config.json with a pvq quantization_config)."""
+    """Whether `path` is a directory holding a pvq model (config.json with a pvq quantization_config,
+    or a pvq integrity index: such a directory is loaded, and so checked, as a pvq checkpoint
+    whatever its config.json says)."""
     config = Path(path) / "config.json"
+    if (Path(path) / INDEX_FILE).is_file():
+        return True
     if not config.is_file():
         return False
     try:

@@ -443,6 +443,13 @@ class PVQHfQuantizer(HfQuantizer):
                 device = getattr(module, next(iter(module.payload_spec))).device
                 for transform in input_transforms_of(module).values():
                     transform.to(device)
+        # Stored values are checked above; the one range no value check sees is a PVQ code beyond
+        # its pyramid's size, so PVQ layers are decoded once (pvq.load decodes or transcodes every
+        # layer itself, after its layout). Grid codes and GPTVQ indices cannot be out of range.
+        if _VERIFIED.get() is None:
+            for module in model.modules():
+                if isinstance(module, QuantizedLinear) and module.method == "pvq":
+                    module.check_decode()
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -477,6 +484,9 @@ def register_with_transformers() -> None:
         register_quantization_config(QUANT_METHOD)(PVQQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(PVQHfQuantizer)
+    from .load_checks import guard_from_pretrained
+
+    guard_from_pretrained()
     _REGISTERED = True
 
 

@@ -385,14 +385,26 @@ def _build_model(manifest: dict, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from .load_checks import check_model_config
+
     model_type = manifest["model_type"]
     if model_type not in CONFIG_MAPPING:
         raise CheckpointError(
             f"model_type {model_type!r} is not an architecture of the installed transformers; "
             "checkpoints never load remote code"
         )
-    config_dict = {k: v for k, v in manifest["config"].items() if k != "auto_map"}
-    config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+    config = check_model_config({**manifest["config"], "model_type": model_type}, "the manifest's config")
+    # every tensor the config asks for must have its stored shape, checked on a skeleton
+    # (no memory) before the float model is allocated
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    stored = {**{f"{k}.weight": e.get("shape") for k, e in manifest["layers"].items()},
+              **{k: e.get("shape") for k, e in manifest["dense"].items()}}
+    for key, tensor in skeleton.state_dict().items():
+        if key in stored and list(tensor.shape) != list(stored[key]):
+            raise CheckpointError(f"the manifest's config gives {key} the shape {list(tensor.shape)}, "
+                                  f"the stored tensor is {stored[key]}")
+    del skeleton
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older transformers
@@ -475,18 +487,20 @@ def convert_legacy(
 
     Every file of `src` is verified first. The method and config come from the
     manifest's settings; each layer's stored meta must agree with the layout they give
-    for its shape (else CheckpointError naming the layer and field). The float model is
-    built once on the host from the recorded config (a one-time cost of its float size)."""
+    for its shape (else CheckpointError naming the layer and field), and every layer must
+    decode, before anything is written. The float model is built once on the host from the
+    recorded config (a one-time cost of its float size)."""
     from pvq.quant import get_method
     from pvq.quant.activations import ActQuantError, install_act_quant_record
     from pvq.rotation import RotationError, install_rotation
 
-    from .checkpoint import save_checkpoint
+    from .checkpoint import check_destination, save_checkpoint
     from .hf import quantized_model
 
     root = Path(src)
     if root.resolve() == Path(dst).resolve():
         raise CheckpointError(f"pvq convert writes a new directory: NEW must differ from OLD ({root})")
+    check_destination(Path(dst), overwrite)  # refused before the work (save_checkpoint checks again, and writes atomically)
     manifest = read_manifest(root)
     _check_present(root, manifest)
     settings = manifest.get("settings") or {}
@@ -542,6 +556,11 @@ def convert_legacy(
                                       f"{list(expected[key].shape)}")
             expected[key].copy_(value.to(expected[key].dtype))
     quantized_model(model, qts, method, config_obj)
+    from .linear import QuantizedLinear
+
+    for module in model.modules():  # a payload that does not decode is refused before anything is written
+        if isinstance(module, QuantizedLinear):
+            module.check_decode()
     if manifest.get("act_quant") is not None:
         try:
             install_act_quant_record(model, manifest["act_quant"])

@@ -100,6 +100,10 @@ class PackedPayload:
                 )
             if buf.device.type == "meta":
                 raise CheckpointError(f"{self._label()}: stored tensor {tname!r} received no value")
+        try:
+            get_method(self.method).check_stored(self.config, self.payload(), self._label())
+        except QuantizationError as e:
+            raise CheckpointError(str(e)) from None
 
     def payload_key(self) -> tuple:
         """Changes whenever a stored buffer is replaced or written: what kernels key their cached state on."""
@@ -218,9 +222,21 @@ class QuantizedLinear(PackedPayload, nn.Module):
         return weight
 
     def check_decode(self) -> None:
-        """Decode once and refuse non-finite weights (a damaged payload fails here, naming the layer)."""
-        if not torch.isfinite(self.dequantize()).all():
-            raise LayerDecodeError(f"{self._label()}: decoded weight has non-finite values")
+        """Decode once and refuse non-finite weights (a damaged payload fails here, naming the layer).
+        Layers the CPU kernels serve are decoded a row chunk at a time into their workspace, so
+        that checking a model at load needs no float copy of its largest layer."""
+        from . import cpu_kernels
+
+        device = getattr(self, next(iter(self.payload_spec))).device
+        if device.type == "cpu" and self.method in cpu_kernels.CPU_METHODS and cpu_kernels.refusal(self) is None:
+            step = max(1, cpu_kernels.DECODE_CHUNK_WEIGHTS // self.in_features)
+            chunks = (cpu_kernels.decoded_weight(self, r, min(self.out_features, r + step))
+                      for r in range(0, self.out_features, step))
+        else:
+            chunks = (self.dequantize(),)
+        for chunk in chunks:
+            if not torch.isfinite(chunk).all():
+                raise LayerDecodeError(f"{self._label()}: decoded weight has non-finite values")
 
     # ------------------------------------------------------------------ nn.Module
 

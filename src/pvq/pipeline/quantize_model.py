@@ -32,7 +32,10 @@ Algorithm (GPTQ-style sequential quantization, paper section 3.3):
 5. Resume (when `work_dir` is given): after each block, its QuantizedTensors, its outputs
    and then the state file are written atomically (see `workdir.py`); a rerun with the same
    method, config, calibration windows, batch size, compute dtype and model continues
-   after the last finished block and gives the same bytes as an uninterrupted run.
+   after the last finished block and gives the same bytes as an uninterrupted run. A
+   finished block is trusted only if its files match their digests and its layers match
+   the settings and dequantize to the weights recorded for it (`_verified_contents`);
+   anything else is recomputed, never shipped.
 
 The model is modified in place: every quantized linear ends up holding its dequantized
 weight, so the returned model can be evaluated directly.
@@ -526,6 +529,10 @@ def quantize_model(
             if state is not None:
                 _check_resumable(state, settings, fingerprint, work_dir)
                 start, replay = _verified_blocks(work_dir, state, n_blocks, offload_activations)
+                good = _verified_contents(model, adapter, method_name if isinstance(method, str) else None, method_obj,
+                                          (config, layer_configs), work_dir, state, start, stream)
+                if good < start:
+                    start, replay = good, good > 0
             else:
                 state = {**settings, "model_fingerprint": fingerprint, "quantized_blocks": [], "blocks_done": 0,
                          "files": {}}
@@ -596,15 +603,19 @@ def quantize_model(
                 if work_dir is not None:
                     files = {k: v for k, v in state.get("files", {}).items()
                              if k != wd.HIDDEN_FILE and not k.startswith(wd.ACTIVATIONS_DIR + "/")}
-                    files.update(wd.save_block(work_dir, i, layers, infos))
-                    if not last and offload_activations:
-                        files.update(hidden_next.digests)
-                    elif not last:
-                        files[wd.HIDDEN_FILE] = wd.save_hidden(work_dir, hidden_next, i)
-                    state["files"] = files
-                    state["quantized_blocks"] = state["quantized_blocks"][:i] + [wd.module_digest(blocks[i])]
-                    state["blocks_done"] = i + 1
-                    wd.write_state(work_dir, {**state, "device": str(device)})
+                    try:  # the state file last: it lists block i only once everything of it is on disk
+                        files.update(wd.save_block(work_dir, i, layers, infos))
+                        if not last and offload_activations:
+                            files.update(hidden_next.digests)
+                        elif not last:
+                            files[wd.HIDDEN_FILE] = wd.save_hidden(work_dir, hidden_next, i)
+                        new_state = {**state, "files": files, "blocks_done": i + 1,
+                                     "quantized_blocks": state["quantized_blocks"][:i] + [wd.module_digest(blocks[i])]}
+                        wd.write_state(work_dir, {**new_state, "device": str(device)})
+                    except BaseException:
+                        wd.remove_block(work_dir, i)  # not listed by the state file: nothing half-written stays
+                        raise
+                    state.update(new_state)
                     if last:
                         wd.remove_activations(work_dir)
                 if on_block_done is not None:
@@ -728,6 +739,88 @@ def _verified_blocks(work_dir: Path, state: dict, n_blocks: int, offloaded: bool
                     "recomputing them", work_dir, good)
         replay = True
     return good, replay
+
+
+def _verified_contents(model, adapter, method_name, method_obj, configs, work_dir: Path, state: dict, done: int,
+                       stream) -> int:
+    """How many of the `done` finished blocks hold what the state recorded. A block whose file
+    digests match the state (which anyone can rewrite) must also hold, for each of its
+    linears, the method (`method_name`: a registered method's; None for a method object),
+    shape, layout and payload arrays the run's settings give (where the method describes
+    them), and the weights they dequantize to must give the digest recorded for the
+    quantized block. The first block that does not (an edit with its digest rewritten) is
+    discarded with every later one, with a warning, and recomputed: an altered block is
+    never shipped."""
+    quantized = state.get("quantized_blocks", [])
+    for i in range(done):
+        problem = _block_content_problem(model, adapter, method_name, method_obj, configs, work_dir, i,
+                                         quantized[i] if i < len(quantized) else None, stream)
+        if problem is not None:
+            log.warning("work directory %s: block %d does not hold what the state recorded (%s: edited, its digest "
+                        "rewritten); discarding it and the %d block(s) after it, recomputing them", work_dir, i,
+                        problem, done - i - 1)
+            _discard_blocks(work_dir, state, i)
+            return i
+    return done
+
+
+@torch.no_grad()
+def _block_content_problem(model, adapter, method_name, method_obj, configs, work_dir, i, recorded, stream) -> str | None:
+    """What is wrong with finished block i's saved layers (None: they are the run's). The
+    model's block is left as it was."""
+    from pvq.quant.base import check_payload
+
+    if recorded is None:
+        return "no digest is recorded for the quantized block"
+    config, layer_configs = configs
+    if stream is not None:
+        stream.load_block(i)
+    try:
+        try:
+            layers, _ = wd.load_block(work_dir, i)
+        except wd.WorkDirError as e:
+            return str(e)
+        block = adapter.get_blocks(model)[i]
+        weights = {}
+        for lin in adapter.block_linear_names(block):
+            name = adapter.layer_name(i, lin)
+            qt, mod = layers.get(name), block.get_submodule(lin)
+            if qt is None:
+                return f"layer {name} is missing"
+            if method_name is not None and qt.method != method_name:
+                return f"layer {name} says method {qt.method!r}, the run uses {method_name!r}"
+            if tuple(qt.shape) != tuple(mod.weight.shape):
+                return f"layer {name} has shape {tuple(qt.shape)}, the model's weight {tuple(mod.weight.shape)}"
+            cfg = layer_configs.get(name, config)
+            try:
+                if hasattr(method_obj, "layout"):
+                    layout = method_obj.layout(cfg, qt.shape)
+                    wrong = sorted(k for k, v in layout.items() if qt.meta.get(k) != v)
+                    if wrong:
+                        return (f"layer {name}: meta {wrong[0]}={qt.meta.get(wrong[0])!r}, the settings give "
+                                f"{layout[wrong[0]]!r}")
+                if hasattr(method_obj, "payload_spec"):
+                    check_payload(qt.tensors, method_obj.payload_spec(cfg, qt.shape), name)
+                deq = torch.as_tensor(method_obj.dequantize(qt)).detach().to("cpu", torch.float32)
+            except Exception as e:  # noqa: BLE001 - hostile payloads make decoders raise anything
+                return f"layer {name}: {type(e).__name__}: {e}"
+            if tuple(deq.shape) != tuple(mod.weight.shape):
+                return f"layer {name} dequantizes to shape {tuple(deq.shape)}"
+            weights[mod] = deq
+        kept = {mod: mod.weight.detach().clone() for mod in weights}
+        try:  # the digest of the block with these weights, taken as the original run took it
+            for mod, deq in weights.items():
+                mod.weight.copy_(deq.to(mod.weight.device, mod.weight.dtype))
+            digest = wd.module_digest(block)
+        finally:
+            for mod, w in kept.items():
+                mod.weight.copy_(w)
+        if digest != recorded:
+            return "its weights differ from the quantized block the state recorded"
+        return None
+    finally:
+        if stream is not None:
+            stream.drop_block(i)
 
 
 @torch.no_grad()

@@ -20,13 +20,23 @@ records the sha256 of every block and hidden-state file next to its own digest
 with every later block (they were computed from it) and recomputed; damaged hidden
 states are recomputed by running the good blocks again; a damaged state file restarts
 the run. Each is logged as a warning, and the result is the same bytes as an
-undamaged run.
+undamaged run. A block whose digest was rewritten to match edited content is caught
+too: before a finished block is trusted, its layers must have the method, shape, layout
+and payload arrays the recorded settings give, and their dequantized weights must give
+the digest the state recorded for the quantized block (``quantized_blocks``); else it is
+discarded and recomputed like a damaged one.
+
+A write that fails (a full disk: ENOSPC) raises WorkDirError naming the work directory;
+its temporary file is removed, and a block whose files were not all written is deleted,
+so the state file (written last) never lists a half-written block.
 """
 
 from __future__ import annotations
 
 from pvq.errors import PVQError
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -40,7 +50,7 @@ from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 
-from pvq.fileio import process_alive, replace_durably, sha256_file
+from pvq.fileio import as_os_error, process_alive, replace_durably, sha256_file
 from pvq.quant import QuantizedTensor
 
 STATE_FILE = "state.json"
@@ -62,11 +72,44 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def _writing(path: Path, work_dir: Path | None = None):
+    """Yield the temporary name to write `path` through; an OSError meanwhile (ENOSPC, EDQUOT,
+    EACCES, ...) removes that temporary file and becomes a WorkDirError naming the work
+    directory (`work_dir`, default the file's folder) and the file."""
+    work_dir = Path(work_dir) if work_dir is not None else path.parent
     tmp = _tmp(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    replace_durably(tmp, path)
+    try:
+        yield tmp
+    except Exception as e:
+        err = as_os_error(e)  # safetensors reports a full disk as its own SafetensorError
+        if err is None:
+            raise
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise write_error(work_dir, path, err) from e
+
+
+def write_error(work_dir: Path, path: Path, e: OSError) -> WorkDirError:
+    """The one-line error for a work-directory file that could not be written."""
+    try:
+        name = path.relative_to(work_dir).as_posix()
+    except ValueError:
+        name = str(path)
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free space there (or give another --work-dir), then rerun the same command to resume"
+    else:
+        hint = "rerun the same command to resume once it can be written"
+    return WorkDirError(f"work directory {work_dir}: cannot write {name}: {reason}; nothing half-written was kept; "
+                        f"{hint}")
+
+
+def atomic_write_text(path: Path, text: str, work_dir: Path | None = None) -> None:
+    with _writing(path, work_dir) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        replace_durably(tmp, path)
 
 
 def check_claimable(work_dir: Path) -> None:
@@ -101,8 +144,8 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serializable (QuantizedTensor.meta must be JSON-able)")
 
 
-def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=sort_keys, default=_json_default) + "\n")
+def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True, work_dir: Path | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=sort_keys, default=_json_default) + "\n", work_dir)
 
 
 def block_paths(work_dir: Path, index: int) -> tuple[Path, Path]:
@@ -159,40 +202,63 @@ def save_block(work_dir: Path, index: int, layers: dict[str, QuantizedTensor], i
             **info.get(name, {}),
         }
     st_path, js_path = block_paths(work_dir, index)
-    tmp = _tmp(st_path)
-    np_save_file(arrays, str(tmp))
-    replace_durably(tmp, st_path)
-    # insertion order kept (layers in quantization order, meta keys as the method wrote
-    # them), so a resumed run hands downstream writers the very same dicts
-    atomic_write_json(js_path, {"block": index, "layers": meta}, sort_keys=False)
-    return {st_path.name: sha256_file(st_path), js_path.name: sha256_file(js_path)}
+    try:
+        with _writing(st_path, work_dir) as tmp:
+            np_save_file(arrays, str(tmp))
+            replace_durably(tmp, st_path)
+        # insertion order kept (layers in quantization order, meta keys as the method wrote
+        # them), so a resumed run hands downstream writers the very same dicts
+        atomic_write_json(js_path, {"block": index, "layers": meta}, sort_keys=False)
+        return {st_path.name: sha256_file(st_path), js_path.name: sha256_file(js_path)}
+    except BaseException:
+        remove_block(work_dir, index)  # never one file of the pair without the other
+        raise
+
+
+def remove_block(work_dir: Path, index: int) -> None:
+    """Delete block `index`'s files (best effort: called while another error is raised)."""
+    for p in block_paths(work_dir, index):
+        with contextlib.suppress(OSError):
+            p.unlink(missing_ok=True)
 
 
 def load_block(work_dir: Path, index: int) -> tuple[dict[str, QuantizedTensor], dict[str, dict]]:
     st_path, js_path = block_paths(work_dir, index)
     if not st_path.is_file() or not js_path.is_file():
         raise WorkDirError(f"work directory {work_dir} says block {index} is finished but {st_path.name} or {js_path.name} is missing")
-    arrays = np_load_file(str(st_path))
-    doc = json.loads(js_path.read_text(encoding="utf-8"))
-    layers, info = {}, {}
-    for name, m in doc["layers"].items():
-        layers[name] = QuantizedTensor(
-            method=m["method"],
-            shape=tuple(m["shape"]),
-            tensors={k: arrays[f"{name}/{k}"] for k in m["arrays"]},
-            meta=m["meta"],
-            proxy_loss=m["proxy_loss"],
-        )
-        info[name] = {k: v for k, v in m.items() if k not in ("method", "shape", "meta", "proxy_loss", "arrays")}
+    try:
+        arrays = np_load_file(str(st_path))
+        doc = json.loads(js_path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or doc.get("block") != index or not isinstance(doc.get("layers"), dict):
+            raise ValueError(f"not the report of block {index}")
+        layers, info = {}, {}
+        for name, m in doc["layers"].items():
+            if not isinstance(m.get("meta"), dict) or not isinstance(m.get("arrays"), list):
+                raise ValueError(f"layer {name}: no meta object or array list")
+            layers[name] = QuantizedTensor(
+                method=m["method"],
+                shape=tuple(int(s) for s in m["shape"]),
+                tensors={k: arrays[f"{name}/{k}"] for k in m["arrays"]},
+                meta=m["meta"],
+                proxy_loss=m["proxy_loss"],
+            )
+            info[name] = {k: v for k, v in m.items() if k not in ("method", "shape", "meta", "proxy_loss", "arrays")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as e:
+        # (safetensors' own error derives from Exception only: caught by name below)
+        raise WorkDirDamaged(f"work directory {work_dir}: block {index} cannot be read ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - safetensors_rust.SafetensorError on a damaged file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise WorkDirDamaged(f"work directory {work_dir}: block {index} cannot be read ({e})") from None
     return layers, info
 
 
 # -- hidden states -------------------------------------------------------------------------------
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Write torch tensors as one safetensors file, atomically; returns the file's sha256."""
-    tmp = _tmp(path)
-    torch_save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    replace_durably(tmp, path)
+    with _writing(path) as tmp:
+        torch_save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        replace_durably(tmp, path)
     return sha256_file(path)
 
 
@@ -239,7 +305,7 @@ def _state_digest(state: dict) -> str:
 
 def write_state(work_dir: Path, state: dict) -> None:
     body = {**{k: v for k, v in state.items() if k != "state_sha256"}, "format": FORMAT, "version": VERSION}
-    atomic_write_json(work_dir / STATE_FILE, {**body, "state_sha256": _state_digest(body)})
+    atomic_write_json(work_dir / STATE_FILE, {**body, "state_sha256": _state_digest(body)}, work_dir=work_dir)
 
 
 def intact(work_dir: Path, name: str, digests: dict[str, str]) -> bool:
@@ -325,9 +391,9 @@ class OffloadedActivations:
 
     def __setitem__(self, key: slice, value: torch.Tensor) -> None:
         path = self.folder / self._name(key)
-        tmp = _tmp(path)
-        torch_save_file({"hidden_states": value.to(self.dtype).contiguous()}, str(tmp))
-        replace_durably(tmp, path)
+        with _writing(path, self.work_dir) as tmp:
+            torch_save_file({"hidden_states": value.to(self.dtype).contiguous()}, str(tmp))
+            replace_durably(tmp, path)
         self.digests[self.relative(path.name)] = sha256_file(path)
 
     def empty_like(self) -> "OffloadedActivations":

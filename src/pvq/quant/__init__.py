@@ -82,6 +82,18 @@ class Method:
         """(qt) -> the layer's weight as a function of its continuous arrays (`base.TunableWeight`)."""
         return self._mod().tunable
 
+    def check_stored(self, config: Any, tensors: dict[str, Any], where: str) -> None:
+        """QuantizationError naming `where` if stored arrays that fit the spec still hold values
+        no quantizer writes: non-finite float16 fields, and the method's own checks (its
+        module's optional `check_stored(config, tensors, where)`), without decoding."""
+        from .base import check_stored_values
+
+        config = self.make_config(config)
+        check_stored_values(tensors, where)
+        own = getattr(self._mod(), "check_stored", None)
+        if own is not None:
+            own(config, tensors, where)
+
     @property
     def nominal_bits_per_weight(self) -> Callable[..., float]:
         """(config, columns=None) -> the bits per weight the settings promise."""

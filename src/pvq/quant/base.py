@@ -161,6 +161,26 @@ class TunableWeight(torch.nn.Module):
         return out
 
 
+def check_stored_values(tensors: dict[str, np.ndarray], where: str) -> None:
+    """QuantizationError naming `where` and the field if a stored float16 array holds NaN or
+    inf (no quantizer writes one: `stored_float16` refuses them), read from the bit pattern
+    so that it is cheap on the int16 buffers a layer holds."""
+    for name, arr in tensors.items():
+        if np.asarray(arr).dtype == np.float16:
+            bits = np.asarray(arr).view(np.uint16)
+            bad = np.flatnonzero((bits & 0x7C00) == 0x7C00)
+            if bad.size:
+                raise QuantizationError(f"{where}: stored {name!r} has non-finite values "
+                                        f"({bad.size} of {bits.size}, first at flat index {int(bad[0])})")
+
+
+def check_permutation(perm: np.ndarray, n: int, what: str) -> None:
+    """QuantizationError unless `perm` holds each of 0..n-1 exactly once."""
+    perm = np.asarray(perm).astype(np.int64).reshape(-1)
+    if perm.shape != (n,) or perm.min(initial=0) < 0 or perm.max(initial=0) >= n or np.bincount(perm, minlength=n).max(initial=1) != 1:
+        raise QuantizationError(f"{what} is not a permutation of {n} columns (an entry out of range or repeated)")
+
+
 def stored_float16(values: np.ndarray | torch.Tensor, what: str,
                    error: type[Exception] = QuantizationError) -> np.ndarray:
     """Values (numpy or torch) as the float16 array a payload stores; `error` naming `what`

@@ -32,7 +32,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import QuantizationError, QuantizedTensor, TensorSpec, as_float32, check_config, check_weight, proxy_loss
+from .base import (
+    QuantizationError,
+    QuantizedTensor,
+    TensorSpec,
+    as_float32,
+    check_config,
+    check_permutation,
+    check_weight,
+    proxy_loss,
+)
 from .hessian import check_percdamp, feed_back_block_error, inverse_hessian_cholesky
 from .rtn import (
     check_bits,
@@ -186,6 +195,13 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTQCon
     return qt
 
 
+def check_stored(config: GPTQConfig, tensors: dict[str, np.ndarray], where: str) -> None:
+    """At load, beyond the spec: act-order's stored column order is a permutation (a repeated
+    or out-of-range entry would give wrong outputs or fail mid-forward)."""
+    if "perm" in tensors:
+        check_permutation(tensors["perm"], len(tensors["perm"]), f"{where}: stored 'perm'")
+
+
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     """The RTN grid payload, with act-order's column permutation undone."""
     C = qt.shape[1]
@@ -196,8 +212,7 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
             raise QuantizationError("act_order payload lacks its column permutation 'perm'")
         return Q
     perm = np.asarray(qt.tensors["perm"]).astype(np.int64)
-    if perm.shape != (C,) or not np.array_equal(np.sort(perm), np.arange(C)):
-        raise QuantizationError(f"'perm' is not a permutation of {C} columns")
+    check_permutation(perm, C, "'perm'")
     out = torch.empty_like(Q)
     out[:, torch.from_numpy(perm)] = Q
     return out

@@ -164,8 +164,10 @@ class GPTVQConfig:
         if not is_int(self.update_iters) or self.update_iters < 0:
             raise QuantizationError(f"update_iters must be an integer >= 0, got {self.update_iters!r}")
         check_percdamp(self.percdamp)
-        if not is_int(self.seed) or self.seed < 0:
-            raise QuantizationError(f"seed must be a non-negative integer, got {self.seed!r}")
+        from pvq.options import MAX_SEED, excerpt
+
+        if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise QuantizationError(f"seed must be an integer in 0..2**32-1, got {excerpt(self.seed)}")
 
     @property
     def index_bits(self) -> int:
