@@ -3,7 +3,7 @@
 Run:  python bench/families.py [--threads 2] [--steps 300] [--out bench-out/families.json]
 
 No full-precision model of these families can be had offline (the one real model,
-SmolLM2-135M, is the Llama row of the main job: README "Main job"). So each family is a
+SmolLM2-135M, is the Llama row of the main job: docs/quantize.md "The report"). So each family is a
 tiny model built from its transformers config (hidden 128, 4 layers, byte vocabulary of
 256; MoE: 4 experts, top-2) and *trained* here for `--steps` AdamW steps on bytes of the
 WikiText-2 validation text, so that float vs quantized perplexity means something (an

@@ -83,7 +83,7 @@ def test_recipe_file_then_flags(tmp_path):
     ("shape_bits: 3\nbanana: 1\n", "unknown field 'banana'"),
     ("shape_bits: lots\n", "field 'shape_bits': expected a number, got 'lots'"),
     ("calib_windows: 0\n", "field 'calib_windows': must be at least 1, got 0"),
-    ("method: awq\n", "field 'method' must be one of pvq, gptq, gptvq, rtn"),
+    ("method: awq\n", "field 'method' must be one of rtn, gptq, pvq, gptvq"),
     ("rotate: 1\n", "field 'rotate' must be true or false"),
     ("method: gptq\nshape_bits: 3\n", "field 'shape_bits' of --recipe .* is an option of --method pvq"),
 ])

@@ -37,7 +37,7 @@ def losses(layer):
         "hessian": dict(hessian_refine=False),
         "refine": dict(),
     }.items():
-        out[name] = pvq.quantize(W, H, pvq.CONFIG(group_size=64, shape_bits=3, **kwargs))
+        out[name] = pvq.quantize(W, H, pvq.CONFIG(group_size=64, shape_bits=3, gain="fp16", **kwargs))
     out["rtn"] = rtn.quantize(W, H, rtn.CONFIG(3, 64))
     return out
 
@@ -87,7 +87,7 @@ def test_beta_gains_bits(layer, use_hessian):
 
 def test_fp16_bits_exact(layer):
     W, H = layer
-    cfg = pvq.CONFIG(group_size=64, shape_bits=3)
+    cfg = pvq.CONFIG(group_size=64, shape_bits=3, gain="fp16")
     qt = pvq.quantize(W, H, cfg)
     assert pvq.nominal_bits_per_weight(cfg) == (cfg.code_bits + 16) / 64 == 3.25
     assert qt.bits_per_weight == 3.25
@@ -110,7 +110,7 @@ def test_deterministic(layer):
 
 def test_no_hessian_plain():
     W, _ = synthetic_layer(32, 128, seed=31)
-    qt = pvq.quantize(W, None, pvq.CONFIG(group_size=32, use_hessian=False))
+    qt = pvq.quantize(W, None, pvq.CONFIG(group_size=32, gain="fp16", use_hessian=False))
     assert qt.proxy_loss is None and "damping" not in qt.meta
     Q = pvq.dequantize(qt)
     # least-squares gain: the residual of every group is orthogonal to its reconstruction,
@@ -126,7 +126,7 @@ def test_dead_columns_and_zero_rows(layer):
     H[dead, :] = 0
     H[:, dead] = 0
     W[3] = 0
-    for cfg in (pvq.CONFIG(group_size=64), pvq.CONFIG(group_size=16, gain="beta")):
+    for cfg in (pvq.CONFIG(group_size=64, gain="fp16"), pvq.CONFIG(group_size=16, gain="beta")):
         qt = pvq.quantize(W, H, cfg)
         Q = pvq.dequantize(qt)
         assert torch.isfinite(Q).all()
@@ -139,7 +139,7 @@ def test_indefinite_hessian_no_nan(layer):
     W = W[:32]
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1))
     Hbad = H - 2 * float(torch.linalg.eigvalsh(H.double()).max()) * torch.outer(v, v) / v.dot(v)
-    qt = pvq.quantize(W, Hbad, pvq.CONFIG(group_size=64))
+    qt = pvq.quantize(W, Hbad, pvq.CONFIG(group_size=64, gain="fp16"))
     assert torch.isfinite(pvq.dequantize(qt)).all() and np.isfinite(qt.proxy_loss)
 
 
@@ -168,7 +168,7 @@ def test_refine_kernel_improves_and_keeps_pyramid():
 def test_registry(layer):
     W, H = layer
     m = get_method("pvq")
-    qt = m.quantize(W[:16], H, m.config_class(group_size=32))
+    qt = m.quantize(W[:16], H, m.config_class(group_size=32, gain="fp16"))
     assert qt.method == "pvq" and torch.equal(m.dequantize(qt), pvq.dequantize(qt))
 
 

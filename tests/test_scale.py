@@ -40,7 +40,7 @@ def _digests(directory: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("family,method,config", [
     ("llama", "gptq", {"bits": 4, "group_size": 32}),
-    ("gemma3_text", "pvq", {"group_size": 16, "shape_bits": 3.0}),  # layer kinds: blocks read for the capture
+    ("gemma3_text", "pvq", {"group_size": 16, "shape_bits": 3.0, "gain": "fp16"}),  # layer kinds: blocks read for the capture
     ("phi3", "rtn", {"bits": 4, "group_size": 32}),  # no Hessian: the weights-only route
 ])
 def test_streaming_writes_the_in_memory_checkpoint_bytes(family, method, config, tmp_path):

@@ -41,7 +41,8 @@ class APIError(PVQError, ValueError):
 def _recipe(recipe_or_kwargs: Any, kwargs: dict[str, Any]):
     from pvq.oneshot import Recipe
 
-    known = [f.name for f in dataclasses.fields(Recipe)]
+    # the recipe's own fields first, then the calibration, seed, rotation and fine-tuning it shares
+    known = sorted((f.name for f in dataclasses.fields(Recipe)), key=lambda n: n not in vars(Recipe)["__annotations__"])
     if recipe_or_kwargs is None:
         fields: dict[str, Any] = {}
     elif isinstance(recipe_or_kwargs, Recipe):
@@ -55,16 +56,13 @@ def _recipe(recipe_or_kwargs: Any, kwargs: dict[str, Any]):
     unknown = sorted(str(k) for k in fields if k not in known)
     if unknown:
         raise APIError(f"unknown recipe field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
-    if fields.get("method", "pvq") is not None:
-        # the config fields left out take the main job's defaults (`pvq quantize`'s, from
-        # pvq.options), so that the API and the CLI make the same model from the same words
-        from pvq.options import default_method_config
-
-        given = fields.get("config") or {}
-        if not isinstance(given, dict):
-            raise APIError(f"recipe field config must be a dict of the method's config fields, got "
-                           f"{type(given).__name__}")
-        fields["config"] = {**default_method_config(fields.get("method", "pvq")), **given}
+    # the config fields left out take the config class's defaults, which are `pvq quantize`'s
+    # (pvq.settings), so that the API and the CLI make the same model from the same words
+    given = fields.get("config")
+    if given is not None and not isinstance(given, dict):
+        raise APIError(f"recipe field config must be a dict of the method's config fields, got "
+                       f"{type(given).__name__}")
+    fields["config"] = dict(given or {})
     recipe = Recipe(**fields)
     recipe.check()
     return recipe

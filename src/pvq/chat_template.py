@@ -88,7 +88,7 @@ def _ints(values: Any) -> list[int]:
     return out
 
 
-def _format_estimate(fmt: str | bytes, args: Any, env: "_BudgetedEnvironment") -> int:
+def _format_estimate(fmt: str | bytes, args: Any, env: Any) -> int:
     """An upper bound of the length of `fmt % args` / `fmt.format(*args)`: every run of digits
     in the format may be a width or a precision, every field may repeat the largest argument."""
     digits = rb"(?<=[%:.<>^=+\- #,_*{])\d+" if isinstance(fmt, bytes) else r"(?<=[%:.<>^=+\- #,_*{])\d+"

@@ -16,8 +16,7 @@ from pvq.options import (
     act_config,
     add_act_options,
     add_quantize_options,
-    embedding_config,
-    finetune_config,
+    add_setting_options,
 )
 
 
@@ -65,21 +64,11 @@ def _check_writable(path: str | None, option: str) -> None:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from pvq.jobs import JobOptions, format_report, run_quantize_job
-    from pvq.options import method_config, recipe_text, resolve_quantize_options
+    from pvq.options import recipe_text, resolve_quantize_options, settings_from_values
 
     v = resolve_quantize_options(args)  # defaults < --recipe < flags; conflicts refused here
-    opts = JobOptions(
-        model=v["model"], method=v["method"], config=method_config(v), out=v["out"],
-        calib_text=v["calib_text"], calib_windows=v["calib_windows"], calib_seqlen=v["calib_seqlen"],
-        seed=v["seed"], device=_default_device(v["device"]), compute_dtype=v["compute_dtype"],
-        batch_size=v["batch_size"], work_dir=v["work_dir"], eval_text=v["eval_text"],
-        eval_seqlen=v["eval_seqlen"], eval_windows=v["eval_windows"] or None, evaluate=not v["no_eval"],
-        overwrite=v["overwrite"], rotate=v["rotate"], rotate_seed=v["rotate_seed"], act=act_config(v),
-        max_shard_size=v["max_shard_size"], recipe_text=recipe_text(v), stream=v["stream"],
-        dry_run=v["dry_run"], ignore_memory_check=v["ignore_memory_check"],
-        offload_activations=v["offload_activations"], finetune=finetune_config(v), target_bpw=v["target_bpw"],
-        embeddings=embedding_config(v),
-    )
+    fields = settings_from_values(JobOptions, v)
+    opts = JobOptions(**fields | {"device": _default_device(fields["device"]), "recipe_text": recipe_text(v)})
     report = run_quantize_job(opts)
     if "rank" not in report and not report.get("dry_run"):  # under torchrun, rank 0 prints
         print(format_report(report))
@@ -178,27 +167,12 @@ def _evaluate(args, model, tokenizer, eval_text, plan, out) -> None:
     return None
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pvq.options import settings_from_values
     from pvq.sweep import SweepOptions, run_sweep
 
-    opts = SweepOptions(
-        model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()], bits=args.bits,
-        out=args.out, group_size=args.group_size, pvq_group_size=args.pvq_group_size, pvq_gain_bits=args.pvq_gain_bits,
-        vq_columns=args.vq_columns, rotate=args.rotate, rotate_seed=args.rotate_seed, calib_text=args.calib_text,
-        calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen, seed=args.seed, eval_text=args.eval_text,
-        eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows or None,
-        tasks=args.tasks.split(",") if args.tasks else (), tasks_dir=args.tasks_dir, limit=args.limit,
-        task_batch_size=args.task_batch_size, float_point=not args.no_float, device=_default_device(args.device),
-        compute_dtype=args.compute_dtype, batch_size=args.batch_size, redo_changed=args.redo_changed,
-        finetune={"steps": args.finetune_steps} if args.finetune else None,
-    )
+    fields = settings_from_values(SweepOptions, vars(args))
+    opts = SweepOptions(**fields | {"device": _default_device(fields["device"])})
     run_sweep(opts)
     print((Path(args.out) / "results.md").read_text())
     print(f"written: {args.out}/results.csv, results.md, ppl_vs_bpw.png"
@@ -436,40 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="bits per method: rtn/gptq integer bits with a float16 scale and zero point per --group-size "
                     "columns (b + (16 + b)/g); pvq D=--pvq-group-size (16) with b shape bits and 4-bit fitted gains "
                     "(b + 4/16 = b + 0.25, plus a float16 norm per row); gptvq 2-D vectors with b index bits and "
-                    "codebooks costing <= 0.25 bits per weight.")
-    sw.add_argument("model", nargs="?", default="smollm2-135m", help="hub id, local directory, .gguf, or smollm2-135m")
-    sw.add_argument("--methods", default="rtn,gptq,pvq", help="comma-separated: rtn, gptq, pvq, gptvq")
-    sw.add_argument("--bits", type=_float_list, default=[2.0, 3.0, 4.0], help="comma-separated bit widths (default 2,3,4)")
-    sw.add_argument("--out", default="sweep-out", help="output folder (points/*.json, results.csv/.md, *.png)")
-    sw.add_argument("--group-size", type=int, default=64, help="rtn/gptq: columns per scale and zero point (default 64)")
-    sw.add_argument("--pvq-group-size", type=int, default=16, help="pvq: dimension D (default 16)")
-    sw.add_argument("--pvq-gain-bits", type=int, default=4, help="pvq: bits per fitted gain index (default 4)")
-    sw.add_argument("--vq-columns", type=int, default=256, help="gptvq: columns per codebook block (default 256)")
-    sw.add_argument("--rotate", action="store_true", help="rotate every point's float model first (fused Hadamard)")
-    sw.add_argument("--rotate-seed", type=SEED, default=0)
-    sw.add_argument("--calib-text", default=None, help="calibration text file (default: sampled from the model, seeded)")
-    sw.add_argument("--calib-windows", type=POSITIVE, default=32)
-    sw.add_argument("--calib-seqlen", type=SEQLEN, default=512)
-    sw.add_argument("--seed", type=SEED, default=0)
-    sw.add_argument("--eval-text", default=None,
-                    help="WikiText-2 raw test file (default: $PVQ_WIKITEXT2_TEST, else the datasets cache or hub, "
-                         "else ../shared/assets)")
-    sw.add_argument("--eval-seqlen", type=SEQLEN, default=512)
-    sw.add_argument("--eval-windows", type=NONNEGATIVE, default=40, help="perplexity windows (0: all)")
-    sw.add_argument("--tasks", default=None, help="zero-shot tasks per point, comma-separated or 'all'")
-    sw.add_argument("--limit", type=POSITIVE, default=None, help="first N items of each task")
-    sw.add_argument("--tasks-dir", default=None, help="task data folder (default: $PVQ_TASKS_DIR or ../shared/assets/tasks)")
-    sw.add_argument("--task-batch-size", type=POSITIVE, default=16)
-    sw.add_argument("--no-float", action="store_true", help="leave out the float reference point")
-    sw.add_argument("--redo-changed", action="store_true",
-                    help="recompute kept points whose settings differ (default: refuse with the differences)")
-    sw.add_argument("--device", default="auto", help="compute device (auto: cuda if present)")
-    sw.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    sw.add_argument("--batch-size", type=POSITIVE, default=8, help="calibration windows per forward")
-    sw.add_argument("--finetune", action="store_true",
-                    help="add a fine-tuned point beside each one-shot point (pvq quantize --finetune; the same "
-                         "quantization serves both; the plots draw the fine-tuned curves dashed)")
-    sw.add_argument("--finetune-steps", type=POSITIVE, default=60, help="fine-tuning steps at most (default: 60)")
+                    "codebooks costing <= 0.25 bits per weight. Every other setting is the method's default (pvq "
+                    "quantize's). --finetune adds a fine-tuned point beside each one-shot point (the same "
+                    "quantization serves both; the plots draw the fine-tuned curves dashed).")
+    from pvq.sweep import SweepOptions
+
+    add_setting_options(sw, SweepOptions)  # every flag from SweepOptions' fields (pvq.settings)
     sw.set_defaults(func=_cmd_sweep)
 
     gen = sub.add_parser("generate", parents=[common], help="stream greedy text from a pvq checkpoint (or a float model) and time it")
@@ -519,7 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     pg = plot_sub.add_parser(
         "gains", parents=[common], help="histograms of normalised group gains against the Beta(D/2, D(G-1)/2) law (paper 3.4, App. D)")
     pg.add_argument("model", help="hub id, local directory, .gguf, or smollm2-135m")
-    pg.add_argument("--pvq-group-size", type=POSITIVE, default=16, help="D, columns per group (default 16)")
+    from pvq.quant import get_method
+    from pvq.settings import default_of
+
+    pg.add_argument("--pvq-group-size", type=POSITIVE, default=default_of(get_method("pvq").config_class, "group_size"),
+                    help="D, columns per group (default: PVQ's, %(default)s)")
     pg.add_argument("--rotate", action="store_true", help="rotate the model first (the paper's setting)")
     pg.add_argument("--rotate-seed", type=SEED, default=0)
     pg.add_argument("--layers", nargs="+", default=None,

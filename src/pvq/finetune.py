@@ -40,6 +40,7 @@ from pvq.formats import QuantizedLinear, tuned_weights
 from pvq.pipeline import workdir as wd
 from pvq.quant import get_method
 from pvq.quant.base import is_int, is_number
+from pvq.settings import POSITIVE, number, setting
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,14 @@ class FinetuneConfig:
     evaluations without improvement before stopping; dense: also train the float norms
     and biases; seed: the order of the training windows."""
 
-    steps: int = 60
-    lr: float = 2e-3
-    batch: int = 2
-    val_windows: int = 4
+    steps: int = setting(60, "fine-tuning optimizer steps at most (early stopping on held-out windows)", POSITIVE,
+                         option="finetune_steps", requires=("finetune", True))
+    lr: float = setting(2e-3, "Adam learning rate, relative to each trained tensor's RMS", number(above=0),
+                        option="finetune_lr", requires=("finetune", True))
+    batch: int = setting(2, "calibration windows per fine-tuning step", POSITIVE, option="finetune_batch",
+                         requires=("finetune", True))
+    val_windows: int = setting(4, "calibration windows held out for early stopping (the last ones)", POSITIVE,
+                               option="finetune_val_windows", requires=("finetune", True))
     eval_every: int = 10
     patience: int = 2
     dense: bool = True

@@ -8,10 +8,7 @@ token after it. It reports which kernel each quantized layer ran.
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 from typing import IO, Any
 
 import torch

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from pvq.formats import (
     save_checkpoint,
     shard_size_bytes,
 )
-from pvq.formats.embedding import DEFAULT_EMBEDDINGS
 from pvq.memory import (
     MemoryPlan,
     MemoryPlanError,
@@ -49,6 +48,7 @@ from pvq.pipeline.quantize_model import jsonable
 from pvq.pipeline.workdir import check_claimable
 from pvq.quant import get_method
 from pvq.quant.activations import act_quant_summary
+from pvq.settings import DEFAULT_MODEL, HESSIAN_METHODS, EvalSettings, setting
 
 log = logging.getLogger(__name__)
 
@@ -59,46 +59,38 @@ class JobError(PVQError, ValueError):
     """Job options that cannot run on the chosen model."""
 
 
-@dataclass
-class JobOptions:
-    model: str = "smollm2-135m"
-    method: str = "pvq"
-    config: dict[str, Any] = field(default_factory=dict)  # fields of the method's config class
-    out: str = "pvq-out"
-    calib_text: str | None = None  # None: sample calibration text from the model itself
-    calib_windows: int = 32
-    calib_seqlen: int = 512
-    seed: int = 0
-    device: str = "cpu"
-    compute_dtype: str = "float32"
-    batch_size: int = 8
-    work_dir: str | None = None  # resumable state; default <out>.work
-    eval_text: str | None = None  # WikiText-2 raw test file; None: $PVQ_WIKITEXT2_TEST, datasets, ../shared
-    eval_seqlen: int = 512
-    eval_windows: int | None = 40
+@dataclass(kw_only=True)
+class JobOptions(Recipe, EvalSettings):
+    """The main job: a `Recipe` (what decides the checkpoint), the evaluation after it
+    (`EvalSettings`; eval_windows None: all) and where and how to run it. Each field is
+    declared once, with the flag `pvq quantize` offers for it (`pvq.options`)."""
+
+    model: str = setting(DEFAULT_MODEL, "hub id, local directory, .gguf file, or the demo alias smollm2-135m")
+    out: str = setting("pvq-out", "checkpoint directory to write", stored=False, in_recipe=False)
+    overwrite: bool = setting(False, "replace an existing checkpoint at --out", stored=False, in_recipe=False)
+    max_shard_size: str | None = setting(  # transformers' default when None
+        None, "largest safetensors shard, e.g. 2GB or 500MB (default: transformers' 50GB)", stored=False)
+    work_dir: str | None = setting(  # resumable state; default <out>.work
+        None, "resumable state (default: <out>.work); a rerun continues there", stored=False, in_recipe=False)
+    device: str = setting("cpu", "compute device for one block at a time (auto: cuda if present)",
+                          option_default="auto", stored=False)
+    # read the model block by block from its safetensors shards (pvq.models.streaming): the
+    # float model is never held whole, neither for quantizing nor for the evaluation
+    stream: bool = setting(False, "read the model block by block from its safetensors shards: the float model is "
+                           "never held whole (a local directory; needs --calib-text)", stored=False)
+    # print the predicted memory and disk use (pvq.memory) and stop
+    dry_run: bool = setting(False, "print the predicted peak memory and disk use, then stop", stored=False)
+    ignore_memory_check: bool = setting(False, "run even when the predicted peak memory exceeds what is available",
+                                        stored=False, in_recipe=False)
+    offload_activations: bool = setting(False, "keep the calibration activations in the work directory, one file "
+                                        "per batch, instead of in memory", methods=HESSIAN_METHODS, group="hessian",
+                                        stored=False)
+    evaluate: bool = setting(True, "skip perplexity and agreement with the float model", option="no_eval",
+                             negate=True, group="eval", stored=False)
     agreement_windows: int = 8
-    evaluate: bool = True
-    overwrite: bool = False
-    rotate: bool = False  # fused randomized-Hadamard rotation before quantizing (any method)
-    rotate_seed: int = 0
-    # Simulated (fake) activation quantization of every quantized linear's input, installed
-    # after the weights are quantized (their Hessians come from float activations); None:
-    # float activations. Fields of pvq.quant.activations.ActQuantConfig.
-    act: dict[str, Any] | None = None
-    max_shard_size: str | None = None  # transformers' default when None
     # the settings that made this checkpoint (pvq.options.recipe_text), stored in it as
     # recipe.yaml so that `pvq quantize --recipe CKPT/recipe.yaml` makes it again
     recipe_text: str | None = None
-    # read the model block by block from its safetensors shards (pvq.models.streaming): the
-    # float model is never held whole, neither for quantizing nor for the evaluation
-    stream: bool = False
-    offload_activations: bool = False  # calibration activations in the work directory, one file per batch
-    dry_run: bool = False  # print the predicted memory and disk use (pvq.memory) and stop
-    ignore_memory_check: bool = False  # run even when the predicted peak exceeds the available memory
-    finetune: dict[str, Any] | None = None  # pvq.finetune.FinetuneConfig fields; None: no fine-tuning
-    target_bpw: float | None = None  # per-layer bit allocation to this budget (pvq.pipeline.allocation)
-    # RTN fields of the quantized embedding and head (the main job's default); None: dense
-    embeddings: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EMBEDDINGS))
 
 
 def _distinct(tensors):
@@ -138,11 +130,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         import os
 
         opts = replace(opts, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-    recipe = Recipe(method=opts.method, config=dict(opts.config), rotate=opts.rotate, rotate_seed=opts.rotate_seed,
-                    act=opts.act, calib_text=opts.calib_text, calib_windows=opts.calib_windows,
-                    calib_seqlen=opts.calib_seqlen, seed=opts.seed, compute_dtype=opts.compute_dtype,
-                    batch_size=opts.batch_size, finetune=opts.finetune, target_bpw=opts.target_bpw,
-                    embeddings=opts.embeddings)
+    recipe = Recipe(**{f.name: getattr(opts, f.name) for f in fields(Recipe)} | {"config": dict(opts.config)})
     get_method(opts.method)  # an unknown method fails here, naming the known ones
     recipe.check()  # bad settings fail here, before the model is loaded
     config = recipe.method_config()

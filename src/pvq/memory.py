@@ -2,7 +2,7 @@
 
 `plan_job_memory(config, ...)` builds the model on the meta device, which allocates
 nothing. It counts the parameters it needs and predicts the peak host memory of each phase
-of `pvq quantize`, with and without `--stream`. The formula (README "Memory") uses these
+of `pvq quantize`, with and without `--stream`. The formula (docs/scaling.md) uses these
 symbols, all in bytes:
 
 - P: all parameters; Pd: the dense ones (embedding, norms, head when untied: everything
@@ -81,7 +81,7 @@ class MemoryPlan:
 
     def describe(self, available: int | None = None) -> str:
         gib = 2**30
-        lines = ["predicted memory (pvq.memory; README \"Memory\")"]
+        lines = ["predicted memory (pvq.memory; docs/scaling.md)"]
         for phase, value in self.phases.items():
             lines.append(f"  host, {phase:<10} {value / gib:8.2f} GiB")
         lines.append(f"  peak             {self.peak_bytes / gib:8.2f} GiB ({self.peak_phase})")

@@ -41,13 +41,14 @@ from pvq.pipeline import (
     quantize_model,
     quantize_weights,
 )
-from pvq.quant import QuantizationError, get_method
-from pvq.quant.activations import ActQuantConfig, check_act_quant, install_act_quant
+from pvq.quant import METHODS, QuantizationError, get_method
+from pvq.quant.activations import ACT_METHODS, ActQuantConfig, check_act_quant, install_act_quant
 from pvq.rotation import rotate_model
+from pvq.settings import COMPUTE_DTYPE_NAMES, RunSettings, number, setting
 
 __all__ = ["COMPUTE_DTYPES", "DeviceError", "OneshotResult", "Recipe", "oneshot", "resolve_device"]
 
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPE_NAMES}
 
 
 class DeviceError(PVQError, ValueError):
@@ -70,37 +71,32 @@ def resolve_device(choice: str | torch.device | None, label: str = "device") -> 
     return str(device)
 
 
-@dataclass
-class Recipe:
-    """Everything that decides the quantized model (the fields of the CLI's flags).
+@dataclass(kw_only=True)
+class Recipe(RunSettings):
+    """Everything that decides the quantized model: the calibration, seed, rotation and
+    fine-tuning settings of `pvq.settings.RunSettings`, and
 
     method: rtn | gptq | pvq | gptvq, or None for float weights; config: its config
-    fields; rotate / rotate_seed: fused randomized-Hadamard rotation first; act: fields
-    of `ActQuantConfig` (simulated activation quantization) or None; calib_*: the
-    calibration windows (text None: sampled from the model, seeded); compute_dtype and
-    batch_size: of the calibration forwards; dense_dtype: how the float tensors are stored;
-    finetune: fields of `pvq.finetune.FinetuneConfig` (fine-tune the continuous parameters
-    after quantizing) or None; target_bpw: bits per weight over the quantized linears that
-    the per-layer allocation must meet (`pvq.pipeline.allocation`), None: one setting for
-    every layer; embeddings: RTN config fields (bits, group_size) the token embedding and
-    the head are stored with (`pvq.formats.embedding`; default DEFAULT_EMBEDDINGS), None:
-    kept as dense tensors (as they always are with float weights, method None).
+    fields (those left out take the config class's defaults, which are `pvq quantize`'s:
+    `Recipe()` makes what `pvq quantize` makes); act: fields of `ActQuantConfig`
+    (simulated activation quantization) or None; dense_dtype: how the float tensors are
+    stored; target_bpw: bits per weight over the quantized linears that the per-layer
+    allocation must meet (`pvq.pipeline.allocation`), None: one setting for every layer;
+    embeddings: RTN config fields (bits, group_size) the token embedding and the head are
+    stored with (`pvq.formats.embedding`; default DEFAULT_EMBEDDINGS), None: kept as dense
+    tensors (as they always are with float weights, method None).
     """
 
-    method: str | None = "pvq"
+    method: str | None = setting("pvq", "quantization method", choices=tuple(METHODS))
     config: dict[str, Any] = field(default_factory=dict)
-    rotate: bool = False
-    rotate_seed: int = 0
-    act: dict[str, Any] | None = None
-    calib_text: str | None = None
-    calib_windows: int = 32
-    calib_seqlen: int = 512
-    seed: int = 0
-    compute_dtype: str = "float32"
-    batch_size: int = 8
+    act: dict[str, Any] | None = setting(
+        None, "quantize the inputs of every quantized linear layer: round-to-nearest or PVQ", option="act_method",
+        option_default="none", choices=("none", *ACT_METHODS), group="act")
     dense_dtype: str = "float16"
-    finetune: dict[str, Any] | None = None
-    target_bpw: float | None = None
+    target_bpw: float | None = setting(
+        None, "bits per weight over the quantized linears, allocated per layer: each layer's setting (PVQ shape "
+        "bits, scalar bits, VQ index bits) chosen from its measured distortion (default: the same setting for every "
+        "layer)", number(above=0), group="quality")
     embeddings: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EMBEDDINGS))
 
     def check(self) -> None:
@@ -115,7 +111,7 @@ class Recipe:
                 raise QuantizationError(f"recipe field {name} must be a positive integer, got {value!r}")
         if self.calib_seqlen < 2:
             raise QuantizationError(f"recipe field calib_seqlen must be at least 2, got {self.calib_seqlen}")
-        from pvq.options import MAX_SEED, excerpt
+        from pvq.settings import MAX_SEED, excerpt
 
         for name in ("seed", "rotate_seed"):
             value = getattr(self, name)

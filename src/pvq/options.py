@@ -1,6 +1,9 @@
-"""The main job's settings, described once: `pvq quantize`'s flags, the recipe file
-(`--recipe recipe.yaml`, YAML or JSON) and the `recipe.yaml` stored in every checkpoint
-are all read through the table `QUANTIZE_OPTIONS`.
+"""The main job's settings as flags: `pvq quantize`'s flags, the recipe file (`--recipe
+recipe.yaml`, YAML or JSON) and the `recipe.yaml` stored in every checkpoint are all read
+through the table `QUANTIZE_OPTIONS`, which is made from the dataclasses that declare the
+settings once (`pvq.settings`: JobOptions and its Recipe, each method's config class,
+ActQuantConfig, FinetuneConfig): a flag's default, range and help are its field's. `pvq
+sweep`'s flags come from SweepOptions the same way (`add_setting_options`).
 
 A recipe holds the same fields as the flags (the flag without its dashes, `-` or `_`:
 ``shape_bits: 3.25``); its values override the defaults, and flags given on the
@@ -9,8 +12,10 @@ command line override the recipe. A method's options belong to that method alone
 dimension is `--pvq-group-size`): giving one for another method is an error, as is an
 option whose switch is off (`--rotate-seed` without `--rotate`). The stored recipe holds
 every field that decides the checkpoint, defaults included, and none that only says
-where to write (`--out`, `--work-dir`, `--overwrite`, `--device`, `--max-shard-size`), so
-``pvq quantize --recipe CKPT/recipe.yaml --out NEW`` quantizes the same model again.
+where to write (`--out`, `--work-dir`, `--overwrite`, `--device`, `--max-shard-size`) or
+how to evaluate it afterwards (`--no-eval`, `--eval-*`), so ``pvq quantize --recipe
+CKPT/recipe.yaml --out NEW`` quantizes the same model again, and the CLI, `pvq.quantize` +
+`pvq.save` and `oneshot` with a `Recipe()` write the same bytes.
 
 A recipe is data, not authority: the fields that choose where pvq writes, what it replaces
 or which safety check it skips (`out`, `work_dir`, `overwrite`, `ignore_memory_check`)
@@ -23,15 +28,32 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Callable
 
 from pvq.errors import PVQError
 from pvq.fileio import nesting_depth, read_utf8
+from pvq.settings import (  # noqa: F401 - the argparse types, re-exported (pvq.options was their home)
+    FIELD_DEFAULT,
+    MAX_SEED,
+    NONNEGATIVE,
+    POSITIVE,
+    SEED,
+    SEQLEN,
+    RunSettings,
+    count,
+    excerpt,
+    integer,
+    number,
+    setting_of,
+    shorten,
+)
 
 __all__ = ["Option", "OptionConflictError", "QUANTIZE_OPTIONS", "RecipeFileError", "add_quantize_options",
-           "read_recipe_file", "recipe_text", "resolve_quantize_options"]
+           "add_setting_options", "read_recipe_file", "recipe_text", "resolve_quantize_options", "setting_options",
+           "settings_from_values"]
 
 
 class RecipeFileError(PVQError, ValueError):
@@ -42,67 +64,10 @@ class OptionConflictError(PVQError, ValueError):
     """An option given for another method, or with its switch off."""
 
 
-def shorten(text: str, limit: int = 200) -> str:
-    """`text` on one line, cut to about `limit` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text)} characters)"
-
-
-def excerpt(value: Any, limit: int = 80) -> str:
-    """repr(value), cut to about `limit` characters: what an error message quotes of a value."""
-    return shorten(repr(value), limit)
-
-
-def integer(text: str) -> int:
-    """An argparse type: an integer."""
-    try:
-        return int(str(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {excerpt(text)}") from None
-
-
-def count(minimum: int, maximum: int | None = None, shown: str | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer >= minimum (and <= maximum, written `shown` in messages)."""
-    def parse(text: str) -> int:
-        value = integer(text)
-        if maximum is None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {excerpt(value)}")
-        if maximum is not None and not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"must be in {minimum}..{shown or maximum}, got {excerpt(value)}")
-        return value
-    parse.__name__ = f"integer >= {minimum}" if maximum is None else f"integer in {minimum}..{shown or maximum}"
-    return parse
-
-
-def number(minimum: float | None = None, above: float | None = None) -> Callable[[str], float]:
-    """An argparse type: a finite number (>= minimum, > above)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(str(text))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {excerpt(text)}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {excerpt(text)}")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value:g}")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {value:g}")
-        return value
-    parse.__name__ = "number"
-    return parse
-
-
-POSITIVE, NONNEGATIVE, SEQLEN = count(1), count(0), count(2)
-#: the largest seed: torch.Generator.manual_seed takes 64 bits and the job derives seed + 1;
-#: 32 bits keep a seed exact in every JSON reader and numpy's legacy seeding
-MAX_SEED = 2**32 - 1
-#: an argparse type: a seed, 0..2**32-1 (--seed, --rotate-seed; the same check for recipes)
-SEED = count(0, MAX_SEED, "2**32-1")
-
-
 @dataclass(frozen=True)
 class Option:
-    """One setting of the main job: a flag, a recipe field, a JobOptions input."""
+    """One setting of the main job: a flag, a recipe field, a JobOptions input (made from a
+    dataclass field's `pvq.settings.Setting`; see `setting_options`)."""
 
     dest: str
     default: Any
@@ -127,128 +92,6 @@ class Option:
         return isinstance(self.default, bool) and self.type is None
 
 
-_PVQ, _SCALAR, _HESSIAN = ("pvq",), ("rtn", "gptq"), ("pvq", "gptq", "gptvq")
-
-QUANTIZE_OPTIONS: tuple[Option, ...] = (
-    Option("model", "smollm2-135m", "hub id, local directory, .gguf file, or the demo alias smollm2-135m"),
-    Option("method", "pvq", "quantization method", choices=("pvq", "gptq", "gptvq", "rtn")),
-    Option("out", "pvq-out", "checkpoint directory to write", stored=False, in_recipe=False),
-    Option("overwrite", False, "replace an existing checkpoint at --out", stored=False, in_recipe=False),
-    Option("max_shard_size", None, "largest safetensors shard, e.g. 2GB or 500MB (default: transformers' 50GB)",
-           stored=False),
-    Option("work_dir", None, "resumable state (default: <out>.work); a rerun continues there", stored=False,
-           in_recipe=False),
-    Option("device", "auto", "compute device for one block at a time (auto: cuda if present)", stored=False),
-    Option("stream", False, "read the model block by block from its safetensors shards: the float model is never "
-           "held whole (a local directory; needs --calib-text)", stored=False),
-    Option("dry_run", False, "print the predicted peak memory and disk use, then stop", stored=False),
-    Option("ignore_memory_check", False, "run even when the predicted peak memory exceeds what is available",
-           stored=False, in_recipe=False),
-    # pvq
-    Option("pvq_group_size", 16, "PVQ dimension D: weights per group along the input", POSITIVE, methods=_PVQ,
-           group="pvq"),
-    Option("shape_bits", 3.0, "PVQ shape bits per weight, fractional allowed", number(above=0), methods=_PVQ,
-           group="pvq"),
-    Option("gain", "empirical", "PVQ gain storage: float16, Beta-quantile indices, or per-layer fitted levels",
-           choices=("fp16", "beta", "empirical"), methods=_PVQ, group="pvq"),
-    Option("gain_bits", 4, "bits per PVQ gain index (beta, empirical)", POSITIVE, methods=_PVQ, group="pvq"),
-    Option("gain_escapes", 0, "PVQ beta/empirical gains: per row, this many groups beyond the top gain level keep "
-           "an exact float16 gain", NONNEGATIVE, methods=_PVQ, group="pvq"),
-    Option("enumeration", "auto", "PVQ code order: split (fast kernels; codes up to 53 bits), fischer, or auto "
-           "(split where it fits)", choices=("auto", "split", "fischer"), methods=_PVQ, group="pvq"),
-    Option("no_hessian", False, "plain PVQ: no Hessian error feedback", methods=_PVQ, group="pvq"),
-    Option("no_refine", False, "skip the Hessian-weighted shape refinement", methods=_PVQ, group="pvq"),
-    # rtn / gptq
-    Option("bits", 4, "integer bits per weight", count(2), methods=_SCALAR, group="scalar"),
-    Option("group_size", 128, "input columns per float16 scale and zero point (-1: one per output row)", integer,
-           methods=_SCALAR, group="scalar"),
-    Option("act_order", False, "gptq: process columns by descending Hessian diagonal", methods=("gptq",),
-           group="scalar"),
-    # gptvq
-    Option("vq_dim", 2, "vector dimension d (consecutive input columns per vector)", integer, choices=(1, 2, 4),
-           methods=("gptvq",), group="gptvq"),
-    Option("vq_bits", 3.0, "index bits per weight (2^(bits*d) centroids per codebook; bits*d an integer)",
-           number(above=0), methods=("gptvq",), group="gptvq"),
-    Option("vq_group_size", 4096, "weights sharing one codebook (a multiple of --vq-columns); codebooks cost "
-           "(8*K*d + 16) / group size bits per weight", POSITIVE, methods=("gptvq",), group="gptvq"),
-    Option("vq_columns", 256, "columns per codebook block", POSITIVE, methods=("gptvq",), group="gptvq"),
-    Option("no_codebook_update", False, "skip the least-squares codebook update after assignment",
-           methods=("gptvq",), group="gptvq"),
-    Option("kmeans_iters", 10, "EM iterations of the codebook initialisation", NONNEGATIVE, methods=("gptvq",),
-           group="gptvq"),
-    Option("vq_init", "kpp", "k-means initialisation (kpp: seeded k-means++; mahalanobis: the paper's)",
-           choices=("kpp", "mahalanobis"), methods=("gptvq",), group="gptvq"),
-    Option("vq_assignment", "diag", "Hessian-weighted lookup: diagonal (paper) or the full d x d block metric",
-           choices=("diag", "block"), methods=("gptvq",), group="gptvq"),
-    # every Hessian method
-    Option("percdamp", 0.01, "Hessian damping, fraction of its mean diagonal", number(minimum=0), methods=_HESSIAN,
-           group="hessian"),
-    Option("calib_text", None, "calibration text file (default: text sampled from the model itself, seeded)",
-           methods=_HESSIAN, group="hessian"),
-    Option("calib_windows", 32, "calibration windows (paper: 128)", POSITIVE, methods=_HESSIAN, group="hessian"),
-    Option("calib_seqlen", 512, "tokens per calibration window (paper: 2048)", SEQLEN, methods=_HESSIAN,
-           group="hessian"),
-    Option("compute_dtype", "float32", "dtype of the calibration forwards (Hessians accumulate in float32+)",
-           choices=("float32", "bfloat16", "float16"), methods=_HESSIAN, group="hessian"),
-    Option("batch_size", 8, "calibration windows per forward", POSITIVE, methods=_HESSIAN, group="hessian"),
-    Option("offload_activations", False, "keep the calibration activations in the work directory, one file per "
-           "batch, instead of in memory", methods=_HESSIAN, group="hessian", stored=False),
-    Option("seed", 0, "seed of the sampled calibration text and of gptvq's k-means", SEED),
-    # quality: bit allocation and fine-tuning
-    Option("target_bpw", None, "bits per weight over the quantized linears, allocated per layer: each layer's "
-           "setting (PVQ shape bits, scalar bits, VQ index bits) chosen from its measured distortion (default: "
-           "the same setting for every layer)", number(above=0), group="quality"),
-    Option("finetune", False, "after quantizing, fine-tune the continuous parameters (gains, scales, codebooks, "
-           "norms) towards the float model's next-token distributions on the calibration windows; codes and "
-           "sizes stay as they are", group="quality"),
-    Option("finetune_steps", 60, "fine-tuning optimizer steps at most (early stopping on held-out windows)",
-           POSITIVE, requires=("finetune", True), group="quality"),
-    Option("finetune_lr", 2e-3, "Adam learning rate, relative to each trained tensor's RMS", number(above=0),
-           requires=("finetune", True), group="quality"),
-    Option("finetune_batch", 2, "calibration windows per fine-tuning step", POSITIVE, requires=("finetune", True),
-           group="quality"),
-    Option("finetune_val_windows", 4, "calibration windows held out for early stopping (the last ones)", POSITIVE,
-           requires=("finetune", True), group="quality"),
-    Option("embed_bits", 8, "store the token embedding (and the head: a tied one from the same table) "
-           "round-to-nearest at this many bits, 4..8, with a float16 scale and zero point per --embed-group-size "
-           "columns (0: keep them as dense float16 tensors)", NONNEGATIVE, group="quality"),
-    Option("embed_group_size", 64, "columns per scale of the quantized embedding", POSITIVE,
-           requires=("embed_bits", "!default"), group="quality"),
-    # rotation
-    Option("rotate", False, "rotate the float model first (fused randomized Hadamard, online Hadamard before "
-           "down_proj); recorded in the checkpoint and rebuilt on load", group="rotation"),
-    Option("rotate_seed", 0, "seed of the rotation's random signs", SEED, requires=("rotate", True),
-           group="rotation"),
-    # activation quantization (simulated)
-    Option("act_method", "none", "quantize the inputs of every quantized linear layer: round-to-nearest or PVQ",
-           choices=("none", "rtn", "pvq"), group="act"),
-    Option("act_bits", 4.0, "rtn: integer bits per value (2..8); pvq: shape bits per value, fractional allowed",
-           number(above=0), requires=("act_method", "!none"), group="act"),
-    Option("act_group_size", 64, "values per group D along each token's input (a divisor of every layer's input "
-           "width; -1: one group per token)", integer, requires=("act_method", "!none"), group="act"),
-    Option("act_gain", "fp16", "pvq gains: one float16 per group, or Beta-quantile indices with a float16 norm "
-           "per token", choices=("fp16", "beta"), requires=("act_method", "pvq"), group="act"),
-    Option("act_gain_bits", 8, "bits per pvq 'beta' gain index", POSITIVE, requires=("act_method", "pvq"),
-           group="act"),
-    Option("act_search", "paper", "pvq shape search (paper: projection and rounding, the fastest)",
-           choices=("paper", "greedy", "refined"), requires=("act_method", "pvq"), group="act"),
-    Option("act_asymmetric", False, "rtn: min-max grid with a zero point (default symmetric)",
-           requires=("act_method", "rtn"), group="act"),
-    Option("act_clip", 1.0, "rtn: clip ratio of the range the grid spans", number(above=0),
-           requires=("act_method", "rtn"), group="act"),
-    Option("act_encode", False, "pvq: go through the real encoder and decoder in the forward pass (same result, "
-           "slower)", requires=("act_method", "pvq"), group="act"),
-    # evaluation
-    Option("no_eval", False, "skip perplexity and agreement with the float model", group="eval"),
-    Option("eval_text", None, "WikiText-2 raw test file (default: $PVQ_WIKITEXT2_TEST, else the datasets cache or "
-           "hub, else ../shared/assets/...)", requires=("no_eval", False), group="eval"),
-    Option("eval_seqlen", 512, "tokens per evaluation window", SEQLEN, requires=("no_eval", False), group="eval"),
-    Option("eval_windows", 40, "perplexity windows (0: all)", NONNEGATIVE, requires=("no_eval", False),
-           group="eval"),
-)
-
-OPTIONS_BY_DEST = {o.dest: o for o in QUANTIZE_OPTIONS}
-
 _GROUPS = {
     "job": "the job",
     "pvq": "pvq (--method pvq)",
@@ -261,9 +104,125 @@ _GROUPS = {
            "and dequantized in float in the forward pass; the weights are calibrated with float activations)",
     "eval": "evaluation after saving (loads the checkpoint back)",
 }
+#: the help group of each method's own options (a method not named here gets a group of its own)
+_METHOD_GROUPS = {"pvq": "pvq", "rtn": "scalar", "gptq": "scalar", "gptvq": "gptvq"}
+
+
+def _field_default(f) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _option(f, owner_methods: tuple[str, ...] | None = None, owner_group: str = "job") -> Option | None:
+    """The Option of dataclass field `f` (None: the field has no flag of its own)."""
+    s = setting_of(f)
+    if s is None or s.help is None:
+        return None
+    if s.option_default is not FIELD_DEFAULT:
+        default = s.option_default
+    else:
+        default = _field_default(f)
+        default = (not default) if s.negate else default
+    return Option(s.option or f.name, default, s.help, s.type, s.choices, s.methods or owner_methods, s.requires,
+                  s.group or owner_group, s.stored, s.in_recipe)
+
+
+def _field_table(cls: type) -> dict[str, str]:
+    """{field: the option that sets it} of a config class; "!" marks a field set by the
+    negation of an on/off option (use_hessian <- not no_hessian)."""
+    table = {}
+    for f in dataclass_fields(cls):
+        s = setting_of(f)
+        if s is not None and (s.help is not None or s.option is not None):
+            table[f.name] = ("!" if s.negate else "") + (s.option or f.name)
+    return table
+
+
+def setting_options(cls: type) -> list[Option]:
+    """The Options of a settings dataclass's fields that have a flag (JobOptions, SweepOptions),
+    with FinetuneConfig's when it has a `finetune` field."""
+    from pvq.finetune import FinetuneConfig
+
+    found = [o for o in map(_option, dataclass_fields(cls)) if o is not None]
+    if "finetune" in {f.name for f in dataclass_fields(cls)}:
+        found += [o for o in (_option(f, owner_group="quality") for f in dataclass_fields(FinetuneConfig))
+                  if o is not None]
+    return found
+
+
+def _merge(found: dict[str, Option], o: Option, method: str) -> None:
+    """Add method-config option `o` of `method`; one flag shared by several methods
+    (--percdamp, --bits) must be declared alike by each (pvq.settings.percdamp_field, like)."""
+    if o.dest not in found:
+        found[o.dest] = o
+        return
+    have = found[o.dest]
+    if (have.default, have.help, have.type, have.choices, have.requires, have.group) != \
+            (o.default, o.help, o.type, o.choices, o.requires, o.group):
+        raise RuntimeError(f"option {o.flag} is declared differently by the config classes of "
+                           f"{', '.join(have.methods)} and {method}")
+    found[o.dest] = Option(**{**have.__dict__, "methods": (*have.methods, method)})
+
+
+def _build_options() -> tuple[tuple[Option, ...], dict[str, dict[str, str]], dict[str, str], dict[str, str]]:
+    """QUANTIZE_OPTIONS and the field tables, all read from the dataclasses that declare the
+    settings: JobOptions (the job, its Recipe, RunSettings, EvalSettings), each method's
+    config class, FinetuneConfig and ActQuantConfig."""
+    from pvq.formats.embedding import DEFAULT_EMBEDDINGS
+    from pvq.jobs import JobOptions
+    from pvq.quant import METHODS
+    from pvq.quant.activations import ActQuantConfig
+
+    options = setting_options(JobOptions)
+    # the embedding's two flags stand for Recipe.embeddings (RTN fields, DEFAULT_EMBEDDINGS)
+    options += [
+        Option("embed_bits", DEFAULT_EMBEDDINGS["bits"], "store the token embedding (and the head: a tied one from "
+               "the same table) round-to-nearest at this many bits, 4..8, with a float16 scale and zero point per "
+               "--embed-group-size columns (0: keep them as dense float16 tensors)", NONNEGATIVE, group="quality"),
+        Option("embed_group_size", DEFAULT_EMBEDDINGS["group_size"], "columns per scale of the quantized embedding",
+               POSITIVE, requires=("embed_bits", "!default"), group="quality"),
+    ]
+    options += [o for o in (_option(f, owner_group="act") for f in dataclass_fields(ActQuantConfig)) if o is not None]
+    config_options: dict[str, Option] = {}
+    config_fields: dict[str, dict[str, str]] = {}
+    for name in sorted(METHODS, key=lambda m: list(_METHOD_GROUPS).index(m) if m in _METHOD_GROUPS else 99):
+        cls = METHODS[name].config_class
+        group = _METHOD_GROUPS.get(name, name)
+        _GROUPS.setdefault(group, f"{name} (--method {name})")
+        config_fields[name] = _field_table(cls)
+        for f in dataclass_fields(cls):
+            o = _option(f, (name,), group)
+            if o is not None:
+                _merge(config_options, o, name)
+    options += config_options.values()
+    order = list(_GROUPS)
+    first = ("model", "method")  # the job group opens with them
+
+    def key(item):
+        i, o = item
+        return order.index(o.group), first.index(o.dest) if o.dest in first else len(first), i
+
+    table = tuple(o for _, o in sorted(enumerate(options), key=key))
+    dests = [o.dest for o in table]
+    if len(set(dests)) != len(dests):
+        raise RuntimeError(f"a flag is declared twice: {sorted(d for d in dests if dests.count(d) > 1)}")
+    for name, fields_ in config_fields.items():
+        for dest in fields_.values():
+            if dest.lstrip("!") not in dests:
+                raise RuntimeError(f"{name} config field set by --{dest.lstrip('!')}, which no setting declares")
+    from pvq.finetune import FinetuneConfig
+
+    return table, config_fields, _field_table(ActQuantConfig), _field_table(FinetuneConfig)
+
+
+QUANTIZE_OPTIONS, _CONFIG_FIELDS, _ACT_FIELDS, _FINETUNE_FIELDS = _build_options()
+OPTIONS_BY_DEST = {o.dest: o for o in QUANTIZE_OPTIONS}
+# Recipe fields that are options of the same name (calibration, seed, rotation)
+_RECIPE_OPTIONS = tuple(o.dest for o in map(_option, dataclass_fields(RunSettings)) if o and o.dest != "finetune")
 
 
 def _display(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(_display(v) for v in value) or "none"
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -302,6 +261,43 @@ def add_act_options(parser: argparse.ArgumentParser) -> None:
                 g.add_argument(o.flag, action="store_true", help=shown)
             else:
                 g.add_argument(o.flag, type=o.type or str, default=o.default, choices=o.choices, help=shown)
+
+
+def add_setting_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """The flags of a settings dataclass (`pvq sweep`: SweepOptions) with their defaults, in the
+    same groups as `pvq quantize`'s; `settings_from_values(cls, vars(args))` reads them back."""
+    groups: dict[str, Any] = {}
+    for o in setting_options(cls):
+        shown = _help(o)
+        if o.dest == "model":
+            parser.add_argument("model", nargs="?", default=o.default, help=shown)
+            continue
+        if o.group not in groups:
+            groups[o.group] = parser if o.group == "job" else parser.add_argument_group(_GROUPS[o.group])
+        where = groups[o.group]
+        if o.switch:
+            where.add_argument(o.flag, action="store_const", const=not o.default, default=o.default, help=shown)
+        else:
+            where.add_argument(o.flag, type=o.type or str, default=o.default, choices=o.choices, help=shown)
+
+
+def settings_from_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of settings dataclass `cls` (JobOptions, SweepOptions) from
+    option values: each field that has a flag; config, act, finetune and embeddings built
+    from their options; eval_windows 0 is None (all)."""
+    names = {f.name for f in dataclass_fields(cls)}
+    built = {"config": method_config, "act": act_config, "finetune": finetune_config, "embeddings": embedding_config}
+    out: dict[str, Any] = {}
+    for f in dataclass_fields(cls):
+        s = setting_of(f)
+        if f.name in built:
+            out[f.name] = built[f.name](values)
+        elif s is not None and s.help is not None:
+            value = values[s.option or f.name]
+            out[f.name] = (not value) if s.negate else value
+    if "eval_windows" in names:
+        out["eval_windows"] = out["eval_windows"] or None
+    return out
 
 
 def _convert(o: Option, value: Any, where: str) -> Any:
@@ -467,27 +463,6 @@ def recipe_text(values: dict[str, Any]) -> str:
     return header + yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)
 
 
-# Each method's config fields (pvq.quant's config classes) and the option that sets each;
-# "!" marks a field set by the negation of an on/off option (use_hessian <- not no_hessian).
-# method_config reads this table one way, values_from_recipe the other.
-_CONFIG_FIELDS: dict[str, dict[str, str]] = {
-    "pvq": {"group_size": "pvq_group_size", "shape_bits": "shape_bits", "gain": "gain", "gain_bits": "gain_bits",
-            "gain_escapes": "gain_escapes", "enumeration": "enumeration", "use_hessian": "!no_hessian",
-            "percdamp": "percdamp", "hessian_refine": "!no_refine"},
-    "gptvq": {"dim": "vq_dim", "bits": "vq_bits", "group_size": "vq_group_size", "group_columns": "vq_columns",
-              "codebook_update": "!no_codebook_update", "kmeans_iters": "kmeans_iters", "init": "vq_init",
-              "assignment": "vq_assignment", "percdamp": "percdamp", "seed": "seed"},
-    "rtn": {"bits": "bits", "group_size": "group_size"},
-    "gptq": {"bits": "bits", "group_size": "group_size", "act_order": "act_order", "percdamp": "percdamp"},
-}
-_ACT_FIELDS = {"method": "act_method", "bits": "act_bits", "group_size": "act_group_size",
-               "symmetric": "!act_asymmetric", "clip_ratio": "act_clip", "gain": "act_gain",
-               "gain_bits": "act_gain_bits", "search_method": "act_search", "encode": "act_encode"}
-# Recipe fields that are options of the same name
-_RECIPE_OPTIONS = ("rotate", "rotate_seed", "seed", "calib_text", "calib_windows", "calib_seqlen", "compute_dtype",
-                   "batch_size")
-
-
 def _defaults() -> dict[str, Any]:
     return {o.dest: o.default for o in QUANTIZE_OPTIONS}
 
@@ -515,10 +490,6 @@ def default_method_config(method: str) -> dict[str, Any]:
     if method not in _CONFIG_FIELDS:
         return {}
     return method_config({**_defaults(), "method": method})
-
-
-_FINETUNE_FIELDS = {"steps": "finetune_steps", "lr": "finetune_lr", "batch": "finetune_batch",
-                    "val_windows": "finetune_val_windows"}
 
 
 def embedding_config(values: dict[str, Any]) -> dict[str, Any] | None:

@@ -2,11 +2,14 @@
 CSV, a Markdown table and the Pareto plots (perplexity / average accuracy against the
 measured bits per weight), as in the paper's figures.
 
-What "bits" means per method (`method_config`): every method gets the same ~0.25 bits per
-weight of side information on top of "bits", so that points line up on the bpw axis:
+What "bits" means per method (`method_config`): "bits" is the one setting a sweep varies;
+every other setting is the method config's default (`pvq quantize`'s, `pvq.settings`) unless
+the sweep's own option for it (--group-size, --pvq-group-size, --pvq-gain-bits,
+--vq-columns) says otherwise, so a point is the checkpoint `pvq quantize` makes at that width:
 
 * ``rtn``, ``gptq``: integer bits b (2..8) with a float16 scale and a b-bit zero point per
-  group of `group_size` input columns (default 64): b + (16 + b) / 64, e.g. 3.297 at b = 3.
+  group of `group_size` input columns (default 128, the methods' own): b + (16 + b) / 128,
+  e.g. 3.148 at b = 3 (--group-size 64: 3.297).
 * ``pvq``: D = `pvq_group_size` (default 16), shape bits = b (fractional allowed; K is the
   largest pulse count with code_bits(D, K) <= b D), 4-bit gains fitted per layer
   (``gain="empirical"``) and a float16 norm per row, Hessian-aware: code_bits / D + 4 / D +
@@ -46,6 +49,7 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,11 +65,22 @@ from pvq.oneshot import Recipe, oneshot
 from pvq.pipeline import calibration_windows, encode_text
 from pvq.pipeline.workdir import atomic_write_json, atomic_write_text
 from pvq.quant import QuantizationError, get_method, uses_hessian
+from pvq.settings import (
+    DEFAULT_MODEL,
+    POSITIVE,
+    EvalSettings,
+    RunSettings,
+    default_of,
+    integer,
+    numbers,
+    setting,
+    words,
+)
 
 log = logging.getLogger(__name__)
 
 SWEEP_METHODS = ("rtn", "gptq", "pvq", "gptvq")
-#: side information every method gets on top of "bits" (bits per weight)
+#: the most bits per weight a gptvq point spends on its codebooks (about what pvq spends on its gains)
 SIDE_BITS = 0.25
 FLOAT_POINT = "float"
 
@@ -74,36 +89,37 @@ class SweepError(PVQError, ValueError):
     """Sweep settings that cannot run, or a kept point made with other settings."""
 
 
-@dataclass
-class SweepOptions:
-    model: str = "smollm2-135m"
-    methods: Sequence[str] = ("rtn", "gptq", "pvq")
-    bits: Sequence[float] = (2, 3, 4)
-    out: str = "sweep-out"
-    group_size: int = 64  # rtn / gptq: input columns per scale and zero point
-    pvq_group_size: int = 16  # pvq: D
-    pvq_gain_bits: int = 4
-    vq_columns: int = 256  # gptvq: columns per codebook block
-    rotate: bool = False
-    rotate_seed: int = 0
-    calib_text: str | None = None  # None: sampled from the float model (seeded)
-    calib_windows: int = 32
-    calib_seqlen: int = 512
-    seed: int = 0
-    eval_text: str | None = None  # WikiText-2 raw test file; None: the default location
-    eval_seqlen: int = 512
-    eval_windows: int | None = 40  # None: all windows
-    tasks: Sequence[str] = ()
-    tasks_dir: str | None = None
-    limit: int | None = None
-    task_batch_size: int = 16
-    float_point: bool = True  # also evaluate the float model (the reference line)
-    device: str = "cpu"
-    compute_dtype: str = "float32"
-    batch_size: int = 8
-    redo_changed: bool = False
+def _default(method: str, name: str) -> Any:
+    return default_of(get_method(method).config_class, name)
+
+
+@dataclass(kw_only=True)
+class SweepOptions(RunSettings, EvalSettings):
+    """A sweep: the calibration, seed, rotation and fine-tuning (`RunSettings`; finetune:
+    FinetuneConfig fields, a fine-tuned point per setting) and the evaluation
+    (`EvalSettings`; eval_windows None: all) of every point, and the grid. The grid's
+    fixed settings default to the method configs' own (`pvq quantize`'s), so a sweep point
+    is the checkpoint `pvq quantize` makes at that width. Each field is declared once,
+    with the flag `pvq sweep` offers for it (`pvq.options.add_setting_options`)."""
+
+    model: str = setting(DEFAULT_MODEL, "hub id, local directory, .gguf, or smollm2-135m")
+    methods: Sequence[str] = setting(("rtn", "gptq", "pvq"), f"comma-separated: {', '.join(SWEEP_METHODS)}", words)
+    bits: Sequence[float] = setting((2, 3, 4), "comma-separated bit widths", numbers)
+    out: str = setting("sweep-out", "output folder (points/*.json, results.csv/.md, *.png)")
+    group_size: int = setting(_default("rtn", "group_size"), "rtn/gptq: input columns per scale and zero point "
+                              "(-1: one per output row)", integer)
+    pvq_group_size: int = setting(_default("pvq", "group_size"), "pvq: dimension D", POSITIVE)
+    pvq_gain_bits: int = setting(_default("pvq", "gain_bits"), "pvq: bits per fitted gain index", POSITIVE)
+    vq_columns: int = setting(_default("gptvq", "group_columns"), "gptvq: columns per codebook block", POSITIVE)
+    tasks: Sequence[str] = setting((), "zero-shot tasks per point, comma-separated or 'all'", words)
+    tasks_dir: str | None = setting(None, "task data folder (default: $PVQ_TASKS_DIR or ../shared/assets/tasks)")
+    limit: int | None = setting(None, "first N items of each task", POSITIVE)
+    task_batch_size: int = setting(16, "sequences per forward when scoring tasks", POSITIVE)
+    float_point: bool = setting(True, "leave out the float reference point", option="no_float", negate=True)
+    device: str = setting("cpu", "compute device (auto: cuda if present)", option_default="auto")
+    redo_changed: bool = setting(False, "recompute kept points whose settings differ (default: refuse with the "
+                                 "differences)")
     progress: bool = True
-    finetune: dict[str, Any] | None = None  # pvq.finetune.FinetuneConfig fields: add a fine-tuned point per setting
 
 
 @dataclass(frozen=True)
@@ -130,8 +146,7 @@ def method_config(method: str, bits: float, opts: SweepOptions) -> dict[str, Any
     if method in ("rtn", "gptq"):
         fields: dict[str, Any] = {"bits": _integer_bits(method, bits), "group_size": opts.group_size}
     elif method == "pvq":
-        fields = {"group_size": opts.pvq_group_size, "shape_bits": float(bits), "gain": "empirical",
-                  "gain_bits": opts.pvq_gain_bits}
+        fields = {"group_size": opts.pvq_group_size, "shape_bits": float(bits), "gain_bits": opts.pvq_gain_bits}
     elif method == "gptvq":
         dim = 2
         if abs(bits * dim - round(bits * dim)) > 1e-9:
@@ -235,10 +250,9 @@ def run_point(point: Point, base_model, tokenizer, calibration: _Calibration, ev
     before the fine-tuning of the same run)."""
     t_start = time.perf_counter()
     model = copy.deepcopy(base_model)
-    recipe = Recipe(method=point.method, config=dict(point.config), rotate=opts.rotate, rotate_seed=opts.rotate_seed,
-                    calib_text=opts.calib_text, calib_windows=opts.calib_windows, calib_seqlen=opts.calib_seqlen,
-                    seed=opts.seed, compute_dtype=opts.compute_dtype, batch_size=opts.batch_size,
-                    finetune=dict(opts.finetune) if point.finetuned else None)
+    shared = {f.name: getattr(opts, f.name) for f in dataclass_fields(RunSettings)}  # calibration, seed, rotation
+    recipe = Recipe(**shared | {"method": point.method, "config": dict(point.config),
+                                "finetune": dict(opts.finetune) if point.finetuned else None})
     result = oneshot(model, tokenizer, recipe, windows=calibration.windows() if recipe.needs_calibration() else None,
                      device=opts.device, work_dir=str(work_dir), progress=opts.progress,
                      keep_before_finetune=oneshot_point is not None)

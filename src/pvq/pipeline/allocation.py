@@ -11,13 +11,13 @@ pass of the float model) and f_r the mean squared gradient of the next-token los
 output channel r (backward passes over `FISHER_WINDOWS` windows: the empirical Fisher).
 So e estimates, to second order, how much the layer's error raises the loss, and layers
 compare on one scale (`SENSITIVITY = "proxy"` drops f: every layer's output error alike,
-which gave early blocks too few bits, README). The allocation minimises
+which gave early blocks too few bits, docs/benchmarks.md). The allocation minimises
 ``sum_l e_l(c_l)`` subject to ``sum_l b_l(c_l) <= target * weights``, a multiple-choice
 knapsack solved by dynamic programming over the budget (`solve_allocation`). Layers' own
 settings are recorded in the checkpoint (`layer_overrides`).
 
 The objective is a diagonal, second-order estimate, not the end loss itself: whether the
-allocation beats one setting everywhere is measured (`bench/llm_quant.py`, README), not
+allocation beats one setting everywhere is measured (`bench/llm_quant.py`, docs/benchmarks.md), not
 assumed.
 """
 

@@ -69,6 +69,7 @@ from pvq.codec import (
 )
 from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
+from pvq.settings import POSITIVE, integer, number, setting
 
 from .base import QuantizationError, is_int, is_number, stored_float16
 from .input_transforms import INPUT_TRANSFORMS, attach_input_transform, detach_input_transform
@@ -149,16 +150,25 @@ class ActQuantConfig:
     forward pass through the real Fischer encoder and decoder (same output, slower).
     """
 
-    method: str = "pvq"
-    bits: float = 4.0
-    group_size: int = 64
-    symmetric: bool = True
-    clip_ratio: float = 1.0
-    gain: str = "fp16"
-    gain_bits: int = 8
+    method: str = setting("pvq", option="act_method")  # pvq.oneshot.Recipe.act declares the flag (none: no config)
+    bits: float = setting(4.0, "rtn: integer bits per value (2..8); pvq: shape bits per value, fractional allowed",
+                          number(above=0), option="act_bits", requires=("act_method", "!none"))
+    group_size: int = setting(64, "values per group D along each token's input (a divisor of every layer's input "
+                              "width; -1: one group per token)", integer, option="act_group_size",
+                              requires=("act_method", "!none"))
+    symmetric: bool = setting(True, "rtn: min-max grid with a zero point (default symmetric)",
+                              option="act_asymmetric", negate=True, requires=("act_method", "rtn"))
+    clip_ratio: float = setting(1.0, "rtn: clip ratio of the range the grid spans", number(above=0),
+                                option="act_clip", requires=("act_method", "rtn"))
+    gain: str = setting("fp16", "pvq gains: one float16 per group, or Beta-quantile indices with a float16 norm per "
+                        "token", choices=ACT_GAINS, option="act_gain", requires=("act_method", "pvq"))
+    gain_bits: int = setting(8, "bits per pvq 'beta' gain index", POSITIVE, option="act_gain_bits",
+                             requires=("act_method", "pvq"))
     reconstruction: str = "centroid"
-    search_method: str = "paper"
-    encode: bool = False
+    search_method: str = setting("paper", "pvq shape search (paper: projection and rounding, the fastest)",
+                                 choices=ACT_SEARCH_METHODS, option="act_search", requires=("act_method", "pvq"))
+    encode: bool = setting(False, "pvq: go through the real encoder and decoder in the forward pass (same result, "
+                           "slower)", option="act_encode", requires=("act_method", "pvq"))
 
     def __post_init__(self) -> None:
         if self.method not in ACT_METHODS:

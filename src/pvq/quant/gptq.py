@@ -9,7 +9,9 @@ inverse Hessian ``H^{-1} = U^T U`` (U upper triangular, `pvq.quant.hessian`):
   block, column q is rounded to its group's grid and its error
   ``err = (w_q - q_q) / U_qq`` is pushed onto the block's later columns
   (``W[:, q+1:] -= err U[q, q+1:]``); once the block is done, its errors are pushed onto
-  all later columns in one matmul (``W[:, after] -= Err @ U[block, after]``);
+  all later columns in one matmul (``W[:, after] -= Err @ U[block, after]``): the loop
+  shared with PVQ and GPTVQ, `pvq.quant.feedback.error_feedback`, with `_GridSteps` as
+  GPTQ's one-column step;
 * a group's scale/zero are computed when its first column is reached, from the
   *current* (already error-corrected) weights of the whole group, as GPTQ does. To make
   that exact, the effective block size is a multiple of the group size
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pvq.settings import like, percdamp_field, setting
+
 from .base import (
     QuantizationError,
     QuantizedTensor,
@@ -42,8 +46,10 @@ from .base import (
     check_weight,
     proxy_loss,
 )
-from .hessian import check_percdamp, feed_back_block_error, inverse_hessian_cholesky
+from .feedback import act_order, error_feedback, lazy_blocks, prepare, restore_columns
+from .hessian import check_percdamp
 from .rtn import (
+    RTNConfig,
     check_bits,
     check_group_size,
     grid_dequantize,
@@ -66,11 +72,11 @@ __all__ = ["CONFIG", "GPTQConfig", "dequantize", "layout", "needs_hessian", "nom
 class GPTQConfig:
     """bits 2..8; group_size (-1/0 = per row); lazy block_size; act_order; percdamp (of mean diag H)."""
 
-    bits: int = 4
-    group_size: int = 128
+    bits: int = like(RTNConfig, "bits")
+    group_size: int = like(RTNConfig, "group_size")
     block_size: int = 128
-    act_order: bool = False
-    percdamp: float = 0.01
+    act_order: bool = setting(False, "gptq: process columns by descending Hessian diagonal")
+    percdamp: float = percdamp_field()
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -113,6 +119,33 @@ def payload_spec(config: GPTQConfig, shape: tuple[int, int]) -> dict[str, Tensor
     return spec
 
 
+class _GridSteps:
+    """GPTQ's step quantizer for `error_feedback`: column j is rounded to its group's grid;
+    a group's (scale, zero) are fitted on the group's current (error-corrected) columns
+    when its first column is reached, or once on the whole row with one group per row."""
+
+    def __init__(self, W: torch.Tensor, group_size: int, bits: int) -> None:
+        R, C = W.shape
+        self.gs, self.bits, self.per_row = group_size, bits, group_size == C
+        G = C // group_size
+        self.codes = torch.empty((R, C), dtype=torch.int32)
+        self.scales = torch.empty((R, G), dtype=torch.float16)
+        self.zeros = torch.empty((R, G), dtype=torch.int32)
+        if self.per_row:
+            self._fit(W, 0)
+
+    def _fit(self, columns: torch.Tensor, g: int) -> None:
+        self.scale16, self.zero = grid_params(columns, self.bits)
+        self.scales[:, g], self.zeros[:, g] = self.scale16, self.zero
+
+    def __call__(self, pending: torch.Tensor, j: int) -> torch.Tensor:
+        if not self.per_row and j % self.gs == 0:
+            self._fit(pending[:, : self.gs], j // self.gs)
+        c = grid_quantize(pending[:, 0], self.scale16, self.zero, self.bits)
+        self.codes[:, j] = c
+        return grid_dequantize(c, self.scale16, self.zero)[:, None]
+
+
 def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTQConfig | None = None) -> QuantizedTensor:
     config = check_config(config, GPTQConfig)
     check_weight(weight, hessian)
@@ -121,57 +154,19 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTQCon
     W0 = as_float32(weight)
     R, C = W0.shape
     gs = resolve_group_size(config.group_size, C)
-    G = C // gs
-    bits = config.bits
-    H = hessian.detach().to(device="cpu")  # float64 inside inverse_hessian_cholesky only
+    perm = act_order(hessian)[1] if config.act_order else None
+    W, inv = prepare(W0, hessian, config.percdamp, perm)
 
-    perm = None
-    W = W0.clone()
-    if config.act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        W = W[:, perm].contiguous()
-        H = H[perm][:, perm]
-    inv = inverse_hessian_cholesky(H, config.percdamp)
-    U = inv.U
-    W[:, inv.dead] = 0.0
-
-    per_row = gs == C
     # a group never straddles a lazy block (see the module docstring)
-    block = config.block_size if per_row else gs * max(1, config.block_size // gs)
-    codes = torch.empty((R, C), dtype=torch.int32)
-    Q = torch.empty((R, C), dtype=torch.float32)
-    scales = torch.empty((R, G), dtype=torch.float16)
-    zeros = torch.empty((R, G), dtype=torch.int32)
-    if per_row:
-        scale16, zero = grid_params(W, bits)
-        scales[:, 0], zeros[:, 0] = scale16, zero
+    block = config.block_size if gs == C else gs * max(1, config.block_size // gs)
+    steps = _GridSteps(W, gs, config.bits)
+    Q = restore_columns(error_feedback(W, steps, lazy_blocks(C, block), inv.U), perm)
 
-    for i1 in range(0, C, block):
-        i2 = min(i1 + block, C)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros((R, i2 - i1), dtype=torch.float32)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not per_row and col % gs == 0:
-                g = col // gs
-                scale16, zero = grid_params(W1[:, i : i + gs], bits)
-                scales[:, g], zeros[:, g] = scale16, zero
-            w = W1[:, i]
-            c = grid_quantize(w, scale16, zero, bits)
-            q = grid_dequantize(c, scale16, zero)
-            codes[:, col] = c
-            Q[:, col] = q
-            err = (w - q) / U1[i, i]
-            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
-            Err1[:, i] = err
-        feed_back_block_error(W, Err1, U, i1, i2)
-
-    tensors = pack_grid(codes, scales, zeros, bits)
+    tensors = pack_grid(steps.codes, steps.scales, steps.zeros, config.bits)
     meta = {
-        "bits": int(bits),
+        "bits": int(config.bits),
         "group_size": int(gs),
-        "num_groups": int(G),
+        "num_groups": int(C // gs),
         "code_order": "row-major",
         "act_order": bool(config.act_order),
         "block_size": int(block),
@@ -181,12 +176,8 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTQCon
     if perm is not None:
         tensors["perm"] = perm.numpy().astype(_perm_dtype(C))
         meta["column_order"] = "permuted"
-        Qout = torch.empty_like(Q)
-        Qout[:, perm] = Q
-    else:
-        Qout = Q
     qt = QuantizedTensor(method="gptq", shape=(R, C), tensors=tensors, meta=meta)
-    qt.proxy_loss = proxy_loss(W0, Qout, hessian.detach().to("cpu"))
+    qt.proxy_loss = proxy_loss(W0, Q, hessian.detach().to("cpu"))
     qt.extra.update(
         nominal_bits_per_weight=nominal_bits_per_weight(config, C),
         dead_columns=int(inv.dead.sum()),

@@ -37,8 +37,10 @@ dead columns of W zeroed), column blocks left to right:
    optimal compensation of the later columns).
 4. Feedback (GPTQ generalised to d columns, as in `pvq.quant.pvq`):
    ``E = (W_b - Q_b) U_bb^{-1}``; ``W[:, later] -= E U[b, later]`` (inside the block per
-   step, onto later blocks once per block). ``error_feedback=False`` skips it (plain
-   assignment to the same kind of codebooks, for ablations).
+   step, onto later blocks once per block: `pvq.quant.feedback.error_feedback`, the loop
+   shared with GPTQ and PVQ, with steps 1-3 as its step, `_CodebookSteps`).
+   ``error_feedback=False`` skips it (plain assignment to the same kind of codebooks,
+   for ablations).
 5. Codebook update (optional, `codebook_update`): with the assignments fixed, the
    centroids minimise the layer's proxy loss ``tr((W - Q(C)) H (W - Q(C))^T)`` (W the
    original weights, H damped as in step 1), a linear least-squares problem in C. The
@@ -71,11 +73,12 @@ import torch
 
 from pvq.codec import pack_codes, packed_size, unpack_codes
 from pvq.codec.errors import CodecError
+from pvq.settings import NONNEGATIVE, POSITIVE, integer, number, percdamp_field, setting
 
 from .base import (QuantizationError, QuantizedTensor, TensorSpec, TunableWeight, as_float32, check_config,
                    check_weight, is_int, proxy_loss)
-from .hessian import (check_percdamp, diagonal_block_inverses, feed_back_block_error, feed_back_vector_error,
-                      inverse_hessian_cholesky)
+from .feedback import error_feedback
+from .hessian import check_percdamp, diagonal_block_inverses, inverse_hessian_cholesky
 
 __all__ = ["CONFIG", "GPTVQConfig", "dequantize", "layout", "needs_hessian", "nominal_bits_per_weight", "payload_spec",
            "quantize", "rate_ladder", "tunable"]
@@ -109,18 +112,24 @@ class GPTVQConfig:
     mean diagonal); seed: for "kpp".
     """
 
-    dim: int = 2
-    bits: float = 3.0
-    group_size: int = 4096
-    group_columns: int = 256
-    kmeans_iters: int = 10
-    init: str = "kpp"
-    assignment: str = "diag"
-    codebook_update: bool = True
+    dim: int = setting(2, "vector dimension d (consecutive input columns per vector)", integer, option="vq_dim",
+                       choices=DIMS)
+    bits: float = setting(3.0, "index bits per weight (2^(bits*d) centroids per codebook; bits*d an integer)",
+                          number(above=0), option="vq_bits")
+    group_size: int = setting(4096, "weights sharing one codebook (a multiple of --vq-columns); codebooks cost "
+                              "(8*K*d + 16) / group size bits per weight", POSITIVE, option="vq_group_size")
+    group_columns: int = setting(256, "columns per codebook block", POSITIVE, option="vq_columns")
+    kmeans_iters: int = setting(10, "EM iterations of the codebook initialisation", NONNEGATIVE)
+    init: str = setting("kpp", "k-means initialisation (kpp: seeded k-means++; mahalanobis: the paper's)",
+                        choices=INITS, option="vq_init")
+    assignment: str = setting("diag", "Hessian-weighted lookup: diagonal (paper) or the full d x d block metric",
+                              choices=ASSIGNMENTS, option="vq_assignment")
+    codebook_update: bool = setting(True, "skip the least-squares codebook update after assignment",
+                                    option="no_codebook_update", negate=True)
     update_iters: int = 10
     error_feedback: bool = True
-    percdamp: float = 0.01
-    seed: int = 0
+    percdamp: float = percdamp_field()
+    seed: int = setting(0, option="seed")  # the job's --seed
 
     def __post_init__(self) -> None:
         if not is_int(self.dim) or self.dim not in DIMS:
@@ -164,7 +173,7 @@ class GPTVQConfig:
         if not is_int(self.update_iters) or self.update_iters < 0:
             raise QuantizationError(f"update_iters must be an integer >= 0, got {self.update_iters!r}")
         check_percdamp(self.percdamp)
-        from pvq.options import MAX_SEED, excerpt
+        from pvq.settings import MAX_SEED, excerpt
 
         if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise QuantizationError(f"seed must be an integer in 0..2**32-1, got {excerpt(self.seed)}")
@@ -530,6 +539,78 @@ def payload_spec(config: GPTVQConfig, shape: tuple[int, int]) -> dict[str, Tenso
     }
 
 
+class _CodebookSteps:
+    """GPTVQ's step quantizer for `error_feedback`: at the first step of a column block, the
+    block's codebooks are fitted on its current (error-corrected) columns and quantized
+    (steps 1-2 of the module docstring); every step assigns each row's d-vector to an entry
+    of its row group's codebook (step 3). Records the indices, int8 codebooks and scales.
+
+    col_weights: (C,) the per-column weights of k-means and of the "diag" lookup;
+    block_metric: (C/d, d, d) float32 ``U_vv^{-1}`` for the "block" lookup, else None."""
+
+    def __init__(self, config: GPTVQConfig, R: int, row_bounds, col_bounds, col_weights: torch.Tensor,
+                 block_metric: torch.Tensor | None) -> None:
+        self.config, self.row_bounds, self.col_bounds = config, row_bounds, col_bounds
+        self.col_weights, self.block_metric = col_weights, block_metric
+        self.d, K, C = int(config.dim), config.centroids, col_bounds[-1][1]
+        self.block_of = {c0: cb for cb, (c0, _) in enumerate(col_bounds)}
+        self.gen = torch.Generator().manual_seed(int(config.seed))
+        self.row_group = _group_ids(row_bounds)
+        self.rows = torch.arange(R)
+        self.indices = torch.empty((R, C // self.d), dtype=torch.long)
+        self.codes = torch.empty((len(row_bounds), len(col_bounds), K, self.d), dtype=torch.int8)
+        self.scales = torch.empty((len(row_bounds), len(col_bounds)), dtype=torch.float16)
+
+    def _fit(self, block: torch.Tensor, cb: int) -> None:
+        c0, c1 = self.col_bounds[cb]
+        centroids = _fit_codebooks(block, self.col_weights[c0:c1], self.row_bounds, self.config, self.gen)
+        codes, scale16 = _quantize_codebooks(centroids)
+        self.codes[:, cb], self.scales[:, cb] = codes, scale16
+        self.book = _codebook_values(codes, scale16)[self.row_group]  # (R, K, d) float32
+        self.book_t = self.book.permute(2, 0, 1).contiguous()  # (d, R, K)
+
+    def __call__(self, pending: torch.Tensor, j: int) -> torch.Tensor:
+        if j in self.block_of:
+            self._fit(pending, self.block_of[j])
+        d, v = self.d, j // self.d
+        x = pending[:, :d]
+        if self.block_metric is not None:
+            A = self.block_metric[v]
+            y, cy = x @ A, (self.book @ A).permute(2, 0, 1)
+            dist = (y[:, 0:1] - cy[0]).square_()
+            for t in range(1, d):
+                dist += (y[:, t : t + 1] - cy[t]).square_()
+        else:
+            w = self.col_weights[j : j + d].tolist()
+            dist = (x[:, 0:1] - self.book_t[0]).square_().mul_(w[0])
+            for t in range(1, d):
+                dist += (x[:, t : t + 1] - self.book_t[t]).square_().mul_(w[t])
+        k = dist.argmin(dim=1)
+        self.indices[:, v] = k
+        return self.book[self.rows, k]
+
+
+def _update(W0: torch.Tensor, hessian: torch.Tensor, inv, steps: _CodebookSteps, iters: int, loss: float):
+    """The codebook update (step 5 of the module docstring): (int8 codebooks, Q, proxy loss)
+    of the updated codebooks if they lower the proxy loss `loss`, else None."""
+    R, C = W0.shape
+    codes, scales = steps.codes, steps.scales
+    RG, CB, K, d = codes.shape
+    H64 = hessian.detach().to(device="cpu", dtype=torch.float64)
+    H64 = 0.5 * (H64 + H64.T)
+    H64[inv.dead, inv.dead] = 1.0
+    H64 += inv.damping * torch.eye(C, dtype=torch.float64)
+    # flat position of every weight's codebook entry in codes.reshape(-1)
+    pos = ((_codebook_of(steps.row_bounds, steps.col_bounds, d) * K + steps.indices) * d)[:, :, None] + torch.arange(d)
+    pos = pos.reshape(R, C)
+    step = scales.double().reshape(RG * CB, 1).expand(-1, K * d).reshape(-1)
+    target = W0.double().masked_fill(inv.dead[None, :], 0.0)
+    codes_new = _update_codebooks(target, H64, pos, codes.reshape(-1), step, iters).reshape(RG, CB, K, d)
+    Q_new = _reconstruct(codes_new, scales, steps.indices, steps.row_bounds, steps.col_bounds, d)
+    loss_new = proxy_loss(W0, Q_new, hessian.detach().to("cpu"))
+    return (codes_new, Q_new, loss_new) if loss_new < loss else None
+
+
 def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTVQConfig | None = None) -> QuantizedTensor:
     config = check_config(config, GPTVQConfig)
     check_weight(weight, hessian)
@@ -543,6 +624,8 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTVQCo
     W = W0.clone()
     use_h = hessian is not None
     feedback = use_h and bool(config.error_feedback)
+    U = A32 = None
+    col_weights = torch.ones(C, dtype=torch.float64)
     if use_h:
         inv = inverse_hessian_cholesky(hessian, config.percdamp)
         U = inv.U
@@ -550,71 +633,23 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: GPTVQCo
         ud = torch.diagonal(U).double()
         col_weights = 1.0 / (ud * ud)
         # A_v = U_vv^{-1} for every vector's d x d diagonal block, its metric and feedback
-        A32_all = diagonal_block_inverses(U, d).float()
-    else:
-        col_weights = torch.ones(C, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(int(config.seed))
-    row_group = _group_ids(row_bounds)
+        A32 = diagonal_block_inverses(U, d).float()
+    steps = _CodebookSteps(config, R, row_bounds, col_bounds, col_weights,
+                           A32 if config.assignment == "block" else None)
+    Q = error_feedback(W, steps, col_bounds, U if feedback else None, d, A32 if feedback else None)
+    codes_all = steps.codes
 
-    indices = torch.empty((R, C // d), dtype=torch.long)
-    codes_all = torch.empty((RG, CB, K, d), dtype=torch.int8)
-    scales_all = torch.empty((RG, CB), dtype=torch.float16)
-    rows = torch.arange(R)
-    for cb, (c0, c1) in enumerate(col_bounds):
-        W1 = W[:, c0:c1].clone()
-        codes, scale16 = _quantize_codebooks(_fit_codebooks(W1, col_weights[c0:c1], row_bounds, config, gen))
-        codes_all[:, cb], scales_all[:, cb] = codes, scale16
-        book = _codebook_values(codes, scale16)[row_group]  # (R, K, d) float32
-        book_t = book.permute(2, 0, 1).contiguous()  # (d, R, K)
-        if feedback:
-            Err1 = torch.empty((R, c1 - c0), dtype=torch.float32)
-        for lo in range(0, c1 - c0, d):
-            hi = lo + d
-            v = (c0 + lo) // d
-            x = W1[:, lo:hi]
-            if use_h and config.assignment == "block":
-                A = A32_all[v]
-                y, cy = x @ A, (book @ A).permute(2, 0, 1)
-                dist = (y[:, 0:1] - cy[0]).square_()
-                for t in range(1, d):
-                    dist += (y[:, t : t + 1] - cy[t]).square_()
-            else:
-                w = col_weights[c0 + lo : c0 + hi].tolist()
-                dist = (x[:, 0:1] - book_t[0]).square_().mul_(w[0])
-                for t in range(1, d):
-                    dist += (x[:, t : t + 1] - book_t[t]).square_().mul_(w[t])
-            k = dist.argmin(dim=1)
-            q = book[rows, k]
-            indices[:, v] = k
-            if feedback:
-                feed_back_vector_error(W1, Err1, x - q, A32_all[v], U, c0, c1, lo, hi)
-        if feedback:
-            feed_back_block_error(W, Err1, U, c0, c1)
-
-    Q = _reconstruct(codes_all, scales_all, indices, row_bounds, col_bounds, d)
     loss = proxy_loss(W0, Q, hessian.detach().to("cpu")) if use_h else None
     updated = False
     if use_h and config.codebook_update and config.update_iters > 0:
-        H64 = hessian.detach().to(device="cpu", dtype=torch.float64)
-        H64 = 0.5 * (H64 + H64.T)
-        H64[inv.dead, inv.dead] = 1.0
-        H64 += inv.damping * torch.eye(C, dtype=torch.float64)
-        # flat position of every weight's codebook entry in codes_all.reshape(-1)
-        pos = ((_codebook_of(row_bounds, col_bounds, d) * K + indices) * d)[:, :, None] + torch.arange(d)
-        pos = pos.reshape(R, C)
-        step = scales_all.double().reshape(RG * CB, 1).expand(-1, K * d).reshape(-1)
-        target = W0.double().masked_fill(inv.dead[None, :], 0.0)
-        codes_new = _update_codebooks(target, H64, pos, codes_all.reshape(-1), step, int(config.update_iters))
-        codes_new = codes_new.reshape(RG, CB, K, d)
-        Q_new = _reconstruct(codes_new, scales_all, indices, row_bounds, col_bounds, d)
-        loss_new = proxy_loss(W0, Q_new, hessian.detach().to("cpu"))
-        if loss_new < loss:
-            codes_all, Q, loss, updated = codes_new, Q_new, loss_new, True
+        better = _update(W0, hessian, inv, steps, int(config.update_iters), loss)
+        if better is not None:
+            (codes_all, Q, loss), updated = better, True
 
     tensors = {
-        "indices": pack_codes(indices.reshape(-1).numpy().astype(np.uint64), nbits),
+        "indices": pack_codes(steps.indices.reshape(-1).numpy().astype(np.uint64), nbits),
         "codebooks": np.ascontiguousarray(codes_all.numpy()),
-        "codebook_scales": np.ascontiguousarray(scales_all.numpy()),
+        "codebook_scales": np.ascontiguousarray(steps.scales.numpy()),
     }
     meta = {
         "dim": d,

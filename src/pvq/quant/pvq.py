@@ -37,7 +37,9 @@ Algorithm (blocks b = the D columns of one group, left to right):
      position; the first E such groups of a row in processing order (act-order puts the
      high-energy groups first) take the slots. Their stored index is ignored.
 5. Feedback: ``E = (W_b - Q_b) U_bb^{-1}`` (triangular solve) and
-   ``W[:, after b] -= E @ U[b, after b]`` (the paper's step 6).
+   ``W[:, after b] -= E @ U[b, after b]`` (the paper's step 6), in lazy blocks of about
+   LAZY_BLOCK columns: the loop shared with GPTQ and GPTVQ,
+   `pvq.quant.feedback.error_feedback`, with steps 2-4 as its step (`_GroupSteps`).
 6. `act_order` (default on, with the Hessian): the groups are *processed* in order of
    decreasing Hessian energy tr(H_gg) (W and H permuted by whole groups, the results
    permuted back), GPTQ's act-order at the granularity of groups. Groups stay the same
@@ -69,6 +71,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -90,6 +93,7 @@ from pvq.codec import (
 from pvq.codec.counts import table_bytes
 from pvq.codec.errors import CodecError
 from pvq.codec.split import split_decode, split_encode, split_supported
+from pvq.settings import NONNEGATIVE, POSITIVE, number, percdamp_field, setting
 
 from .base import (
     QuantizationError,
@@ -103,13 +107,8 @@ from .base import (
     proxy_loss,
     stored_float16,
 )
-from .hessian import (
-    check_percdamp,
-    diagonal_block_inverses,
-    feed_back_block_error,
-    feed_back_vector_error,
-    inverse_hessian_cholesky,
-)
+from .feedback import act_order, error_feedback, lazy_blocks, prepare, restore_columns
+from .hessian import check_percdamp, diagonal_block_inverses
 
 __all__ = ["CONFIG", "PVQConfig", "dequantize", "layout", "needs_hessian", "nominal_bits_per_weight", "payload_spec",
            "quantize", "rate_ladder", "tunable"]
@@ -157,20 +156,25 @@ class PVQConfig:
     slots per row for groups beyond the top gain level (codebook gains only).
     """
 
-    group_size: int = 64
-    shape_bits: float = 3.0
-    gain: str = "fp16"
-    gain_bits: int = 4
+    group_size: int = setting(16, "PVQ dimension D: weights per group along the input", POSITIVE,
+                              option="pvq_group_size")
+    shape_bits: float = setting(3.0, "PVQ shape bits per weight, fractional allowed", number(above=0))
+    gain: str = setting("empirical", "PVQ gain storage: float16, Beta-quantile indices, or per-layer fitted levels",
+                        choices=GAIN_FORMATS)
+    gain_bits: int = setting(4, "bits per PVQ gain index (beta, empirical)", POSITIVE)
     reconstruction: str = "centroid"
-    use_hessian: bool = True
-    percdamp: float = 0.01
+    use_hessian: bool = setting(True, "plain PVQ: no Hessian error feedback", option="no_hessian", negate=True)
+    percdamp: float = percdamp_field()
     search_method: str = "refined"
-    hessian_refine: bool = True
+    hessian_refine: bool = setting(True, "skip the Hessian-weighted shape refinement", option="no_refine",
+                                   negate=True)
     refine_candidates: int = 8
     refine_max_moves: int = 64
     act_order: bool = True
-    enumeration: str = "auto"
-    gain_escapes: int = 0
+    enumeration: str = setting("auto", "PVQ code order: split (fast kernels; codes up to 53 bits), fischer, or auto "
+                               "(split where it fits)", choices=ENUMERATIONS)
+    gain_escapes: int = setting(0, "PVQ beta/empirical gains: per row, this many groups beyond the top gain level "
+                                "keep an exact float16 gain", NONNEGATIVE)
 
     def __post_init__(self) -> None:
         if not is_int(self.group_size) or self.group_size < 2:
@@ -515,149 +519,159 @@ def decode_shapes(codes: np.ndarray, D: int, K: int, enumeration: str) -> np.nda
     raise QuantizationError(f"unknown enumeration {enumeration!r}; this pvq reads {ENUMERATIONS[1:]}")
 
 
-def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConfig | None = None) -> QuantizedTensor:
-    config = check_config(config, PVQConfig)
-    check_weight(weight, hessian)
-    R, C = weight.shape
+class _GainTables(NamedTuple):
+    """A layer's codebook-gain tables (gain "beta" or "empirical", see the module docstring)."""
+
+    norms16: np.ndarray  # (R,) the stored row norms
+    row_scale: np.ndarray  # (R,) float64 factor of a row's gains (0: the row dequantizes to zeros)
+    live: np.ndarray  # (R,) rows with row_scale > 0
+    codebook: np.ndarray  # float64 normalised gain levels
+    codebook16: np.ndarray | None  # the stored levels ("empirical" only)
+
+
+def _fit_gain_tables(W0: torch.Tensor, config: PVQConfig, G: int) -> _GainTables | None:
+    """The codebook-gain tables of the original weights W0 (None for fp16 gains)."""
+    if config.gain == "fp16":
+        return None
+    R, D = W0.shape[0], int(config.group_size)
+    norms16 = stored_float16(W0.double().norm(dim=1).numpy(), "row norm")
+    row_scale = _row_scale(norms16)
+    live = row_scale > 0
+    codebook16 = None
+    if config.gain == "beta":
+        codebook = BetaGainQuantizer(D, G, int(config.gain_bits), config.reconstruction).codebook
+    else:
+        group_norms = W0.double().reshape(R, G, D).norm(dim=2).numpy()[live] / row_scale[live, None]
+        codebook16 = stored_float16(empirical_gain_codebook(group_norms, int(config.gain_bits)), "gain level")
+        codebook = codebook16.astype(np.float64)
+    return _GainTables(norms16, row_scale, live, codebook, codebook16)
+
+
+class _GroupSteps:
+    """PVQ's step quantizer for `error_feedback`: the group of D columns at processing
+    position g, all rows at once: shape (codec search, then `hessian_refine` under the
+    block metric), gain (block-optimal with the Hessian, else least squares) quantized to
+    the gain format, escapes. Records points, gains and escapes by processing position.
+
+    A: the block inverses ``U_gg^{-1}`` (G, D, D) float64 in processing order, None
+    without the Hessian; group_order: the input group at each processing position
+    (act-order), None when they agree."""
+
+    def __init__(self, config: PVQConfig, R: int, G: int, tables: _GainTables | None, A: np.ndarray | None,
+                 group_order: torch.Tensor | None) -> None:
+        self.config, self.tables, self.A, self.group_order = config, tables, A, group_order
+        self.D, self.K = int(config.group_size), config.pulses
+        self.refine = A is not None and config.hessian_refine and config.refine_max_moves > 0
+        self.moves = 0
+        E = int(config.gain_escapes)
+        self.esc_pos = np.full((R, E), G, dtype=np.int64)
+        self.esc_gain = np.zeros((R, E), dtype=np.float16)
+        self.esc_used = np.zeros(R, dtype=np.int64)
+        self.points = np.empty((R, G, self.D), dtype=np.int32)
+        self.gains = np.empty((R, G), dtype=np.float16 if tables is None else np.int64)
+
+    def __call__(self, pending: torch.Tensor, j: int) -> torch.Tensor:
+        g = j // self.D
+        x = pending[:, : self.D].double().numpy()
+        p = search(x, self.K, self.config.search_method)
+        s = self._shape_gain(x, p, g)
+        self.points[:, g, :] = p
+        return torch.from_numpy(_reconstruct(p, self._quantize_gain(s, g)))
+
+    def _shape_gain(self, x: np.ndarray, p: np.ndarray, g: int) -> np.ndarray:
+        """The gain of shapes p for vectors x; with the Hessian, p is first refined (in place)
+        under the block metric ``A A^T`` and the gain is the block-optimal one."""
+        if self.A is None:
+            return (x * _unit_shapes(p)).sum(axis=1)
+        A = self.A[g]
+        if self.refine:
+            cfg = self.config
+            M = A @ A.T
+            M = 0.5 * (M + M.T)
+            Mp = p.astype(np.float64) @ M
+            self.moves += _refine_rows(
+                x, p, x @ M, Mp, M, int(cfg.refine_candidates), int(cfg.refine_max_moves), _REFINE_REL_TOL
+            )
+        wA = x @ A
+        uA = _unit_shapes(p) @ A
+        return (wA * uA).sum(axis=1) / (uA * uA).sum(axis=1)
+
+    def _quantize_gain(self, s: np.ndarray, g: int) -> np.ndarray:
+        """The gains s (float64) as stored: recorded at position g, returned as reconstructed."""
+        t = self.tables
+        if t is None:
+            g16 = stored_float16(s, "gain")
+            self.gains[:, g] = g16
+            return g16.astype(np.float64)
+        level = s / np.where(t.live, t.row_scale, 1.0)
+        idx = nearest_level(level, t.codebook)
+        idx[~t.live] = 0
+        self.gains[:, g] = idx
+        s_hat = _codebook_gains(t.codebook, idx, t.row_scale)
+        E = self.esc_pos.shape[1]
+        if E:
+            # rows beyond the top level with a free slot keep their gain exactly
+            rows = np.nonzero(t.live & (level > t.codebook[-1]) & (self.esc_used < E))[0]
+            if rows.size:
+                exact = stored_float16(s[rows], "gain")
+                slots = self.esc_used[rows]
+                self.esc_pos[rows, slots] = g if self.group_order is None else int(self.group_order[g])
+                self.esc_gain[rows, slots] = exact
+                self.esc_used[rows] += 1
+                s_hat[rows] = exact.astype(np.float64)
+        return s_hat
+
+    def restore_order(self) -> None:
+        """Points and gains from processing order back to the stored (input) group order."""
+        if self.group_order is not None:
+            order = self.group_order.numpy()
+            self.points[:, order, :] = self.points.copy()
+            self.gains[:, order] = self.gains.copy()
+
+
+def _check_layer(config: PVQConfig, C: int, G: int, hessian: torch.Tensor | None) -> None:
+    """What a layer must satisfy beyond its config, checked before any work."""
     D = int(config.group_size)
-    G = _groups(D, C)
     if config.gain == "beta" and G < 2:
         raise QuantizationError(
             f"Beta gains need at least 2 groups per row, got C={C}, D={D} (use gain='fp16' or a smaller D)"
         )
-    use_h = bool(config.use_hessian)
-    if use_h and hessian is None:
+    if config.use_hessian and hessian is None:
         raise QuantizationError("use_hessian=True needs the layer's Hessian; pass one or set use_hessian=False")
-    K = config.pulses
-    nbits = config.code_bits
+    if int(config.gain_escapes) > G:
+        raise QuantizationError(f"gain_escapes={int(config.gain_escapes)} exceeds the {G} groups of a row")
 
-    W0 = as_float32(weight)
-    W = W0.clone()
-    H_in = hessian
-    group_order = None
-    if use_h and config.act_order:
-        # groups (kept whole, so storage is unchanged) in order of decreasing Hessian energy
-        energy = torch.diagonal(hessian.detach().to("cpu", torch.float64)).reshape(G, D).sum(dim=1)
-        group_order = torch.argsort(energy, descending=True, stable=True)
-        col_order = (group_order[:, None] * D + torch.arange(D)).reshape(-1)
-        W = W[:, col_order].contiguous()
-        hessian = hessian.detach().to("cpu")[col_order][:, col_order]
-    if config.gain != "fp16":
-        norms16 = stored_float16(W0.double().norm(dim=1).numpy(), "row norm")
-        row_scale = _row_scale(norms16)
-        live = row_scale > 0
-        if config.gain == "beta":
-            codebook = BetaGainQuantizer(D, G, int(config.gain_bits), config.reconstruction).codebook
-        else:
-            group_norms = W0.double().reshape(R, G, D).norm(dim=2).numpy()[live] / row_scale[live, None]
-            codebook16 = stored_float16(empirical_gain_codebook(group_norms, int(config.gain_bits)), "gain level")
-            codebook = codebook16.astype(np.float64)
-    damping = None
-    if use_h:
-        inv = inverse_hessian_cholesky(hessian, config.percdamp)
-        U = inv.U
-        damping = inv.damping
-        W[:, inv.dead] = 0.0
-    refine = use_h and config.hessian_refine and config.refine_max_moves > 0
 
-    E = int(config.gain_escapes)
-    if E > G:
-        raise QuantizationError(f"gain_escapes={E} exceeds the {G} groups of a row")
-    esc_pos = np.full((R, E), G, dtype=np.int64)
-    esc_gain = np.zeros((R, E), dtype=np.float16)
-    esc_used = np.zeros(R, dtype=np.int64)
-    points = np.empty((R, G, D), dtype=np.int32)
-    gains_out = np.empty((R, G), dtype=np.float16 if config.gain == "fp16" else np.int64)
-    Q = torch.empty((R, C), dtype=torch.float32)
-    if use_h:
-        # A_g = U_gg^{-1} for every group at once (float64), the block metrics
-        A_all = diagonal_block_inverses(U, D)
-        A32_all = A_all.float()
-        A_all = A_all.numpy()
-    # lazy blocks: feedback inside a block of ~LAZY_BLOCK columns goes to its own copy,
-    # the rest of W is updated once per block (same arithmetic, less memory traffic)
-    lazy = D * max(1, LAZY_BLOCK // D)
-    moves = 0
-    for i1 in range(0, C, lazy):
-        i2 = min(i1 + lazy, C)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty((R, i2 - i1), dtype=torch.float32) if use_h else None
-        for lo in range(0, i2 - i1, D):
-            hi = lo + D
-            g = (i1 + lo) // D
-            Wb = W1[:, lo:hi]
-            x = Wb.double().numpy()
-            p = search(x, K, config.search_method)
-            if use_h:
-                A = A_all[g]
-                if refine:
-                    M = A @ A.T
-                    M = 0.5 * (M + M.T)
-                    Mp = p.astype(np.float64) @ M
-                    moves += _refine_rows(
-                        x, p, x @ M, Mp, M, int(config.refine_candidates), int(config.refine_max_moves), _REFINE_REL_TOL
-                    )
-                u = _unit_shapes(p)
-                wA = x @ A
-                uA = u @ A
-                s = (wA * uA).sum(axis=1) / (uA * uA).sum(axis=1)
-            else:
-                u = _unit_shapes(p)
-                s = (x * u).sum(axis=1)
-            if config.gain == "fp16":
-                g16 = stored_float16(s, "gain")
-                gains_out[:, g] = g16
-                s_hat = g16.astype(np.float64)
-            else:
-                idx = nearest_level(s / np.where(live, row_scale, 1.0), codebook)
-                idx[~live] = 0
-                gains_out[:, g] = idx
-                s_hat = _codebook_gains(codebook, idx, row_scale)
-                if E:
-                    rows = np.nonzero(live & (s / np.where(live, row_scale, 1.0) > codebook[-1]) & (esc_used < E))[0]
-                    if rows.size:
-                        exact = stored_float16(s[rows], "gain")
-                        esc_pos[rows, esc_used[rows]] = g if group_order is None else int(group_order[g])
-                        esc_gain[rows, esc_used[rows]] = exact
-                        esc_used[rows] += 1
-                        s_hat[rows] = exact.astype(np.float64)
-            points[:, g, :] = p
-            Qb = torch.from_numpy(_reconstruct(p, s_hat))
-            Q[:, i1 + lo : i1 + hi] = Qb
-            if use_h:
-                feed_back_vector_error(W1, Err1, Wb - Qb, A32_all[g], U, i1, i2, lo, hi)
-        if use_h:
-            feed_back_block_error(W, Err1, U, i1, i2)
+def _payload(config: PVQConfig, steps: _GroupSteps) -> dict[str, np.ndarray]:
+    """The stored tensors (module docstring) of the recorded points and gains (stored order)."""
+    R, G, D = steps.points.shape
+    tensors = {"codes": pack_codes(encode_shapes(steps.points.reshape(R * G, D), steps.K, config.code_order),
+                                   config.code_bits)}
+    if steps.tables is None:
+        tensors["gains"] = steps.gains
+        return tensors
+    tensors["gain_indices"] = pack_codes(steps.gains.reshape(-1).astype(np.uint64), int(config.gain_bits))
+    tensors["row_norms"] = steps.tables.norms16
+    if config.gain == "empirical":
+        tensors["gain_codebook"] = steps.tables.codebook16
+    if config.gain_escapes:
+        order = np.argsort(steps.esc_pos, axis=1, kind="stable")  # slots by stored group, unused last
+        tensors["escape_groups"] = np.take_along_axis(steps.esc_pos, order, axis=1).astype(_escape_position_dtype(G))
+        tensors["escape_gains"] = np.take_along_axis(steps.esc_gain, order, axis=1)
+    return tensors
 
-    if group_order is not None:
-        order = group_order.numpy()
-        points[:, order, :] = points.copy()
-        gains_out[:, order] = gains_out.copy()
-        Q[:, col_order] = Q.clone()
 
-    flat_points = points.reshape(R * G, D)
-    tensors = {"codes": pack_codes(encode_shapes(flat_points, K, config.code_order), nbits)}
-    if config.gain == "fp16":
-        tensors["gains"] = gains_out
-    else:
-        tensors["gain_indices"] = pack_codes(gains_out.reshape(-1).astype(np.uint64), int(config.gain_bits))
-        tensors["row_norms"] = norms16
-        if config.gain == "empirical":
-            tensors["gain_codebook"] = codebook16
-        if E:
-            order = np.argsort(esc_pos, axis=1, kind="stable")  # slots by stored group, unused last
-            tensors["escape_groups"] = np.take_along_axis(esc_pos, order, axis=1).astype(_escape_position_dtype(G))
-            tensors["escape_gains"] = np.take_along_axis(esc_gain, order, axis=1)
+def _meta(config: PVQConfig, G: int, steps: _GroupSteps, damping: float | None) -> dict:
     meta = {
-        "group_size": D,
+        "group_size": int(config.group_size),
         "num_groups": G,
-        "pulses": int(K),
-        "code_bits": int(nbits),
+        "pulses": int(steps.K),
+        "code_bits": int(config.code_bits),
         "shape_bits": float(config.shape_bits),
         "gain": config.gain,
         "gain_bits": 16 if config.gain == "fp16" else int(config.gain_bits),
-        "use_hessian": use_h,
-        "hessian_refine": bool(refine),
+        "use_hessian": bool(config.use_hessian),
+        "hessian_refine": bool(steps.refine),
         "search_method": config.search_method,
         "percdamp": float(config.percdamp),
         "code_order": "row-major",
@@ -665,16 +679,42 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
     }
     if config.gain == "beta":
         meta["reconstruction"] = config.reconstruction
-    if E:
-        meta["gain_escapes"] = E
+    if config.gain_escapes:
+        meta["gain_escapes"] = int(config.gain_escapes)
     if damping is not None:
         meta["damping"] = float(damping)
-    qt = QuantizedTensor(method="pvq", shape=(R, C), tensors=tensors, meta=meta)
-    if group_order is not None:
+    if steps.group_order is not None:
         meta["act_order"] = True
-    if H_in is not None:
-        qt.proxy_loss = proxy_loss(W0, Q, H_in.detach().to("cpu"))
-    qt.extra.update(nominal_bits_per_weight=nominal_bits_per_weight(config), refine_moves=int(moves))
+    return meta
+
+
+def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConfig | None = None) -> QuantizedTensor:
+    config = check_config(config, PVQConfig)
+    check_weight(weight, hessian)
+    R, C = weight.shape
+    D = int(config.group_size)
+    G = _groups(D, C)
+    _check_layer(config, C, G, hessian)
+    W0 = as_float32(weight)
+    tables = _fit_gain_tables(W0, config, G)
+
+    W, U, A, inv, group_order, col_order = W0.clone(), None, None, None, None, None
+    if config.use_hessian:
+        if config.act_order:
+            # groups (kept whole, so storage is unchanged) in order of decreasing Hessian energy
+            group_order, col_order = act_order(hessian, D)
+        W, inv = prepare(W0, hessian, config.percdamp, col_order)
+        U, A = inv.U, diagonal_block_inverses(inv.U, D)  # A_g = U_gg^{-1}, the block metrics (float64)
+    steps = _GroupSteps(config, R, G, tables, None if A is None else A.numpy(), group_order)
+    Q = error_feedback(W, steps, lazy_blocks(C, D * max(1, LAZY_BLOCK // D)), U, D,
+                       None if A is None else A.float())
+    steps.restore_order()
+
+    qt = QuantizedTensor(method="pvq", shape=(R, C), tensors=_payload(config, steps),
+                         meta=_meta(config, G, steps, None if inv is None else inv.damping))
+    if hessian is not None:
+        qt.proxy_loss = proxy_loss(W0, restore_columns(Q, col_order), hessian.detach().to("cpu"))
+    qt.extra.update(nominal_bits_per_weight=nominal_bits_per_weight(config), refine_moves=int(steps.moves))
     return qt
 
 

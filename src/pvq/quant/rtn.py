@@ -30,6 +30,7 @@ import torch
 
 from pvq.codec import pack_codes, packed_size, unpack_codes
 from pvq.codec.errors import CodecError
+from pvq.settings import count, integer, setting
 
 from .base import (
     QuantizationError,
@@ -83,8 +84,8 @@ def check_group_size(group_size) -> None:
 class RTNConfig:
     """bits: 2..8 per weight; group_size: input columns per (scale, zero) pair, -1/0 = per row."""
 
-    bits: int = 4
-    group_size: int = 128
+    bits: int = setting(4, "integer bits per weight", count(2))
+    group_size: int = setting(128, "input columns per float16 scale and zero point (-1: one per output row)", integer)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
