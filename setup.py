@@ -1,4 +1,4 @@
-"""Builds pvq's optional C kernels (src/pvq/runtime_c/pvqkernels.c) where a C compiler is
+"""Builds pvq's optional C kernels (src/pvq/runtime/c/pvqkernels.c) where a C compiler is
 present; without one the extension is skipped and the numba kernels run (same results).
 Everything else about the package is in pyproject.toml."""
 
@@ -8,7 +8,7 @@ setup(
     ext_modules=[
         Extension(
             "pvq._pvqkernels",
-            sources=["src/pvq/runtime_c/pvqkernels.c"],
+            sources=["src/pvq/runtime/c/pvqkernels.c"],
             extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing"],
             extra_link_args=["-pthread"],
             optional=True,  # a build failure skips the extension instead of failing the install

@@ -35,7 +35,7 @@ if hasattr(os, "sched_setaffinity"):
 import torch  # noqa: E402
 
 from pvq.codec import search  # noqa: E402
-from pvq.quant.activations import (  # noqa: E402
+from pvq.activations import (  # noqa: E402
     ActQuantConfig,
     decode_activations,
     encode_activations,

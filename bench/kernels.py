@@ -15,10 +15,10 @@ Run:  python bench/kernels.py [--threads 2] [--shapes demo 8b] [--out bench-out/
 3. With ``--per-code`` (and ``--checkpoint DIR``): ns per 16-weight code of each kernel of
    the stored layout on one thread: the previous release's tree kernel, numba's and C's fast one.
 4. With ``--crossover``: the fused GEMV against decode + GEMM at batch 1-16 (the CPU
-   kernels' row threshold, `pvq.formats.cpu_kernels.gemv_max_rows`).
+   kernels' row threshold, `pvq.runtime.cpu_kernels.gemv_max_rows`).
 5. With ``--cuda`` (a GPU machine): the same layer table on the GPU, PVQ's Triton kernels
    against float16 `F.linear`.
-   The PVQ kernels are the C ones where they were built (`pvq.formats.c_kernels`), else numba;
+   The PVQ kernels are the C ones where they were built (`pvq.runtime.c_kernels`), else numba;
    the table's title says which. `--threads` is both torch's and the kernels' thread count.
 Targets (issues 13 and 28) are reported, not asserted.
 """
@@ -49,8 +49,8 @@ from pvq.codec import (
     split_decode,
     split_encode,
 )
-from pvq.formats import QuantizedLinear
-from pvq.formats.kernels import DEQUANTIZE, select_kernel
+from pvq.runtime import QuantizedLinear
+from pvq.runtime.kernels import DEQUANTIZE, select_kernel
 
 SHAPES = {  # (out_features, in_features)
     "demo": [(576, 576), (1536, 576), (576, 1536)],
@@ -138,7 +138,7 @@ def cuda_layer_rows(shapes: list[tuple[int, int]], rng: np.random.Generator, rep
 def layer_rows(shapes: list[tuple[int, int]], rng: np.random.Generator, threads: int, repeats: int) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
-    from pvq.formats.compute_layout import Int4Weights, transcode_int8
+    from pvq.runtime.compute_layout import Int4Weights, transcode_int8
 
     for R, C in shapes:
         layer = pvq_layer(R, C, rng)
@@ -178,7 +178,7 @@ def layer_rows(shapes: list[tuple[int, int]], rng: np.random.Generator, threads:
 
 def crossover_rows(rng: np.random.Generator, threads: int, repeats: int) -> list[dict]:
     """Fused GEMV against decode + GEMM at small batches (where `gemv_max_rows` comes from)."""
-    from pvq.formats.kernels import PVQ_CPU_DECODE_GEMM, PVQ_CPU_GEMV
+    from pvq.runtime.kernels import PVQ_CPU_DECODE_GEMM, PVQ_CPU_GEMV
 
     torch.set_num_threads(threads)
     rows = []
@@ -200,7 +200,7 @@ def per_code_rows(checkpoint: str | None, rng: np.random.Generator, repeats: int
     the numba fast kernel and the C one, on uniform random codes (4096 x 4096) and, with
     --checkpoint, on the codes of that checkpoint's first 70 PVQ layers (real codes split
     less evenly). The same layer objects and inputs for every kernel."""
-    from pvq.formats import c_kernels, cpu_kernels
+    from pvq.runtime import c_kernels, cpu_kernels
 
     sets = {"uniform random codes, 4096 x 4096": [pvq_layer(4096, 4096, rng)]}
     if checkpoint:
@@ -242,7 +242,7 @@ def tables(decode_res: list[dict], layer_res: list[dict], threads: int) -> str:
     base = decode_res[0]["weights_per_s"]
     for r in decode_res:
         out.append(f"| {r['order']} | {r['weights_per_s'] / 1e6:.0f} M | {r['weights_per_s'] / base:.2f}x |")
-    from pvq.formats import c_kernels
+    from pvq.runtime import c_kernels
 
     backend = f"C kernels ({c_kernels.simd()})" if c_kernels.available() else "numba kernels"
     out += ["", f"Layer forward, {threads} threads, {backend} (ms; in brackets: time / float32 `F.linear`):", "",

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from pvq.models import load_model
-from pvq.pipeline import encode_text, windows_from_ids
-from pvq.quant import get_method
+from pvq.calibrate import encode_text, windows_from_ids
+from pvq.methods import get_method
 
 VALID = Path(__file__).resolve().parents[2] / "shared" / "assets" / "wikitext-2" / "tokenized" / "valid.txt"
 LAYERS = [f"model.layers.{i}.{m}" for i in (0, 3, 10, 20, 29)

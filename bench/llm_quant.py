@@ -56,13 +56,13 @@ from pathlib import Path
 import torch
 
 from pvq.eval.perplexity import next_token_agreement, perplexity_details, wikitext2_test_rows
-from pvq.formats import decoded_weights
+from pvq.runtime import decoded_weights
 from pvq.models import adapter_for, load_model
 from pvq.oneshot import Recipe, oneshot
-from pvq.pipeline import encode_text, windows_from_ids
-from pvq.pipeline.allocation import ladder_range
-from pvq.quant import get_method
-from pvq.quant.activations import ActQuantConfig, ActQuantizer
+from pvq.calibrate import encode_text, windows_from_ids
+from pvq.calibrate.allocation import ladder_range
+from pvq.methods import get_method
+from pvq.activations import ActQuantConfig, ActQuantizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets" / "wikitext-2"
 
@@ -260,8 +260,8 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
 def whole_model_bits_per_parameter(model, float_model) -> float:
     """Every stored byte per parameter of the float model: packed payloads plus the dense
     tensors at 16 bits (tied ones once), as the checkpoint holds them."""
-    from pvq.formats import QuantizedLinear
-    from pvq.formats.embedding import QuantizedEmbedding
+    from pvq.runtime import QuantizedLinear
+    from pvq.runtime.embedding import QuantizedEmbedding
 
     payload = sum(m.stored_bytes for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding)))
     seen, dense = set(), 0

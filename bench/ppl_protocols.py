@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pvq.eval.perplexity import perplexity_details, wikitext2_test_rows
 from pvq.models import load_model
-from pvq.pipeline import encode_text
+from pvq.calibrate import encode_text
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "assets" / "wikitext-2" / "raw" / "wiki.test.raw"
 

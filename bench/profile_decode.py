@@ -35,8 +35,8 @@ def main() -> None:
     import torch
 
     import pvq
-    from pvq.formats import QuantizedLinear
-    from pvq.formats.cpu_kernels import runtime_threads, set_kernel_threads
+    from pvq.runtime import QuantizedLinear
+    from pvq.runtime.cpu_kernels import runtime_threads, set_kernel_threads
 
     torch.set_num_threads(args.threads)
     model, _, _ = pvq.load(args.checkpoint, layout=args.layout, load_tokenizer=False)

@@ -29,8 +29,8 @@ import torch
 
 from pvq.eval.perplexity import perplexity_details, wikitext2_test_text
 from pvq.models import adapter_for, load_model
-from pvq.pipeline import encode_text
-from pvq.quant import get_method
+from pvq.calibrate import encode_text
+from pvq.methods import get_method
 from pvq.rotation import rotate_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets" / "wikitext-2"

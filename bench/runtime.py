@@ -59,7 +59,7 @@ def _torch_worker(row: str, args) -> dict:
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     import pvq
-    from pvq.formats import QuantizedLinear
+    from pvq.runtime import QuantizedLinear
     torch.set_num_threads(args.threads)
     from pvq.generate import warm_imports
 
@@ -70,7 +70,7 @@ def _torch_worker(row: str, args) -> dict:
     if source is not None:
         layout = row.split("-")[1] if row.startswith("pvq-") else "packed"
         model, _, info = pvq.load(source, layout=layout, load_tokenizer=False)  # as the float rows: no tokenizer
-        from pvq.formats.cpu_kernels import runtime_threads
+        from pvq.runtime.cpu_kernels import runtime_threads
 
         runtime_threads(model, args.threads)  # as `pvq generate` runs a quantized model
         nbytes = sum(f.stat().st_size for f in Path(source).rglob("*") if f.is_file())

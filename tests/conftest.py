@@ -131,7 +131,7 @@ def adversarial_env(root, extra_files: dict | None = None):
     """What the adversarial tests start from, in `root`: model/ (the tiny float llama),
     calib.txt and wiki.test.raw (ADVERSARIAL_TEXT) and ck/ (its RTN 4-bit checkpoint, with
     `extra_files` such as a recipe.yaml); returns root."""
-    from pvq.formats import save_checkpoint
+    from pvq.checkpoint import save_checkpoint
     from pvq.models import tiny_llama
     from pvq.oneshot import Recipe, oneshot
 

@@ -16,16 +16,11 @@ pytest.importorskip("transformers")
 
 from pvq.codec import decode, pulses_for_bits, search, unpack_codes
 from pvq.codec.scalar import uniform_rtn
-from pvq.formats import (
-    CheckpointActQuantError,
-    QuantizedLinear,
-    load_checkpoint,
-    quantized_model,
-    save_checkpoint,
-)
+from pvq.checkpoint import load_checkpoint, quantized_model, save_checkpoint
+from pvq.runtime import CheckpointActQuantError, QuantizedLinear
 from pvq.models import adapter_for, tiny_llama
-from pvq.pipeline import quantize_model
-from pvq.quant.activations import (
+from pvq.calibrate import quantize_model
+from pvq.activations import (
     QUANTIZER_ATTRIBUTE,
     ActQuantConfig,
     ActQuantError,

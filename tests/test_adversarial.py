@@ -296,7 +296,7 @@ def test_legacy_conversion_reads_only_listed_regular_files(tmp_path, capsys):
     src = tmp_path / "old"
     shutil.copytree(legacy, src)
     (src / "chat_template.jinja").write_text("{{ evil }}")
-    from pvq.formats import convert_legacy
+    from pvq.checkpoint import convert_legacy
 
     index = convert_legacy(src, tmp_path / "new")
     assert "chat_template.jinja" not in index["files"] and not (tmp_path / "new" / "chat_template.jinja").exists()

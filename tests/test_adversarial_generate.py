@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 from conftest import cli_error, printable_char_tokenizer, scripted_input  # noqa: E402
 from pvq.chat_template import ChatTemplateError, chat_ids, render_chat  # noqa: E402
-from pvq.formats.load_checks import check_generation_config  # noqa: E402
+from pvq.checkpoint.load_checks import check_generation_config  # noqa: E402
 from pvq.generate import GenerationError  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello {{ x }} <s>"},
@@ -115,14 +115,14 @@ def test_hostile_templates_are_refused_quickly_in_one_line(tmp_path, template, m
     t0 = time.perf_counter()
     with pytest.raises(ChatTemplateError, match=message) as e:
         render_chat(tok, MESSAGES[1:2])
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 30  # the budget stops it in about 3 s; loose for a loaded machine
     assert isinstance(e.value, GenerationError) and "\n" not in str(e.value) and "chat template" in str(e.value)
     assert not marker.exists()
 
 
 @pytest.fixture(scope="module")
 def ck(tmp_path_factory):
-    from pvq.formats import save_checkpoint
+    from pvq.checkpoint import save_checkpoint
     from pvq.models import tiny_llama
     from pvq.oneshot import Recipe, oneshot
 
@@ -154,7 +154,7 @@ def test_a_looping_template_fails_generate_and_chat_within_seconds(ck, tmp_path,
                  ["chat", str(bad), "--max-new-tokens", "2"]):
         t0 = time.perf_counter()
         line = cli_error(capsys, argv)
-        assert time.perf_counter() - t0 < 30  # the load included; the render itself stops in about a second
+        assert time.perf_counter() - t0 < 60  # the load included; the render itself stops in about a second
         assert f"{bad}: the chat template is refused: it takes too long to render" in line
 
 

@@ -1,4 +1,4 @@
-"""The loading contract on every route (`pvq.formats.load_checks`): tampered checkpoints whose
+"""The loading contract on every route (`pvq.checkpoint.load_checks`): tampered checkpoints whose
 integrity index was rewritten to match ("rehash"), hostile config.json files and shard
 indexes, and pvq payloads loaded as a float model. Each case: one line and exit code 2 from
 `pvq verify` and `pvq generate`, a PVQError from `pvq.load` and from transformers'
@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 import pvq  # noqa: E402
 from conftest import ADVERSARIAL_TEXT, cli_error, printable_char_tokenizer, write_texts  # noqa: E402
 from pvq.errors import PVQError  # noqa: E402
-from pvq.formats import save_checkpoint  # noqa: E402
+from pvq.checkpoint import save_checkpoint  # noqa: E402
 from pvq.models import tiny_llama  # noqa: E402
 from pvq.oneshot import Recipe, oneshot  # noqa: E402
 

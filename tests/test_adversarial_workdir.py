@@ -23,9 +23,9 @@ pytest.importorskip("transformers")
 
 from conftest import adversarial_env, cli_error  # noqa: E402
 from pvq.models import adapter_for, tiny_llama  # noqa: E402
-from pvq.pipeline import quantize_model  # noqa: E402
-from pvq.pipeline import workdir as wd  # noqa: E402
-from pvq.quant.rtn import RTNConfig  # noqa: E402
+from pvq.calibrate import quantize_model  # noqa: E402
+from pvq.calibrate import workdir as wd  # noqa: E402
+from pvq.methods.rtn import RTNConfig  # noqa: E402
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 RECIPE = "# pvq quantize --recipe recipe.yaml --out NEW_DIR\nmethod: rtn\nbits: 4\ngroup_size: 32\n"
@@ -150,7 +150,7 @@ def test_an_untouched_work_directory_still_resumes_without_recomputing(tmp_path,
     full = quantize_model(m, adapter_for(m), windows, "rtn", config, work_dir=tmp_path / "a", batch_size=4,
                           progress=False)
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
-    from pvq.quant import rtn
+    from pvq.methods import rtn
 
     monkeypatch.setattr(rtn, "quantize", lambda *a: pytest.fail("a finished block was quantized again"))
     m = tiny_llama(seed=0, layers=3)
@@ -339,8 +339,8 @@ def test_a_convert_of_a_damaged_source_leaves_nothing(tmp_path, capsys):
 
 def test_a_convert_that_fails_half_way_leaves_nothing(tmp_path, capsys, monkeypatch):
     """A failure after the pvq 0.1 stage was written (here: while re-encoding) removes the stage."""
-    import pvq.formats.reencode as reencode
-    from pvq.formats.errors import CheckpointError
+    import pvq.checkpoint.reencode as reencode
+    from pvq.runtime.errors import CheckpointError
 
     def damaged(model):
         raise CheckpointError("layer 'model.layers.0.mlp.down_proj': simulated damage found while re-encoding")
@@ -352,7 +352,7 @@ def test_a_convert_that_fails_half_way_leaves_nothing(tmp_path, capsys, monkeypa
 
 
 def test_a_convert_onto_an_existing_checkpoint_is_refused_before_the_work(env, tmp_path, capsys, monkeypatch):
-    import pvq.formats.legacy as legacy
+    import pvq.checkpoint.legacy as legacy
 
     shutil.copytree(env / "ck", tmp_path / "ck")
     monkeypatch.setattr(legacy, "read_manifest", lambda *a: pytest.fail("the source was read"))

@@ -10,7 +10,7 @@ import torch
 from conftest import printable_char_tokenizer, save_tiny_model
 
 import pvq
-from pvq.formats import QuantizedLinear
+from pvq.runtime import QuantizedLinear
 from pvq.models import load_model
 from pvq.oneshot import Recipe
 
@@ -91,7 +91,7 @@ def test_plain_save_pretrained_of_a_module_with_activation_quantization(tiny_dir
 
 
 def model_windows(tok):
-    from pvq.pipeline import encode_text, windows_from_ids
+    from pvq.calibrate import encode_text, windows_from_ids
 
     return windows_from_ids(encode_text(tok, TEXT), GPTQ["calib_windows"], GPTQ["calib_seqlen"], 0)
 
@@ -113,7 +113,7 @@ def test_calibration_forms_give_the_windows_they_say(tiny_dir, tmp_path, monkeyp
     monkeypatch.setattr(oneshot_module, "oneshot", spy)
     (tmp_path / "calib.txt").write_text(TEXT)
     halves = [TEXT[: len(TEXT) // 2], TEXT[len(TEXT) // 2 :]]
-    from pvq.pipeline import encode_text, windows_from_ids
+    from pvq.calibrate import encode_text, windows_from_ids
 
     windows = windows_from_ids(encode_text(tok, "\n\n".join(halves)), 2, 32, 0)
     ids = torch.tensor([[1, 5, 9, 20, 40, 41, 42]])

@@ -1,4 +1,4 @@
-"""Quantized token embedding and output head (`pvq.formats.embedding`): row lookups equal
+"""Quantized token embedding and output head (`pvq.runtime.embedding`): row lookups equal
 the RTN reference decode, a tied head is served from the one stored payload, save/load
 gives bit-identical logits through pvq.load and transformers, and the stored bytes shrink."""
 
@@ -13,12 +13,13 @@ import torch
 from conftest import printable_char_tokenizer, save_tiny_model, write_texts
 
 import pvq  # noqa: F401  (registers the pvq quantizer with transformers)
-from pvq.formats import QuantizedLinear, load_checkpoint, save_checkpoint
-from pvq.formats.embedding import QuantizedEmbedding, QuantizedHead, TiedHead, quantize_embeddings
-from pvq.formats.hf import bits_per_weight
+from pvq.checkpoint import load_checkpoint, save_checkpoint
+from pvq.runtime import QuantizedLinear
+from pvq.runtime.embedding import QuantizedEmbedding, QuantizedHead, TiedHead, quantize_embeddings
+from pvq.checkpoint.hf import bits_per_weight
 from pvq.models import tiny_llama
 from pvq.oneshot import Recipe, oneshot
-from pvq.quant import get_method
+from pvq.methods import get_method
 
 IDS = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
 
@@ -106,7 +107,7 @@ def test_the_checkpoint_shrinks_by_the_embedding(tmp_path):
 
 
 def test_bad_settings_are_named():
-    from pvq.quant import QuantizationError
+    from pvq.methods import QuantizationError
 
     with pytest.raises(QuantizationError, match="embeddings"):
         Recipe(method="rtn", config={"bits": 4}, embeddings={"bits": 9}).check()
@@ -148,7 +149,7 @@ def test_cli_stores_the_embedding_and_names_bad_options(tmp_path, capsys):
 
 
 def test_the_main_job_and_the_recipe_share_one_default():
-    from pvq.formats.embedding import DEFAULT_EMBEDDINGS
+    from pvq.runtime.embedding import DEFAULT_EMBEDDINGS
     from pvq.options import OPTIONS_BY_DEST
 
     assert Recipe(method="rtn").embeddings == DEFAULT_EMBEDDINGS
@@ -158,7 +159,7 @@ def test_the_main_job_and_the_recipe_share_one_default():
 
 @pytest.mark.parametrize("rows,bits", [(256, 8), (250, 6), (77, 4)])
 def test_a_table_quantized_in_chunks_has_the_bytes_of_one_piece(rows, bits):
-    from pvq.formats.embedding import quantize_table
+    from pvq.runtime.embedding import quantize_table
 
     table = torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows))
     config = get_method("rtn").make_config({"bits": bits, "group_size": 8})

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import printable_char_tokenizer
 
-from pvq.formats import QuantizedLinear, load_checkpoint, save_checkpoint
+from pvq.checkpoint import load_checkpoint, save_checkpoint
+from pvq.runtime import QuantizedLinear
 from pvq.models import UnsupportedArchitectureError, adapter_for
 from pvq.oneshot import Recipe, oneshot
 from pvq.rotation import rotate_model
@@ -110,7 +111,7 @@ def test_each_block_kind_gets_its_own_arguments(family):
     """Quantizing with a grid so fine that the weights barely move must track the float
     model: with block 0's sliding-window mask reused for the full-attention layer (the old
     capture), the replayed blocks would compute another function."""
-    from pvq.pipeline.quantize_model import block_kinds, capture_block_inputs
+    from pvq.calibrate.quantize_model import block_kinds, capture_block_inputs
 
     model = tiny(family)
     adapter = adapter_for(model)
@@ -207,7 +208,7 @@ def test_a_quantized_embedding_computes_what_its_decoded_table_does(family, tmp_
     """Every family with its embedding and head stored at 8 bits: the logits equal those of
     the same model with the decoded tables put back as float weights (Gemma's scaled
     embedding included), and save/load is exact."""
-    from pvq.formats.embedding import QuantizedEmbedding
+    from pvq.runtime.embedding import QuantizedEmbedding
 
     recipe = dict(method="rtn", config={"bits": 4, "group_size": 32})
     model = tiny(family)

@@ -11,16 +11,17 @@ import pytest
 import torch
 from conftest import printable_char_tokenizer, scripted_input
 
-from pvq.formats import CheckpointError, LayerCodecError, QuantizedLinear, load_checkpoint, save_checkpoint
-from pvq.formats import cpu_kernels
-from pvq.formats.cpu_kernels import cpu_state, decoded_weight, grid_rows, pvq_rows
-from pvq.formats import c_kernels
-from pvq.formats.compute_layout import Int4Weights, apply_layout, int8_refusal, transcode_int8
-from pvq.formats.kernels import DEQUANTIZE
-from pvq.formats.pvq_fast import fast_pvq_supported
+from pvq.checkpoint import load_checkpoint, save_checkpoint
+from pvq.runtime import CheckpointError, LayerCodecError, QuantizedLinear
+from pvq.runtime import cpu_kernels
+from pvq.runtime.cpu_kernels import cpu_state, decoded_weight, grid_rows, pvq_rows
+from pvq.runtime import c_kernels
+from pvq.runtime.compute_layout import Int4Weights, apply_layout, int8_refusal, transcode_int8
+from pvq.runtime.kernels import DEQUANTIZE
+from pvq.runtime.pvq_fast import fast_pvq_supported
 from pvq.models import tiny_llama
 from pvq.oneshot import Recipe, oneshot
-from pvq.quant import get_method
+from pvq.methods import get_method
 
 TOLERANCE = 1e-5
 
@@ -260,7 +261,7 @@ def test_chat_loop_ends_on_eof_and_refuses_tokenizers_without_a_template():
 
 
 def test_auto_layout_picks_int4_where_it_holds_every_layer():
-    from pvq.formats.compute_layout import resolve_layout
+    from pvq.runtime.compute_layout import resolve_layout
 
     model = tiny_llama(seed=0)
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))

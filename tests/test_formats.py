@@ -25,27 +25,13 @@ transformers = pytest.importorskip("transformers")
 import pvq  # noqa: E402
 from conftest import cli_error, printable_char_tokenizer  # noqa: E402
 from pvq.codec.errors import CodecError  # noqa: E402
-from pvq.formats import (  # noqa: E402
-    INDEX_FILE,
-    CheckpointError,
-    CheckpointIntegrityError,
-    CheckpointRotationError,
-    CheckpointVersionError,
-    LayerCodecError,
-    QuantizedLinear,
-    convert_legacy,
-    decoded_weights,
-    is_checkpoint,
-    load_checkpoint,
-    quantized_model,
-    save_checkpoint,
-    verify_checkpoint,
-)
-from pvq.formats.hf import FORMAT_VERSION  # noqa: E402
+from pvq.checkpoint import INDEX_FILE, convert_legacy, is_checkpoint, load_checkpoint, quantized_model, save_checkpoint, verify_checkpoint
+from pvq.runtime import CheckpointError, CheckpointIntegrityError, CheckpointRotationError, CheckpointVersionError, LayerCodecError, QuantizedLinear, decoded_weights
+from pvq.checkpoint.index import FORMAT_VERSION
 from pvq.models import adapter_for, tiny_llama  # noqa: E402
 from pvq.oneshot import Recipe, oneshot  # noqa: E402
-from pvq.quant import METHODS, QuantizationError, get_method  # noqa: E402
-from pvq.quant.activations import ActQuantizer, act_quant_of  # noqa: E402
+from pvq.methods import METHODS, QuantizationError, get_method  # noqa: E402
+from pvq.activations import ActQuantizer, act_quant_of  # noqa: E402
 from pvq.rotation import OnlineHadamard, rotation_of  # noqa: E402
 
 LEGACY = Path(__file__).parent / "data" / "legacy"

@@ -144,14 +144,13 @@ def test_energies_above_one_and_zero_gains_are_clipped_to_the_end_cells():
     assert indices[0, 0] == 0 and indices[0, 1] == 7
 
 
-def test_one_million_gains_are_fast_enough():
-    import time
-
+def test_one_million_gains_round_trip():
+    """A layer-sized batch (its speed is bench/codec_throughput.py's to measure, not a test's)."""
     quantizer = BetaGainQuantizer(128, 32, 8, "centroid")
     gains, row_norm_sq = gaussian_rows(31250, 128, 32, seed=25)  # 1e6 gains
-    start = time.perf_counter()
-    quantizer.decode(quantizer.encode(gains, row_norm_sq), row_norm_sq)
-    assert time.perf_counter() - start < 2.0  # ~0.1 s in practice; loose for slow CI
+    decoded = quantizer.decode(quantizer.encode(gains, row_norm_sq), row_norm_sq)
+    assert decoded.shape == gains.shape and np.isfinite(decoded).all()
+    assert np.abs(decoded - gains).mean() < np.abs(gains).mean()  # a quantizer, not noise
 
 
 @pytest.mark.parametrize(

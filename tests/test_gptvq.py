@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pvq.codec import unpack_codes
-from pvq.quant import METHODS, QuantizationError, get_method, gptq, gptvq, proxy_loss
-from pvq.quant.gptvq import GPTVQConfig, weighted_kmeans
-from pvq.quant.synthetic import synthetic_layer
+from pvq.methods import METHODS, QuantizationError, get_method, gptq, gptvq, proxy_loss
+from pvq.methods.gptvq import GPTVQConfig, weighted_kmeans
+from pvq.methods.synthetic import synthetic_layer
 
 
 @pytest.fixture(scope="module")
@@ -263,9 +263,10 @@ def test_corrupt_payload_is_a_clear_error(layer):
 
 def test_pipeline_checkpoint_round_trip(tmp_path):
     pytest.importorskip("transformers")
-    from pvq.formats import QuantizedLinear, load_checkpoint, quantized_model, save_checkpoint
+    from pvq.checkpoint import load_checkpoint, quantized_model, save_checkpoint
+    from pvq.runtime import QuantizedLinear
     from pvq.models import adapter_for, tiny_llama
-    from pvq.pipeline import quantize_model
+    from pvq.calibrate import quantize_model
 
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     model = tiny_llama(seed=0)

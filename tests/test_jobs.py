@@ -190,7 +190,8 @@ def test_cli_quantizes_a_mixture_of_experts_model_and_reports_its_experts(tmp_pa
     expert in the report and job_report.json, and the checkpoint loads back with pvq.load."""
     from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
-    from pvq.formats import QuantizedLinear, load_checkpoint
+    from pvq.checkpoint import load_checkpoint
+    from pvq.runtime import QuantizedLinear
 
     config = Qwen2MoeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=256, num_experts=4, num_experts_per_tok=2,

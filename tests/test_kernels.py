@@ -17,20 +17,14 @@ from conftest import printable_char_tokenizer
 
 import pvq
 from pvq.fileio import sha256_file
-from pvq.formats import (
-    INDEX_FILE,
-    LayerCodecError,
-    QuantizedLinear,
-    decoded_weights,
-    load_checkpoint,
-    save_checkpoint,
-)
-from pvq.formats.cpu_kernels import decoded_weight, gemv_max_rows
-from pvq.formats.kernels import DEQUANTIZE
-from pvq.formats.reencode import convert_checkpoint
+from pvq.checkpoint import INDEX_FILE, load_checkpoint, save_checkpoint
+from pvq.runtime import LayerCodecError, QuantizedLinear, decoded_weights
+from pvq.runtime.cpu_kernels import decoded_weight, gemv_max_rows
+from pvq.runtime.kernels import DEQUANTIZE
+from pvq.checkpoint.reencode import convert_checkpoint
 from pvq.models import tiny_llama
 from pvq.oneshot import Recipe, oneshot
-from pvq.quant import get_method
+from pvq.methods import get_method
 
 #: Relative output error allowed between a kernel and the reference (float32 rounding
 #: of the scale and another summation order).
@@ -81,7 +75,7 @@ def test_cpu_kernels_apply_gain_escapes(gain):
     for rows in (1, 5):
         x = torch.randn(rows, 96)
         assert rel(lin(x), DEQUANTIZE.forward(lin, x)) < TOLERANCE
-    from pvq.formats import triton_kernels
+    from pvq.runtime import triton_kernels
     assert "escapes" in triton_kernels.triton_refusal(lin)
 
 
@@ -119,7 +113,7 @@ def test_threads_split_rows_without_changing_results():
 
 
 def test_fischer_layers_fall_back_with_one_warning(monkeypatch):
-    from pvq.formats import kernels
+    from pvq.runtime import kernels
 
     monkeypatch.setattr(kernels, "_WARNED", set())  # once per process and reason: start afresh
     lin = layer(enumeration="fischer")
@@ -148,9 +142,9 @@ def test_triton_kernels_match_the_reference_in_the_interpreter():
     script = textwrap.dedent("""
         import torch
         import pvq  # noqa: F401
-        from pvq.quant import get_method
-        from pvq.formats import QuantizedLinear, LayerCodecError
-        from pvq.formats import triton_kernels as tk
+        from pvq.methods import get_method
+        from pvq.runtime import QuantizedLinear, LayerCodecError
+        from pvq.runtime import triton_kernels as tk
         torch.manual_seed(0)
         for D, gain in ((16, "empirical"), (16, "fp16"), (8, "beta"), (4, "fp16")):
             cfg = {"group_size": D, "shape_bits": 3.0, "gain": gain, "use_hessian": False}
@@ -228,7 +222,7 @@ def test_convert_reencodes_fischer_checkpoints_including_format_4(tmp_path):
         with decoded_weights(converted):
             slow = converted(x).logits
     assert rel(fast, slow) < 1e-4
-    with pytest.raises(pvq.formats.CheckpointError, match="NEW must differ"):
+    with pytest.raises(pvq.runtime.CheckpointError, match="NEW must differ"):
         convert_checkpoint(new, new)
 
 
@@ -236,9 +230,9 @@ def test_enumeration_setting():
     pvq_method = get_method("pvq")
     assert pvq_method.make_config({"group_size": 16}).code_order == "split"
     assert pvq_method.make_config({"group_size": 64, "shape_bits": 3.0}).code_order == "fischer"  # 192-bit codes
-    with pytest.raises(pvq.quant.QuantizationError, match="enumeration='split' keeps codes below 2\\^53"):
+    with pytest.raises(pvq.methods.QuantizationError, match="enumeration='split' keeps codes below 2\\^53"):
         pvq_method.make_config({"group_size": 64, "enumeration": "split"})
-    with pytest.raises(pvq.quant.QuantizationError, match="enumeration must be one of"):
+    with pytest.raises(pvq.methods.QuantizationError, match="enumeration must be one of"):
         pvq_method.make_config({"enumeration": "zigzag"})
     # both orders store the same points
     a, b = layer(enumeration="split"), layer(enumeration="fischer")
@@ -246,7 +240,7 @@ def test_enumeration_setting():
 
 
 def test_inputs_a_layer_cannot_take_are_named():
-    from pvq.formats.errors import LayerInputError
+    from pvq.runtime.errors import LayerInputError
 
     lin = layer()
     for x, message in ((torch.ones(2, lin.in_features, dtype=torch.long), "expects a floating-point input, got torch.int64"),

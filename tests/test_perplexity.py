@@ -182,7 +182,7 @@ def test_offline_failure_is_fast_and_touches_no_network(tmp_path, monkeypatch, n
     t0 = time.perf_counter()
     with pytest.raises(EvalDataError, match="not in the datasets cache .*and Hugging Face offline mode is on"):
         wikitext2_rows_from_datasets()
-    assert time.perf_counter() - t0 < 5 and not no_network
+    assert time.perf_counter() - t0 < 30 and not no_network  # a retry loop would take minutes; loose for a loaded machine
 
 
 def test_an_unanswering_hub_costs_the_probe_time_only(tmp_path, monkeypatch):
@@ -206,7 +206,7 @@ def test_an_unanswering_hub_costs_the_probe_time_only(tmp_path, monkeypatch):
             wikitext2_rows_from_datasets(probe_seconds=0.3)
     finally:
         release.set()
-    assert time.perf_counter() - t0 < 3
+    assert time.perf_counter() - t0 < 30  # the fake hub hangs 60 s; loose for a loaded machine
     assert loads == [True]  # the cache attempt only, in offline mode
 
     def refused(endpoint, seconds):
@@ -299,7 +299,7 @@ def test_next_token_agreement():
 @pytest.mark.slow
 def test_real_model_perplexity_reference(real_model):
     """MANIFEST reference: the float model, first 20 windows of 512 tokens: PPL 35.88."""
-    from pvq.pipeline import encode_text
+    from pvq.calibrate import encode_text
 
     model, tokenizer, _ = real_model
     ids = encode_text(tokenizer, wikitext2_test_text(WIKI_TEST))

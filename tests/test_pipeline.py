@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pvq.models import adapter_for, tiny_llama
-from pvq.pipeline import (
+from pvq.calibrate import (
     CalibrationError,
     PipelineError,
     WorkDirError,
@@ -18,9 +18,9 @@ from pvq.pipeline import (
     sample_windows,
     windows_from_ids,
 )
-from pvq.quant import QuantizedTensor
-from pvq.quant import rtn
-from pvq.quant.rtn import RTNConfig
+from pvq.methods import QuantizedTensor
+from pvq.methods import rtn
+from pvq.methods.rtn import RTNConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -184,7 +184,7 @@ def test_rtn_end_to_end_changes_the_model_as_expected(caplog):
     deltas, losses = {}, {}
     for bits in (3, 8):
         model = tiny_llama(seed=0)
-        with caplog.at_level(logging.INFO, logger="pvq.pipeline.quantize_model"):
+        with caplog.at_level(logging.INFO, logger="pvq.calibrate.quantize_model"):
             result = quantize_model(model, adapter_for(model), windows, "rtn", RTNConfig(bits=bits, group_size=32),
                                     batch_size=4, progress=False)
         assert len(result) == 14 and len(result.report) == 14 and result.resumed_blocks == 0
@@ -385,7 +385,7 @@ def test_bad_inputs_are_clear_errors():
         quantize_model(model, adapter_for(model), torch.zeros(5, dtype=torch.long), "rtn", progress=False)
     with pytest.raises(PipelineError, match="batch_size"):
         quantize_model(model, adapter_for(model), _windows(), "rtn", batch_size=0, progress=False)
-    from pvq.quant import QuantizationError
+    from pvq.methods import QuantizationError
 
     with pytest.raises(QuantizationError, match="unknown method"):
         quantize_model(model, adapter_for(model), _windows(), "nope", progress=False)
@@ -420,8 +420,8 @@ def test_a_work_directory_saved_before_a_config_field_existed_still_resumes():
     """A config field added since (at its default) is no difference in the resume check."""
     from dataclasses import asdict
 
-    from pvq.pipeline.quantize_model import _with_current_defaults
-    from pvq.quant import get_method
+    from pvq.calibrate.quantize_model import _with_current_defaults
+    from pvq.methods import get_method
 
     now = asdict(get_method("pvq").make_config({"group_size": 16, "gain": "empirical"}))
     saved = {k: v for k, v in now.items() if k != "gain_escapes"}

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import save_tiny_model, write_texts
 
-from pvq.finetune import FinetuneError, finetune
-from pvq.formats import QuantizedLinear
+from pvq.calibrate.finetune import FinetuneError, finetune
+from pvq.runtime import QuantizedLinear
 from pvq.models import tiny_llama
 from pvq.oneshot import Recipe, oneshot
-from pvq.pipeline.allocation import solve_allocation, stored_bits
-from pvq.quant import QuantizationError, get_method
+from pvq.calibrate.allocation import solve_allocation, stored_bits
+from pvq.methods import QuantizationError, get_method
 
 #: every method and gain format, with the arrays that are codes (never trained)
 SETTINGS = [

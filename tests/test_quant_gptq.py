@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pvq.quant import QuantizationError, proxy_loss
-from pvq.quant import gptq, rtn
-from pvq.quant.synthetic import synthetic_layer
+from pvq.methods import QuantizationError, proxy_loss
+from pvq.methods import gptq, rtn
+from pvq.methods.synthetic import synthetic_layer
 
 
 @pytest.fixture(scope="module")

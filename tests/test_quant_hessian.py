@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 
-from pvq.quant import QuantizationError
-from pvq.quant.hessian import (diagonal_block_inverses, feed_back_block_error, feed_back_vector_error,
+from pvq.methods import QuantizationError
+from pvq.methods.hessian import (diagonal_block_inverses, feed_back_block_error, feed_back_vector_error,
                                inverse_hessian_cholesky)
-from pvq.quant.synthetic import synthetic_layer
+from pvq.methods.synthetic import synthetic_layer
 
 
 def _check_factor(H: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, damping: float) -> None:
@@ -52,7 +52,7 @@ def test_rank_deficient_without_damping_retries(caplog):
     g = torch.Generator().manual_seed(3)
     X = torch.randn(20, 64, generator=g, dtype=torch.float64)  # rank 20 < 64
     H = (X.T @ X).float()
-    with caplog.at_level(logging.WARNING, logger="pvq.quant.hessian"):
+    with caplog.at_level(logging.WARNING, logger="pvq.methods.hessian"):
         U, dead, damping = inverse_hessian_cholesky(H, percdamp=0.0)
     assert damping > 0
     assert torch.isfinite(U).all()
@@ -66,7 +66,7 @@ def test_negative_eigenvalue_raises_damping(caplog):
     mean_diag = float(torch.diagonal(H).mean())
     H = (H - 3.0 * mean_diag * torch.outer(v, v)).float()  # eigenvalue ~ -2 * mean diag
     assert torch.linalg.eigvalsh(H.double()).min() < 0
-    with caplog.at_level(logging.WARNING, logger="pvq.quant.hessian"):
+    with caplog.at_level(logging.WARNING, logger="pvq.methods.hessian"):
         U, dead, damping = inverse_hessian_cholesky(H, percdamp=0.01)
     assert damping > 1.0 * mean_diag  # needed to make H + lambda I positive definite
     base = 0.01 * float(torch.diagonal(H.double()).abs().mean())

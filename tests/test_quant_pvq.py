@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pvq.codec import decode, pulses_for_bits, search, unpack_codes
-from pvq.quant import QuantizationError, get_method, proxy_loss
-from pvq.quant import pvq, rtn
-from pvq.quant.pvq import (
+from pvq.methods import QuantizationError, get_method, proxy_loss
+from pvq.methods import pvq, rtn
+from pvq.methods.pvq import (
     _REFINE_REL_TOL,
     PVQConfig,
     _refine_rows,
@@ -20,7 +20,7 @@ from pvq.quant.pvq import (
     payload_spec,
     quantize,
 )
-from pvq.quant.synthetic import synthetic_layer
+from pvq.methods.synthetic import synthetic_layer
 
 
 @pytest.fixture(scope="module")

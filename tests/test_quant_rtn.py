@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pvq.quant import QuantizationError, get_method, proxy_loss
-from pvq.quant import rtn
-from pvq.quant.synthetic import synthetic_layer
+from pvq.methods import QuantizationError, get_method, proxy_loss
+from pvq.methods import rtn
+from pvq.methods.synthetic import synthetic_layer
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pvq.formats import (
-    CheckpointError,
-    CheckpointRotationError,
-    CheckpointVersionError,
-    QuantizedLinear,
-    load_checkpoint,
-    quantized_model,
-    save_checkpoint,
-)
+from pvq.checkpoint import load_checkpoint, quantized_model, save_checkpoint
+from pvq.runtime import CheckpointError, CheckpointRotationError, CheckpointVersionError, QuantizedLinear
 from pvq.models import UnsupportedArchitectureError, adapter_for, tiny_llama
-from pvq.pipeline import quantize_model
+from pvq.calibrate import quantize_model
 from pvq.rotation import (
     OnlineHadamard,
     RandomizedHadamard,
@@ -313,7 +306,7 @@ def test_missing_module_and_unknown_mlp_are_named():
 
 
 def test_a_quantized_model_cannot_be_rotated():
-    from pvq.quant import get_method
+    from pvq.methods import get_method
 
     model = _llama()
     m = get_method("rtn")
@@ -468,7 +461,7 @@ def test_quantize_job_with_rotation(tmp_path):
 def test_real_model_rotation_preserves_logits(real_model, capsys):
     model, tokenizer, _ = real_model
     from pvq.eval.perplexity import wikitext2_test_text
-    from pvq.pipeline import encode_text
+    from pvq.calibrate import encode_text
 
     ids = encode_text(tokenizer, wikitext2_test_text())[:512].reshape(2, 256)
     ref = _logits(model, ids).double()

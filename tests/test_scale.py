@@ -16,7 +16,7 @@ import torch
 from conftest import printable_char_tokenizer, write_texts
 from test_families import tiny, windows
 
-from pvq.formats import load_checkpoint, save_checkpoint
+from pvq.checkpoint import load_checkpoint, save_checkpoint
 from pvq.models.streaming import StreamedModel, StreamError
 from pvq.oneshot import Recipe, oneshot
 
@@ -61,7 +61,7 @@ def test_streaming_writes_the_in_memory_checkpoint_bytes(family, method, config,
 
 
 def test_an_interrupted_streamed_run_resumes_to_the_same_bytes(tmp_path):
-    from pvq.pipeline import quantize_model
+    from pvq.calibrate import quantize_model
 
     source = _saved("llama", tmp_path / "model")
     calibration = windows(8, 32)
@@ -158,8 +158,8 @@ _FAILING_RANK = """
 import sys, torch
 from pvq.models import tiny_llama
 from pvq.oneshot import oneshot, Recipe
-from pvq.pipeline.distributed import init_from_environment
-from pvq.quant import get_method
+from pvq.calibrate.distributed import init_from_environment
+from pvq.methods import get_method
 
 w = init_from_environment()
 gptq = get_method("gptq")
@@ -175,7 +175,7 @@ class FailsOnRank1:
     def needs_hessian(self, config):
         return True
 
-from pvq.pipeline import quantize_model
+from pvq.calibrate import quantize_model
 from pvq.models import adapter_for
 model = tiny_llama(seed=0)
 try:
@@ -234,7 +234,7 @@ def test_dry_run_prints_the_plan_and_refuses_an_impossible_run(job_dir, tmp_path
 
 def test_offloaded_activations_give_the_same_bytes_and_resume(tmp_path):
     from pvq.models import adapter_for, tiny_llama
-    from pvq.pipeline import WorkDirError, quantize_model
+    from pvq.calibrate import WorkDirError, quantize_model
 
     calibration = windows(8, 32)
     config = {"bits": 4, "group_size": 32}

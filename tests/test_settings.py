@@ -16,8 +16,8 @@ from conftest import save_tiny_model, write_texts
 
 import pvq
 from pvq.cli import main
-from pvq.finetune import FinetuneConfig
-from pvq.formats.embedding import DEFAULT_EMBEDDINGS
+from pvq.calibrate.finetune import FinetuneConfig
+from pvq.runtime.embedding import DEFAULT_EMBEDDINGS
 from pvq.jobs import JobOptions
 from pvq.oneshot import Recipe
 from pvq.options import (
@@ -29,8 +29,8 @@ from pvq.options import (
     default_method_config,
     setting_options,
 )
-from pvq.quant import METHODS, get_method
-from pvq.quant.activations import ActQuantConfig
+from pvq.methods import METHODS, get_method
+from pvq.activations import ActQuantConfig
 from pvq.settings import EvalSettings, RunSettings, default_of, setting_of
 from pvq.sweep import SweepOptions, method_config, plan_points
 
@@ -53,7 +53,7 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def test_cli_api_oneshot_and_an_empty_recipe_write_the_same_checkpoint(env, tmp_path):
-    from pvq.formats import save_checkpoint
+    from pvq.checkpoint import save_checkpoint
     from pvq.jobs import RECIPE_FILE
     from pvq.models import load_model
     from pvq.oneshot import oneshot
@@ -71,7 +71,7 @@ def test_cli_api_oneshot_and_an_empty_recipe_write_the_same_checkpoint(env, tmp_
     calibration = dict(calib_text=calib, calib_windows=2, calib_seqlen=32)
     model = pvq.quantize(model_id, device="cpu", progress=False, **calibration)
     pvq.save(model, tmp_path / "api")
-    # 4. oneshot with a bare Recipe, saved by pvq.formats.save_checkpoint with the recipe.yaml
+    # 4. oneshot with a bare Recipe, saved by pvq.checkpoint.save_checkpoint with the recipe.yaml
     #    `pvq.save` derives (the `pvq quantize` settings that remake it)
     model, tokenizer, _ = load_model(model_id, device="cpu")
     recipe = Recipe(**calibration)

@@ -16,7 +16,7 @@ from pvq.cli import main
 from pvq.codec import CodecError, beta_gain_density, beta_gain_parameters, normalised_group_gains
 from pvq.eval.gains import GainPlotError, default_gain_layers, layer_gains
 from pvq.models import tiny_llama
-from pvq.quant import get_method
+from pvq.methods import get_method
 from pvq.sweep import SweepError, SweepOptions, method_config, plan_points, run_sweep
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 200
@@ -218,7 +218,7 @@ def test_cli_plot_gains_writes_a_png(tiny_dir, tmp_path, capsys, extra):
 
 
 def test_which_methods_need_calibration():
-    from pvq.quant import QuantizationError, uses_hessian
+    from pvq.methods import QuantizationError, uses_hessian
 
     assert not uses_hessian("rtn", {"bits": 3})
     assert uses_hessian("gptq", {}) and uses_hessian("gptvq", {})

@@ -6,14 +6,14 @@ The Python API: ``pvq.quantize`` (a model in, the quantized model out, in memory
 ``pvq.save`` (write it as a checkpoint), ``pvq.load`` (read one back); see `pvq.api`.
 """
 
-__version__ = "0.2.0"
+from pvq.version import __version__  # noqa: E402
 
 from pvq.errors import PVQError  # noqa: E402
 
 
 def load(path, **kw):
-    """Load a pvq checkpoint, verified: (model, tokenizer or None, info); see pvq.formats.load_checkpoint."""
-    from pvq.formats import load_checkpoint
+    """Load a pvq checkpoint, verified: (model, tokenizer or None, info); see pvq.checkpoint.load_checkpoint."""
+    from pvq.checkpoint import load_checkpoint
 
     return load_checkpoint(path, **kw)
 
@@ -34,7 +34,7 @@ def __dir__() -> list[str]:
 
 def _register() -> None:
     try:
-        from pvq.formats.hf import register_with_transformers
+        from pvq.checkpoint.hf import register_with_transformers
     except ImportError:  # transformers missing: the codec and quantizers still work
         return
     register_with_transformers()

@@ -6,7 +6,7 @@
 
 `quantize` is `pvq.oneshot.oneshot` (llm-compressor's ``oneshot`` idea) with the model,
 recipe and calibration data given in whatever form is at hand; `save` is
-`pvq.formats.save_checkpoint`. The saved directory is what
+`pvq.checkpoint.save_checkpoint`. The saved directory is what
 ``transformers.AutoModelForCausalLM.from_pretrained`` (after ``import pvq``) and
 `pvq.load` read. Plain ``model.save_pretrained(dir)`` also writes a loadable model (the
 same config and tensors) but neither the tokenizer nor ``pvq_index.json``: transformers
@@ -155,7 +155,7 @@ def _windows(calibration: str | torch.Tensor | None, recipe, model: nn.Module, t
         return calibration
     if tokenizer is None:
         raise APIError("a calibration text needs a tokenizer to encode it: pass tokenizer=")
-    from pvq.pipeline import encode_text, windows_from_ids
+    from pvq.calibrate import encode_text, windows_from_ids
 
     return windows_from_ids(encode_text(tokenizer, calibration), recipe.calib_windows, recipe.calib_seqlen,
                             recipe.seed, source="the calibration text")
@@ -197,7 +197,7 @@ def quantize(
         if not isinstance(work_dir, (str, os.PathLike)):
             raise APIError(f"work_dir must be a path or None, got {type(work_dir).__name__}")
         if recipe.needs_calibration():
-            from pvq.pipeline.workdir import check_claimable
+            from pvq.calibrate.workdir import check_claimable
 
             check_claimable(Path(work_dir))  # absent, empty or pvq's own (WorkDirError otherwise)
     calibration = _calibration(calibration, recipe)  # bad input fails before a model is loaded
@@ -210,7 +210,7 @@ def quantize(
     oneshot(model, tokenizer, recipe, windows=windows, device=device,
             work_dir=str(work_dir) if work_dir is not None else None, progress=progress)
     if recipe.method is not None:
-        from pvq.formats.hf import refresh_records
+        from pvq.checkpoint.hf import refresh_records
 
         refresh_records(model)  # config.quantization_config records the rotation and activation quantizers
     if loaded_here and tokenizer is not None:
@@ -233,12 +233,12 @@ def save(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the quantized `model` as a pvq checkpoint directory at `path` (see
-    `pvq.formats.save_checkpoint`: transformers' files, the tokenizer, the integrity index
+    `pvq.checkpoint.save_checkpoint`: transformers' files, the tokenizer, the integrity index
     `pvq.load` verifies); returns the index. tokenizer: None takes the one `quantize`
     loaded with the model, if any. A model `quantize` loaded from a hub id, directory or
     file, with the recipe's own calibration, also gets `recipe.yaml`: the `pvq quantize`
     settings that make it again (`pvq quantize --recipe DIR/recipe.yaml --out NEW`)."""
-    from pvq.formats import save_checkpoint
+    from pvq.checkpoint import save_checkpoint
 
     if not isinstance(model, nn.Module):
         raise APIError(f"save needs the quantized model (an nn.Module), got {type(model).__name__}")

@@ -29,7 +29,7 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-from pvq.generate import GenerationError
+from pvq.errors import GenerationError
 
 __all__ = ["ChatTemplateError", "render_chat", "chat_ids", "check_text"]
 

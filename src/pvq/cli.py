@@ -81,11 +81,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from pvq.eval.harness import prepare_tasks
     from pvq.eval.perplexity import wikitext2_test
-    from pvq.formats import decoded_weights
+    from pvq.runtime import decoded_weights
     from pvq.generate import warm_imports
     from pvq.memory import resident_memory_bytes
     from pvq.models import adapter_for
-    from pvq.quant.activations import (
+    from pvq.activations import (
         ActQuantConfig,
         act_quant_of,
         act_quant_summary,
@@ -135,7 +135,7 @@ def _evaluate(args, model, tokenizer, eval_text, plan, out) -> None:
 
     from pvq.eval.harness import average_accuracy, results_table, run_tasks, task_rows
     from pvq.eval.perplexity import perplexity_details
-    from pvq.pipeline import encode_text
+    from pvq.calibrate import encode_text
 
     rows = []
     if eval_text is not None:
@@ -182,12 +182,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _load_any(spec: str, device: str, dtype: str, verify: bool = True, layout: str = "packed"):
     """(model, tokenizer, description) of a pvq checkpoint directory or a float model spec."""
-    from pvq.formats import (
-        INDEX_FILE,
-        is_checkpoint,
-        is_legacy_checkpoint,
-        load_checkpoint,
-    )
+    from pvq.checkpoint import INDEX_FILE, is_checkpoint, is_legacy_checkpoint, load_checkpoint
     from pvq.models import load_model
 
     if is_checkpoint(spec) or is_legacy_checkpoint(spec):
@@ -212,9 +207,9 @@ def _load_for_generation(args: argparse.Namespace, device: str, dtype: str, chat
     import torch
 
     from pvq.chat_template import check_text
-    from pvq.formats import QuantizedLinear
-    from pvq.formats.cpu_kernels import runtime_threads
-    from pvq.formats.load_checks import check_generation_config
+    from pvq.runtime import QuantizedLinear
+    from pvq.runtime.cpu_kernels import runtime_threads
+    from pvq.checkpoint.load_checks import check_generation_config
     from pvq.generate import warm_imports, warm_up
     from pvq.memory import resident_memory_bytes
 
@@ -287,7 +282,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from pvq.formats import load_checkpoint, verify_checkpoint
+    from pvq.checkpoint import load_checkpoint, verify_checkpoint
 
     index = verify_checkpoint(args.checkpoint)
     model, _, info = load_checkpoint(args.checkpoint)  # decodes every layer once, loads the tokenizer
@@ -298,7 +293,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from pvq.formats.reencode import convert_checkpoint
+    from pvq.checkpoint.reencode import convert_checkpoint
 
     index, changed = convert_checkpoint(args.old, args.new, overwrite=args.overwrite,
                                         max_shard_size=args.max_shard_size)
@@ -465,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg = plot_sub.add_parser(
         "gains", parents=[common], help="histograms of normalised group gains against the Beta(D/2, D(G-1)/2) law (paper 3.4, App. D)")
     pg.add_argument("model", help="hub id, local directory, .gguf, or smollm2-135m")
-    from pvq.quant import get_method
+    from pvq.methods import get_method
     from pvq.settings import default_of
 
     pg.add_argument("--pvq-group-size", type=POSITIVE, default=default_of(get_method("pvq").config_class, "group_size"),

@@ -8,8 +8,12 @@ This module imports nothing, so every layer of the package can use it.
 
 from __future__ import annotations
 
-__all__ = ["PVQError"]
+__all__ = ["GenerationError", "PVQError"]
 
 
 class PVQError(Exception):
     """Bad input, damaged files or settings pvq cannot work with (the message says which)."""
+
+
+class GenerationError(PVQError, ValueError):
+    """A prompt, template or length the model cannot generate from (`pvq.generate`, `pvq.chat_template`)."""

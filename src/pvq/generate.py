@@ -13,12 +13,9 @@ from typing import IO, Any
 
 import torch
 
-from pvq.errors import PVQError
+from pvq.errors import GenerationError
 
 __all__ = ["GenerationError", "generate_text", "warm_imports", "warm_up"]
-
-class GenerationError(PVQError, ValueError):
-    """A prompt or length the model cannot generate from."""
 
 
 def warm_imports(spec: str) -> None:
@@ -45,7 +42,7 @@ def warm_imports(spec: str) -> None:
     # the codec's compiled code (numba and its LLVM) is code, not model: load it now too
     import torch
 
-    from pvq.quant import get_method
+    from pvq.methods import get_method
 
     for method, config in (("pvq", {"group_size": 4, "shape_bits": 2.0, "gain": "empirical", "use_hessian": False}),
                            ("rtn", {"bits": 4, "group_size": 4})):
@@ -100,7 +97,7 @@ def generate_text(
     `chat`: the prompt as a user message through the tokenizer's chat template (rendered
     within a budget of time and size: `pvq.chat_template`)."""
     from pvq.chat_template import chat_ids, check_text
-    from pvq.formats import QuantizedLinear
+    from pvq.runtime import QuantizedLinear
 
     check_text(prompt, "the prompt")
     if chat:

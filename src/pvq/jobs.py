@@ -23,14 +23,9 @@ from pvq.eval.perplexity import (
     perplexity_details,
     wikitext2_test,
 )
-from pvq.finetune import FinetuneConfig
-from pvq.formats import (
-    check_destination,
-    decoded_weights,
-    load_checkpoint,
-    save_checkpoint,
-    shard_size_bytes,
-)
+from pvq.calibrate.finetune import FinetuneConfig
+from pvq.checkpoint import check_destination, load_checkpoint, save_checkpoint, shard_size_bytes
+from pvq.runtime import decoded_weights
 from pvq.memory import (
     MemoryPlan,
     MemoryPlanError,
@@ -43,11 +38,11 @@ from pvq.memory import (
 )
 from pvq.models import adapter_for, load_model, start_token_id
 from pvq.oneshot import Recipe, oneshot
-from pvq.pipeline import encode_text, sample_windows
-from pvq.pipeline.quantize_model import jsonable
-from pvq.pipeline.workdir import check_claimable
-from pvq.quant import get_method
-from pvq.quant.activations import act_quant_summary
+from pvq.calibrate import encode_text, sample_windows
+from pvq.calibrate.quantize_model import jsonable
+from pvq.calibrate.workdir import check_claimable
+from pvq.methods import get_method
+from pvq.activations import act_quant_summary
 from pvq.settings import DEFAULT_MODEL, HESSIAN_METHODS, EvalSettings, setting
 
 log = logging.getLogger(__name__)
@@ -120,9 +115,9 @@ def dir_bytes(path: str | Path) -> int:
 
 def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     """The main job (module docstring). Under torchrun every rank runs it: the ranks share
-    the calibration and the layers (`pvq.pipeline.distributed`), rank 0 writes the
+    the calibration and the layers (`pvq.calibrate.distributed`), rank 0 writes the
     checkpoint and evaluates it, and the other ranks return {"rank": r} once it is written."""
-    from pvq.pipeline.distributed import barrier, init_from_environment
+    from pvq.calibrate.distributed import barrier, init_from_environment
 
     t_start = time.perf_counter()
     w = init_from_environment(opts.device)
@@ -404,7 +399,7 @@ def _mean_bits_per_activation(model: torch.nn.Module, record: dict[str, Any]) ->
 
 def act_quant_seconds(model: torch.nn.Module) -> float | None:
     """Seconds the model's activation quantizers have spent so far (None: it has none)."""
-    from pvq.quant.activations import ActQuantizer
+    from pvq.activations import ActQuantizer
 
     found = [m.seconds for m in model.modules() if isinstance(m, ActQuantizer)]
     return sum(found) if found else None

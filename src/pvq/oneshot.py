@@ -2,16 +2,16 @@
 and the Python API (llm-compressor's ``oneshot`` idea).
 
     result = oneshot(model, tokenizer, Recipe(method="pvq", config={...}, rotate=True))
-    result.model.save_pretrained(...)   # or pvq.formats.save_checkpoint(result.model, ...)
+    result.model.save_pretrained(...)   # or pvq.checkpoint.save_checkpoint(result.model, ...)
 
 Order: refuse bad settings (method config, activation quantization against the model)
 -> calibration windows (only when the method needs a Hessian or the recipe fine-tunes or
 allocates bits; sampled from the float model unless a text is given) -> fused rotation ->
-the per-layer bit allocation under `target_bpw` (`pvq.pipeline.allocation`) ->
+the per-layer bit allocation under `target_bpw` (`pvq.calibrate.allocation`) ->
 layer-by-layer quantization (resumable in `work_dir`) -> the quantized linears become
-`QuantizedLinear`s owning their payloads (`pvq.formats.quantized_model`) -> fine-tuning of
-their continuous parameters towards the float model (`pvq.finetune`, resumable) -> the
-token embedding and head stored at 8 bits (`pvq.formats.embedding`; its settings are
+`QuantizedLinear`s owning their payloads (`pvq.checkpoint.quantized_model`) -> fine-tuning of
+their continuous parameters towards the float model (`pvq.calibrate.finetune`, resumable) -> the
+token embedding and head stored at 8 bits (`pvq.runtime.embedding`; its settings are
 refused at the start, not here) -> simulated activation quantization. ``method=None``
 ("float") skips the weights and keeps the model float (rotation and activations only).
 """
@@ -28,21 +28,21 @@ import torch
 from torch import nn
 
 from pvq.errors import PVQError
-from pvq.finetune import finetune
-from pvq.formats import quantized_model
-from pvq.formats.embedding import DEFAULT_EMBEDDINGS, check_embeddings, quantize_embeddings
-from pvq.formats.hf import finite_absmax, mark_quantized, pack_layers
+from pvq.calibrate.finetune import finetune
+from pvq.checkpoint import quantized_model
+from pvq.runtime.embedding import DEFAULT_EMBEDDINGS, check_embeddings, quantize_embeddings
+from pvq.checkpoint.hf import finite_absmax, mark_quantized, pack_layers
 from pvq.models import adapter_for
 from pvq.models.streaming import StreamedModel, StreamError, release_freed_memory
-from pvq.pipeline import (
+from pvq.calibrate import (
     QuantizeResult,
     allocate_bits,
     calibration_windows,
     quantize_model,
     quantize_weights,
 )
-from pvq.quant import METHODS, QuantizationError, get_method
-from pvq.quant.activations import ACT_METHODS, ActQuantConfig, check_act_quant, install_act_quant
+from pvq.methods import METHODS, QuantizationError, get_method
+from pvq.activations import ACT_METHODS, ActQuantConfig, check_act_quant, install_act_quant
 from pvq.rotation import rotate_model
 from pvq.settings import COMPUTE_DTYPE_NAMES, RunSettings, number, setting
 
@@ -81,9 +81,9 @@ class Recipe(RunSettings):
     `Recipe()` makes what `pvq quantize` makes); act: fields of `ActQuantConfig`
     (simulated activation quantization) or None; dense_dtype: how the float tensors are
     stored; target_bpw: bits per weight over the quantized linears that the per-layer
-    allocation must meet (`pvq.pipeline.allocation`), None: one setting for every layer;
+    allocation must meet (`pvq.calibrate.allocation`), None: one setting for every layer;
     embeddings: RTN config fields (bits, group_size) the token embedding and the head are
-    stored with (`pvq.formats.embedding`; default DEFAULT_EMBEDDINGS), None: kept as dense
+    stored with (`pvq.runtime.embedding`; default DEFAULT_EMBEDDINGS), None: kept as dense
     tensors (as they always are with float weights, method None).
     """
 
@@ -102,7 +102,7 @@ class Recipe(RunSettings):
     def check(self) -> None:
         """Refuse, naming the field, settings that would fail after the long part (or as a
         bare TypeError): the method config, counts, seeds, dtypes, act fields, calib_text."""
-        from pvq.formats.hf import DENSE_DTYPES
+        from pvq.checkpoint.hf import DENSE_DTYPES
 
         self.method_config()  # unknown method or config field: QuantizationError naming it
         for name in ("calib_windows", "calib_seqlen", "batch_size"):
@@ -129,7 +129,7 @@ class Recipe(RunSettings):
             _check_fields("act", self.act, ActQuantConfig)
             ActQuantConfig(**self.act)  # ActQuantError for bad values
         if self.finetune is not None:
-            from pvq.finetune import FinetuneConfig, FinetuneError
+            from pvq.calibrate.finetune import FinetuneConfig, FinetuneError
 
             if self.method is None:
                 raise QuantizationError("recipe field finetune needs quantized weights (method is None)")
@@ -142,7 +142,7 @@ class Recipe(RunSettings):
                 raise QuantizationError(f"fine-tuning holds out {config.val_windows} of the {self.calib_windows} "
                                         "calibration windows and needs at least one more to train on")
         if self.target_bpw is not None:
-            from pvq.pipeline.allocation import check_target
+            from pvq.calibrate.allocation import check_target
 
             if self.method is None:
                 raise QuantizationError("recipe field target_bpw needs quantized weights (method is None)")
@@ -223,9 +223,9 @@ class OneshotResult:
     act_record: dict[str, Any] | None
     windows: torch.Tensor | None  # the calibration windows used (None without calibration)
     seconds: dict[str, float]  # calibration, rotation, allocation, quantization, finetune
-    finetune: Any = None  # the pvq.finetune.FinetuneReport (None: not fine-tuned)
+    finetune: Any = None  # the pvq.calibrate.finetune.FinetuneReport (None: not fine-tuned)
     embeddings: dict[str, Any] | None = None  # the quantized embedding's record (None: kept dense)
-    allocation: Any = None  # the pvq.pipeline.allocation.Allocation (None: one setting for every layer)
+    allocation: Any = None  # the pvq.calibrate.allocation.Allocation (None: one setting for every layer)
     before_finetune: nn.Module | None = None  # with keep_before_finetune: the one-shot model, stored alike
 
     @property

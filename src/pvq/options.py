@@ -140,7 +140,7 @@ def _field_table(cls: type) -> dict[str, str]:
 def setting_options(cls: type) -> list[Option]:
     """The Options of a settings dataclass's fields that have a flag (JobOptions, SweepOptions),
     with FinetuneConfig's when it has a `finetune` field."""
-    from pvq.finetune import FinetuneConfig
+    from pvq.calibrate.finetune import FinetuneConfig
 
     found = [o for o in map(_option, dataclass_fields(cls)) if o is not None]
     if "finetune" in {f.name for f in dataclass_fields(cls)}:
@@ -167,10 +167,10 @@ def _build_options() -> tuple[tuple[Option, ...], dict[str, dict[str, str]], dic
     """QUANTIZE_OPTIONS and the field tables, all read from the dataclasses that declare the
     settings: JobOptions (the job, its Recipe, RunSettings, EvalSettings), each method's
     config class, FinetuneConfig and ActQuantConfig."""
-    from pvq.formats.embedding import DEFAULT_EMBEDDINGS
+    from pvq.runtime.embedding import DEFAULT_EMBEDDINGS
     from pvq.jobs import JobOptions
-    from pvq.quant import METHODS
-    from pvq.quant.activations import ActQuantConfig
+    from pvq.methods import METHODS
+    from pvq.activations import ActQuantConfig
 
     options = setting_options(JobOptions)
     # the embedding's two flags stand for Recipe.embeddings (RTN fields, DEFAULT_EMBEDDINGS)
@@ -209,7 +209,7 @@ def _build_options() -> tuple[tuple[Option, ...], dict[str, dict[str, str]], dic
         for dest in fields_.values():
             if dest.lstrip("!") not in dests:
                 raise RuntimeError(f"{name} config field set by --{dest.lstrip('!')}, which no setting declares")
-    from pvq.finetune import FinetuneConfig
+    from pvq.calibrate.finetune import FinetuneConfig
 
     return table, config_fields, _field_table(ActQuantConfig), _field_table(FinetuneConfig)
 
@@ -480,7 +480,7 @@ def _from_fields(table: dict[str, str], fields: dict[str, Any], values: dict[str
 
 
 def method_config(values: dict[str, Any]) -> dict[str, Any]:
-    """The chosen method's config fields (pvq.quant's config classes) from the settings."""
+    """The chosen method's config fields (pvq.methods's config classes) from the settings."""
     return _to_fields(_CONFIG_FIELDS[values["method"]], values)
 
 
@@ -500,7 +500,7 @@ def embedding_config(values: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def finetune_config(values: dict[str, Any]) -> dict[str, Any] | None:
-    """pvq.finetune.FinetuneConfig fields from the settings (None: no fine-tuning)."""
+    """pvq.calibrate.finetune.FinetuneConfig fields from the settings (None: no fine-tuning)."""
     return _to_fields(_FINETUNE_FIELDS, values) if values["finetune"] else None
 
 
@@ -521,8 +521,8 @@ def values_from_recipe(recipe: dict[str, Any], model: str | None) -> dict[str, A
     the field tables read backwards, checked by mapping forwards again."""
     from dataclasses import asdict
 
-    from pvq.quant import get_method
-    from pvq.quant.activations import ActQuantConfig
+    from pvq.methods import get_method
+    from pvq.activations import ActQuantConfig
 
     m = recipe.get("method")
     if model is None or m not in _CONFIG_FIELDS or recipe.get("dense_dtype", "float16") != "float16":
@@ -541,7 +541,7 @@ def values_from_recipe(recipe: dict[str, Any], model: str | None) -> dict[str, A
     try:
         finetune = recipe.get("finetune")
         if finetune is not None:
-            from pvq.finetune import FinetuneConfig
+            from pvq.calibrate.finetune import FinetuneConfig
 
             defaults = asdict(FinetuneConfig())
             if {k: v for k, v in {**defaults, **finetune}.items() if k not in _FINETUNE_FIELDS} != \

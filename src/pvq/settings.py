@@ -2,7 +2,7 @@
 declared once with its default, its range (the argparse type its flag and a recipe file
 check it with) and its help.
 
-* Each method's config class (`pvq.quant`: PVQConfig, RTNConfig, GPTQConfig, GPTVQConfig),
+* Each method's config class (`pvq.methods`: PVQConfig, RTNConfig, GPTQConfig, GPTVQConfig),
   `ActQuantConfig` and `FinetuneConfig` declare their own fields.
 * `RunSettings`: calibration, seed, rotation and the fine-tuning switch, shared by a recipe,
   the main job and a sweep; `EvalSettings`: the evaluation after quantizing (job, sweep).
@@ -190,7 +190,7 @@ def percdamp_field() -> Any:
 class RunSettings:
     """Calibration, seed, rotation and the fine-tuning switch: what a recipe, the main job and a
     sweep share (calib_text None: text sampled from the float model, seeded; finetune: fields of
-    `pvq.finetune.FinetuneConfig`, None: no fine-tuning)."""
+    `pvq.calibrate.finetune.FinetuneConfig`, None: no fine-tuning)."""
 
     calib_text: str | None = setting(None, "calibration text file (default: text sampled from the model itself, "
                                      "seeded)", methods=HESSIAN_METHODS, group="hessian")

@@ -21,11 +21,11 @@ the sweep's own option for it (--group-size, --pvq-group-size, --pvq-gain-bits,
 With fine-tuning (`finetune`, `pvq sweep --finetune`) every quantized setting gives two
 points from one quantization: the one-shot point ``<method>-<bits>b`` (the same as a sweep
 without fine-tuning, so kept points are shared) and ``<method>-<bits>b-ft``, its
-continuous parameters fine-tuned (`pvq.finetune`); the plots draw them as two curves.
+continuous parameters fine-tuned (`pvq.calibrate.finetune`); the plots draw them as two curves.
 
 Each point starts from a fresh copy of the float model (rotated first with --rotate),
 is quantized (methods without a Hessian directly from the weights, the others through
-`pvq.pipeline.quantize_model` on the sweep's calibration windows, the same for every
+`pvq.calibrate.quantize_model` on the sweep's calibration windows, the same for every
 point), and is evaluated on WikiText-2 perplexity and, if asked, zero-shot tasks. Bits
 per weight are measured from the stored tensors of the quantized linears.
 
@@ -59,12 +59,12 @@ from pvq.eval.perplexity import default_wikitext2_test_path, perplexity_details,
 from pvq.eval.harness import TaskPlan, average_accuracy, prepare_tasks, resolve_task_names, run_tasks
 from pvq.eval.tasks import default_tasks_dir
 from pvq.fileio import sha256_file
-from pvq.formats import decoded_weights
+from pvq.runtime import decoded_weights
 from pvq.models import load_model
 from pvq.oneshot import Recipe, oneshot
-from pvq.pipeline import calibration_windows, encode_text
-from pvq.pipeline.workdir import atomic_write_json, atomic_write_text
-from pvq.quant import QuantizationError, get_method, uses_hessian
+from pvq.calibrate import calibration_windows, encode_text
+from pvq.calibrate.workdir import atomic_write_json, atomic_write_text
+from pvq.methods import QuantizationError, get_method, uses_hessian
 from pvq.settings import (
     DEFAULT_MODEL,
     POSITIVE,

@@ -182,7 +182,7 @@ def _token_ids(tokenizer_or_ids, text: str | None) -> torch.Tensor:
     if isinstance(tokenizer_or_ids, torch.Tensor) or hasattr(tokenizer_or_ids, "__array__") or isinstance(tokenizer_or_ids, list):
         ids = torch.as_tensor(tokenizer_or_ids, dtype=torch.long)
         return ids.reshape(-1) if ids.ndim <= 1 or ids.shape[0] == 1 else ids
-    from pvq.pipeline.calibration import encode_text
+    from pvq.calibrate.calibration import encode_text
 
     return encode_text(tokenizer_or_ids, text if text is not None else wikitext2_test_text())
 

@@ -23,7 +23,7 @@ Hidden states are row vectors x, a linear is y = x W^T + b.
 5. Online Hadamard before down_proj: the SiLU-gated product is not a rotated stream, so
    a randomized Hadamard R of the intermediate size is applied to down_proj's input in
    the forward pass (an `OnlineHadamard`, the ``input_rotation`` child of down_proj
-   applied by its input-transform pre-hook, `pvq.quant.input_transforms`; computed by
+   applied by its input-transform pre-hook, `pvq.methods.input_transforms`; computed by
    the fast transform) and down_proj's weight is pre-multiplied: W_d <- Q^T W_d R. For weight
    quantization this is the only place the layout needs one (QuaRot's other online
    transforms serve activation / KV-cache quantization).
@@ -59,7 +59,7 @@ from pvq.models.adapters import (
     adapter_for,
 )
 
-from pvq.quant.input_transforms import INPUT_TRANSFORMS, attach_input_transform
+from pvq.methods.input_transforms import INPUT_TRANSFORMS, attach_input_transform
 
 from .hadamard import RandomizedHadamard, RotationError, hadamard_transform
 
