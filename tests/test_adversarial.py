@@ -2,8 +2,8 @@
 (or a PVQError in the API), with nothing half-written and nothing read outside a checkpoint.
 
 One test per failure class; the checkpoint-format cases (tampered files, symlinks, unlisted
-files, huge configs, non-finite tensors, codes out of range) are in test_formats.py, the
-damaged work directory in test_pipeline.py. Keep adding cases here.
+files, huge configs, non-finite tensors, codes out of range) are in test_checkpoint.py, the
+damaged work directory in test_calibrate.py. Keep adding cases here.
 """
 
 from __future__ import annotations

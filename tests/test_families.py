@@ -111,7 +111,7 @@ def test_each_block_kind_gets_its_own_arguments(family):
     """Quantizing with a grid so fine that the weights barely move must track the float
     model: with block 0's sliding-window mask reused for the full-attention layer (the old
     capture), the replayed blocks would compute another function."""
-    from pvq.calibrate.quantize_model import block_kinds, capture_block_inputs
+    from pvq.calibrate.capture import block_kinds, capture_block_inputs
 
     model = tiny(family)
     adapter = adapter_for(model)

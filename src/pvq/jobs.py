@@ -2,6 +2,9 @@
 
 `run_quantize_job` is what `pvq quantize` runs; it returns the report it prints so that
 tests and benchmarks can read the same figures a user sees.
+
+Over 500 lines because it is the main job's stages (quantize, save, reload, measure)
+and the report a user reads, which the benchmarks read too.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pvq.memory import (
 from pvq.models import adapter_for, load_model, start_token_id
 from pvq.oneshot import Recipe, oneshot
 from pvq.calibrate import encode_text, sample_windows
-from pvq.calibrate.quantize_model import jsonable
+from pvq.calibrate.records import jsonable
 from pvq.calibrate.workdir import check_claimable
 from pvq.methods import get_method
 from pvq.activations import act_quant_summary

@@ -22,6 +22,9 @@ or which safety check it skips (`out`, `work_dir`, `overwrite`, `ignore_memory_c
 are refused in a recipe (they are command-line flags only). A recipe file is at most 1 MiB,
 YAML anchors and aliases are refused (no "billion laughs"), nesting is bounded, and every
 value goes through its flag's own check; messages quote a short excerpt of a bad value.
+
+Over 500 lines because it is every way settings arrive as text: the flag table, recipe
+files (with their size, nesting and alias checks) and the stored recipe.yaml.
 """
 
 from __future__ import annotations

@@ -2,15 +2,9 @@
 
 from pvq.calibrate.allocation import Allocation, allocate_bits
 from pvq.calibrate.calibration import CalibrationError, calibration_windows, encode_text, sample_windows, windows_from_ids
-from pvq.calibrate.quantize_model import (
-    HessianAccumulator,
-    LayerReport,
-    PipelineError,
-    QuantizeResult,
-    capture_block_inputs,
-    quantize_model,
-    quantize_weights,
-)
+from pvq.calibrate.quantize_model import quantize_model, quantize_weights
+from pvq.calibrate.capture import HessianAccumulator, capture_block_inputs
+from pvq.calibrate.records import LayerReport, PipelineError, QuantizeResult
 from pvq.calibrate.workdir import WorkDirError
 
 __all__ = [

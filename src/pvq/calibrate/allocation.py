@@ -39,7 +39,7 @@ from pvq.models.adapters import ArchitectureAdapter
 from pvq.methods import QuantizationError, get_method
 
 from pvq.calibrate import workdir as wd
-from pvq.calibrate.quantize_model import PipelineError, jsonable
+from pvq.calibrate.records import PipelineError, jsonable
 
 log = logging.getLogger(__name__)
 

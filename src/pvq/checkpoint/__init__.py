@@ -2,7 +2,8 @@
 ``import pvq``. `index` (the integrity index and the format's constants), `hf` (the
 transformers quantizer and the quantization_config), `store` (save and load),
 `load_checks` (the loading contract every route runs), `legacy` and `reencode` (pvq 0.1
-checkpoints and old code orders, converted once). The layers they fill are `pvq.runtime`'s.
+checkpoints and old code orders, converted once). The layers they fill, and the errors
+both raise (`CheckpointError`, ...), are `pvq.runtime`'s.
 
     model = quantized_model(model, quantized, method, config)   # in memory, after the pipeline
     save_checkpoint(model, path, tokenizer=..., max_shard_size=...)
@@ -15,15 +16,6 @@ from pvq.checkpoint.index import FORMAT_VERSION, QUANT_METHOD
 from pvq.checkpoint.legacy import convert_legacy
 from pvq.checkpoint.store import check_destination, checkpoint_stats, is_checkpoint, load_checkpoint, save_checkpoint, shard_size_bytes
 from pvq.checkpoint.index import FORMAT, INDEX_FILE, REPORT_FILE, is_legacy_checkpoint, read_index, verify_checkpoint
-from pvq.runtime.errors import (
-    CheckpointActQuantError,
-    CheckpointError,
-    CheckpointIntegrityError,
-    CheckpointRotationError,
-    CheckpointVersionError,
-    LayerCodecError,
-    LayerDecodeError,
-)
 
 __all__ = [
     "FORMAT",
@@ -31,13 +23,6 @@ __all__ = [
     "INDEX_FILE",
     "QUANT_METHOD",
     "REPORT_FILE",
-    "CheckpointActQuantError",
-    "CheckpointError",
-    "CheckpointIntegrityError",
-    "CheckpointRotationError",
-    "CheckpointVersionError",
-    "LayerCodecError",
-    "LayerDecodeError",
     "PVQHfQuantizer",
     "PVQQuantizationConfig",
     "check_destination",

@@ -18,6 +18,9 @@ use), so ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds a pvq checkpoint
 
 `quantized_model` turns a model whose linears were quantized by the pipeline into the
 same structure in memory, so the in-memory model and the reloaded one are one thing.
+
+Over 500 lines because the quantization_config's validation of every stored field and the
+quantizer's load hooks that rely on it are one piece: transformers' side of the format.
 """
 
 from __future__ import annotations

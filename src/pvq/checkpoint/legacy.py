@@ -60,6 +60,9 @@ executed: safetensors + JSON only, architectures come from transformers itself (
 remote code). Saving is atomic (a temporary sibling directory renamed into place) and
 deterministic (the same model and payloads give the same bytes: sorted keys, fixed
 safetensors metadata, no timestamps).
+
+Over 500 lines because it is a whole reader of a retired format (manifest, checks, tensors,
+model building) kept in one module so that it can be removed in one piece.
 """
 
 from __future__ import annotations

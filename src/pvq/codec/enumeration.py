@@ -15,6 +15,9 @@ Two implementations of the same map:
   (redone exactly when too close to call), then subtracts its beginning. See the comment
   above `_LANES`. A code of W limbs is a row of a (B, W) uint64 array; `words_to_ints` /
   `ints_to_words` convert to Python ints.
+
+Over 500 lines because the slow big-integer reference sits beside the fast paths it
+specifies (int64 numba, table-driven batches), as everywhere in the codec.
 """
 
 from __future__ import annotations

@@ -71,6 +71,9 @@ Conventions (all methods)
 * ``0 <= K <= MAX_K`` (2^24), ``D >= 1``; a 1-D ``x`` is one vector and gives a
   1-D result; any real numeric dtype (computed in float64).
 * Deterministic: fixed tie-breaks (first index), single-threaded kernels.
+
+Over 500 lines because every search (projection, greedy, refined) keeps its slow
+reference beside its fast numba path, as everywhere in the codec.
 """
 
 from __future__ import annotations
@@ -140,15 +143,24 @@ def _store_signed(xrow, y, outrow):
             outrow[i] = y[i]
 
 
+@njit(cache=True, inline="always")
+def _trivial_row(S, K, y):
+    """Zero y; True when that is the whole answer: K = 0 (the origin), or a zero row (all
+    K pulses on the first coordinate, the convention of every search)."""
+    for i in range(y.shape[0]):
+        y[i] = 0
+    if K == 0:
+        return True
+    if S == 0.0:
+        y[0] = K
+        return True
+    return False
+
+
 @njit(cache=True)
 def _paper_row(a, S, K, y):
     D = a.shape[0]
-    for i in range(D):
-        y[i] = 0
-    if K == 0:
-        return
-    if S == 0.0:
-        y[0] = K
+    if _trivial_row(S, K, y):
         return
     dev = np.empty(D, np.float64)
     scale = K / S
@@ -180,12 +192,7 @@ def _paper_row(a, S, K, y):
 @njit(cache=True)
 def _greedy_row(a, S, K, y):
     D = a.shape[0]
-    for i in range(D):
-        y[i] = 0
-    if K == 0:
-        return
-    if S == 0.0:
-        y[0] = K
+    if _trivial_row(S, K, y):
         return
     total = 0
     if K > D // 2:
@@ -409,15 +416,21 @@ def _brute_kernel(x, K, out):
 # --------------------------------------------------------------------------- helpers
 
 
+def _nonnegative_index(value, name: str, kind: str) -> int:
+    """`value` as an int >= 0 (anything `operator.index` takes), else CodecError naming `name`."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise CodecError(f"{name} must be {kind}, got {value!r}") from None
+    if n < 0:
+        raise CodecError(f"{name} must be >= 0, got {n}")
+    return n
+
+
 def _check_K(K) -> int:
     if isinstance(K, (bool, np.bool_)):
         raise CodecError(f"K must be a non-negative integer, got bool {K!r}")
-    try:
-        k = operator.index(K)
-    except TypeError:
-        raise CodecError(f"K must be a non-negative integer, got {K!r}") from None
-    if k < 0:
-        raise CodecError(f"K must be >= 0, got {k}")
+    k = _nonnegative_index(K, "K", "a non-negative integer")
     if k > MAX_K:
         raise CodecError(f"K = {k} exceeds the supported maximum {MAX_K}")
     return int(k)
@@ -486,12 +499,7 @@ def search_refined(x, K, max_iter: int | None = None, start: str = "greedy") -> 
     if max_iter is None:
         it = 4 * D
     else:
-        try:
-            it = operator.index(max_iter)
-        except TypeError:
-            raise CodecError(f"max_iter must be an integer, got {max_iter!r}") from None
-        if it < 0:
-            raise CodecError(f"max_iter must be >= 0, got {it}")
+        it = _nonnegative_index(max_iter, "max_iter", "an integer")
     out = np.zeros(arr.shape, np.int32)
     _search_kernel(arr, np.int64(k), start == "paper", np.int64(it), _REFINE_REL_TOL, out)
     return _finish(out, was_1d)

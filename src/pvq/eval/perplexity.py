@@ -254,21 +254,14 @@ def perplexity_details(
     return PerplexityResult(math.exp(mean), mean, windows.shape[0], seqlen, count, time.perf_counter() - t0)
 
 
-def perplexity(
-    model,
-    tokenizer_or_ids,
-    seqlen: int = 2048,
-    max_windows: int | None = None,
-    batch_size: int = 1,
-    progress: bool = True,
-    text: str | None = None,
-) -> float:
+def perplexity(model, tokenizer_or_ids, *args, **kwargs) -> float:
     """exp(mean token NLL) over the first `max_windows` (all if None) non-overlapping
-    windows of `seqlen` tokens.
+    windows of `seqlen` tokens (the arguments of `perplexity_details`: seqlen=2048,
+    max_windows=None, batch_size=1, progress=True, text=None).
 
     tokenizer_or_ids: a tokenizer (the text is then `text`, by default the WikiText-2 raw
     test text), a 1-D sequence of token ids, or an (n, seqlen) tensor of windows."""
-    return perplexity_details(model, tokenizer_or_ids, seqlen, max_windows, batch_size, progress, text).ppl
+    return perplexity_details(model, tokenizer_or_ids, *args, **kwargs).ppl
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pvq.calibrate.quantize_model import capture_block_inputs, run_block
+from pvq.calibrate.capture import capture_block_inputs, run_block
 
 
 class _Given(nn.Module):

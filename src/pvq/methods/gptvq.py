@@ -61,6 +61,10 @@ Stored tensors:
 * ``codebook_scales``: float16 (row groups, column blocks).
 Nominal bits per weight: ``bits + (8 K d + 16) / group_size`` (codebooks included); the
 measured value differs by byte padding and by groups that absorbed a remainder.
+
+Over 500 lines because it is one method's whole contract (config, layout, payload spec,
+codebook fitting, the quantizer's step, dequantize, the tunable weight, the rate ladder);
+the registry reads it as one module.
 """
 
 from __future__ import annotations

@@ -32,17 +32,8 @@ from pvq.codec import pack_codes, packed_size, unpack_codes
 from pvq.codec.errors import CodecError
 from pvq.settings import count, integer, setting
 
-from pvq.methods.base import (
-    QuantizationError,
-    QuantizedTensor,
-    TensorSpec,
-    TunableWeight,
-    as_float32,
-    check_config,
-    check_weight,
-    proxy_loss,
-    stored_float16,
-)
+from pvq.methods.base import (QuantizationError, QuantizedTensor, TensorSpec, TunableWeight, as_float32, check_config,
+                              check_weight, proxy_loss, stored_float16)
 
 __all__ = [
     "CONFIG",

@@ -5,7 +5,7 @@
 - `fused`: the fused rotation of a Llama-family model (`rotate_model`), its JSON record
   and its rebuild on a freshly built model (`install_rotation`, used by checkpoints).
 
-Layering: codec -> quant -> models -> rotation -> pipeline -> formats -> eval / cli.
+Layering: codec -> methods -> models -> rotation -> calibrate -> runtime -> checkpoint -> eval / cli.
 """
 
 from .fused import (
@@ -19,41 +19,7 @@ from .fused import (
     rotation_layout_for,
     rotation_of,
 )
-from .hadamard import (
-    MAX_PALEY_ORDER,
-    RandomizedHadamard,
-    RotationError,
-    RotationWarning,
-    fwht,
-    hadamard_factor,
-    hadamard_matrix,
-    hadamard_order_construction,
-    hadamard_order_table,
-    hadamard_transform,
-    random_orthogonal,
-    random_signs,
-)
+from . import hadamard
+from .hadamard import *  # noqa: F403 - the pure math, all of it (its __all__)
 
-__all__ = [
-    "MAX_PALEY_ORDER",
-    "ONLINE_ATTRIBUTE",
-    "RECORD_KIND",
-    "OnlineHadamard",
-    "RandomizedHadamard",
-    "RotationError",
-    "RotationLayout",
-    "RotationWarning",
-    "fwht",
-    "hadamard_factor",
-    "hadamard_matrix",
-    "hadamard_order_construction",
-    "hadamard_order_table",
-    "hadamard_transform",
-    "install_rotation",
-    "random_orthogonal",
-    "random_signs",
-    "refresh_online_transforms",
-    "rotate_model",
-    "rotation_layout_for",
-    "rotation_of",
-]
+__all__ = sorted([*hadamard.__all__, "ONLINE_ATTRIBUTE", "RECORD_KIND", "OnlineHadamard", "RotationLayout", "install_rotation", "refresh_online_transforms", "rotate_model", "rotation_layout_for", "rotation_of"])

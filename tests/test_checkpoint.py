@@ -141,7 +141,7 @@ def test_quantized_linear_is_built_empty_and_filled_by_its_state_dict(method):
     empty.load_state_dict(full.state_dict())
     x = torch.randn(2, 64)
     reference = torch.nn.functional.linear(x, m.dequantize(qt), bias)
-    if method in ("pvq", "rtn", "gptq"):  # the CPU kernel: float32 tolerance (tests/test_kernels.py)
+    if method in ("pvq", "rtn", "gptq"):  # the CPU kernel: float32 tolerance (tests/test_runtime_kernels.py)
         assert float((empty(x) - reference).norm() / reference.norm()) < 1e-5
         assert empty.last_kernel == "pvq-cpu-gemv"
     else:

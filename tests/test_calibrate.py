@@ -420,7 +420,7 @@ def test_a_work_directory_saved_before_a_config_field_existed_still_resumes():
     """A config field added since (at its default) is no difference in the resume check."""
     from dataclasses import asdict
 
-    from pvq.calibrate.quantize_model import _with_current_defaults
+    from pvq.calibrate.resume import _with_current_defaults
     from pvq.methods import get_method
 
     now = asdict(get_method("pvq").make_config({"group_size": 16, "gain": "empirical"}))

@@ -113,9 +113,9 @@ def test_threads_split_rows_without_changing_results():
 
 
 def test_fischer_layers_fall_back_with_one_warning(monkeypatch):
-    from pvq.runtime import kernels
+    from pvq.runtime.kernels import base
 
-    monkeypatch.setattr(kernels, "_WARNED", set())  # once per process and reason: start afresh
+    monkeypatch.setattr(base, "_WARNED", set())  # once per process and reason: start afresh
     lin = layer(enumeration="fischer")
     x = torch.randn(1, lin.in_features)
     with pytest.warns(UserWarning, match="Fischer's order"):
