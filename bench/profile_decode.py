@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-# bench/kernels.py would shadow the `kernels` package transformers imports: keep this folder off the path
+# bench/layer_kernels.py would shadow the `kernels` package transformers imports: keep this folder off the path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 

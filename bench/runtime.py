@@ -40,8 +40,6 @@ import sys
 import time
 from pathlib import Path
 
-# bench/kernels.py would shadow the `kernels` package transformers imports: keep this folder off the path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 ROWS = ("float32", "bfloat16", "pvq", "pvq-int8", "pvq-int4", "gptq", "llama.cpp")
 

@@ -50,7 +50,7 @@ __all__ = ["runtime_threads", "set_kernel_threads", "kernel_threads", "GEMV_MAX_
            "pvq_rows", "refusal"]
 
 #: Token rows up to which the fused GEMV runs (above: decode + GEMM), for layers below
-#: GEMV_LARGE_WEIGHTS weights and for larger ones: `python bench/kernels.py --crossover`
+#: GEMV_LARGE_WEIGHTS weights and for larger ones: `python bench/layer_kernels.py --crossover`
 #: (docs/results.md section 7) finds the GEMV ahead at 1-2 rows on the demo model's
 #: shapes and about even at 1 row on 4096 x 4096, in two runs that disagree beyond that.
 GEMV_MAX_ROWS = 2
@@ -63,7 +63,7 @@ def gemv_max_rows(layer) -> int:
     large = layer.out_features * layer.in_features >= GEMV_LARGE_WEIGHTS
     return GEMV_MAX_ROWS_LARGE if large else GEMV_MAX_ROWS
 #: A call whose estimated single-thread time is below this runs on one thread: a hand-off
-#: to the pool costs 100-150 us here (`bench/kernels.py`, 2 threads), more than it saves.
+#: to the pool costs 100-150 us here (`bench/layer_kernels.py`, 2 threads), more than it saves.
 _PARALLEL_MIN_SECONDS = 400e-6
 #: Threads of the kernels (None: torch's intra-op thread count): `set_kernel_threads`.
 _KERNEL_THREADS: int | None = None
@@ -96,7 +96,7 @@ def _c_threads(seconds: float) -> int:
 
 
 #: Single-thread seconds per weight of each kernel at batch 1 (measured on this machine
-#: class, `bench/kernels.py`; only used to decide whether to hand work to a pool).
+#: class, `bench/layer_kernels.py`; only used to decide whether to hand work to a pool).
 _SECONDS_PER_WEIGHT = {"pvq-fast": 3.6e-9, "pvq-tree": 8e-9, "int8": 0.25e-9, "int4": 0.2e-9, "grid-fast": 0.3e-9, "grid": 2e-9}
 
 

@@ -1,6 +1,6 @@
 """PVQ kernels against float and int4 on the same layer shapes, timed in one run.
 
-Run:  python bench/kernels.py [--threads 2] [--shapes demo 8b] [--out bench-out/kernels.json]
+Run:  python bench/layer_kernels.py [--threads 2] [--shapes demo 8b] [--out bench-out/kernels.json]
 
 1. Decode throughput on one core (weights/s), D=16 3-bit shapes: Fischer's order
    (`pvq.codec.decode`) against the split order (`pvq.codec.split_decode`), same codes.
@@ -29,12 +29,8 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-# this file would shadow the `kernels` package transformers imports: keep its folder off the path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import numpy as np
 import torch
