@@ -114,7 +114,7 @@ def report_checkpoint(path: str) -> None:
     su = sum(r["shape_uniform"] for r in rows)
     print("| part | fixed-rate bits/weight | log2 N (joint packing, no model) | entropy-coded estimate (model included) | saved vs fixed |")
     print("|---|---|---|---|---|")
-    print(f"| shapes (D={rows[0]['D']}, K={rows[0]['K']}) | {sf / weights:.4f} | {su / weights:.4f} | {se / weights:.4f} | "
+    print(f"| shapes, one model per layer (D={rows[0]['D']}, K={rows[0]['K']}) | {sf / weights:.4f} | {su / weights:.4f} | {se / weights:.4f} | "
           f"{(sf - se) / sf:.2%} |")
     if gf:
         print(f"| gain indices | {gf / weights:.4f} | {gf / weights:.4f} | {ge / weights:.4f} | {(gf - ge) / gf:.2%} |")
