@@ -174,3 +174,13 @@ def test_sweep_flags_are_the_sweep_options_fields():
     for o in setting_options(SweepOptions):
         assert getattr(args, o.dest) == o.default, o.dest
     assert args.group_size == 128 and args.calib_windows == RunSettings().calib_windows
+
+
+def test_a_method_field_flagged_as_a_job_setting_follows_the_recipe():
+    """GPTVQ's k-means seed is the job's --seed on the command line; so it is in a Recipe."""
+    from pvq.oneshot import Recipe
+
+    assert Recipe(method="gptvq", seed=5).method_config().seed == 5
+    assert Recipe(method="gptvq", seed=5, config={"seed": 7}).method_config().seed == 7  # given: kept
+    assert Recipe(method="gptvq").method_config().seed == 0
+    assert not hasattr(Recipe(method="pvq", seed=5).method_config(), "seed")

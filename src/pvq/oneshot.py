@@ -18,6 +18,8 @@ refused at the start, not here) -> simulated activation quantization. ``method=N
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import os
 import time
@@ -176,8 +178,24 @@ class Recipe(RunSettings):
         return None
 
     def method_config(self) -> Any:
-        """The validated config object of the method (None for float weights)."""
-        return None if self.method is None else get_method(self.method).make_config(self.config)
+        """The validated config object of the method (None for float weights). A method field
+        whose flag is a recipe field (GPTVQ's k-means `seed` is the job's `--seed`) takes the
+        recipe's value unless `config` gives it, as on the command line."""
+        if self.method is None:
+            return None
+        method = get_method(self.method)
+        config = self.config
+        if config is None or isinstance(config, dict):
+            from pvq.settings import setting_of
+
+            shared = {}
+            for f in dataclasses.fields(method.config_class):
+                how = setting_of(f)
+                if how is not None and how.option in {g.name for g in dataclasses.fields(RunSettings)} \
+                        and (config is None or f.name not in config):
+                    shared[f.name] = getattr(self, how.option)
+            config = {**shared, **(config or {})}
+        return method.make_config(config)
 
     def needs_calibration(self) -> bool:
         """Whether calibration windows are needed: for the Hessians, the fine-tuning or the allocation."""
