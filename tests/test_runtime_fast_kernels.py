@@ -168,6 +168,23 @@ def test_compute_layout_holds_the_same_weights(D, gain, escapes):
         lin.state_dict()
 
 
+@pytest.mark.parametrize("layout", ["int8", "int4"])
+def test_compute_layouts_run_on_the_numba_kernels_too(layout, monkeypatch):
+    """Without the C kernels (no compiler, or PVQ_KERNELS=numba) a compute layout runs its
+    numba kernel: the same weights as the C kernel forms."""
+    from pvq.runtime.compute_layout import transcode
+
+    lin = pvq_layer(16, "empirical")
+    x = torch.randn(3, lin.in_features)
+    lin.release_payload(transcode(lin, layout))
+    c_w = decoded_weight(lin).clone()
+    monkeypatch.setattr(c_kernels, "_LIB", None)
+    lin._cpu_state = None
+    assert cpu_state(lin).name == layout
+    assert torch.equal(decoded_weight(lin), c_w)
+    assert rel(lin(x[:1]), lin.dequantize() @ x[0] + lin.bias) < TOLERANCE
+
+
 def test_compute_layout_refuses_layers_it_cannot_hold():
     lin = pvq_layer(D=8, shape_bits=6.0, R=4, C=32)  # K = 177 > 127, split order
     assert int(lin.layout["pulses"]) > 127

@@ -85,7 +85,8 @@ class Int8Weights:
     """A PVQ layer's weight in the int8 compute layout: points (R, C) int8, scales (R, G) float32."""
 
     kind = "int8"
-    kernel = int8_rows  # the numba kernel of the layout (`cpu_kernels.cpu_state`)
+    kernel = staticmethod(int8_rows)  # the numba kernel of the layout (`cpu_kernels.cpu_state`); static: a numba
+    # dispatcher read through an instance would bind to it
 
     def __init__(self, points: np.ndarray, scales: np.ndarray) -> None:
         self.points, self.scales = points, scales
@@ -107,7 +108,7 @@ class Int4Weights:
     ``x_col[x_ptr[r]:x_ptr[r+1]]`` (int32) where p differs from its clamp by ``x_delta`` (int8)."""
 
     kind = "int4"
-    kernel = int4_rows
+    kernel = staticmethod(int4_rows)
 
     def __init__(self, nibbles, scales, x_ptr, x_col, x_delta) -> None:
         self.nibbles, self.scales, self.x_ptr, self.x_col, self.x_delta = nibbles, scales, x_ptr, x_col, x_delta
