@@ -69,7 +69,7 @@ def gain_bits_entropy(indices: np.ndarray, levels: int) -> float:
     return _entropy_bits(Counter(indices.tolist())) + 32 * levels
 
 
-def checkpoint_rows(path: str) -> list[dict]:
+def checkpoint_rows(path: str) -> tuple[list[dict], dict]:
     import pvq
     from pvq.codec import unpack_codes
     from pvq.codec.counts import pyramid_count as pvq_count
@@ -152,20 +152,20 @@ def report_gaussian(D: int, samples: int, seed: int, rates: tuple[float, ...]) -
 
     print("| K | fixed-rate shape bits/value | log2 N / D | entropy-coded estimate (model included) | saved vs fixed |")
     print("|---|---|---|---|---|")
-    est = {}
-    Ks = sorted({pulses_for_bits(D, b) for b in np.arange(1.0, max(rates) + 1.01, 0.25)})
-    for K in Ks:
-        pts = search(groups, K)
-        bits, cells = shape_bits(pts, K)
-        est[K] = (bits + 32 * cells) / groups.size
-        fixed = code_bits(D, K) / D
-        print(f"| {K} | {fixed:.4f} | {math.log2(int(pvq_count(D, K))) / D:.4f} | {est[K]:.4f} | "
-              f"{(fixed - est[K]) / fixed:.2%} |")
+    est: dict[int, float] = {}
+
     def estimate(K: int) -> float:
+        """Entropy-coded shape bits per value at K (model included), computed once."""
         if K not in est:
             bits, cells = shape_bits(search(groups, K), K)
             est[K] = (bits + 32 * cells) / groups.size
         return est[K]
+
+    Ks = sorted({pulses_for_bits(D, b) for b in np.arange(1.0, max(rates) + 1.01, 0.25)})
+    for K in Ks:
+        fixed = code_bits(D, K) / D
+        print(f"| {K} | {fixed:.4f} | {math.log2(int(pvq_count(D, K))) / D:.4f} | {estimate(K):.4f} | "
+              f"{(fixed - estimate(K)) / fixed:.2%} |")
 
     print("\nSNR at equal stored bits per value (shape + gain), every K considered:")
     print("| bits/value | fixed-rate K | SNR dB | entropy-coded K | SNR dB | Shannon bound dB |")

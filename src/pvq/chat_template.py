@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pvq.errors import GenerationError
+from pvq.methods.base import is_int
 
 __all__ = ["ChatTemplateError", "render_chat", "chat_ids", "check_text"]
 
@@ -73,18 +74,15 @@ def _one_line(text: Any, limit: int = 240) -> str:
 
 # --- sizes ---------------------------------------------------------------------------------
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
 
 def _ints(values: Any) -> list[int]:
     """The integers among `values` (one level into tuples and lists, as `%` and calls take them)."""
     out = []
     for v in values:
-        if _is_int(v):
+        if is_int(v):
             out.append(v)
         elif isinstance(v, (tuple, list)):
-            out.extend(x for x in v if _is_int(x))
+            out.extend(x for x in v if is_int(x))
     return out
 
 
@@ -192,7 +190,7 @@ def _environment_class():
             stops counting past the limit. Walking costs a step per element."""
             if isinstance(v, (str, bytes)):
                 return len(v)
-            if _is_int(v):
+            if is_int(v):
                 if v.bit_length() > MAX_INT_BITS:
                     raise _Refused(f"it computes an integer of over {MAX_INT_BITS:,} bits")
                 return 1
@@ -252,9 +250,9 @@ def _environment_class():
             self._charge()
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
-                    if _is_int(n) and isinstance(seq, (str, bytes, list, tuple)):
+                    if is_int(n) and isinstance(seq, (str, bytes, list, tuple)):
                         self._refuse_size(max(n, 0) * max(self._deep(seq), 1))
-            elif operator == "**" and _is_int(left) and _is_int(right) and right > 0:
+            elif operator == "**" and is_int(left) and is_int(right) and right > 0:
                 if max(left.bit_length(), 1) * right > MAX_INT_BITS and abs(left) > 1:
                     raise _Refused(f"it computes an integer of over {MAX_INT_BITS:,} bits")
             elif operator == "%" and isinstance(left, (str, bytes)):
@@ -275,7 +273,7 @@ def _environment_class():
             """Refuse, before it runs, a str method call (or lipsum) that would build too large a value."""
             if obj is generate_lorem_ipsum:
                 n = args[0] if args else kwargs.get("n", 5)
-                if _is_int(n) and n > 1000:
+                if is_int(n) and n > 1000:
                     raise _Refused("it asks lipsum for over 1,000 paragraphs")
                 return args
             wrapped = getattr(obj, "__wrapped__", obj)  # the sandbox's str.format wrapper
@@ -292,11 +290,11 @@ def _environment_class():
                         self._refuse_size(est + len(s) * max(len(items) - 1, 0))
                 elif name == "replace" and len(args) >= 2:
                     self._refuse_size(_replace_estimate(s, *args[:3]))
-                elif name in ("center", "ljust", "rjust", "zfill") and args and _is_int(args[0]):
+                elif name in ("center", "ljust", "rjust", "zfill") and args and is_int(args[0]):
                     self._refuse_size(args[0])
                 elif name == "expandtabs":
                     size = args[0] if args else kwargs.get("tabsize", 8)
-                    if _is_int(size):
+                    if is_int(size):
                         self._refuse_size(len(s) + s.count(b"\t" if isinstance(s, bytes) else "\t") * size)
                 elif name in ("format", "format_map"):
                     values = list(args) + list(kwargs.values())
@@ -346,7 +344,7 @@ def _replace_estimate(s: str | bytes, old: Any, new: Any, count: Any = -1) -> in
     old = old if isinstance(old, type(s)) else str(old) if isinstance(s, str) else old
     new = new if isinstance(new, type(s)) else str(new) if isinstance(s, str) else new
     n = s.count(old) if old else len(s) + 1
-    if _is_int(count) and count >= 0:
+    if is_int(count) and count >= 0:
         n = min(n, count)
     return len(s) + n * max(len(new) - len(old), 0)
 
@@ -380,7 +378,7 @@ def _text(v: Any) -> str:
 
 
 def _width(v: Any) -> int:
-    return v if _is_int(v) else len(v) if isinstance(v, str) else 0
+    return v if is_int(v) else len(v) if isinstance(v, str) else 0
 
 
 _FILTER_ESTIMATES = {
@@ -399,9 +397,9 @@ _FILTER_ESTIMATES = {
     "tojson": lambda env, x, *a, **k: _json_estimate(env, x, k.get("indent", a[1] if len(a) > 1 else None),
                                                      k.get("separators", a[2] if len(a) > 2 else None)),
     "batch": lambda env, value, linecount, fill_with=None: max(linecount, 0) * (env._deep(fill_with) + 1)
-    if _is_int(linecount) else 0,
+    if is_int(linecount) else 0,
     "slice": lambda env, value, slices, fill_with=None: max(slices, 0) * (env._deep(fill_with) + 1)
-    if _is_int(slices) else 0,
+    if is_int(slices) else 0,
     "sum": lambda env, iterable, attribute=None, start=0: (
         0 if isinstance(start, (int, float)) or len(iterable) < 1000 else env.max_value + 1)
     if isinstance(iterable, (list, tuple)) else 0,

@@ -283,3 +283,16 @@ def hidden_shape(windows: torch.Tensor, batch_size: int, w: World, model: nn.Mod
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n = local_windows(windows, batch_size, w).shape[0]
     return (n, windows.shape[1], config.hidden_size)
+
+
+def _snapshot(block: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer of `block` (before it is cast)."""
+    tensors = list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False))
+    return {name: t.detach().clone() for name, t in tensors}
+
+
+def _load_snapshot(block: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Put every parameter and buffer of `block` back to its snapshot (dtype and values)."""
+    tensors = list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        t.data = snapshot[name].to(t.device)

@@ -51,14 +51,3 @@ def _forced_hessians(block, experts, forced: dict[str, int], modules: dict[str, 
         experts.forced = frozenset()
 
 
-def _snapshot(block: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every parameter and buffer of `block` (before it is cast)."""
-    tensors = list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False))
-    return {name: t.detach().clone() for name, t in tensors}
-
-
-def _load_snapshot(block: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
-    """Put every parameter and buffer of `block` back to its snapshot (dtype and values)."""
-    tensors = list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False))
-    for name, t in tensors:
-        t.data = snapshot[name].to(t.device)

@@ -61,7 +61,8 @@ from pvq.calibrate.distributed import DistributedError, agree_on_start, barrier,
 from pvq.calibrate.records import LayerReport, PipelineError, QuantizeResult, jsonable
 from pvq.calibrate.resume import _block_digest, _check_resumable, _discard_blocks, _replay_block, _restore_block, _verified_blocks, _verified_contents
 from pvq.calibrate.capture import HessianAccumulator, _module_home, capture_block_inputs, hidden_shape, run_block
-from pvq.calibrate.moe_routing import _expert_index, _force_routed, _forced_hessians, _load_snapshot, _snapshot
+from pvq.calibrate.moe_routing import _expert_index, _force_routed, _forced_hessians
+from pvq.calibrate.capture import _load_snapshot, _snapshot
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def quantize_model(
         def restore(i: int) -> None:
             if stream is not None:
                 stream.load_block(i)
-            layers = _restore_block(model, adapter, method_obj, work_dir, i, state, result)
+            layers = _restore_block(model, adapter, method_obj, work_dir, i, result)
             nonlocal hidden
             if replay:
                 hidden = _replay_block(model, adapter, i, hidden, kwargs_list, batch_size, device, compute_dtype)

@@ -10,11 +10,12 @@ import logging
 import math
 from pathlib import Path
 import torch
-from pvq.methods import QuantizationError, QuantizedTensor, get_method
+from pvq.methods import QuantizationError, QuantizedTensor, check_payload, get_method
 from pvq.calibrate import workdir as wd
 from pvq.calibrate.records import LayerReport, jsonable
 from pvq.calibrate.capture import _module_home, run_block
-from pvq.calibrate.moe_routing import _expert_index, _load_snapshot, _snapshot
+from pvq.calibrate.moe_routing import _expert_index
+from pvq.calibrate.capture import _load_snapshot, _snapshot
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,6 @@ def _verified_contents(model, adapter, method_name, method_obj, configs, work_di
 def _block_content_problem(model, adapter, method_name, method_obj, configs, work_dir, i, recorded, stream) -> str | None:
     """What is wrong with finished block i's saved layers (None: they are the run's). The
     model's block is left as it was."""
-    from pvq.methods.base import check_payload
-
     if recorded is None:
         return "no digest is recorded for the quantized block"
     config, layer_configs = configs
@@ -218,7 +217,7 @@ def _block_digest(blocks, i: int, stream) -> str:
 
 
 @torch.no_grad()
-def _restore_block(model, adapter, method_obj, work_dir, i, state, result) -> dict[str, QuantizedTensor]:
+def _restore_block(model, adapter, method_obj, work_dir, i, result) -> dict[str, QuantizedTensor]:
     layers, infos = wd.load_block(work_dir, i)
     block = adapter.get_blocks(model)[i]
     for lin in adapter.block_linear_names(block):
@@ -236,9 +235,5 @@ def _restore_block(model, adapter, method_obj, work_dir, i, state, result) -> di
                         info.get("seconds", math.nan), resumed=True, tokens=info.get("tokens"),
                         force_routed=bool(info.get("force_routed", False)), expert=_expert_index(adapter, lin))
         )
-    result.block_seconds.append(None)
-    quantized = state.get("quantized_blocks", [])
-    if i < len(quantized) and wd.module_digest(block) != quantized[i]:
-        log.warning("block %d: weights dequantized from the work directory differ from those of the original run "
-                    "(is the method's dequantize deterministic?)", i)
+    result.block_seconds.append(None)  # its weights' digest: checked by `_verified_contents` before the resume
     return {name: layers[name] for name in (adapter.layer_name(i, lin) for lin in adapter.block_linear_names(block))}

@@ -30,6 +30,7 @@ from typing import Any
 
 
 from pvq.checkpoint.index import MAX_CONFIG_BYTES, read_json_file
+from pvq.methods.base import is_int
 from pvq.runtime.errors import CheckpointError, CheckpointIntegrityError
 
 __all__ = ["MAX_CONFIG_BYTES", "check_directory", "check_generation_config", "check_model_config", "guard_from_pretrained",
@@ -62,10 +63,6 @@ PAYLOAD_NAMES = frozenset({"codes", "gains", "gain_indices", "row_norms", "gain_
                            "escape_gains", "scales", "zeros", "perm", "indices", "codebooks", "codebook_scales"})
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _generation_config_problem(config: dict) -> str | None:
     """What is wrong with the fields of a parsed generation_config.json, or None."""
     import math
@@ -75,12 +72,12 @@ def _generation_config_problem(config: dict) -> str | None:
         return text if len(text) <= 60 else text[:57] + "..."
 
     def token_id(v: Any) -> bool:
-        return _is_int(v) and -_TOKEN_ID_BOUND < v < _TOKEN_ID_BOUND
+        return is_int(v) and -_TOKEN_ID_BOUND < v < _TOKEN_ID_BOUND
 
     for key, value in config.items():
         if value is None:
             continue
-        if key in _COUNTS and not (_is_int(value) and 0 <= value < _TOKEN_ID_BOUND):
+        if key in _COUNTS and not (is_int(value) and 0 <= value < _TOKEN_ID_BOUND):
             return f"{key} must be a count (an integer from 0 to 2^31), got {show(value)}"
         if key in _NON_NEGATIVE + _REALS:
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -77,7 +77,7 @@ import torch
 
 from pvq.codec import pack_codes, packed_size, unpack_codes
 from pvq.codec.errors import CodecError
-from pvq.settings import NONNEGATIVE, POSITIVE, integer, number, percdamp_field, setting
+from pvq.settings import MAX_SEED, NONNEGATIVE, POSITIVE, excerpt, integer, number, percdamp_field, setting
 
 from pvq.methods.base import (QuantizationError, QuantizedTensor, TensorSpec, TunableWeight, as_float32, check_config,
                    check_weight, is_int, proxy_loss)
@@ -177,8 +177,6 @@ class GPTVQConfig:
         if not is_int(self.update_iters) or self.update_iters < 0:
             raise QuantizationError(f"update_iters must be an integer >= 0, got {self.update_iters!r}")
         check_percdamp(self.percdamp)
-        from pvq.settings import MAX_SEED, excerpt
-
         if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise QuantizationError(f"seed must be an integer in 0..2**32-1, got {excerpt(self.seed)}")
 

@@ -665,31 +665,22 @@ def _payload(config: PVQConfig, steps: _GroupSteps) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _meta(config: PVQConfig, G: int, steps: _GroupSteps, damping: float | None) -> dict:
-    meta = {
-        "group_size": int(config.group_size),
-        "num_groups": G,
-        "pulses": int(steps.K),
-        "code_bits": int(config.code_bits),
-        "shape_bits": float(config.shape_bits),
-        "gain": config.gain,
-        "gain_bits": 16 if config.gain == "fp16" else int(config.gain_bits),
-        "use_hessian": bool(config.use_hessian),
-        "hessian_refine": bool(steps.refine),
-        "search_method": config.search_method,
-        "percdamp": float(config.percdamp),
-        "code_order": "row-major",
-        "enumeration": config.code_order,
-    }
-    if config.gain == "beta":
-        meta["reconstruction"] = config.reconstruction
-    if config.gain_escapes:
-        meta["gain_escapes"] = int(config.gain_escapes)
+#: The order of a quantized layer's meta keys (part of the stored bytes): `layout`'s, with
+#: what the quantizer adds in between.
+_META_ORDER = ("group_size", "num_groups", "pulses", "code_bits", "shape_bits", "gain", "gain_bits", "use_hessian",
+               "hessian_refine", "search_method", "percdamp", "code_order", "enumeration", "reconstruction",
+               "gain_escapes", "damping", "act_order")
+
+
+def _meta(config: PVQConfig, shape: tuple[int, int], steps: _GroupSteps, damping: float | None) -> dict:
+    """`layout(config, shape)` and how the layer was quantized, in `_META_ORDER`."""
+    meta = dict(layout(config, shape), shape_bits=float(config.shape_bits), use_hessian=bool(config.use_hessian),
+                hessian_refine=bool(steps.refine), search_method=config.search_method, percdamp=float(config.percdamp))
     if damping is not None:
         meta["damping"] = float(damping)
     if steps.group_order is not None:
         meta["act_order"] = True
-    return meta
+    return {key: meta[key] for key in _META_ORDER if key in meta}
 
 
 def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConfig | None = None) -> QuantizedTensor:
@@ -715,7 +706,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, config: PVQConf
     steps.restore_order()
 
     qt = QuantizedTensor(method="pvq", shape=(R, C), tensors=_payload(config, steps),
-                         meta=_meta(config, G, steps, None if inv is None else inv.damping))
+                         meta=_meta(config, (R, C), steps, None if inv is None else inv.damping))
     if hessian is not None:
         qt.proxy_loss = proxy_loss(W0, restore_columns(Q, col_order), hessian.detach().to("cpu"))
     qt.extra.update(nominal_bits_per_weight=nominal_bits_per_weight(config), refine_moves=int(steps.moves))
