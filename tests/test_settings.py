@@ -54,7 +54,7 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 def test_cli_api_oneshot_and_an_empty_recipe_write_the_same_checkpoint(env, tmp_path):
     from pvq.checkpoint import save_checkpoint
-    from pvq.jobs import RECIPE_FILE
+    from pvq.checkpoint.index import RECIPE_FILE
     from pvq.models import load_model
     from pvq.oneshot import oneshot
     from pvq.options import recipe_text, values_from_recipe

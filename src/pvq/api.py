@@ -247,7 +247,7 @@ def save(
     values = getattr(model, RECIPE_ATTRIBUTE, None)
     extra = None
     if values is not None:
-        from pvq.jobs import RECIPE_FILE
+        from pvq.checkpoint.index import RECIPE_FILE
         from pvq.options import recipe_text
 
         extra = {RECIPE_FILE: recipe_text(values)}

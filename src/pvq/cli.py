@@ -463,10 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     pg = plot_sub.add_parser(
         "gains", parents=[common], help="histograms of normalised group gains against the Beta(D/2, D(G-1)/2) law (paper 3.4, App. D)")
     pg.add_argument("model", help="hub id, local directory, .gguf, or smollm2-135m")
-    from pvq.methods import get_method
     from pvq.settings import default_of
 
-    pg.add_argument("--pvq-group-size", type=POSITIVE, default=default_of(get_method("pvq").config_class, "group_size"),
+    pg.add_argument("--pvq-group-size", type=POSITIVE, default=default_of(SweepOptions, "pvq_group_size"),
                     help="D, columns per group (default: PVQ's, %(default)s)")
     pg.add_argument("--rotate", action="store_true", help="rotate the model first (the paper's setting)")
     pg.add_argument("--rotate-seed", type=SEED, default=0)

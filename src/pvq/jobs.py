@@ -28,6 +28,7 @@ from pvq.eval.perplexity import (
 )
 from pvq.calibrate.finetune import FinetuneConfig
 from pvq.checkpoint import check_destination, load_checkpoint, save_checkpoint, shard_size_bytes
+from pvq.checkpoint.index import RECIPE_FILE
 from pvq.runtime import decoded_weights
 from pvq.memory import (
     MemoryPlan,
@@ -50,7 +51,6 @@ from pvq.settings import DEFAULT_MODEL, HESSIAN_METHODS, EvalSettings, setting
 
 log = logging.getLogger(__name__)
 
-RECIPE_FILE = "recipe.yaml"
 
 
 class JobError(PVQError, ValueError):

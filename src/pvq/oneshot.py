@@ -18,12 +18,10 @@ refused at the start, not here) -> simulated activation quantization. ``method=N
 
 from __future__ import annotations
 
-import dataclasses
-
 import copy
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -46,7 +44,7 @@ from pvq.calibrate import (
 from pvq.methods import METHODS, QuantizationError, get_method
 from pvq.activations import ACT_METHODS, ActQuantConfig, check_act_quant, install_act_quant
 from pvq.rotation import rotate_model
-from pvq.settings import COMPUTE_DTYPE_NAMES, RunSettings, number, setting
+from pvq.settings import MAX_SEED, COMPUTE_DTYPE_NAMES, RunSettings, excerpt, number, setting, setting_of
 
 __all__ = ["COMPUTE_DTYPES", "DeviceError", "OneshotResult", "Recipe", "oneshot", "resolve_device"]
 
@@ -71,6 +69,10 @@ def resolve_device(choice: str | torch.device | None, label: str = "device") -> 
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise DeviceError(f"{label} {choice}: only {torch.cuda.device_count()} CUDA device(s)")
     return str(device)
+
+
+#: the run settings a method field may name as its flag (GPTVQ's seed: --seed)
+_RUN_FIELDS = frozenset(f.name for f in fields(RunSettings))
 
 
 @dataclass(kw_only=True)
@@ -113,8 +115,6 @@ class Recipe(RunSettings):
                 raise QuantizationError(f"recipe field {name} must be a positive integer, got {value!r}")
         if self.calib_seqlen < 2:
             raise QuantizationError(f"recipe field calib_seqlen must be at least 2, got {self.calib_seqlen}")
-        from pvq.settings import MAX_SEED, excerpt
-
         for name in ("seed", "rotate_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
@@ -184,18 +184,11 @@ class Recipe(RunSettings):
         if self.method is None:
             return None
         method = get_method(self.method)
-        config = self.config
-        if config is None or isinstance(config, dict):
-            from pvq.settings import setting_of
-
-            shared = {}
-            for f in dataclasses.fields(method.config_class):
-                how = setting_of(f)
-                if how is not None and how.option in {g.name for g in dataclasses.fields(RunSettings)} \
-                        and (config is None or f.name not in config):
-                    shared[f.name] = getattr(self, how.option)
-            config = {**shared, **(config or {})}
-        return method.make_config(config)
+        if self.config is not None and not isinstance(self.config, dict):
+            return method.make_config(self.config)
+        shared = {f.name: getattr(self, how.option) for f in fields(method.config_class)
+                  if (how := setting_of(f)) is not None and how.option in _RUN_FIELDS}
+        return method.make_config({**shared, **(self.config or {})})
 
     def needs_calibration(self) -> bool:
         """Whether calibration windows are needed: for the Hessians, the fine-tuning or the allocation."""

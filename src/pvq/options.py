@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import MISSING, dataclass
+from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Callable
@@ -46,10 +46,8 @@ from pvq.settings import (  # noqa: F401 - the argparse types, re-exported (pvq.
     SEED,
     SEQLEN,
     RunSettings,
-    count,
     excerpt,
-    integer,
-    number,
+    field_default,
     setting_of,
     shorten,
 )
@@ -111,10 +109,6 @@ _GROUPS = {
 _METHOD_GROUPS = {"pvq": "pvq", "rtn": "scalar", "gptq": "scalar", "gptvq": "gptvq"}
 
 
-def _field_default(f) -> Any:
-    return f.default_factory() if f.default is MISSING else f.default
-
-
 def _option(f, owner_methods: tuple[str, ...] | None = None, owner_group: str = "job") -> Option | None:
     """The Option of dataclass field `f` (None: the field has no flag of its own)."""
     s = setting_of(f)
@@ -123,7 +117,7 @@ def _option(f, owner_methods: tuple[str, ...] | None = None, owner_group: str = 
     if s.option_default is not FIELD_DEFAULT:
         default = s.option_default
     else:
-        default = _field_default(f)
+        default = field_default(f)
         default = (not default) if s.negate else default
     return Option(s.option or f.name, default, s.help, s.type, s.choices, s.methods or owner_methods, s.requires,
                   s.group or owner_group, s.stored, s.in_recipe)

@@ -165,10 +165,14 @@ def _field(cls: type, name: str) -> dataclasses.Field:
     raise AttributeError(f"{cls.__name__} has no field {name!r}")
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """The default value of dataclass field `f` (its factory called where it has one)."""
+    return f.default_factory() if f.default is MISSING else f.default
+
+
 def default_of(cls: type, name: str) -> Any:
     """The default of field `name` of dataclass `cls`."""
-    f = _field(cls, name)
-    return f.default_factory() if f.default is MISSING else f.default
+    return field_default(_field(cls, name))
 
 
 def like(cls: type, name: str) -> Any:

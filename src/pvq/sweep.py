@@ -71,6 +71,7 @@ from pvq.settings import (
     EvalSettings,
     RunSettings,
     default_of,
+    excerpt,
     integer,
     numbers,
     setting,
@@ -317,8 +318,6 @@ def _read_point(path: Path, point: Point | None = None) -> dict[str, Any]:
                          "delete it to recompute the point")
     method = None if point is None else point.method or "float"
     if point is not None and (row["point"] != point.name or row.get("method") != method):
-        from pvq.options import excerpt
-
         raise SweepError(f"kept point {path} holds the row of another point (point {excerpt(row['point'])}, method "
                          f"{excerpt(row.get('method'))}, not {point.name}, {method}); delete it to recompute the point")
     return saved

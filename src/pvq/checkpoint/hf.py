@@ -268,8 +268,10 @@ def _verify_local_index(checkpoint_files: list[str]) -> None:
 
     from pvq.checkpoint.index import INDEX_FILE, verify_checkpoint
 
+    from pvq.checkpoint.load_checks import checked_directory
+
     root = Path(checkpoint_files[0]).parent
-    if _VERIFIED.get() == root.resolve():
+    if root.resolve() in (_VERIFIED.get(), checked_directory()):  # verified by the caller, or by the guard
         return
     if (root / INDEX_FILE).exists() or (root / INDEX_FILE).is_symlink():
         verify_checkpoint(root)

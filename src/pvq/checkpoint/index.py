@@ -33,6 +33,8 @@ INDEX_FILE = "pvq_index.json"
 
 
 REPORT_FILE = "pvq_report.json"
+#: the settings that make a checkpoint again, as `pvq quantize` stores them
+RECIPE_FILE = "recipe.yaml"
 
 
 LEGACY_MANIFEST = "manifest.json"  # pvq 0.1 checkpoints (format versions 1-3)

@@ -29,12 +29,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 
-from pvq.checkpoint.index import MAX_CONFIG_BYTES, read_json_file
+from pvq.checkpoint.index import _VERIFIED, INDEX_FILE, QUANT_METHOD, read_json_file, verify_checkpoint
 from pvq.methods.base import is_int
 from pvq.runtime.errors import CheckpointError, CheckpointIntegrityError
 
-__all__ = ["MAX_CONFIG_BYTES", "check_directory", "check_generation_config", "check_model_config", "guard_from_pretrained",
-           "read_config", "read_json_file", "refuse_unquantized_payload"]
+__all__ = ["check_directory", "check_generation_config", "check_model_config", "checked_directory",
+           "guard_from_pretrained", "read_config", "refuse_unquantized_payload"]
 
 MAX_PARAMETERS = 1 << 44  # ~17.6T: a config asking for more is not a model, whatever its fields say
 SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -196,8 +196,6 @@ def _check_shard_index(root: Path) -> None:
 
 def check_directory(root: Path) -> None:
     """The checks before transformers reads anything of the local directory `root` (module docstring)."""
-    from pvq.checkpoint.index import INDEX_FILE, QUANT_METHOD, verify_checkpoint
-    from pvq.checkpoint.index import _VERIFIED
 
     root = Path(root)
     index = root / INDEX_FILE
@@ -240,6 +238,11 @@ def _local_directory(path: Any, subfolder: Any) -> Path | None:
 
 _GUARDED = False
 _CHECKED: contextvars.ContextVar[Path | None] = contextvars.ContextVar("pvq_checked_directory", default=None)
+
+
+def checked_directory() -> Path | None:
+    """The directory the guard around the ``from_pretrained`` now running has checked (None: none)."""
+    return _CHECKED.get()
 
 
 def _guarded(original):

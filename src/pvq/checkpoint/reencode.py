@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from pvq.methods.pvq import decode_shapes, encode_shapes
 
 from pvq.runtime.errors import CheckpointError, CheckpointIntegrityError
 from pvq.checkpoint.hf import PVQQuantizationConfig
+from pvq.checkpoint.index import RECIPE_FILE
 from pvq.runtime.linear import QuantizedLinear, replace_linear
 
 __all__ = ["convert_checkpoint", "reencode_split"]
@@ -77,8 +77,6 @@ def reencode_split(model: nn.Module) -> list[str]:
     return changed
 
 
-#: the settings that make a checkpoint again, as `pvq quantize` stores them (pvq.jobs.RECIPE_FILE)
-RECIPE_FILE = "recipe.yaml"
 
 
 def _indexed_recipe(root: Path, index: dict[str, Any] | None) -> dict[str, str] | None:
@@ -112,7 +110,8 @@ def convert_checkpoint(old: str | os.PathLike, new: str | os.PathLike, *, overwr
     half-way, a full disk) leaves nothing at NEW, and an existing NEW replaced with
     `overwrite` stays as it was until then. The source's recipe.yaml (listed in its index)
     is carried over, indexed in NEW."""
-    from pvq.checkpoint.store import check_destination, load_checkpoint, save_checkpoint, shard_size_bytes
+    from pvq.checkpoint.store import (check_destination, load_checkpoint, partial_path, save_checkpoint,
+                                      shard_size_bytes)
     from pvq.checkpoint.index import REPORT_FILE, is_legacy_checkpoint
     from pvq.checkpoint.legacy import convert_legacy
 
@@ -126,12 +125,11 @@ def convert_checkpoint(old: str | os.PathLike, new: str | os.PathLike, *, overwr
     try:
         report: dict[str, Any] = {}
         if is_legacy_checkpoint(src):
-            # a sibling named like save_checkpoint's partials: removed by a later save if this process is killed
-            stage = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+            stage = partial_path(dst)
             convert_legacy(src, stage, max_shard_size=max_shard_size)
             with contextlib.suppress(OSError, ValueError, TypeError, RecursionError):
                 report = dict(json.loads((stage / REPORT_FILE).read_text(encoding="utf-8")))
-            model, tokenizer, _ = load_checkpoint(stage)
+            model, tokenizer, _ = load_checkpoint(stage, verify=False, check_decode=False)  # convert_legacy checked it
             extra = None
         else:
             model, tokenizer, info = load_checkpoint(src)

@@ -47,16 +47,13 @@ from pvq.runtime.embedding import QuantizedEmbedding
 from pvq.runtime.linear import QuantizedLinear
 
 __all__ = [
-    "FORMAT",
-    "INDEX_FILE",
-    "REPORT_FILE",
     "check_destination",
     "checkpoint_stats",
     "is_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
+    "partial_path",
     "shard_size_bytes",
-    "verify_checkpoint",
 ]
 
 
@@ -155,6 +152,12 @@ def _move_into_place(tmp: Path, path: Path, replace_existing: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def partial_path(path: Path) -> Path:
+    """The sibling a save of `path` is staged in (``.NAME.partial-PID-*``: a later save of
+    `path` removes it if this process is killed)."""
+    return path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _remove_stale_partials(path: Path) -> None:
     """Delete what a killed save of `path` left behind (``.NAME.partial-PID-*`` and
     ``.NAME.old-PID-*`` siblings whose process no longer runs), with a warning."""
@@ -219,7 +222,7 @@ def save_checkpoint(
     ready_to_save(model)  # fails before any file is written (save_pretrained checks again: it may be called alone)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(path)
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = partial_path(path)
     tmp.mkdir()
     try:
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}

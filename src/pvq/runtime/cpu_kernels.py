@@ -410,6 +410,21 @@ def decoded_weight(layer, start: int = 0, stop: int | None = None) -> torch.Tens
     return weight
 
 
+def serves(layer, device: torch.device) -> bool:
+    """Whether these kernels serve `layer` with its payload on `device`."""
+    return device.type == "cpu" and layer.method in CPU_METHODS and refusal(layer) is None
+
+
+def row_chunks(layer):
+    """(start, stop, rows start..stop of the float32 weight) over the whole layer, a
+    DECODE_CHUNK_WEIGHTS-sized chunk at a time in the workspace (each valid until the next)."""
+    R, C = cpu_state(layer).shape
+    step = max(1, DECODE_CHUNK_WEIGHTS // C)
+    for start in range(0, R, step):
+        stop = min(R, start + step)
+        yield start, stop, decoded_weight(layer, start, stop)
+
+
 def forward_decode_gemm(layer, x: torch.Tensor) -> torch.Tensor:
     state = cpu_state(layer)
     R, C = state.shape
@@ -417,13 +432,10 @@ def forward_decode_gemm(layer, x: torch.Tensor) -> torch.Tensor:
         x = x[..., state.perm]
 
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    step = max(1, DECODE_CHUNK_WEIGHTS // C)
-    if step >= R:
+    if DECODE_CHUNK_WEIGHTS // C >= R:
         return F.linear(x, WORKSPACE.weight_like(decoded_weight(layer), x), bias)
     out = torch.empty(*x.shape[:-1], R, dtype=x.dtype)
-    for start in range(0, R, step):
-        stop = min(R, start + step)
-        chunk = decoded_weight(layer, start, stop)
+    for start, stop, chunk in row_chunks(layer):
         out[..., start:stop] = F.linear(x, WORKSPACE.weight_like(chunk, x), None if bias is None else bias[start:stop])
     return out
 

@@ -229,11 +229,8 @@ class QuantizedLinear(PackedPayload, nn.Module):
         that checking a model at load needs no float copy of its largest layer."""
         from pvq.runtime import cpu_kernels
 
-        device = getattr(self, next(iter(self.payload_spec))).device
-        if device.type == "cpu" and self.method in cpu_kernels.CPU_METHODS and cpu_kernels.refusal(self) is None:
-            step = max(1, cpu_kernels.DECODE_CHUNK_WEIGHTS // self.in_features)
-            chunks = (cpu_kernels.decoded_weight(self, r, min(self.out_features, r + step))
-                      for r in range(0, self.out_features, step))
+        if cpu_kernels.serves(self, getattr(self, next(iter(self.payload_spec))).device):
+            chunks = (chunk for _, _, chunk in cpu_kernels.row_chunks(self))
         else:
             chunks = (self.dequantize(),)
         for chunk in chunks:

@@ -52,9 +52,7 @@ def cpu_kernel_for(layer: "QuantizedLinear", x: torch.Tensor) -> Kernel | None:
     device = layer._buffers[next(iter(layer.payload_spec))].device
     got = layer.__dict__.get("_cpu_choice")
     if got is None or got[0] != device:
-        served = (device.type == "cpu" and layer.method in cpu_kernels.CPU_METHODS
-                  and cpu_kernels.refusal(layer) is None)
-        got = layer._cpu_choice = (device, served, cpu_kernels.gemv_max_rows(layer))
+        got = layer._cpu_choice = (device, cpu_kernels.serves(layer, device), cpu_kernels.gemv_max_rows(layer))
     if not got[1]:
         return None
     return PVQ_CPU_GEMV if x.numel() // layer.in_features <= got[2] else PVQ_CPU_DECODE_GEMM
