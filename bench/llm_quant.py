@@ -139,10 +139,14 @@ def nominal_bpw(name: str) -> float:
     return get_method(method).nominal_bits_per_weight(get_method(method).make_config(fields), 576)
 
 
+#: the share of each layer's code groups a code update may move in the "-ftc" rows
+CODE_FRACTION = 0.01
 for _name in QUALITY_BASES:
     _method, _fields = ROWS[_name][:2]
     ROWS[f"{_name}-ft"] = (_method, _fields, {"finetune": {}})
-    QUALITY_STUDY += [_name, f"{_name}-ft"]
+    # codes that learn: the same fine-tuning with code updates (issue 30)
+    ROWS[f"{_name}-ftc"] = (_method, _fields, {"finetune": {"code_fraction": CODE_FRACTION}})
+    QUALITY_STUDY += [_name, f"{_name}-ft", f"{_name}-ftc"]
     # a setting at the bottom of its method's ladder (GPTQ's 2 bits) leaves the allocation
     # nothing to choose under its own budget: no allocated rows
     if nominal_bpw(_name) <= ladder_range(_method, get_method(_method).make_config(_fields))[0]:

@@ -138,7 +138,7 @@ def adversarial_env(root, extra_files: dict | None = None):
     save_tiny_model(root / "model")
     write_texts(root, ADVERSARIAL_TEXT)
     model = tiny_llama(seed=0)
-    oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}), progress=False)
+    oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}, finetune=None), progress=False)
     save_checkpoint(model, root / "ck", tokenizer=printable_char_tokenizer(), extra_files=extra_files)
     return root
 

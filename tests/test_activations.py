@@ -345,7 +345,7 @@ def test_job_and_cli_with_act_quant(tiny_dir, tmp_path, capsys):
         model=str(tiny_dir / "model"), method="rtn", config={"bits": 4, "group_size": 32}, out=str(tmp_path / "job"),
         calib_text=str(tiny_dir / "calib.txt"), calib_windows=2, calib_seqlen=32, batch_size=2, rotate=True,
         act={"method": "pvq", "bits": 4.0, "group_size": 32},
-        eval_text=str(tiny_dir / "wiki.test.raw"), eval_seqlen=64, eval_windows=2, agreement_windows=1,
+        eval_text=str(tiny_dir / "wiki.test.raw"), eval_seqlen=64, eval_windows=2, agreement_windows=1, finetune=None,
     ))
     assert report["bits_per_activation"] == ActQuantConfig("pvq", 4.0, 32).bits_per_value(64) == (128 + 16) / 32
     assert report["act_quant_seconds_in_ppl"] > 0
@@ -355,7 +355,7 @@ def test_job_and_cli_with_act_quant(tiny_dir, tmp_path, capsys):
     assert qc["act_quant"]["config"]["method"] == "pvq" and report["recipe"]["act"]["method"] == "pvq"
 
     common = ["--eval-text", str(tiny_dir / "wiki.test.raw"), "--eval-seqlen", "64", "--eval-windows", "2",
-              "--device", "cpu", "--method", "rtn", "--group-size", "32"]  # rtn: no calibration options
+              "--device", "cpu", "--method", "rtn", "--group-size", "32", "--fast"]  # rtn one-shot: no calibration
     assert main(["quantize", str(tiny_dir / "model"), "--out", str(tmp_path / "bad"), "--act-method", "rtn",
                  "--act-group-size", "48", *common]) == 2
     assert re.search(r"does not divide the input width 64 .* --act-group-size", capsys.readouterr().err)

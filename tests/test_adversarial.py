@@ -33,13 +33,13 @@ def env(tmp_path_factory):
 
 def quantize_args(env: Path, out: Path, *extra: str) -> list[str]:
     """rtn on the tiny model unless `extra` names another method (then with calibration
-    options, which belong to the methods that use a Hessian)."""
+    options, which belong to the methods that use a Hessian); one-shot (--fast)."""
     method = extra[list(extra).index("--method") + 1] if "--method" in extra else "rtn"
     calib = [] if method == "rtn" else ["--calib-text", str(env / "calib.txt"), "--calib-windows", "2",
                                         "--calib-seqlen", "32"]
     return ["quantize", str(env / "model"), "--out", str(out), "--method", "rtn",
             *(["--group-size", "32"] if method in ("rtn", "gptq") else []), *calib,
-            "--eval-text", str(env / "wiki.test.raw"), "--eval-seqlen", "32", "--eval-windows", "2", *extra]
+            "--eval-text", str(env / "wiki.test.raw"), "--eval-seqlen", "32", "--eval-windows", "2", "--fast", *extra]
 
 
 BAD_QUANTIZE = [
@@ -103,7 +103,7 @@ def test_non_finite_weights_are_refused_at_quantize_time(tmp_path):
     with torch.no_grad():
         model.model.embed_tokens.weight[3, 4] = float("nan")  # a tensor that is not quantized
     with pytest.raises(PVQError, match="'model.embed_tokens.weight' has non-finite values"):
-        oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}), progress=False)
+        oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}, finetune=None), progress=False)
 
 
 def test_an_evaluation_that_yields_nan_is_an_error(tmp_path, capsys):

@@ -128,7 +128,7 @@ def ck(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("advgen")
     model = tiny_llama(seed=0)
-    oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}), progress=False)
+    oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}, finetune=None), progress=False)
     save_checkpoint(model, root / "ck", tokenizer=printable_char_tokenizer())
     return root / "ck"
 

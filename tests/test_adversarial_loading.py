@@ -26,10 +26,10 @@ from pvq.checkpoint import save_checkpoint  # noqa: E402
 from pvq.models import tiny_llama  # noqa: E402
 from pvq.oneshot import Recipe, oneshot  # noqa: E402
 
-RECIPES = {
-    "rtn": Recipe(method="rtn", config={"bits": 4, "group_size": 32}),
-    "gptq": Recipe(method="gptq", config={"bits": 4, "group_size": 32, "act_order": True}),
-    "pvq": Recipe(method="pvq", config={"group_size": 16, "gain": "fp16"}),
+RECIPES = {  # one-shot
+    "rtn": Recipe(method="rtn", config={"bits": 4, "group_size": 32}, finetune=None),
+    "gptq": Recipe(method="gptq", config={"bits": 4, "group_size": 32, "act_order": True}, finetune=None),
+    "pvq": Recipe(method="pvq", config={"group_size": 16, "gain": "fp16"}, finetune=None),
 }
 
 
@@ -40,7 +40,7 @@ def checkpoints(tmp_path_factory):
     for name, recipe in RECIPES.items():
         model = tiny_llama(seed=0)
         calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-        oneshot(model, None if name == "rtn" else calib, recipe, progress=False)
+        oneshot(model, None, recipe, windows=None if name == "rtn" else calib, progress=False)
         save_checkpoint(model, root / name, tokenizer=printable_char_tokenizer())
     return root
 

@@ -176,9 +176,10 @@ def test_seeds_are_bounded_everywhere_they_are_taken(env, tmp_path, cwd, capsys)
     model = tiny_llama(seed=0)
     for kw in ({"seed": 2**70}, {"rotate": True, "rotate_seed": 2**70}, {"seed": -1}):
         with pytest.raises(PVQError, match=r"must be an integer in 0\.\.2\*\*32-1"):
-            oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}, **kw), progress=False)
+            oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}, finetune=None, **kw),
+                    progress=False)
     with pytest.raises(PVQError, match=r"seed must be an integer in 0\.\.2\*\*32-1"):
-        oneshot(model, None, Recipe(method="gptvq", config={"seed": 2**70}), progress=False)
+        oneshot(model, None, Recipe(method="gptvq", config={"seed": 2**70}, finetune=None), progress=False)
 
 
 @pytest.mark.parametrize("text", [
@@ -212,9 +213,10 @@ def test_a_kept_sweep_point_holding_another_points_row_is_refused(env, tmp_path,
     out = tmp_path / "sweep"
     argv = ["sweep", str(env / "model"), "--methods", "rtn", "--bits", "4", "--group-size", "32", "--no-float",
             "--out", str(out), "--eval-text", str(env / "wiki.test.raw"), "--eval-seqlen", "32", "--eval-windows", "2",
-            "--device", "cpu"]
+            "--device", "cpu", "--fast"]
     opts = SweepOptions(model=str(env / "model"), methods=["rtn"], bits=[4.0], out=str(out), group_size=32,
-                        eval_text=str(env / "wiki.test.raw"), eval_seqlen=32, eval_windows=2, float_point=False)
+                        eval_text=str(env / "wiki.test.raw"), eval_seqlen=32, eval_windows=2, float_point=False,
+                        finetune=None)
     (point,) = plan_points(opts)
     settings = point_settings(point, opts, [])
     points = out / "points"

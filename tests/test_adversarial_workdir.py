@@ -28,7 +28,7 @@ from pvq.calibrate import workdir as wd  # noqa: E402
 from pvq.methods.rtn import RTNConfig  # noqa: E402
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
-RECIPE = "# pvq quantize --recipe recipe.yaml --out NEW_DIR\nmethod: rtn\nbits: 4\ngroup_size: 32\n"
+RECIPE = "# pvq quantize --recipe recipe.yaml --out NEW_DIR\nmethod: rtn\nbits: 4\ngroup_size: 32\nfast: true\n"
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,10 @@ def env(tmp_path_factory):
 
 
 def gptq_args(env: Path, out: Path, work: Path, *extra: str) -> list[str]:
-    """A calibrated quantization (the one that keeps a work directory) of the tiny model."""
+    """A calibrated quantization (the one that keeps a work directory) of the tiny model, one-shot."""
     return ["quantize", str(env / "model"), "--out", str(out), "--method", "gptq", "--group-size", "32",
             "--calib-text", str(env / "calib.txt"), "--calib-windows", "2", "--calib-seqlen", "32",
-            "--work-dir", str(work), "--no-eval", *extra]
+            "--work-dir", str(work), "--no-eval", "--fast", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,10 @@ from pvq.oneshot import Recipe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT = "the quick brown fox jumps over the lazy dog. " * 60
-RTN = {"method": "rtn", "config": {"bits": 4, "group_size": 32}}
-GPTQ = {"method": "gptq", "config": {"bits": 4, "group_size": 32}, "calib_windows": 2, "calib_seqlen": 32}
+# one-shot (finetune None): these tests are about the API's forms, not the fine-tuning that follows by default
+RTN = {"method": "rtn", "config": {"bits": 4, "group_size": 32}, "finetune": None}
+GPTQ = {"method": "gptq", "config": {"bits": 4, "group_size": 32}, "calib_windows": 2, "calib_seqlen": 32,
+        "finetune": None}
 
 
 def readme_python_api_block() -> str:
@@ -98,7 +100,8 @@ def model_windows(tok):
 
 def test_calibration_forms_give_the_windows_they_say(tiny_dir, tmp_path, monkeypatch):
     """A text, the same text as a file, as a list and as windows: the same calibration reaches
-    the quantizer (equal models); without calibration the model's own samples (another model)."""
+    the quantizer (equal models); without calibration and calib_text "sampled" the model's own
+    samples (another model)."""
     import pvq.oneshot as oneshot_module
 
     tok = printable_char_tokenizer()
@@ -120,7 +123,9 @@ def test_calibration_forms_give_the_windows_they_say(tiny_dir, tmp_path, monkeyp
     logits = {}
     for name, calibration in [("text", TEXT), ("path", str(tmp_path / "calib.txt")), ("pathlike", tmp_path / "calib.txt"),
                               ("list", halves), ("windows", windows), ("sampled", None)]:
-        model = pvq.quantize(str(tiny_dir), GPTQ, calibration=calibration, tokenizer=tok, device="cpu", progress=False)
+        recipe = {**GPTQ, "calib_text": "sampled"} if name == "sampled" else GPTQ
+        model = pvq.quantize(str(tiny_dir), recipe, calibration=calibration, tokenizer=tok, device="cpu",
+                             progress=False)
         logits[name] = _logits(model, ids)
     expected_text = windows_from_ids(encode_text(tok, TEXT), 2, 32, 0)
     assert all(torch.equal(seen[i], expected_text) for i in range(3))
@@ -136,7 +141,8 @@ def test_recipe_forms_and_the_tokenizer_kept_for_save(tiny_dir, tmp_path):
     a = pvq.quantize(str(tiny_dir), RTN, device="cpu", progress=False)
     b = pvq.quantize(str(tiny_dir), Recipe(**RTN), device="cpu", progress=False)
     c = pvq.quantize(str(tiny_dir), device="cpu", progress=False, **RTN)
-    d = pvq.quantize(str(tiny_dir), {"method": "rtn", "config": {"bits": 2, "group_size": 32}}, config=RTN["config"],
+    d = pvq.quantize(str(tiny_dir), {"method": "rtn", "config": {"bits": 2, "group_size": 32}, "finetune": None},
+                     config=RTN["config"],
                      device="cpu", progress=False)  # keywords override the dict
     assert all(torch.equal(_logits(a, ids), _logits(m, ids)) for m in (b, c, d))
     assert a.config.quantization_config.method == "rtn"
@@ -210,7 +216,7 @@ def test_a_checkpoint_saved_from_the_api_carries_the_recipe_that_remakes_it(tiny
     calib.write_text("the quick brown fox jumps over the lazy dog. " * 50)
     model = pvq.quantize(str(tiny_dir), method="gptq", config={"bits": 3, "group_size": 32},
                          calib_text=str(calib), calib_windows=2, calib_seqlen=32,
-                         act={"method": "rtn", "bits": 8, "group_size": 32}, progress=False)
+                         act={"method": "rtn", "bits": 8, "group_size": 32}, finetune=None, progress=False)
     index = pvq.save(model, tmp_path / "api")
     assert "recipe.yaml" in index["files"]
     stored = read_recipe_file(tmp_path / "api" / "recipe.yaml")
@@ -223,5 +229,5 @@ def test_a_checkpoint_saved_from_the_api_carries_the_recipe_that_remakes_it(tiny
     # a module (no id to load it from again) or calibration given as data: no recipe written
     tokens = torch.randint(0, 200, (2, 32))
     data_model = pvq.quantize(str(tiny_dir), method="rtn", config={"bits": 4, "group_size": 32},
-                              calibration=tokens, progress=False)
+                              calibration=tokens, finetune=None, progress=False)
     assert "recipe.yaml" not in pvq.save(data_model, tmp_path / "data")["files"]

@@ -82,6 +82,30 @@ def test_windows_sampled_from_the_model_are_seeded():
     assert len(set(a[:, 1:].flatten().tolist())) > 8  # temperature 1 on a random model: varied
 
 
+def test_calibration_data_takes_the_file_else_wikitext2_else_samples_and_says_which(tmp_path, monkeypatch):
+    """calib_text: a file; None ("auto"): WikiText-2 where reachable (faked here), else text
+    sampled from the model; "sampled": sampled always. Each with its one-line description."""
+    from pvq.calibrate import calibration as calibration_module
+    from pvq.calibrate import calibration_data, encode_text
+
+    model, tok = tiny_llama(seed=0), CharTokenizer()
+    text = "the quick brown fox jumps over the lazy dog. " * 20
+    path = tmp_path / "calib.txt"
+    path.write_text(text)
+    windows, where = calibration_data(tok, path, 3, 16, 0, progress=False)
+    assert torch.equal(windows, calibration_windows(tok, path, 3, 16, 0)) and where == f"calibration text file {path}"
+    monkeypatch.setattr(calibration_module, "_wikitext2_text", lambda: (text, "WikiText-2 train (datasets cache)"))
+    windows, where = calibration_data(tok, None, 3, 16, 0, model=model, progress=False)
+    assert where == "WikiText-2 train (datasets cache)"
+    assert torch.equal(windows, windows_from_ids(encode_text(tok, text), 3, 16, 0))
+    sampled = calibration_windows(tok, None, 3, 16, 0, model=model, batch_size=2, progress=False)
+    windows, where = calibration_data(tok, "sampled", 3, 16, 0, model=model, batch_size=2, progress=False)
+    assert torch.equal(windows, sampled) and where.startswith("sampled from the model") and "as asked" in where
+    monkeypatch.setattr(calibration_module, "_wikitext2_text", lambda: None)
+    windows, where = calibration_data(tok, None, 3, 16, 0, model=model, batch_size=2, progress=False)
+    assert torch.equal(windows, sampled) and "no WikiText-2 text was reachable" in where
+
+
 # -- stand-in quantizer that shows the pipeline what it was given ------------------------------
 
 

@@ -60,7 +60,7 @@ def windows() -> torch.Tensor:
 
 def quantize(method: str, *, rotate: bool = False, act: dict | None = None, seed: int = 0, **model_kw):
     model = tiny_llama(seed=seed, **model_kw)
-    recipe = Recipe(method=method, config=CONFIGS[method], rotate=rotate, act=act, batch_size=2)
+    recipe = Recipe(method=method, config=CONFIGS[method], rotate=rotate, act=act, batch_size=2, finetune=None)
     oneshot(model, None, recipe, windows=windows(), progress=False)
     return model
 
@@ -252,7 +252,7 @@ def test_loaded_memory_is_the_packed_size(tmp_path):
     model = tiny_llama(seed=0, hidden=1024, layers=2, heads=8, kv_heads=8, intermediate=8192, vocab=256)
     float_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and "layers" in n)
-    oneshot(model, None, Recipe(method="rtn", config={"bits": 2, "group_size": 128}), progress=False)
+    oneshot(model, None, Recipe(method="rtn", config={"bits": 2, "group_size": 128}, finetune=None), progress=False)
     save_checkpoint(model, tmp_path / "ck")
     del model
     code = (
@@ -300,7 +300,8 @@ def test_checkpoint_bytes_do_not_depend_on_the_thread_count(tmp_path):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             model = tiny_llama(seed=0, hidden=256, intermediate=512)
-            oneshot(model, None, Recipe(method="gptq", config={"bits": 3, "group_size": 64, "act_order": True}),
+            oneshot(model, None, Recipe(method="gptq", config={"bits": 3, "group_size": 64, "act_order": True},
+                                              finetune=None),
                     windows=ids(8, 64), progress=False)
             indexes.append(save_checkpoint(model, tmp_path / f"t{threads}"))
     finally:

@@ -58,6 +58,7 @@ def test_a_flag_belongs_to_one_method():
         (["--no-eval", "--eval-windows", "3"], "--eval-windows has no effect with --no-eval"),
         (["--act-bits", "4"], "--act-bits has no effect without --act-method"),
         (["--act-method", "rtn", "--act-gain", "beta"], "--act-gain has no effect unless --act-method is pvq"),
+        (["--fast", "--finetune-steps", "3"], "--finetune-steps has no effect with --fast"),
     ):
         with pytest.raises(Exception, match=re.escape(message)):
             _resolve(argv)
@@ -75,6 +76,10 @@ def test_recipe_file_then_flags(tmp_path):
     as_json = tmp_path / "r.json"
     as_json.write_text(json.dumps({"method": "pvq", "shape_bits": 2.5}))
     assert read_recipe_file(as_json) == {"method": "pvq", "shape_bits": 2.5}
+    # a recipe written when fine-tuning was opt-in (finetune: true|false) reads as fast: false|true
+    for old, fast in (("true", False), ("false", True)):
+        recipe.write_text(f"method: gptq\nfinetune: {old}\n")
+        assert read_recipe_file(recipe)["fast"] is fast and _resolve(["--recipe", str(recipe)])["fast"] is fast
 
 
 @pytest.mark.parametrize("content,message", [
@@ -119,7 +124,7 @@ def test_checkpoint_recipe_reproduces_it_byte_for_byte(env, tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(["quantize", str(env / "model"), "--method", "gptq", "--bits", "3", "--group-size", "32",
                  "--calib-text", str(env / "calib.txt"), "--calib-windows", "2", "--calib-seqlen", "32",
-                 "--no-eval", "--out", str(first), "--quiet"]) == 0
+                 "--no-eval", "--out", str(first), "--quiet", "--fast"]) == 0
     captured = capsys.readouterr()
     assert "bits/weight" in captured.out and captured.err == ""  # --quiet: the report, nothing else
     index = json.loads((first / "pvq_index.json").read_text())
@@ -127,6 +132,7 @@ def test_checkpoint_recipe_reproduces_it_byte_for_byte(env, tmp_path, capsys):
     stored = read_recipe_file(first / "recipe.yaml")
     assert stored["method"] == "gptq" and stored["bits"] == 3 and stored["model"] == str(env / "model")
     assert "out" not in stored and "shape_bits" not in stored  # where to write, and other methods' options
+    assert stored["fast"] is True  # the one-shot model asked for
     assert main(["quantize", "--recipe", str(first / "recipe.yaml"), "--out", str(second), "--quiet"]) == 0
     again = json.loads((second / "pvq_index.json").read_text())
     assert again["files"] == index["files"]

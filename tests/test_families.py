@@ -70,7 +70,8 @@ def test_quantize_save_load_is_exact(family, method, config, tmp_path):
     model = tiny(family)
     adapter = adapter_for(model)
     assert model.config.model_type in adapter.model_types
-    result = oneshot(model, None, Recipe(method=method, config=config), windows=windows(), progress=False)
+    result = oneshot(model, None, Recipe(method=method, config=config, finetune=None), windows=windows(),
+                     progress=False)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == len(result.quantized) == len(adapter.quantized_layer_names(model))
     blocks = adapter.get_blocks(model)
@@ -151,8 +152,8 @@ def test_an_expert_no_token_reaches_is_quantized_and_reported(family):
     blocks = adapter.get_blocks(model)
     _never_route_to(blocks[0].mlp.gate, 3)
     calibration = windows(16, 32)  # 512 tokens: about 256 per served expert, above the hidden size (64)
-    result = oneshot(model, None, Recipe(method="gptq", config={"bits": 4, "group_size": 32}), windows=calibration,
-                     progress=False)
+    result = oneshot(model, None, Recipe(method="gptq", config={"bits": 4, "group_size": 32}, finetune=None),
+                     windows=calibration, progress=False)
     summary = result.quantized.experts_summary()
     starved = "model.layers.0.mlp.experts.3"
     assert summary["per_expert"][starved]["tokens"] == 0
@@ -210,7 +211,7 @@ def test_a_quantized_embedding_computes_what_its_decoded_table_does(family, tmp_
     embedding included), and save/load is exact."""
     from pvq.runtime.embedding import QuantizedEmbedding
 
-    recipe = dict(method="rtn", config={"bits": 4, "group_size": 32})
+    recipe = dict(method="rtn", config={"bits": 4, "group_size": 32}, finetune=None)
     model = tiny(family)
     oneshot(model, None, Recipe(**recipe, embeddings={"bits": 8, "group_size": 32}), progress=False)
     reference = tiny(family)

@@ -43,7 +43,7 @@ def test_quantize_job_reports_and_round_trips(tiny_dir, tmp_path, method, config
     report = run_quantize_job(JobOptions(
         model=str(tiny_dir / "model"), method=method, config=config, out=str(out),
         calib_text=str(tiny_dir / "calib.txt"), calib_windows=4, calib_seqlen=64, batch_size=2,
-        eval_text=str(tiny_dir / "wiki.test.raw"), eval_seqlen=64, eval_windows=4, agreement_windows=2,
+        eval_text=str(tiny_dir / "wiki.test.raw"), eval_seqlen=64, eval_windows=4, agreement_windows=2, finetune=None,
     ))
     # Measured bits per weight are what the stored tensors cost: the nominal figure plus,
     # for Beta gains, one float16 row norm per row (16 / in_features; 64 columns here);
@@ -60,13 +60,15 @@ def test_quantize_job_reports_and_round_trips(tiny_dir, tmp_path, method, config
     assert report["bits_per_parameter_whole_model"] > report["bits_per_weight_measured"]
     text = format_report(report)
     assert "bits/weight" in text and "perplexity" in text and "peak memory" in text
+    assert report["calibration_data"] == f"calibration text file {tiny_dir / 'calib.txt'}"
+    assert f"calibration      calibration text file {tiny_dir / 'calib.txt'}" in text
 
 
 def test_cli_quantize_and_eval(tiny_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     args = [str(tiny_dir / "model"), "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(out),
             "--eval-text", str(tiny_dir / "wiki.test.raw"), "--eval-seqlen", "64", "--eval-windows", "2",
-            "--device", "cpu"]
+            "--device", "cpu", "--fast"]
     assert main(["quantize", *args]) == 0
     assert "measured" in capsys.readouterr().out
     assert main(["eval", str(out), "--seqlen", "64", "--eval-text", str(tiny_dir / "wiki.test.raw"),
@@ -100,7 +102,7 @@ def test_main_job_without_evaluation_text_still_reports(tiny_dir, tmp_path, monk
     monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
     report = run_quantize_job(JobOptions(
         model=str(tiny_dir / "model"), method="rtn", config={"bits": 4, "group_size": 32}, out=str(tmp_path / "ck"),
-        eval_seqlen=32, agreement_windows=2,
+        eval_seqlen=32, agreement_windows=2, finetune=None,
     ))
     assert "ppl_quantized" not in report and report["agreement_tokens"] == 2 * 31
     assert "sampled from the float model" in report["eval_data"]
@@ -118,7 +120,7 @@ def test_main_job_names_the_datasets_source(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.delenv(perplexity.WIKITEXT2_TEST_ENV, raising=False)
     monkeypatch.setattr(perplexity, "wikitext2_rows_from_datasets", lambda: (rows, "datasets cache"))
     common = {"model": str(tiny_dir / "model"), "method": "rtn", "config": {"bits": 4, "group_size": 32},
-              "eval_seqlen": 64, "eval_windows": 3, "agreement_windows": 2}
+              "eval_seqlen": 64, "eval_windows": 3, "agreement_windows": 2, "finetune": None}
     via_datasets = run_quantize_job(JobOptions(out=str(tmp_path / "a"), **common))
     via_file = run_quantize_job(JobOptions(out=str(tmp_path / "b"), eval_text=str(tiny_dir / "wiki.test.raw"), **common))
     assert via_datasets["eval_data"] == "WikiText-2 test (datasets cache)"
@@ -147,7 +149,7 @@ def test_cli_quantize_gptvq(tiny_dir, tmp_path, capsys):
     args = [str(tiny_dir / "model"), "--method", "gptvq", "--vq-dim", "2", "--vq-bits", "2", "--vq-group-size", "256",
             "--vq-columns", "32", "--no-codebook-update", "--kmeans-iters", "5", "--vq-init", "mahalanobis",
             "--vq-assignment", "block", "--out", str(out), "--calib-text", str(tiny_dir / "calib.txt"),
-            "--calib-windows", "2", "--calib-seqlen", "32", "--no-eval", "--device", "cpu"]
+            "--calib-windows", "2", "--calib-seqlen", "32", "--no-eval", "--device", "cpu", "--fast"]
     assert main(["quantize", *args]) == 0
     assert "measured 3.0625" in capsys.readouterr().out  # 2 + (16 * 2 * 8 + 16) / 256
     report = json.loads((out / "job_report.json").read_text())
@@ -162,12 +164,14 @@ def test_cli_quantize_gptvq(tiny_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_main_job_on_the_whole_real_model(real_model_assets, tmp_path):
     """The README's main job on the whole benchmark model (all 30 blocks, 210 linears),
-    with a small calibration and evaluation so that it fits in CI."""
+    one-shot (its fine-tuning left out) with a small calibration and evaluation so that it
+    fits in CI."""
     shared = real_model_assets
     out = tmp_path / "ckpt"
     report = run_quantize_job(JobOptions(
         out=str(out), calib_text=str(shared / "tokenized" / "valid.txt"), calib_windows=4, calib_seqlen=256,
         eval_text=str(shared / "raw" / "wiki.test.raw"), eval_seqlen=256, eval_windows=4, agreement_windows=2,
+        finetune=None,
     ))
     print("\n" + format_report(report))
     assert report["quantized_layers"] == 210
@@ -206,7 +210,7 @@ def test_cli_quantizes_a_mixture_of_experts_model_and_reports_its_experts(tmp_pa
     assert main(["quantize", str(tmp_path / "model"), "--method", "gptq", "--bits", "4", "--group-size", "32",
                  "--out", str(out), "--calib-text", str(tmp_path / "calib.txt"), "--calib-windows", "4",
                  "--calib-seqlen", "64", "--eval-text", str(tmp_path / "wiki.test.raw"), "--eval-seqlen", "64",
-                 "--eval-windows", "2", "--quiet"]) == 0
+                 "--eval-windows", "2", "--quiet", "--fast"]) == 0
     printed = capsys.readouterr().out
     assert "experts          8 quantized; calibration tokens routed per expert" in printed
     report = json.loads((out / "job_report.json").read_text())

@@ -443,7 +443,7 @@ def test_quantize_job_with_rotation(tmp_path):
         model=str(tmp_path / "model"), method="rtn", config={"bits": 4, "group_size": 32}, out=str(out),
         calib_text=str(tmp_path / "calib.txt"), calib_windows=2, calib_seqlen=32, batch_size=2,
         eval_text=str(tmp_path / "wiki.test.raw"), eval_seqlen=32, eval_windows=2, agreement_windows=1,
-        rotate=True, rotate_seed=4,
+        rotate=True, rotate_seed=4, finetune=None,
     ))
     assert report["rotation"].startswith("randomized Hadamard, seed 4: residual 64 = 1x64 sylvester")
     assert "rotation" in format_report(report)

@@ -26,7 +26,8 @@ IDS = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
 
 def _quantized(tied: bool, bits: int = 8, group_size: int = 32):
     model = tiny_llama(seed=0, tie_embeddings=tied)
-    oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}, embeddings=None), progress=False)
+    oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}, embeddings=None, finetune=None),
+            progress=False)
     float_table = model.get_input_embeddings().weight.detach().clone()
     float_head = model.get_output_embeddings().weight.detach().clone()
     record = quantize_embeddings(model, {"bits": bits, "group_size": group_size})
@@ -93,11 +94,12 @@ def test_save_and_load_give_bit_identical_logits(tmp_path, tied):
 
 def test_the_checkpoint_shrinks_by_the_embedding(tmp_path):
     plain = tiny_llama(seed=0, vocab=1024, hidden=64)
-    oneshot(plain, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}, embeddings=None), progress=False)
+    oneshot(plain, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32}, embeddings=None, finetune=None),
+            progress=False)
     save_checkpoint(plain, tmp_path / "plain")
     packed = tiny_llama(seed=0, vocab=1024, hidden=64)
     oneshot(packed, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32},
-                                 embeddings={"bits": 8, "group_size": 64}), progress=False)
+                                 embeddings={"bits": 8, "group_size": 64}, finetune=None), progress=False)
     assert isinstance(packed.get_input_embeddings(), QuantizedEmbedding)
     save_checkpoint(packed, tmp_path / "packed")
     size = lambda d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors"))  # noqa: E731
@@ -118,7 +120,7 @@ def test_bad_settings_are_named():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(QuantizationError, match="divisible|divide"):
         oneshot(model, None, Recipe(method="rtn", config={"bits": 4, "group_size": 32},
-                                    embeddings={"bits": 8, "group_size": 48}), progress=False)
+                                    embeddings={"bits": 8, "group_size": 48}, finetune=None), progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -131,7 +133,7 @@ def test_cli_stores_the_embedding_and_names_bad_options(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "model"), "--method", "rtn", "--bits", "4", "--group-size", "32",
                  "--embed-bits", "6", "--embed-group-size", "32", "--out", str(out),
                  "--eval-text", str(tmp_path / "wiki.test.raw"), "--eval-seqlen", "48", "--eval-windows", "2",
-                 "--device", "cpu", "--quiet"]) == 0
+                 "--device", "cpu", "--quiet", "--fast"]) == 0
     text = capsys.readouterr().out
     assert "embedding        'model.embed_tokens' round-to-nearest, 6 bits" in text and "tied head" in text
     report = json.loads((out / "job_report.json").read_text())

@@ -196,7 +196,8 @@ def test_compute_layout_refuses_layers_it_cannot_hold():
 def test_load_in_each_layout(tmp_path):
     model = tiny_llama(seed=0)
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    oneshot(model, windows, Recipe(method="pvq", config={"group_size": 16, "shape_bits": 3.0, "gain": "fp16"}), progress=False)
+    oneshot(model, None, Recipe(method="pvq", config={"group_size": 16, "shape_bits": 3.0, "gain": "fp16"}, finetune=None),
+            windows=windows, progress=False)
     save_checkpoint(model, tmp_path / "ckpt")
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     packed, _, info = load_checkpoint(tmp_path / "ckpt")
@@ -282,7 +283,8 @@ def test_auto_layout_picks_int4_where_it_holds_every_layer():
 
     model = tiny_llama(seed=0)
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    oneshot(model, windows, Recipe(method="pvq", config={"group_size": 16, "shape_bits": 3.0, "gain": "fp16"}), progress=False)
+    oneshot(model, None, Recipe(method="pvq", config={"group_size": 16, "shape_bits": 3.0, "gain": "fp16"}, finetune=None),
+            windows=windows, progress=False)
     assert resolve_layout(model, "auto") == "int4"
     first = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
     first.layout = dict(first.layout, enumeration="fischer")  # a layer the compute layouts cannot hold

@@ -179,7 +179,8 @@ def _tiny_fischer_checkpoint(path):
     model = tiny_llama(seed=0)
     config = {"group_size": 16, "shape_bits": 3.0, "gain": "empirical", "enumeration": "fischer"}
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
-    oneshot(model, None, Recipe(method="pvq", config=config, batch_size=2), windows=windows, progress=False)
+    oneshot(model, None, Recipe(method="pvq", config=config, batch_size=2, finetune=None), windows=windows,
+            progress=False)
     save_checkpoint(model, path, tokenizer=printable_char_tokenizer())
     return model
 

@@ -49,7 +49,7 @@ def test_streaming_writes_the_in_memory_checkpoint_bytes(family, method, config,
     source = _saved(family, tmp_path / "model")
     assert len(list(source.glob("model-*.safetensors"))) > 1
     calibration = windows(8, 32)
-    recipe = Recipe(method=method, config=config, batch_size=4)
+    recipe = Recipe(method=method, config=config, batch_size=4, finetune=None)  # a streamed run is one-shot
     in_memory = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     oneshot(in_memory, None, recipe, windows=calibration, progress=False)
     save_checkpoint(in_memory, tmp_path / "a")
@@ -65,7 +65,7 @@ def test_an_interrupted_streamed_run_resumes_to_the_same_bytes(tmp_path):
 
     source = _saved("llama", tmp_path / "model")
     calibration = windows(8, 32)
-    recipe = Recipe(method="gptq", config={"bits": 4, "group_size": 32}, batch_size=4)
+    recipe = Recipe(method="gptq", config={"bits": 4, "group_size": 32}, batch_size=4, finetune=None)
     stream = StreamedModel(source)
     oneshot(stream.model, None, recipe, windows=calibration, progress=False, stream=stream)
     save_checkpoint(stream.model, tmp_path / "whole")
@@ -101,10 +101,19 @@ def test_what_cannot_be_streamed_is_refused_by_name(tmp_path):
     source = _saved("llama", tmp_path / "model")
     stream = StreamedModel(source)
     with pytest.raises(StreamError, match="rotation"):
-        oneshot(stream.model, None, Recipe(method="gptq", config={"bits": 4}, rotate=True), windows=windows(),
-                stream=stream)
+        oneshot(stream.model, None, Recipe(method="gptq", config={"bits": 4}, rotate=True, finetune=None),
+                windows=windows(), stream=stream)
+    # the default calibration (WikiText-2 where reachable) cannot fall back to sampling a streamed model
+    from pvq.calibrate import CalibrationError
+
+    with pytest.raises(CalibrationError, match="streamed model needs --calib-text"):
+        oneshot(stream.model, None, Recipe(method="gptq", config={"bits": 4}, finetune=None), stream=stream)
     with pytest.raises(StreamError, match="calibration text"):
-        oneshot(stream.model, None, Recipe(method="gptq", config={"bits": 4}), stream=stream)
+        oneshot(stream.model, None, Recipe(method="gptq", config={"bits": 4}, finetune=None, calib_text="sampled"),
+                stream=stream)
+    # the fine-tuning that follows by default runs the whole model: a streamed run must be one-shot
+    with pytest.raises(StreamError, match="fine-tuning .*--fast"):
+        oneshot(stream.model, None, Recipe(method="gptq", config={"bits": 4}), windows=windows(), stream=stream)
     # a damaged value is named when its block is read
     from safetensors.torch import load_file, save_file
 
@@ -134,7 +143,7 @@ def _job_args(root: Path, out: Path, *extra: str) -> list[str]:
     return ["quantize", str(root / "model"), "--method", "gptq", "--bits", "4", "--group-size", "32",
             "--calib-text", str(root / "calib.txt"), "--calib-windows", "8", "--calib-seqlen", "64", "--batch-size", "2",
             "--eval-text", str(root / "wiki.test.raw"), "--eval-seqlen", "64", "--eval-windows", "4", "--quiet",
-            "--out", str(out), *extra]
+            "--out", str(out), "--fast", *extra]
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -222,7 +231,7 @@ def test_dry_run_prints_the_plan_and_refuses_an_impossible_run(job_dir, tmp_path
     huge = tmp_path / "huge"
     LlamaConfig(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
                 num_key_value_heads=8, vocab_size=128256).save_pretrained(huge)
-    for extra in ((), ("--stream",)):
+    for extra in ((), ("--stream", "--fast")):  # a streamed run is one-shot
         code = main(["quantize", str(huge), "--calib-text", str(job_dir / "calib.txt"), "--out",
                      str(tmp_path / "never"), "--dry-run", *extra])
         err = capsys.readouterr().err
@@ -288,7 +297,8 @@ def test_a_streamed_run_stores_the_quantized_embedding_of_the_in_memory_run(tmp_
     from transformers import AutoModelForCausalLM
 
     source = _saved("gemma3_text", tmp_path / "model")  # a scaled, tied embedding
-    recipe = Recipe(method="rtn", config={"bits": 4, "group_size": 32}, embeddings={"bits": 8, "group_size": 32})
+    recipe = Recipe(method="rtn", config={"bits": 4, "group_size": 32}, embeddings={"bits": 8, "group_size": 32},
+                    finetune=None)
     in_memory = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     oneshot(in_memory, None, recipe, progress=False)
     save_checkpoint(in_memory, tmp_path / "a")

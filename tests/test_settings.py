@@ -35,7 +35,8 @@ from pvq.settings import EvalSettings, RunSettings, default_of, setting_of
 from pvq.sweep import SweepOptions, method_config, plan_points
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 80
-CALIB = ("--calib-windows", "2", "--calib-seqlen", "32")
+# 6 windows: the default fine-tuning holds out 4 and trains on the other 2
+CALIB = ("--calib-windows", "6", "--calib-seqlen", "32")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_cli_api_oneshot_and_an_empty_recipe_write_the_same_checkpoint(env, tmp_
     assert main(["quantize", model_id, "--recipe", str(tmp_path / "empty.yaml"), "--out", str(tmp_path / "recipe"),
                  *common]) == 0
     # 3. the Python API
-    calibration = dict(calib_text=calib, calib_windows=2, calib_seqlen=32)
+    calibration = dict(calib_text=calib, calib_windows=6, calib_seqlen=32)
     model = pvq.quantize(model_id, device="cpu", progress=False, **calibration)
     pvq.save(model, tmp_path / "api")
     # 4. oneshot with a bare Recipe, saved by pvq.checkpoint.save_checkpoint with the recipe.yaml
@@ -81,6 +82,12 @@ def test_cli_api_oneshot_and_an_empty_recipe_write_the_same_checkpoint(env, tmp_
 
     reference = _files(tmp_path / "cli")
     assert RECIPE_FILE in reference and any(n.endswith(".safetensors") for n in reference)
+    # the defaults fine-tune (FinetuneConfig's defaults), and the recipe says so
+    from pvq.options import read_recipe_file
+
+    assert read_recipe_file(tmp_path / "cli" / RECIPE_FILE)["fast"] is False
+    tuned = json.loads((tmp_path / "cli" / "job_report.json").read_text())["finetune"]
+    assert tuned and tuned["steps"] >= 1
     for route in ("recipe", "api", "oneshot"):
         files = _files(tmp_path / route)
         assert sorted(files) == sorted(reference), route
@@ -124,7 +131,7 @@ def test_every_other_option_default_is_its_field_default():
     # the job's own fields: each flag's default is the JobOptions field's (the structures
     # a flag switches on, and the device the CLI resolves, excepted)
     job = JobOptions()
-    switched = {"act": ("act_method", "none", None), "finetune": ("finetune", False, None),
+    switched = {"act": ("act_method", "none", None), "finetune": ("fast", False, {}),
                 "device": ("device", "auto", "cpu")}
     for f in fields(JobOptions):
         s = setting_of(f)

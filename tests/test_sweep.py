@@ -41,7 +41,8 @@ def tiny_dir(tmp_path_factory):
 def _opts(tiny_dir, out, **kw) -> SweepOptions:
     base = dict(model=str(tiny_dir / "model"), methods=["rtn", "pvq"], bits=[3, 4], out=str(out), group_size=32,
                 calib_text=str(tiny_dir / "calib.txt"), calib_windows=2, calib_seqlen=32, batch_size=2,
-                eval_text=str(tiny_dir / "wiki.test.raw"), eval_seqlen=64, eval_windows=3, progress=False)
+                eval_text=str(tiny_dir / "wiki.test.raw"), eval_seqlen=64, eval_windows=3, progress=False,
+                finetune=None)  # one-shot points only, unless a test asks for fine-tuning
     base.update(kw)
     return SweepOptions(**base)
 
@@ -153,7 +154,7 @@ def test_cli_sweep(tiny_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["sweep", str(tiny_dir / "model"), "--methods", "rtn", "--bits", "4", "--group-size", "32",
                  "--out", str(out), "--eval-text", str(tiny_dir / "wiki.test.raw"), "--eval-seqlen", "64",
-                 "--eval-windows", "2", "--device", "cpu"]) == 0
+                 "--eval-windows", "2", "--device", "cpu", "--fast"]) == 0
     text = capsys.readouterr().out
     assert "| rtn-4b | rtn | 4 |" in text and "| float | float |" in text
     assert (out / "points" / "rtn-4b.json").is_file() and (out / "ppl_vs_bpw.png").is_file()
@@ -229,6 +230,9 @@ def test_which_methods_need_calibration():
 
 
 def test_sweep_adds_a_fine_tuned_point_beside_each_one_shot_point(tiny_dir, tmp_path, monkeypatch):
+    # by default every quantized point has a fine-tuned twin; finetune None (--fast): one-shot points only
+    assert [p.name for p in plan_points(SweepOptions(methods=["rtn"], bits=[3]))] == ["float", "rtn-3b", "rtn-3b-ft"]
+    assert [p.name for p in plan_points(SweepOptions(methods=["rtn"], bits=[3], finetune=None))] == ["float", "rtn-3b"]
     out = tmp_path / "ft"
     plain = run_sweep(_opts(tiny_dir, out, methods=["rtn", "pvq"], bits=[3], calib_windows=3))
     calls = []

@@ -409,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "columns (b + (16 + b)/g); pvq D=--pvq-group-size (16) with b shape bits and 4-bit fitted gains "
                     "(b + 4/16 = b + 0.25, plus a float16 norm per row); gptvq 2-D vectors with b index bits and "
                     "codebooks costing <= 0.25 bits per weight. Every other setting is the method's default (pvq "
-                    "quantize's). --finetune adds a fine-tuned point beside each one-shot point (the same "
-                    "quantization serves both; the plots draw the fine-tuned curves dashed).")
+                    "quantize's). Each point is also fine-tuned, as pvq quantize does by default: a fine-tuned point "
+                    "beside each one-shot point (the same quantization serves both; the plots draw the fine-tuned "
+                    "curves dashed); --fast sweeps the one-shot points only.")
     from pvq.sweep import SweepOptions
 
     add_setting_options(sw, SweepOptions)  # every flag from SweepOptions' fields (pvq.settings)

@@ -192,7 +192,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
     # the quantization's own memory: what the process holds beyond what it held before
     # (runtime, the float model, the windows) at the phase's peak; the model is quantized in place.
     t0 = time.perf_counter()
-    windows = recipe.calibration(model, tokenizer)
+    windows, calibration = recipe.calibration(model, tokenizer, can_sample=stream is None)
     calib_seconds = time.perf_counter() - t0
     peak_before = peak_memory_bytes()
     rss_before = resident_memory_bytes()
@@ -226,6 +226,7 @@ def run_quantize_job(opts: JobOptions) -> dict[str, Any]:
         "quantization_working_memory_bytes": quant_peak - rss_before if peak_reset else None,
         "quantized_layers": len(quantized),
         "calibration_seconds": calib_seconds,
+        "calibration_data": calibration,
         "quantization_seconds": result.seconds["quantization"],
         "block_seconds": quantized.block_seconds,
         "rotation": rotation_summary(result.rotation),
@@ -325,8 +326,21 @@ def _memory_plan(opts: JobOptions, recipe: Recipe, config, w, eval_text: EvalTex
                            stream=opts.stream, calibrate=recipe.needs_calibration(),
                            offload_activations=opts.offload_activations,
                            processes=w.size, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", w.size)),
-                           finetune_batch=FinetuneConfig(**opts.finetune).batch if opts.finetune is not None else None,
+                           **_finetune_memory(opts, recipe),
                            **({"shard_bytes": shard_size_bytes(opts.max_shard_size)} if opts.max_shard_size else {}))
+
+
+def _finetune_memory(opts: JobOptions, recipe: Recipe) -> dict[str, Any]:
+    """plan_job_memory's fine-tuning arguments: the teacher's k, the bytes a weight's codes
+    take while tuned, whether codes move."""
+    if opts.finetune is None or recipe.method is None:
+        return {}
+    config = FinetuneConfig(**opts.finetune)
+    method_config = recipe.method_config()
+    code_bytes = {"pvq": 1.0, "rtn": 2.0, "gptq": 2.0}.get(recipe.method)
+    if code_bytes is None:  # gptvq: an int64 assignment per vector of d weights
+        code_bytes = 8.0 / int(getattr(method_config, "dim", 1))
+    return {"finetune_topk": config.teacher_topk, "code_bytes": code_bytes, "code_updates": config.code_fraction > 0}
 
 
 def _check_streamable(opts: JobOptions, recipe: Recipe) -> None:
@@ -424,6 +438,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"model            {report['model']}",
         f"method           {report['method']}  {json.dumps(report['config'], sort_keys=True)}",
+        *([f"calibration      {report['calibration_data']}"] if report.get("calibration_data", "none") != "none" else []),
         f"bits/weight      nominal {report['bits_per_weight_nominal']:.4f}   measured {report['bits_per_weight_measured']:.4f}"
         f"   ({report['quantized_layers']} quantized linear layers)",
         f"whole model      {report['bits_per_parameter_whole_model']:.4f} bits per parameter: "
@@ -443,11 +458,14 @@ def format_report(report: dict[str, Any]) -> str:
                      f"(layers by {a['field']}: {spread}; {report['allocation_seconds']:.0f} s)")
     if report.get("finetune"):
         f = report["finetune"]
+        codes = (f"{f['codes_moved']} of {f['code_groups']} code groups moved ({f['code_rounds_kept']} of "
+                 f"{f['code_rounds']} code updates kept)" if f.get("code_rounds") else "codes unchanged")
         lines.append(f"fine-tuning      {f['steps']} steps, kept step {f['best_step']}"
-                     f"{' (stopped early)' if f['stopped_early'] else ''}: held-out KL {f['val_kl_before']:.4f} -> "
-                     f"{f['val_kl_stored']:.4f} nats/token as stored; {f['trained_values']} continuous values trained, "
-                     f"codes unchanged; {report['finetune_seconds']:.0f} s"
-                     + ("; no gain: the one-shot model was kept" if f["kept"] == "one-shot" else ""))
+                     f"{' (stopped early)' if f['stopped_early'] else ''}: held-out top-{f['teacher_topk']} KL "
+                     f"{f['val_kl_before']:.4f} -> {f['val_kl_stored']:.4f} nats/token as stored; "
+                     f"{f['trained_values']} continuous values trained, {codes}; {report['finetune_seconds']:.0f} s"
+                     + ("; no gain: the one-shot model was kept" if f["kept"] == "one-shot" else "")
+                     + (f"; {f['diverged']}" if f.get("diverged") else ""))
     if report.get("embeddings"):
         e = report["embeddings"]
         head = ("the tied head served from the same table" if e["tied"] else
@@ -498,7 +516,7 @@ def _memory_line(report: dict[str, Any]) -> str:
     elif work is None:
         phase = f"quantization phase peak {report['quantization_peak_memory_bytes'] / mib:.0f} MiB (process peak)"
     else:
-        what = "quantization" + (" and fine-tuning (float teacher included)" if report.get("finetune") else "")
+        what = "quantization" + (" and fine-tuning" if report.get("finetune") else "")
         phase = (f"{what} {report['quantization_peak_memory_bytes'] / mib:.0f} MiB at its peak = "
                  f"{report['memory_before_quantization_bytes'] / mib:.0f} MiB held before (runtime + float model "
                  f"{model / mib:.0f} MiB) + {work / mib:.0f} MiB working memory; float model + working memory = "

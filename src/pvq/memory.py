@@ -33,11 +33,15 @@ Phases:
   at a time and the layers stay packed, so R0 + 4 Pd + Q + 4 Pd + 4 Pb + 2 x E x L x H x 4
   (the evaluation windows' hidden states) + 6 L x V x 4.
 
-- finetune (with --finetune): R0 + 4P (the float teacher) + 4 Pd + Q (the quantized model) +
-  4 (P - Pd) (the tunable layers' fixed decoded parts, float32) + T, with
-  T = 4 t (Nb (12 H + 5 I) + 4 V) + 8 b' a L^2 Nb for one step's activations and logits
-  kept for the backward pass (t = b' x L tokens of b' windows per step, Nb blocks, a
-  attention heads). When fine-tuning, the quantize phase also holds the teacher (+4P).
+- finetune (the default; not with --fast): R0 + 4 Pd + Q (the quantized model) + c (P - Pd)
+  (the tunable layers' codes: c = 1 byte a weight for PVQ's int8 points, 2 for grid codes'
+  int16 steps, 8 / d for GPTVQ's int64 assignments) + 2 (P - Pd) with code updates (the
+  summed bfloat16 gradients) + 8 Pl (one block's weights built again in its backward pass)
+  + T + Z, with T = 4 L (Nb H + 12 H + 5 I + 3 V) + 8 a L^2 for one window (the decoder
+  blocks' checkpointed inputs, one block's activations, the logits, their gradient and the
+  softmax; a attention heads) and Z = n L (8 k + 4) the teacher's top-k targets (n windows,
+  k tokens a position). The float teacher is not kept: the quantize phase holds Z too, and
+  taking the targets costs R0 + 4P + 12 L V.
 
 Under torchrun (N processes, Nl of them on this host) each process holds its own copy of
 everything above except the activations, which it holds for its 1/N of the batches; its
@@ -182,7 +186,8 @@ def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib
                     compute_dtype_bytes: int, eval_windows: int, eval_seqlen: int, evaluate: bool, stream: bool,
                     calibrate: bool = True, baseline: int | None = None, offload_activations: bool = False,
                     processes: int = 1, local_processes: int = 1,
-                    shard_bytes: int = 50 * 10**9, finetune_batch: int | None = None) -> MemoryPlan:
+                    shard_bytes: int = 50 * 10**9, finetune_topk: int | None = None, code_bytes: float = 1.0,
+                    code_updates: bool = False) -> MemoryPlan:
     """The formula of the module docstring for one job."""
     s = _sizes(config)
     P, Pd, Pb, Pl, G, M, H, I, V = (s[k] for k in ("P", "Pd", "Pb", "Pl", "G", "M", "H", "I", "V"))
@@ -201,12 +206,14 @@ def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib
     else:
         quantize = R0 + 4 * P + acts + 8 * Pl + Gc + M + F + Q
     phases = {"quantize": quantize, "save": R0 + 4 * Pd + Q + 2 * Pd + min(shard_bytes, Q + 2 * Pd)}
-    if finetune_batch is not None:
+    if finetune_topk is not None:
         Nb, heads = s["Nb"], s["heads"]
-        t = finetune_batch * L
-        T = 4 * t * (Nb * (12 * H + 5 * I) + 4 * V) + 8 * finetune_batch * heads * L * L * Nb
-        phases["quantize"] += 4 * P
-        phases["finetune"] = R0 + 4 * P + 4 * Pd + Q + 4 * (P - Pd) + T
+        T = 4 * L * (Nb * H + 12 * H + 5 * I + 3 * V) + 8 * heads * L * L
+        Z = calib_windows * L * (8 * finetune_topk + 4)
+        phases["teacher"] = R0 + 4 * P + 12 * L * V + Z
+        phases["quantize"] += Z
+        phases["finetune"] = (R0 + 4 * Pd + Q + int(code_bytes * (P - Pd)) + (2 * (P - Pd) if code_updates else 0)
+                              + 8 * Pl + T + Z)
     if evaluate:
         logits = 6 * eval_seqlen * V * 4
         if stream:

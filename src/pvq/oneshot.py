@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pvq.errors import PVQError
-from pvq.calibrate.finetune import finetune
+from pvq.calibrate.finetune import FinetuneConfig, finetune, teacher_targets
 from pvq.checkpoint import quantized_model
 from pvq.runtime.embedding import DEFAULT_EMBEDDINGS, check_embeddings, quantize_embeddings
 from pvq.checkpoint.hf import finite_absmax, mark_quantized, pack_layers
@@ -37,7 +37,7 @@ from pvq.models.streaming import StreamedModel, StreamError, release_freed_memor
 from pvq.calibrate import (
     QuantizeResult,
     allocate_bits,
-    calibration_windows,
+    calibration_data,
     quantize_model,
     quantize_weights,
 )
@@ -168,11 +168,12 @@ class Recipe(RunSettings):
         if self.method is None:
             return "streaming quantizes weights; a float model (method None) has nothing to stream"
         if self.finetune is not None:
-            return "fine-tuning trains the whole quantized model against the float one (drop --stream or --finetune)"
+            return ("fine-tuning (on by default) runs the whole quantized model and the float one (add --fast for "
+                    "the one-shot model, or drop --stream)")
         if self.target_bpw is not None:
             return ("the bit allocation measures every layer of the float model first (drop --stream or "
                     "--target-bpw)")
-        if not windows_given and self.needs_calibration() and self.calib_text is None:
+        if not windows_given and self.needs_calibration() and self.calib_text == "sampled":
             return ("sampling calibration text runs the whole float model token by token; a streamed model needs a "
                     "calibration text file (--calib-text)")
         return None
@@ -198,13 +199,16 @@ class Recipe(RunSettings):
     def needs_hessian(self) -> bool:
         return self.method is not None and get_method(self.method).needs_hessian(self.method_config())
 
-    def calibration(self, model: nn.Module, tokenizer: Any, progress: bool = True) -> torch.Tensor | None:
-        """The calibration windows this recipe asks for (None when the method needs none):
-        from `calib_text`, else sampled from the (unrotated float) model, seeded."""
+    def calibration(self, model: nn.Module, tokenizer: Any, progress: bool = True,
+                    can_sample: bool = True) -> tuple[torch.Tensor | None, str]:
+        """(the calibration windows this recipe asks for, where they came from in one line);
+        (None, "none") when the method needs none. From `calib_text`, else WikiText-2 where
+        reachable, else sampled from the (unrotated float) model, seeded
+        (`pvq.calibrate.calibration_data`)."""
         if not self.needs_calibration():
-            return None
-        return calibration_windows(tokenizer, self.calib_text, self.calib_windows, self.calib_seqlen, self.seed,
-                                   model=model, progress=progress)
+            return None, "none"
+        return calibration_data(tokenizer, self.calib_text, self.calib_windows, self.calib_seqlen, self.seed,
+                                model=model if can_sample else None, progress=progress)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -238,6 +242,7 @@ class OneshotResult:
     embeddings: dict[str, Any] | None = None  # the quantized embedding's record (None: kept dense)
     allocation: Any = None  # the pvq.calibrate.allocation.Allocation (None: one setting for every layer)
     before_finetune: nn.Module | None = None  # with keep_before_finetune: the one-shot model, stored alike
+    calibration: str = "none"  # where the calibration windows came from ("given": passed in)
 
     @property
     def bits_per_weight_nominal(self) -> float | None:
@@ -292,12 +297,19 @@ def oneshot(
         check_act_quant(model, act_config, layer_names)
     seconds = {"calibration": 0.0, "rotation": 0.0, "allocation": 0.0, "quantization": 0.0, "finetune": 0.0}
 
+    calibration = "given" if windows is not None else "none"
     if windows is None and recipe.needs_calibration():
         t0 = time.perf_counter()
-        windows = recipe.calibration(model, tokenizer, progress=progress)
+        windows, calibration = recipe.calibration(model, tokenizer, progress=progress, can_sample=stream is None)
         seconds["calibration"] = time.perf_counter() - t0
-    # the fine-tuning's teacher: the float model as given (a rotation preserves its function)
-    reference = copy.deepcopy(model) if recipe.finetune is not None else None
+    # the fine-tuning's teacher: the float model's distributions on the windows, top-k, taken
+    # now (before the rotation, which preserves the function) so no float copy is kept
+    teacher = None
+    if recipe.method is not None and recipe.finetune is not None:
+        t0 = time.perf_counter()
+        teacher = teacher_targets(model, windows, FinetuneConfig(**recipe.finetune).teacher_topk, device=device,
+                                  progress=progress)
+        seconds["teacher"] = time.perf_counter() - t0
     # The rotation comes after the calibration windows (sampled from the unrotated model, so
     # the same with and without it) and before any Hessian is collected.
     rotation = None
@@ -337,18 +349,18 @@ def oneshot(
                             layer_configs=layer_configs)
         else:
             mark_quantized(model, sorted(result), recipe.method, config, dense_dtype=recipe.dense_dtype)
-        if reference is not None:
+        if teacher is not None:
             if keep_before_finetune:
                 before = copy.deepcopy(model)
             t0 = time.perf_counter()
-            tuned = finetune(model, reference, windows, recipe.finetune, work_dir=work_dir, device=device,
+            tuned = finetune(model, teacher, windows, recipe.finetune, work_dir=work_dir, device=device,
                              progress=progress)
-            seconds["finetune"] = time.perf_counter() - t0
-            del reference
+            seconds["finetune"] = time.perf_counter() - t0 + seconds.pop("teacher")
         if recipe.embeddings is not None:  # data-free, after the fine-tuning (which keeps them float)
             for m in (model,) if before is None else (model, before):
                 embeddings = quantize_embeddings(m, recipe.embeddings)
                 m.config.quantization_config.embeddings = embeddings
     act_record = install_act_quant(model, act_config, layer_names) if act_config is not None else None
     return OneshotResult(model, result, rotation, act_record, windows if recipe.needs_calibration() else None, seconds,
-                         finetune=tuned, allocation=allocation, embeddings=embeddings, before_finetune=before)
+                         finetune=tuned, allocation=allocation, embeddings=embeddings, before_finetune=before,
+                         calibration=calibration)

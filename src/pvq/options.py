@@ -214,7 +214,7 @@ def _build_options() -> tuple[tuple[Option, ...], dict[str, dict[str, str]], dic
 QUANTIZE_OPTIONS, _CONFIG_FIELDS, _ACT_FIELDS, _FINETUNE_FIELDS = _build_options()
 OPTIONS_BY_DEST = {o.dest: o for o in QUANTIZE_OPTIONS}
 # Recipe fields that are options of the same name (calibration, seed, rotation)
-_RECIPE_OPTIONS = tuple(o.dest for o in map(_option, dataclass_fields(RunSettings)) if o and o.dest != "finetune")
+_RECIPE_OPTIONS = tuple(o.dest for o in map(_option, dataclass_fields(RunSettings)) if o and o.dest != "fast")
 
 
 def _display(value: Any) -> str:
@@ -387,6 +387,9 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecipeFileError(f"{where}: expected a mapping of field: value, got {type(data).__name__}")
     fields: dict[str, Any] = {}
+    if "finetune" in data and isinstance(data["finetune"], bool) and "fast" not in data:
+        data = dict(data)  # a recipe written when fine-tuning was opt-in (finetune: true|false)
+        data["fast"] = not data.pop("finetune")
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest not in OPTIONS_BY_DEST:
@@ -498,7 +501,7 @@ def embedding_config(values: dict[str, Any]) -> dict[str, Any] | None:
 
 def finetune_config(values: dict[str, Any]) -> dict[str, Any] | None:
     """pvq.calibrate.finetune.FinetuneConfig fields from the settings (None: no fine-tuning)."""
-    return _to_fields(_FINETUNE_FIELDS, values) if values["finetune"] else None
+    return None if values["fast"] else _to_fields(_FINETUNE_FIELDS, values)
 
 
 def act_config(values: dict[str, Any]) -> dict[str, Any] | None:
@@ -537,6 +540,7 @@ def values_from_recipe(recipe: dict[str, Any], model: str | None) -> dict[str, A
     method = get_method(m)
     try:
         finetune = recipe.get("finetune")
+        values["fast"] = finetune is None
         if finetune is not None:
             from pvq.calibrate.finetune import FinetuneConfig
 
@@ -544,7 +548,7 @@ def values_from_recipe(recipe: dict[str, Any], model: str | None) -> dict[str, A
             if {k: v for k, v in {**defaults, **finetune}.items() if k not in _FINETUNE_FIELDS} != \
                     {k: v for k, v in defaults.items() if k not in _FINETUNE_FIELDS}:
                 return None  # a fine-tuning field no flag sets
-            values["finetune"] = True
+            values["fast"] = False
             _from_fields(_FINETUNE_FIELDS, {**defaults, **finetune}, values)
         config = method.make_config(recipe["config"])
         _from_fields(_CONFIG_FIELDS[m], asdict(config), values)

@@ -192,12 +192,15 @@ def percdamp_field() -> Any:
 
 @dataclass(kw_only=True)
 class RunSettings:
-    """Calibration, seed, rotation and the fine-tuning switch: what a recipe, the main job and a
-    sweep share (calib_text None: text sampled from the float model, seeded; finetune: fields of
-    `pvq.calibrate.finetune.FinetuneConfig`, None: no fine-tuning)."""
+    """Calibration, seed, rotation and fine-tuning: what a recipe, the main job and a sweep
+    share (calib_text None: text sampled from the float model, seeded; finetune: fields of
+    `pvq.calibrate.finetune.FinetuneConfig`, by default {} (its defaults), None: no fine-tuning,
+    which `--fast` asks for)."""
 
-    calib_text: str | None = setting(None, "calibration text file (default: text sampled from the model itself, "
-                                     "seeded)", methods=HESSIAN_METHODS, group="hessian")
+    calib_text: str | None = setting(None, "calibration text file, or 'sampled': text sampled from the model itself, "
+                                     "seeded (default: WikiText-2 where reachable: the datasets cache's train split, "
+                                     "../shared's validation text, the hub; else sampled)", methods=HESSIAN_METHODS,
+                                     group="hessian")
     calib_windows: int = setting(32, "calibration windows (paper: 128)", POSITIVE, methods=HESSIAN_METHODS,
                                  group="hessian")
     calib_seqlen: int = setting(512, "tokens per calibration window (paper: 2048)", SEQLEN, methods=HESSIAN_METHODS,
@@ -212,9 +215,10 @@ class RunSettings:
     rotate_seed: int = setting(0, "seed of the rotation's random signs", SEED, requires=("rotate", True),
                                group="rotation")
     finetune: dict[str, Any] | None = setting(
-        None, "after quantizing, fine-tune the continuous parameters (gains, scales, codebooks, norms) towards the "
-        "float model's next-token distributions on the calibration windows; codes and sizes stay as they are",
-        option_default=False, group="quality")
+        default_factory=dict, help="one-shot: skip the fine-tuning that by default follows the quantization (the "
+        "gains, scales, codebooks and norms, and with --finetune-code-fraction the codes, trained towards the float "
+        "model's next-token distributions on the calibration windows; sizes stay as they are)",
+        option="fast", option_default=False, group="quality")
 
 
 @dataclass(kw_only=True)

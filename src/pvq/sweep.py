@@ -18,7 +18,7 @@ the sweep's own option for it (--group-size, --pvq-group-size, --pvq-gain-bits,
   codebooks of 2^(2b) entries over `vq_columns` columns x the fewest rows that keep the
   codebook cost at or below 0.25 bits per weight.
 
-With fine-tuning (`finetune`, `pvq sweep --finetune`) every quantized setting gives two
+With fine-tuning (`finetune`, the default; `pvq sweep --fast` leaves it out) every quantized setting gives two
 points from one quantization: the one-shot point ``<method>-<bits>b`` (the same as a sweep
 without fine-tuning, so kept points are shared) and ``<method>-<bits>b-ft``, its
 continuous parameters fine-tuned (`pvq.calibrate.finetune`); the plots draw them as two curves.
@@ -62,7 +62,7 @@ from pvq.fileio import sha256_file
 from pvq.runtime import decoded_weights
 from pvq.models import load_model
 from pvq.oneshot import Recipe, oneshot
-from pvq.calibrate import calibration_windows, encode_text
+from pvq.calibrate import calibration_data, encode_text
 from pvq.calibrate.workdir import atomic_write_json, atomic_write_text
 from pvq.methods import QuantizationError, get_method, uses_hessian
 from pvq.settings import (
@@ -207,10 +207,11 @@ def point_settings(point: Point, opts: SweepOptions, task_names: list[str]) -> d
     if point.method is not None and (uses_hessian(point.method, point.config) or point.finetuned):
         calib: dict[str, Any] = {"windows": opts.calib_windows, "seqlen": opts.calib_seqlen, "seed": opts.seed,
                                  "batch_size": opts.batch_size, "compute_dtype": opts.compute_dtype}
-        if opts.calib_text:
+        if opts.calib_text and str(opts.calib_text) != "sampled":
             calib.update(text=str(opts.calib_text), sha256=sha256_file(opts.calib_text))
         else:
-            calib["text"] = "sampled from the model"
+            calib["text"] = ("sampled from the model" if opts.calib_text else
+                             "WikiText-2 where reachable, else sampled from the model")
         settings["calibration"] = calib
     return settings
 
@@ -238,8 +239,8 @@ class _Calibration:
         if self._windows is None:
             o = self.opts
             # sampled from the unrotated float model, so the same with and without --rotate
-            self._windows = calibration_windows(self.tokenizer, o.calib_text, o.calib_windows, o.calib_seqlen, o.seed,
-                                                model=self.base_model)
+            self._windows, self.source = calibration_data(self.tokenizer, o.calib_text, o.calib_windows,
+                                                          o.calib_seqlen, o.seed, model=self.base_model)
         return self._windows
 
 

@@ -1,7 +1,8 @@
 """The model quantization pipeline: calibration data and layer-by-layer quantization."""
 
 from pvq.calibrate.allocation import Allocation, allocate_bits
-from pvq.calibrate.calibration import CalibrationError, calibration_windows, encode_text, sample_windows, windows_from_ids
+from pvq.calibrate.calibration import (CalibrationError, calibration_data, calibration_windows, encode_text, sample_windows,
+                                      windows_from_ids)
 from pvq.calibrate.quantize_model import quantize_model, quantize_weights
 from pvq.calibrate.capture import HessianAccumulator, capture_block_inputs
 from pvq.calibrate.records import LayerReport, PipelineError, QuantizeResult
@@ -16,6 +17,7 @@ __all__ = [
     "QuantizeResult",
     "WorkDirError",
     "allocate_bits",
+    "calibration_data",
     "calibration_windows",
     "capture_block_inputs",
     "encode_text",

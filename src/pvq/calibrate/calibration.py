@@ -1,6 +1,10 @@
 """Calibration data: windows of token ids the Hessians H = E[x x^T] are estimated from.
 
-Two sources:
+Sources (`calibration_data`): the text file given; else ("auto", the default) WikiText-2
+where it can be reached: the wikitext-2-raw-v1 train split from the `datasets` cache, the
+WikiText-2 validation text of ../shared/assets beside the source checkout, the train split
+from the Hugging Face hub when it answers (bounded probe, `pvq.eval.hub`); else, and with
+"sampled", text sampled from the model. Each source is described in one line for the report.
 
 - a text file, tokenized whole, from which `n_windows` non-overlapping windows of
   `seqlen` tokens are drawn at random (seeded): a random offset, then a random choice of
@@ -22,28 +26,18 @@ import torch
 
 from pvq.errors import PVQError
 from pvq.fileio import read_utf8
-from pvq.models.loading import start_token_id
+from pvq.models.loading import encode_text, start_token_id  # noqa: F401 - encode_text re-exported
 
 log = logging.getLogger(__name__)
 
 
+#: calib_text values that are not files: WikiText-2 where reachable, else sampled; always sampled
+AUTO, SAMPLED = None, "sampled"
+_SHARED_VALID = Path("assets") / "wikitext-2" / "tokenized" / "valid.txt"
+
+
 class CalibrationError(PVQError, ValueError):
     """Calibration data that cannot provide the requested windows."""
-
-
-def encode_text(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of `text` as a 1-D int64 tensor (the tokenizer's default special tokens)."""
-    try:
-        enc = tokenizer(text, verbose=False)
-    except TypeError:  # simple tokenizers without the `verbose` keyword
-        enc = tokenizer(text)
-    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
-    ids = torch.as_tensor(ids, dtype=torch.long)
-    if ids.ndim == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.ndim != 1:
-        raise CalibrationError(f"tokenizer returned ids of shape {tuple(ids.shape)}, expected one sequence")
-    return ids
 
 
 def windows_from_ids(ids: torch.Tensor, n_windows: int, seqlen: int, seed: int, source: str = "the text") -> torch.Tensor:
@@ -144,3 +138,48 @@ def calibration_windows(
         raise CalibrationError("calibration_windows needs a text file or a model to sample calibration text from")
     return sample_windows(model, n_windows, seqlen, seed, _bos_id(tokenizer, model), batch_size=batch_size,
                           progress=progress)
+
+
+def _wikitext2_text() -> tuple[str, str] | None:
+    """(text, description) of the first WikiText-2 calibration text that can be reached
+    without waiting on a network (see the module docstring), else None."""
+    from pvq.eval.perplexity import EvalDataError, wikitext2_rows_from_datasets
+
+    tried = []
+    try:
+        rows, where = wikitext2_rows_from_datasets(hub=False, split="train")
+        return "\n\n".join(rows), f"WikiText-2 train ({where})"
+    except EvalDataError as e:
+        tried.append(str(e))
+    shared = Path(__file__).resolve().parents[4] / "shared" / _SHARED_VALID  # <repo>/src/pvq/calibrate/x.py
+    if shared.is_file():
+        return read_utf8(shared, CalibrationError, "calibration text"), f"WikiText-2 validation (file {shared})"
+    try:
+        rows, where = wikitext2_rows_from_datasets(hub=True, split="train")
+        return "\n\n".join(rows), f"WikiText-2 train ({where})"
+    except EvalDataError as e:
+        tried.append(str(e))
+    log.info("no WikiText-2 calibration text reachable (%s); sampling from the model", "; ".join(tried))
+    return None
+
+
+def calibration_data(tokenizer, text_path: str | os.PathLike | None, n_windows: int, seqlen: int, seed: int,
+                     model=None, batch_size: int = 16, progress: bool = True) -> tuple[torch.Tensor, str]:
+    """(windows (n_windows, seqlen) int64, where they came from in one line): from
+    `text_path` when it is a file path, from WikiText-2 where reachable when it is None
+    (AUTO; needs a tokenizer), else (or with SAMPLED) sampled from `model`."""
+    if text_path is not None and str(text_path) != SAMPLED:
+        return (calibration_windows(tokenizer, text_path, n_windows, seqlen, seed, progress=progress),
+                f"calibration text file {text_path}")
+    if text_path is None and tokenizer is not None:
+        found = _wikitext2_text()
+        if found is not None:
+            text, where = found
+            ids = encode_text(tokenizer, text)
+            return windows_from_ids(ids, n_windows, seqlen, seed, source=where), where
+    why = "as asked (--calib-text sampled)" if text_path is not None else "no WikiText-2 text was reachable"
+    if model is None:
+        raise CalibrationError(f"no calibration text: {why}, and there is no whole model to sample text from (a "
+                               "streamed model needs --calib-text FILE)")
+    return (calibration_windows(tokenizer, None, n_windows, seqlen, seed, model=model, batch_size=batch_size,
+                                progress=progress), f"sampled from the model, seeded ({why})")

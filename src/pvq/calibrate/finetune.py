@@ -1,19 +1,36 @@
-"""Fine-tuning of a quantized model's continuous parameters, its codes fixed.
+"""Fine-tuning of a quantized model towards the float model: its continuous parameters and,
+where the method allows it, its discrete codes.
 
 After the one-shot quantization every stored array that is a real number can still move
 without changing what is stored or its size: PVQ gains (float16 gains, or the row norms
 and fitted gain levels of codebook gains), RTN/GPTQ scales, GPTVQ centroids, and the
 model's float norms and biases. `finetune` trains them (Adam) to minimise the KL
 divergence from the float model's next-token distributions to the quantized model's, on
-the calibration windows, end to end (the whole model at once; block-output MSE was not
-tried). The last `val_windows` windows are held out: the KL on them is measured every
-`eval_every` steps, the best parameters are kept, and training stops after `patience`
-evaluations without improvement. The discrete codes (pyramid shapes, grid codes, gain
-indices, GPTVQ assignments) never change: each method's `tunable(qt)`
-(`pvq.methods.TunableWeight`) builds the weight from them and the trained values, and
-hands back a payload of the same spec.
+the calibration windows, end to end.
 
-Resumable: with a work directory the state (step, parameters, Adam moments, best
+The teacher is not kept: its distributions are computed once, before the model is
+quantized (`teacher_targets`), and kept as the top `teacher_topk` tokens of every position
+with the log of the rest's mass: a few MB instead of a second float model. The loss is
+the KL between those (k + 1)-bin distributions (the "top-k KL"; a lower bound of the full
+KL, equal to it when the rest's mass is zero), and so is every held-out figure this
+module reports. Each step runs its windows one at a time (gradients accumulate) through
+decoder blocks under activation checkpointing, so one window's activations and logits are
+what the backward pass holds.
+
+Codes that learn (`code_fraction` > 0, in the spirit of PV-Tuning): the gradient of the
+loss with respect to every layer's weight is summed over the steps between evaluations;
+at each evaluation every code group (a pyramid point, a grid code, a centroid
+assignment) gets the best valid move by the first-order change of the loss
+(`TunableWeight.code_moves`), the `code_fraction` of each layer's groups with the largest
+predicted gain move, and the move is kept only if the held-out KL falls (else undone,
+and the fraction halved). Codes stay valid and sizes unchanged.
+
+The last `val_windows` windows are held out: the KL on them is measured every
+`eval_every` steps, the best parameters and codes are kept, and training stops after
+`patience` evaluations without improvement. A loss that becomes NaN or inf stops the
+training with the best model kept, and the report says so.
+
+Resumable: with a work directory the state (step, parameters, codes, Adam moments, best
 parameters, history) is written atomically at every evaluation, and a rerun with the
 same settings continues from it; the batches of a step are a function of (seed, step),
 so an interrupted run ends with the bytes of an uninterrupted one.
@@ -21,6 +38,7 @@ so an interrupted run ends with the bytes of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,10 +46,9 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pvq.errors import PVQError
@@ -40,13 +57,14 @@ from pvq.runtime import QuantizedLinear, tuned_weights
 from pvq.calibrate import workdir as wd
 from pvq.methods import get_method
 from pvq.methods.base import is_int, is_number
-from pvq.settings import POSITIVE, number, setting
+from pvq.settings import NONNEGATIVE_NUMBER, POSITIVE, number, setting
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneReport", "finetune"]
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneReport", "TeacherTargets", "finetune", "teacher_targets"]
 
 STATE_DIR = "finetune"
+_SWITCH = ("fast", False)  # the fine-tuning flags apply unless --fast
 
 
 class FinetuneError(PVQError, ValueError):
@@ -58,25 +76,36 @@ class FinetuneConfig:
     """steps: optimizer steps at most; lr: Adam's learning rate, relative to each trained
     tensor's RMS (so gains, scales and norms of any magnitude move alike); batch: windows
     per step; val_windows: calibration windows held out (the last ones) for early
-    stopping; eval_every: steps between evaluations (and state saves); patience:
-    evaluations without improvement before stopping; dense: also train the float norms
-    and biases; seed: the order of the training windows."""
+    stopping; code_fraction: the share of each layer's code groups a code update may move
+    (0: codes fixed); teacher_topk: tokens of the teacher's distribution kept per
+    position; eval_every: steps between evaluations, code updates and state saves;
+    patience: evaluations without improvement before stopping; dense: also train the
+    float norms and biases; checkpointing: recompute each decoder block in the backward
+    pass instead of holding its activations; seed: the order of the training windows."""
 
-    steps: int = setting(60, "fine-tuning optimizer steps at most (early stopping on held-out windows)", POSITIVE,
-                         option="finetune_steps", requires=("finetune", True))
+    steps: int = setting(10, "fine-tuning optimizer steps at most (early stopping on held-out windows)", POSITIVE,
+                         option="finetune_steps", requires=_SWITCH)
     lr: float = setting(2e-3, "Adam learning rate, relative to each trained tensor's RMS", number(above=0),
-                        option="finetune_lr", requires=("finetune", True))
+                        option="finetune_lr", requires=_SWITCH)
     batch: int = setting(2, "calibration windows per fine-tuning step", POSITIVE, option="finetune_batch",
-                         requires=("finetune", True))
+                         requires=_SWITCH)
     val_windows: int = setting(4, "calibration windows held out for early stopping (the last ones)", POSITIVE,
-                               option="finetune_val_windows", requires=("finetune", True))
-    eval_every: int = 10
+                               option="finetune_val_windows", requires=_SWITCH)
+    code_fraction: float = setting(
+        0.0, "codes that learn: at each evaluation move up to this share of every layer's code groups (PVQ "
+        "pyramid points by one pulse, grid codes by one step, GPTVQ assignments to another centroid) where the "
+        "gradient predicts the largest gain, kept only if the held-out KL falls (0: codes stay fixed)",
+        NONNEGATIVE_NUMBER, option="finetune_code_fraction", requires=_SWITCH)
+    teacher_topk: int = setting(64, "tokens of the float model's next-token distribution kept per position (the "
+                                "rest is one bin)", POSITIVE, option="finetune_teacher_topk", requires=_SWITCH)
+    eval_every: int = 5
     patience: int = 2
     dense: bool = True
+    checkpointing: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "val_windows", "eval_every", "patience"):
+        for name in ("steps", "batch", "val_windows", "eval_every", "patience", "teacher_topk"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise FinetuneError(f"finetune {name} must be a positive integer, got {value!r}")
@@ -84,8 +113,11 @@ class FinetuneConfig:
             raise FinetuneError(f"finetune seed must be an integer, got {self.seed!r}")
         if not is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
             raise FinetuneError(f"finetune lr must be a positive number, got {self.lr!r}")
-        if not isinstance(self.dense, bool):
-            raise FinetuneError(f"finetune dense must be True or False, got {self.dense!r}")
+        if not is_number(self.code_fraction) or not 0 <= self.code_fraction <= 1:
+            raise FinetuneError(f"finetune code_fraction must be a number in 0..1, got {self.code_fraction!r}")
+        for name in ("dense", "checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise FinetuneError(f"finetune {name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -93,7 +125,7 @@ class FinetuneReport:
     steps: int  # optimizer steps taken (this run and any it resumed)
     best_step: int  # the step whose parameters were kept (0: the one-shot result)
     stopped_early: bool
-    val_kl_before: float  # held-out KL (nats/token) of the one-shot model
+    val_kl_before: float  # held-out top-k KL (nats/token) of the one-shot model
     val_kl_best: float  # during training (float32 parameters)
     val_kl_stored: float  # with the parameters rounded to what is stored: the model as saved
     kept: str  # "tuned" or "one-shot" (tuning did not lower the stored model's held-out KL)
@@ -102,14 +134,101 @@ class FinetuneReport:
     trained_values: int  # continuous values trained (payload arrays + dense)
     seconds: float
     resumed_from: int = 0
+    teacher_topk: int = 0
+    code_rounds: int = 0  # code updates tried
+    code_rounds_kept: int = 0  # of which the held-out KL kept
+    codes_moved: int = 0  # code groups that differ from the one-shot model's in the kept model
+    code_groups: int = 0  # code groups that could move
+    diverged: str | None = None  # why training stopped on a non-finite loss (the best model was kept)
     history: list[dict[str, float]] = field(default_factory=list)
 
     def describe(self) -> str:
+        codes = "codes unchanged"
+        if self.code_rounds:
+            codes = (f"{self.codes_moved} of {self.code_groups} code groups moved ({self.code_rounds_kept} of "
+                     f"{self.code_rounds} code updates kept)")
         return (f"{self.steps} steps (kept step {self.best_step}{', stopped early' if self.stopped_early else ''}), "
-                f"held-out KL {self.val_kl_before:.4f} -> {self.val_kl_stored:.4f} nats/token as stored "
-                f"({self.trained_values} values trained on {self.train_windows} windows, {self.val_windows} held out; "
-                f"{self.seconds:.0f} s{'; kept the one-shot model' if self.kept == 'one-shot' else ''})")
+                f"held-out top-{self.teacher_topk} KL {self.val_kl_before:.4f} -> {self.val_kl_stored:.4f} "
+                f"nats/token as stored ({self.trained_values} values trained on {self.train_windows} windows, "
+                f"{self.val_windows} held out; {codes}; {self.seconds:.0f} s"
+                f"{'; kept the one-shot model' if self.kept == 'one-shot' else ''})"
+                + (f"; {self.diverged}" if self.diverged else ""))
 
+
+# -- the teacher ------------------------------------------------------------------------------
+
+@dataclass
+class TeacherTargets:
+    """The float model's next-token distributions on n windows of L tokens: the top k
+    tokens of every position (`index` (n, L, k) int32, their log-probabilities `logp` (n,
+    L, k) float32) and `rest` (n, L) float32, the log of every other token's total mass."""
+
+    index: torch.Tensor
+    logp: torch.Tensor
+    rest: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.index.shape[-1])
+
+    def __getitem__(self, rows) -> "TeacherTargets":
+        return TeacherTargets(self.index[rows], self.logp[rows], self.rest[rows])
+
+    def to(self, device) -> "TeacherTargets":
+        return TeacherTargets(self.index.to(device), self.logp.to(device), self.rest.to(device))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.index, self.logp, self.rest))
+
+
+def teacher_targets(model: nn.Module, windows: torch.Tensor, k: int = 64, *, device: str | torch.device = "cpu",
+                    progress: bool = False) -> TeacherTargets:
+    """`model`'s distributions on `windows` (n, L) kept top-k (see TeacherTargets), one
+    window at a time in float32."""
+    from pvq.progress import progress_bar
+
+    windows = torch.as_tensor(windows).to("cpu", torch.long)
+    n, L = windows.shape
+    index = torch.empty(n, L, k, dtype=torch.int32)
+    logp = torch.empty(n, L, k)
+    rest = torch.empty(n, L)
+    home = next(model.parameters()).device
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.no_grad():
+            for i in progress_bar(range(n), desc="teacher distributions", unit="window", enabled=progress):
+                full = torch.log_softmax(model(windows[i:i + 1].to(device), use_cache=False).logits[0].float(), dim=-1)
+                if k > full.shape[-1]:
+                    raise FinetuneError(f"finetune teacher_topk {k} exceeds the vocabulary ({full.shape[-1]} tokens)")
+                top, idx = full.topk(k, dim=-1)
+                index[i], logp[i] = idx.to("cpu", torch.int32), top.cpu()
+                rest[i] = _log_rest(top.double()).float().cpu()
+    finally:
+        model.to(home)
+        model.train(was_training)
+    return TeacherTargets(index, logp, rest)
+
+
+def _log_rest(top_logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum exp(top_logp)) over the last axis, kept finite (at least log 1e-12)."""
+    mass = top_logp.exp().sum(dim=-1)
+    return torch.log1p(-mass.clamp(max=1 - 1e-12))
+
+
+def _topk_kl(logits: torch.Tensor, teacher: TeacherTargets) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) over the teacher's top-k tokens and the
+    rest as one bin; logits (b, L, V), teacher for the same b windows."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    s_top = z.gather(-1, teacher.index.long()) - lse
+    s_rest = _log_rest(s_top.double()).float()
+    p_top, p_rest = teacher.logp.exp(), teacher.rest.exp()
+    kl = (p_top * (teacher.logp - s_top)).sum(dim=-1) + p_rest * (teacher.rest - s_rest)
+    return kl.mean()
+
+
+# -- what is trained ---------------------------------------------------------------------------
 
 def _batches(n_train: int, batch: int, seed: int, step: int) -> list[int]:
     """Training window indices of `step` (0-based): consecutive slices of per-epoch
@@ -123,16 +242,10 @@ def _batches(n_train: int, batch: int, seed: int, step: int) -> list[int]:
     return out
 
 
-def _kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student)."""
-    logq = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
-    logp = teacher_logprobs.float().flatten(0, -2)
-    return F.kl_div(logq, logp, log_target=True, reduction="sum") / logp.shape[0]
-
-
 class _Trainable:
     """The tensors fine-tuning moves: each layer's TunableWeight parameters and the dense
-    norms and biases, with named access for the state file."""
+    norms and biases, and the codes of the layers whose codes may move, with named access
+    for the state file."""
 
     def __init__(self, model: nn.Module, config: FinetuneConfig, device: torch.device) -> None:
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
@@ -148,15 +261,31 @@ class _Trainable:
         if config.dense:  # norm weights and biases
             self.params.update({f"dense::{k}": p for k, p in model.named_parameters()
                                 if p.ndim == 1 and p.is_floating_point()})
+        self.movable = ({name: tw for name, tw in self.tunables.items() if tw.codes_kind is not None}
+                        if config.code_fraction > 0 else {})
         self.initial = {k: p.detach().clone() for k, p in self.params.items()}
+        self.initial_codes = {name: tw.code_groups().clone() for name, tw in self.movable.items()}
 
     def values(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach().clone() for k, p in self.params.items()}
+        out = {k: p.detach().clone() for k, p in self.params.items()}
+        out.update({f"codes::{name}": tw.code_groups().clone() for name, tw in self.movable.items()})
+        return out
 
     def load(self, values: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(values[k].to(p.device, p.dtype))
+            for name, tw in self.movable.items():
+                tw.code_groups().copy_(values[f"codes::{name}"].to(tw.code_groups().device))
+                tw.codes_changed = not torch.equal(tw.code_groups().cpu(), self.initial_codes[name].cpu())
+
+    def codes_moved(self) -> int:
+        return sum(int((tw.code_groups().cpu() != self.initial_codes[n].cpu()).any(dim=1).sum())
+                   for n, tw in self.movable.items())
+
+    def track_grads(self, on: bool) -> None:
+        for tw in self.movable.values():
+            tw.grad_sum = torch.zeros(tw.qt.shape, dtype=torch.bfloat16, device=tw.code_groups().device) if on else None
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -164,12 +293,72 @@ class _Trainable:
             t = self.initial[k].detach().to("cpu").contiguous()
             h.update(k.encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for k in sorted(self.initial_codes):
+            h.update(k.encode())
+            h.update(self.initial_codes[k].cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
+
+
+def _move_codes(trainable: _Trainable, fraction: float) -> tuple[int, dict]:
+    """Move up to `fraction` of each movable layer's code groups where its summed gradient
+    predicts the largest gain per squared change of the weight; (groups moved, undo record)."""
+    undo, moved = {}, 0
+    for name, tw in trainable.movable.items():
+        delta, candidates, size = tw.code_moves(tw.grad_sum)
+        n = min(int(fraction * delta.numel()), int(torch.isfinite(delta).sum()))
+        if n < 1:
+            continue
+        # ranked by predicted gain per squared change: the largest first-order gains alone are
+        # the largest moves (the groups of the largest gains), where the loss also curves most
+        score = delta / size.clamp_min(torch.finfo(torch.float32).tiny)
+        rows = torch.topk(score, n, largest=False).indices
+        groups = tw.code_groups()
+        rows = rows.to(groups.device)
+        undo[name] = (rows, groups[rows].clone(), tw.codes_changed)
+        groups[rows] = candidates[rows.cpu()].to(groups.device, groups.dtype)
+        tw.codes_changed = True
+        moved += n
+    return moved, undo
+
+
+def _undo_moves(trainable: _Trainable, undo: dict) -> None:
+    for name, (rows, old, changed) in undo.items():
+        tw = trainable.movable[name]
+        tw.code_groups()[rows] = old
+        tw.codes_changed = changed
+
+
+@contextlib.contextmanager
+def _checkpointed_blocks(model: nn.Module, on: bool) -> Iterator[None]:
+    """Each decoder block recomputed in the backward pass (torch.utils.checkpoint,
+    non-reentrant) instead of holding its activations, for the duration."""
+    if not on:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    from pvq.models.adapters import adapter_for_type
+
+    blocks = list(adapter_for_type(model.config.model_type).get_blocks(model))
+    for block in blocks:
+        inner = block.forward
+
+        def wrapped(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = wrapped
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
 
 
 def finetune(
     model: nn.Module,
-    reference: nn.Module,
+    teacher: nn.Module | TeacherTargets,
     windows: torch.Tensor,
     config: FinetuneConfig | dict | None = None,
     *,
@@ -178,10 +367,10 @@ def finetune(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> FinetuneReport:
-    """Fine-tune `model` (packed `QuantizedLinear`s) in place towards `reference` (the float
-    model) on `windows` (n, seqlen) token ids; see the module docstring. The layers'
-    payloads are rewritten with the kept values (same spec, codes untouched) and the dense
-    parameters rounded to the dtype the checkpoint stores them in.
+    """Fine-tune `model` (packed `QuantizedLinear`s) in place towards `teacher` (the float
+    model, or its `teacher_targets` on `windows`) on `windows` (n, seqlen) token ids; see
+    the module docstring. The layers' payloads are rewritten with the kept values (same
+    spec) and the dense parameters rounded to the dtype the checkpoint stores them in.
     `on_step(step, loss)` is called after every optimizer step (tests interrupt there)."""
     if config is None:
         config = FinetuneConfig()
@@ -198,47 +387,42 @@ def finetune(
         raise FinetuneError(f"fine-tuning holds out {n_val} calibration window(s) and needs at least one more to "
                             f"train on; got {windows.shape[0]} (raise --calib-windows or lower --finetune-val-windows)")
     device = torch.device(device)
-    train, val = windows[:-n_val], windows[-n_val:]
     t_start = time.perf_counter()
-    homes = (next(model.parameters()).device, next(reference.parameters()).device)
+    if not isinstance(teacher, TeacherTargets):
+        teacher = teacher_targets(teacher, windows, config.teacher_topk, device=device, progress=progress)
+    if tuple(teacher.index.shape[:2]) != tuple(windows.shape):
+        raise FinetuneError(f"teacher targets for windows of shape {tuple(teacher.index.shape[:2])}, given windows "
+                            f"of shape {tuple(windows.shape)}")
+    home = next(model.parameters()).device
     model.to(device)
-    reference.to(device)
-    was_training = model.training, reference.training
+    was_training = model.training
     model.eval()
-    reference.eval()
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    trainable = None
     try:
         for p in model.parameters():
-            p.requires_grad_(False)
-        for p in reference.parameters():
             p.requires_grad_(False)
         trainable = _Trainable(model, config, device)
         for p in trainable.params.values():
             p.requires_grad_(True)
-        report = _train(model, reference, trainable, train, val, config, device, work_dir, progress, on_step)
+        with _checkpointed_blocks(model, config.checkpointing):
+            report = _train(model, trainable, windows, teacher, config, device, work_dir, progress, on_step)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(requires.get(n, False))
-        model.train(was_training[0])
-        reference.train(was_training[1])
-        model.to(homes[0])
-        reference.to(homes[1])
+        model.train(was_training)
+        model.to(home)
     report.seconds = time.perf_counter() - t_start
     return report
 
 
-def _val_kl(model, trainable, val, teacher_val, device, tuned: bool) -> float:
+def _val_kl(model, trainable, val, teacher_val: TeacherTargets, device, tuned: bool) -> float:
     total = 0.0
     with torch.no_grad():
         for i in range(val.shape[0]):
             ids = val[i:i + 1].to(device)
-            if tuned:
-                with tuned_weights(model, trainable.tunables):
-                    logits = model(ids).logits
-            else:
-                logits = model(ids).logits
-            total += float(_kl(logits, teacher_val[i:i + 1].to(device)))
+            with tuned_weights(model, trainable.tunables) if tuned else contextlib.nullcontext():
+                logits = model(ids, use_cache=False).logits
+            total += float(_topk_kl(logits, teacher_val[i:i + 1].to(device)))
     return total / val.shape[0]
 
 
@@ -249,35 +433,38 @@ def _settings(config: FinetuneConfig, train: torch.Tensor, val: torch.Tensor, tr
             list(val.shape)], "parameters_sha256": trainable.digest(), "torch": torch.__version__}
 
 
-def _train(model, reference, trainable: _Trainable, train, val, config: FinetuneConfig, device, work_dir, progress,
-           on_step) -> FinetuneReport:
+def _train(model, trainable: _Trainable, windows, teacher: TeacherTargets, config: FinetuneConfig, device, work_dir,
+           progress, on_step) -> FinetuneReport:
     from pvq.progress import progress_bar
 
+    n_val = config.val_windows
+    train, val = windows[:-n_val], windows[-n_val:]
+    teacher_train, teacher_val = teacher[:-n_val], teacher[-n_val:]
     groups = []
     for k, p in trainable.params.items():
         rms = float(trainable.initial[k].float().pow(2).mean().sqrt())
         groups.append({"params": [p], "lr": config.lr * (rms if rms > 0 and math.isfinite(rms) else 1.0), "name": k})
     opt = torch.optim.Adam(groups)
 
-    with torch.no_grad():
-        teacher_val = torch.cat([F.log_softmax(reference(val[i:i + 1].to(device)).logits.float(), dim=-1).to("cpu",
-                                 torch.float16) for i in range(val.shape[0])])
     settings = _settings(config, train, val, trainable)
     state_dir = Path(work_dir) / STATE_DIR if work_dir is not None else None
     step, best_step, stale, history = 0, 0, 0, []
+    codes = {"rounds": 0, "kept": 0, "fraction": config.code_fraction}
     best_values = trainable.values()
     val_before = None
     done = False
     resumed = 0
+    diverged = None
     if state_dir is not None:
         loaded = _read_state(state_dir, settings)
         if loaded is not None:
             meta, tensors = loaded
-            trainable.load({k: tensors[f"current/{k}"] for k in trainable.params})
-            best_values = {k: tensors[f"best/{k}"] for k in trainable.params}
+            trainable.load({k: tensors[f"current/{k}"] for k in best_values})
+            best_values = {k: tensors[f"best/{k}"] for k in best_values}
             _load_adam(opt, tensors)
             step, best_step, stale, history = meta["step"], meta["best_step"], meta["stale"], meta["history"]
             val_before, best_val, done = meta["val_kl_before"], meta["best_val"], meta["done"]
+            codes, diverged = meta["codes"], meta.get("diverged")
             resumed = step
             log.info("fine-tuning resumes from %s at step %d", state_dir, step)
     if val_before is None:
@@ -286,30 +473,50 @@ def _train(model, reference, trainable: _Trainable, train, val, config: Finetune
         history.append({"step": 0, "val_kl": val_before})
 
     n_train = train.shape[0]
-    stopped_early = bool(done and step < config.steps)
+    stopped_early = bool(done and step < config.steps and diverged is None)
     bar = progress_bar(total=config.steps, initial=step, desc="fine-tuning", unit="step", enabled=progress)
     running = []
+    trainable.track_grads(bool(trainable.movable))
     try:
         while not done and step < config.steps:
-            ids = train[_batches(n_train, config.batch, config.seed, step)].to(device)
-            with torch.no_grad():
-                teacher = F.log_softmax(reference(ids).logits.float(), dim=-1)
-            with tuned_weights(model, trainable.tunables):
-                loss = _kl(model(ids).logits, teacher)
-            del teacher
-            if not torch.isfinite(loss):
-                raise FinetuneError(f"fine-tuning loss became {float(loss)} at step {step + 1}; lower --finetune-lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum = 0.0
+            with tuned_weights(model, trainable.tunables):
+                for w in _batches(n_train, config.batch, config.seed, step):  # one window at a time
+                    loss = _topk_kl(model(train[w:w + 1].to(device), use_cache=False).logits,
+                                    teacher_train[w:w + 1].to(device)) / config.batch
+                    if not torch.isfinite(loss):
+                        break
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+            if not torch.isfinite(loss):
+                diverged = (f"the loss became {float(loss.detach())} at step {step + 1}; training stopped and the best model "
+                            f"(step {best_step}) was kept (lower --finetune-lr)")
+                log.warning("fine-tuning: %s", diverged)
+                done = True
+                break
             opt.step()
             step += 1
-            running.append(float(loss.detach()))
+            running.append(loss_sum)
             bar.set_postfix(kl=f"{running[-1]:.4f}", best=f"{best_val:.4f}")
             bar.update(1)
             if step % config.eval_every == 0 or step == config.steps:
                 val_kl = _val_kl(model, trainable, val, teacher_val, device, tuned=True)
-                history.append({"step": step, "train_kl": sum(running) / len(running), "val_kl": val_kl})
+                entry = {"step": step, "train_kl": sum(running) / len(running), "val_kl": val_kl}
                 running = []
+                if trainable.movable and codes["fraction"] > 0:
+                    moved, undo = _move_codes(trainable, codes["fraction"])
+                    codes["rounds"] += 1
+                    val_codes = _val_kl(model, trainable, val, teacher_val, device, tuned=True)
+                    entry.update(codes_moved=moved, val_kl_codes=val_codes)
+                    if val_codes < val_kl:
+                        val_kl = val_codes
+                        codes["kept"] += 1
+                    else:
+                        _undo_moves(trainable, undo)
+                        codes["fraction"] /= 2
+                    trainable.track_grads(True)  # a fresh sum for the next round
+                history.append(entry)
                 log.info("fine-tuning step %d: held-out KL %.5f (best %.5f at step %d)", step, val_kl, best_val,
                          best_step)
                 if val_kl < best_val:
@@ -324,11 +531,16 @@ def _train(model, reference, trainable: _Trainable, train, val, config: Finetune
                 if state_dir is not None:
                     _write_state(state_dir, settings, trainable, best_values, opt, dict(
                         step=step, best_step=best_step, stale=stale, history=history, val_kl_before=val_before,
-                        best_val=best_val, done=done))
+                        best_val=best_val, done=done, codes=codes, diverged=None))
             if on_step is not None:
-                on_step(step, running[-1] if running else float(loss.detach()))
+                on_step(step, running[-1] if running else loss_sum)
     finally:
         bar.close()
+        trainable.track_grads(False)
+    if diverged is not None and state_dir is not None:
+        _write_state(state_dir, settings, trainable, best_values, opt, dict(
+            step=step, best_step=best_step, stale=stale, history=history, val_kl_before=val_before,
+            best_val=best_val, done=True, codes=codes, diverged=diverged))
 
     # keep the best parameters, stored as the checkpoint holds them, and measure that model
     original = {name: layer.payload() for name, layer in trainable.layers.items()}  # the one-shot payloads
@@ -339,8 +551,9 @@ def _train(model, reference, trainable: _Trainable, train, val, config: Finetune
     _round_dense(model)
     val_stored = _val_kl(model, trainable, val, teacher_val, device, tuned=False)
     kept = "tuned"
+    moved = trainable.codes_moved()
     if val_stored >= val_before:  # rounding to the stored dtypes (or no step at all) gained nothing
-        kept = "one-shot"
+        kept, moved = "one-shot", 0
         with torch.no_grad():
             for name, layer in trainable.layers.items():
                 layer.set_payload(original[name])
@@ -352,6 +565,8 @@ def _train(model, reference, trainable: _Trainable, train, val, config: Finetune
         steps=step, best_step=best_step, stopped_early=stopped_early, val_kl_before=val_before, val_kl_best=best_val,
         val_kl_stored=val_stored, kept=kept, train_windows=n_train, val_windows=val.shape[0],
         trained_values=sum(p.numel() for p in trainable.params.values()), seconds=0.0, resumed_from=resumed,
+        teacher_topk=teacher.k, code_rounds=codes["rounds"], code_rounds_kept=codes["kept"], codes_moved=moved,
+        code_groups=sum(tw.code_groups().shape[0] for tw in trainable.movable.values()), diverged=diverged,
         history=history)
 
 

@@ -98,12 +98,13 @@ def _dataset_rows(dataset) -> list[str]:
         raise EvalDataError(f"the datasets copy of {'/'.join(WIKITEXT2_DATASET[:2])} has no 'text' column (columns {names})")
     rows = list(dataset["text"])
     if not rows or not all(isinstance(r, str) for r in rows) or not any(r.strip() for r in rows):
-        raise EvalDataError(f"the datasets copy of {'/'.join(WIKITEXT2_DATASET[:2])} test split holds no text")
+        raise EvalDataError(f"the datasets copy of {'/'.join(WIKITEXT2_DATASET[:2])} holds no text")
     return rows
 
 
-def wikitext2_rows_from_datasets(hub: bool = True, probe_seconds: float = HUB_PROBE_SECONDS) -> tuple[list[str], str]:
-    """The rows of `datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")` and
+def wikitext2_rows_from_datasets(hub: bool = True, probe_seconds: float = HUB_PROBE_SECONDS,
+                                 split: str = WIKITEXT2_DATASET[2]) -> tuple[list[str], str]:
+    """The rows of `datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)` and
     where they came from: "datasets cache" or "Hugging Face hub".
 
     The local cache is tried first, in offline mode (no network at all). The hub only when
@@ -115,7 +116,7 @@ def wikitext2_rows_from_datasets(hub: bool = True, probe_seconds: float = HUB_PR
         import datasets
     except ImportError as e:
         raise EvalDataError(f"the datasets library is not importable ({first_line(e)})") from None
-    path, config_name, split = WIKITEXT2_DATASET
+    path, config_name, _ = WIKITEXT2_DATASET
     try:
         with hub_offline(datasets):
             return _dataset_rows(datasets.load_dataset(path, config_name, split=split)), "datasets cache"
@@ -182,7 +183,7 @@ def _token_ids(tokenizer_or_ids, text: str | None) -> torch.Tensor:
     if isinstance(tokenizer_or_ids, torch.Tensor) or hasattr(tokenizer_or_ids, "__array__") or isinstance(tokenizer_or_ids, list):
         ids = torch.as_tensor(tokenizer_or_ids, dtype=torch.long)
         return ids.reshape(-1) if ids.ndim <= 1 or ids.shape[0] == 1 else ids
-    from pvq.calibrate.calibration import encode_text
+    from pvq.models.loading import encode_text
 
     return encode_text(tokenizer_or_ids, text if text is not None else wikitext2_test_text())
 

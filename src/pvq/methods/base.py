@@ -130,25 +130,53 @@ def is_number(value) -> bool:
 
 class TunableWeight(torch.nn.Module):
     """One layer's weight as a differentiable function of the continuous arrays of its
-    payload (gains, scales, norms, codebooks), its discrete codes held fixed: what
-    fine-tuning (`pvq.calibrate.finetune`) trains.
+    payload (gains, scales, norms, codebooks): what fine-tuning (`pvq.calibrate.finetune`)
+    trains, and, where a method allows it, the discrete codes it may move.
 
-    A method's ``tunable(qt)`` returns a subclass that keeps the fixed decoded parts as
-    buffers and the continuous arrays as float32 parameters, builds W (float32, qt.shape)
-    in ``forward()`` and hands the payload back in ``payload()``: the same arrays under the
-    same names, shapes and dtypes, the trained ones rounded to their stored dtype, every
-    code array untouched. So fine-tuning cannot change what a layer stores or its size.
+    A method's ``tunable(qt)`` returns a subclass that keeps the decoded codes as buffers
+    and the continuous arrays as float32 parameters, builds W (float32, qt.shape) in
+    ``build()`` and hands the payload back in ``payload()``: the same arrays under the
+    same names, shapes and dtypes, the trained ones rounded to their stored dtype. So
+    fine-tuning cannot change what a layer stores or its size.
+
+    Codes that learn (`codes_kind` not None): ``code_groups()`` is the codes buffer viewed
+    as (N, m), one row per code group (a pyramid point, a grid code, a centroid
+    assignment), and ``code_moves(grad)`` proposes for every group the valid code that the
+    gradient of the loss with respect to W says lowers it most, with that first-order
+    predicted change and the squared size of the move, ||delta W||^2. Fine-tuning writes the chosen rows into ``code_groups()`` and sets
+    ``codes_changed``; ``payload()`` then encodes the codes again. While ``grad_sum`` is a
+    tensor, every backward pass adds dloss/dW to it.
     """
+
+    #: what the codes are, for reports ("pyramid points", ...); None: they cannot move
+    codes_kind: str | None = None
 
     def __init__(self, qt: QuantizedTensor) -> None:
         super().__init__()
         self.qt = qt
+        self.grad_sum: torch.Tensor | None = None
+        self.codes_changed = False
 
-    def forward(self) -> torch.Tensor:  # pragma: no cover - abstract
+    def build(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def forward(self) -> torch.Tensor:
+        W = self.build()
+        if self.grad_sum is not None and W.requires_grad:
+            W.register_hook(self._add_grad)
+        return W
+
+    def _add_grad(self, grad: torch.Tensor) -> None:
+        self.grad_sum.add_(grad.to(self.grad_sum.dtype))
+
+    def code_groups(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} codes cannot move")
+
+    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} codes cannot move")
+
     def trained(self) -> dict[str, np.ndarray]:
-        """The payload arrays the trained parameters replace (name -> stored array)."""
+        """The payload arrays the trained parameters (and moved codes) replace (name -> stored array)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def payload(self) -> dict[str, np.ndarray]:

@@ -733,9 +733,37 @@ class _TunableGPTVQ(TunableWeight):
         self.register_buffer("codebook_of", _codebook_of(row_bounds, col_bounds, d))
         self.register_buffer("indices", indices)
 
-    def forward(self) -> torch.Tensor:
+    codes_kind = "centroid assignments"
+
+    def build(self) -> torch.Tensor:
         R, V = self.indices.shape
         return self.centroids[self.codebook_of, self.indices].reshape(R, -1)
+
+    def code_groups(self) -> torch.Tensor:
+        return self.indices.view(-1, 1)
+
+    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every vector's best other centroid of its codebook by the first-order change
+        <dL/dW, c_new - c_now> (in row chunks: K scores a vector)."""
+        with torch.no_grad():
+            R, V = self.indices.shape
+            C = self.centroids.detach()
+            g = grad.to(torch.float32).reshape(R, V, -1)
+            delta, size = torch.empty(R, V), torch.empty(R, V)
+            best = torch.empty(R, V, dtype=self.indices.dtype)
+            rows = max(1, (1 << 22) // max(1, V * C.shape[1]))
+            for a in range(0, R, rows):
+                cb, idx, ga = self.codebook_of[a:a + rows], self.indices[a:a + rows], g[a:a + rows]
+                scores = torch.einsum("rvd,rvkd->rvk", ga, C[cb])
+                now = scores.gather(-1, idx[..., None])[..., 0]
+                low, arg = scores.min(dim=-1)
+                delta[a:a + rows], best[a:a + rows] = low - now, arg
+                cents = C[cb]
+                c_new = cents.gather(2, arg[..., None, None].expand(-1, -1, 1, cents.shape[-1]))[:, :, 0]
+                c_now = cents.gather(2, idx[..., None, None].expand(-1, -1, 1, cents.shape[-1]))[:, :, 0]
+                size[a:a + rows] = (c_new - c_now).pow(2).sum(dim=-1)
+            delta = torch.where(delta < 0, delta, torch.tensor(torch.inf))
+            return delta.reshape(-1), best.reshape(-1, 1), size.reshape(-1)
 
     def trained(self) -> dict[str, np.ndarray]:
         RG, CB, K, d = self.qt.tensors["codebooks"].shape
@@ -745,8 +773,12 @@ class _TunableGPTVQ(TunableWeight):
         fits = (c.amax(dim=(1, 2)) <= kept.double() * _QMAX) & (c.amin(dim=(1, 2)) >= kept.double() * _QMIN)
         scale16 = torch.where(fits, kept, _quantize_codebooks(centroids)[1])
         codes = torch.round(c / scale16.double()[:, None, None]).clamp(_QMIN, _QMAX).to(torch.int8)
-        return {"codebooks": np.ascontiguousarray(codes.reshape(RG, CB, K, d).numpy()),
-                "codebook_scales": np.ascontiguousarray(scale16.reshape(RG, CB).numpy())}
+        out = {"codebooks": np.ascontiguousarray(codes.reshape(RG, CB, K, d).numpy()),
+               "codebook_scales": np.ascontiguousarray(scale16.reshape(RG, CB).numpy())}
+        if self.codes_changed:
+            out["indices"] = pack_codes(self.indices.cpu().reshape(-1).numpy().astype(np.uint64),
+                                        int(self.qt.meta["index_bits"]))
+        return out
 
 
 def tunable(qt: QuantizedTensor) -> TunableWeight:

@@ -749,9 +749,12 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
 
 
 class _TunablePVQ(TunableWeight):
-    """PVQ weight with the shapes fixed: fp16 gains (R, G) trained directly; Beta gains
-    through the row norms (the data-free codebook stays); fitted gains through the row
-    norms and the layer's gain levels. The gain indices never change."""
+    """PVQ weight: fp16 gains (R, G) trained directly; Beta gains through the row norms
+    (the data-free codebook stays); fitted gains through the row norms and the layer's
+    gain levels. The gain indices never change. The pyramid points are held as int8 (a
+    quarter of a float copy) and can move one pulse at a time (`code_moves`)."""
+
+    codes_kind = "pyramid points"
 
     def __init__(self, qt: QuantizedTensor) -> None:
         super().__init__(qt)
@@ -760,10 +763,13 @@ class _TunablePVQ(TunableWeight):
         G = int(meta["num_groups"])
         self.gain = meta["gain"]
         try:
-            units = _unit_shapes(_points(qt))
+            points = _points(qt)
         except CodecError as e:
             raise QuantizationError(f"corrupt pvq payload: {e}") from None
-        self.register_buffer("units", torch.from_numpy(units.astype(np.float32)).reshape(R, G, -1))
+        # |p_i| <= K <= 127 for every pyramid a layout allows (int8); checked, not assumed
+        if np.abs(points).max(initial=0) > 127:
+            raise QuantizationError("pvq points beyond int8 cannot be fine-tuned")
+        self.register_buffer("points", torch.from_numpy(points.astype(np.int8)).reshape(R, G, -1))
         if self.gain == "fp16":
             self.gains = torch.nn.Parameter(torch.from_numpy(np.asarray(qt.tensors["gains"]).astype(np.float32)))
             return
@@ -786,21 +792,65 @@ class _TunablePVQ(TunableWeight):
             self.register_buffer("escape_groups", torch.from_numpy(pos[rows, slots]))
             self.escape_gains = torch.nn.Parameter(torch.from_numpy(values.astype(np.float32)))
 
-    def forward(self) -> torch.Tensor:
+    def _gains(self) -> torch.Tensor:
         if self.gain == "fp16":
-            gains = self.gains
-        else:
-            levels = self.gain_codebook if self.gain == "empirical" else self.beta_codebook
-            gains = levels[self.indices] * self.row_norms[:, None]
-            if self.escaped:
-                gains = gains.index_put((self.escape_rows, self.escape_groups),
-                                        self.escape_gains[self.escape_rows, self.escape_slots])
-        return (self.units * gains[:, :, None]).reshape(self.qt.shape)
+            return self.gains
+        levels = self.gain_codebook if self.gain == "empirical" else self.beta_codebook
+        gains = levels[self.indices] * self.row_norms[:, None]
+        if self.escaped:
+            gains = gains.index_put((self.escape_rows, self.escape_groups),
+                                    self.escape_gains[self.escape_rows, self.escape_slots])
+        return gains
+
+    def _units(self, points: torch.Tensor) -> torch.Tensor:
+        p = points.to(torch.float32)
+        return p * torch.rsqrt((p * p).sum(dim=-1, keepdim=True).clamp_min(1.0))
+
+    def build(self) -> torch.Tensor:
+        return (self._units(self.points) * self._gains()[:, :, None]).reshape(self.qt.shape)
+
+    def code_groups(self) -> torch.Tensor:
+        return self.points.view(-1, self.points.shape[-1])
+
+    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every group the best single-pulse move (a pulse taken from one coordinate and
+        given to another, so still a point of P(D, K)) by the first-order change of the
+        loss, <dL/dW, delta W> with the gain held: the coordinate to take from is the one
+        the gradient most wants smaller, the one to give to the one it most wants larger
+        (a zero coordinate takes either sign). Returns (predicted change (N,), moved points
+        (N, D) int8, squared size of each move); a group no move improves gets +inf."""
+        with torch.no_grad():
+            p = self.points.to(torch.float32)
+            R, G, D = p.shape
+            g = grad.to(torch.float32).reshape(R, G, D)
+            sign = torch.sign(p)
+            take_score = torch.where(p != 0, sign * g, torch.tensor(-torch.inf))
+            i = take_score.argmax(dim=-1, keepdim=True)
+            give_score = torch.where(p == 0, g.abs(), -sign * g)
+            give_score.scatter_(-1, i, -torch.inf)
+            j = give_score.argmax(dim=-1, keepdim=True)
+            pj = p.gather(-1, j)
+            give_sign = torch.where(pj != 0, torch.sign(pj), -torch.sign(g.gather(-1, j)))
+            give_sign = torch.where(give_sign == 0, torch.ones_like(give_sign), give_sign)
+            moved = p.clone()
+            moved.scatter_add_(-1, i, -sign.gather(-1, i))
+            moved.scatter_add_(-1, j, give_sign)
+            gains = self._gains().detach()[:, :, None]
+            change = gains * (self._units(moved) - self._units(p))
+            delta = (g * change).sum(dim=-1)
+            delta = torch.where(delta < 0, delta, torch.tensor(torch.inf))
+            return delta.reshape(-1), moved.to(torch.int8).reshape(R * G, D), change.pow(2).sum(dim=-1).reshape(-1)
 
     def trained(self) -> dict[str, np.ndarray]:
+        out = {}
+        if self.codes_changed:
+            meta = self.qt.meta
+            points = self.code_groups().cpu().numpy().astype(np.int64)
+            out["codes"] = pack_codes(encode_shapes(points, int(meta["pulses"]), meta.get("enumeration", "fischer")),
+                                      int(meta["code_bits"]))
         if self.gain == "fp16":
-            return {"gains": stored_float16(self.gains, "gain")}
-        out = {"row_norms": stored_float16(self.row_norms, "row norm")}
+            return {**out, "gains": stored_float16(self.gains, "gain")}
+        out["row_norms"] = stored_float16(self.row_norms, "row norm")
         if self.gain == "empirical":
             out["gain_codebook"] = stored_float16(self.gain_codebook, "gain level")
         if self.escaped:

@@ -257,33 +257,63 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
 
 
 class TunableGrid(TunableWeight):
-    """RTN/GPTQ weight with the integer codes and zero points fixed, the float16 scales
-    (R, G) trained; GPTQ's act-order permutation (``perm``, when stored) is applied as in
+    """RTN/GPTQ weight with the zero points fixed, the float16 scales (R, G) trained and
+    the integer codes held as int16 steps (code - zero) that can move one grid step
+    (`code_moves`); GPTQ's act-order permutation (``perm``, when stored) is applied as in
     its dequantize."""
+
+    codes_kind = "grid codes"
 
     def __init__(self, qt: QuantizedTensor) -> None:
         super().__init__(qt)
         R, C = qt.shape
         meta = qt.meta
-        bits, gs, G = int(meta["bits"]), int(meta["group_size"]), int(meta["num_groups"])
-        codes, scale16, zero = unpack_grid(qt.tensors, R, C, G, bits)
-        self.register_buffer("steps", (codes.view(R, G, gs) - zero[:, :, None]).to(torch.float32))
+        self.bits, gs, G = int(meta["bits"]), int(meta["group_size"]), int(meta["num_groups"])
+        codes, scale16, zero = unpack_grid(qt.tensors, R, C, G, self.bits)
+        self.register_buffer("zeros", zero.to(torch.int16))
+        self.register_buffer("steps", (codes.view(R, G, gs) - zero[:, :, None]).to(torch.int16))
         self.scales = torch.nn.Parameter(scale16.float())
         perm = qt.tensors.get("perm")
         if perm is not None:
             perm = torch.from_numpy(np.asarray(perm).astype(np.int64))
             inverse = torch.empty_like(perm)
             inverse[perm] = torch.arange(C)
+            self.register_buffer("perm", perm)
             self.register_buffer("inverse_perm", inverse)
         else:
-            self.inverse_perm = None
+            self.perm = self.inverse_perm = None
 
-    def forward(self) -> torch.Tensor:
-        W = (self.steps * self.scales[:, :, None]).reshape(self.qt.shape)
+    def build(self) -> torch.Tensor:
+        W = (self.steps.to(torch.float32) * self.scales[:, :, None]).reshape(self.qt.shape)
         return W if self.inverse_perm is None else W[:, self.inverse_perm]
 
+    def code_groups(self) -> torch.Tensor:
+        return self.steps.view(-1, 1)
+
+    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every code one step down the gradient (within 0..2^bits - 1): predicted change
+        -|dL/dW * scale| (+inf where the step would leave the grid)."""
+        with torch.no_grad():
+            g = grad.to(torch.float32)
+            if self.perm is not None:
+                g = g[:, self.perm]  # into the stored column order
+            R, G, gs = self.steps.shape
+            g = g.reshape(R, G, gs) * self.scales.detach()[:, :, None]
+            direction = -torch.sign(g)
+            codes = self.steps.to(torch.int32) + self.zeros.to(torch.int32)[:, :, None] + direction.to(torch.int32)
+            inside = (codes >= 0) & (codes <= (1 << self.bits) - 1) & (direction != 0)
+            delta = torch.where(inside, -g.abs(), torch.tensor(torch.inf))
+            moved = self.steps + direction.to(torch.int16)
+            size = self.scales.detach()[:, :, None].pow(2).expand(R, G, gs)
+            return delta.reshape(-1), moved.reshape(-1, 1), size.reshape(-1)
+
     def trained(self) -> dict[str, np.ndarray]:
-        return {"scales": stored_float16(self.scales, "scale")}
+        out = {"scales": stored_float16(self.scales, "scale")}
+        if self.codes_changed:
+            R, G, gs = self.steps.shape
+            codes = (self.steps.to(torch.int32) + self.zeros.to(torch.int32)[:, :, None]).reshape(R, G * gs)
+            out["codes"] = _pack(codes.cpu(), self.bits)
+        return out
 
 
 def tunable(qt: QuantizedTensor) -> TunableWeight:

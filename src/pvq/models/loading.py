@@ -205,3 +205,18 @@ def start_token_id(tokenizer, model=None) -> int | None:
             if isinstance(v, int):
                 return v
     return None
+
+
+def encode_text(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of `text` as a 1-D int64 tensor (the tokenizer's default special tokens)."""
+    try:
+        enc = tokenizer(text, verbose=False)
+    except TypeError:  # simple tokenizers without the `verbose` keyword
+        enc = tokenizer(text)
+    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise ModelLoadError(f"tokenizer returned ids of shape {tuple(ids.shape)}, expected one sequence")
+    return ids
