@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pvq.errors import PVQError
+from pvq.calibrate.calibration import SAMPLED
 from pvq.calibrate.finetune import FinetuneConfig, finetune, teacher_targets
 from pvq.checkpoint import quantized_model
 from pvq.runtime.embedding import DEFAULT_EMBEDDINGS, check_embeddings, quantize_embeddings
@@ -173,7 +174,7 @@ class Recipe(RunSettings):
         if self.target_bpw is not None:
             return ("the bit allocation measures every layer of the float model first (drop --stream or "
                     "--target-bpw)")
-        if not windows_given and self.needs_calibration() and self.calib_text == "sampled":
+        if not windows_given and self.needs_calibration() and self.calib_text == SAMPLED:
             return ("sampling calibration text runs the whole float model token by token; a streamed model needs a "
                     "calibration text file (--calib-text)")
         return None

@@ -63,6 +63,7 @@ from pvq.runtime import decoded_weights
 from pvq.models import load_model
 from pvq.oneshot import Recipe, oneshot
 from pvq.calibrate import calibration_data, encode_text
+from pvq.calibrate.calibration import SAMPLED
 from pvq.calibrate.workdir import atomic_write_json, atomic_write_text
 from pvq.methods import QuantizationError, get_method, uses_hessian
 from pvq.settings import (
@@ -207,7 +208,7 @@ def point_settings(point: Point, opts: SweepOptions, task_names: list[str]) -> d
     if point.method is not None and (uses_hessian(point.method, point.config) or point.finetuned):
         calib: dict[str, Any] = {"windows": opts.calib_windows, "seqlen": opts.calib_seqlen, "seed": opts.seed,
                                  "batch_size": opts.batch_size, "compute_dtype": opts.compute_dtype}
-        if opts.calib_text and str(opts.calib_text) != "sampled":
+        if opts.calib_text and str(opts.calib_text) != SAMPLED:
             calib.update(text=str(opts.calib_text), sha256=sha256_file(opts.calib_text))
         else:
             calib["text"] = ("sampled from the model" if opts.calib_text else

@@ -31,8 +31,8 @@ from pvq.models.loading import encode_text, start_token_id  # noqa: F401 - encod
 log = logging.getLogger(__name__)
 
 
-#: calib_text values that are not files: WikiText-2 where reachable, else sampled; always sampled
-AUTO, SAMPLED = None, "sampled"
+#: the calib_text that asks for text sampled from the model (None: WikiText-2 where reachable, else sampled)
+SAMPLED = "sampled"
 _SHARED_VALID = Path("assets") / "wikitext-2" / "tokenized" / "valid.txt"
 
 
@@ -143,7 +143,7 @@ def calibration_windows(
 def _wikitext2_text() -> tuple[str, str] | None:
     """(text, description) of the first WikiText-2 calibration text that can be reached
     without waiting on a network (see the module docstring), else None."""
-    from pvq.eval.perplexity import EvalDataError, wikitext2_rows_from_datasets
+    from pvq.eval.perplexity import EvalDataError, shared_asset, wikitext2_rows_from_datasets
 
     tried = []
     try:
@@ -151,7 +151,7 @@ def _wikitext2_text() -> tuple[str, str] | None:
         return "\n\n".join(rows), f"WikiText-2 train ({where})"
     except EvalDataError as e:
         tried.append(str(e))
-    shared = Path(__file__).resolve().parents[4] / "shared" / _SHARED_VALID  # <repo>/src/pvq/calibrate/x.py
+    shared = shared_asset(_SHARED_VALID)
     if shared.is_file():
         return read_utf8(shared, CalibrationError, "calibration text"), f"WikiText-2 validation (file {shared})"
     try:
@@ -167,7 +167,7 @@ def calibration_data(tokenizer, text_path: str | os.PathLike | None, n_windows: 
                      model=None, batch_size: int = 16, progress: bool = True) -> tuple[torch.Tensor, str]:
     """(windows (n_windows, seqlen) int64, where they came from in one line): from
     `text_path` when it is a file path, from WikiText-2 where reachable when it is None
-    (AUTO; needs a tokenizer), else (or with SAMPLED) sampled from `model`."""
+    (needs a tokenizer), else (or with SAMPLED) sampled from `model`."""
     if text_path is not None and str(text_path) != SAMPLED:
         return (calibration_windows(tokenizer, text_path, n_windows, seqlen, seed, progress=progress),
                 f"calibration text file {text_path}")

@@ -177,9 +177,6 @@ class TeacherTargets:
     def to(self, device) -> "TeacherTargets":
         return TeacherTargets(self.index.to(device), self.logp.to(device), self.rest.to(device))
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.index, self.logp, self.rest))
-
 
 def teacher_targets(model: nn.Module, windows: torch.Tensor, k: int = 64, *, device: str | torch.device = "cpu",
                     progress: bool = False) -> TeacherTargets:

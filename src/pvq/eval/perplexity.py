@@ -53,10 +53,15 @@ class EvalText:
         return f"WikiText-2 test ({f'file {self.path}' if self.source == 'file' else self.source})"
 
 
+def shared_asset(relative: Path) -> Path:
+    """../shared/`relative` beside the source checkout (it may not exist)."""
+    repo = Path(__file__).resolve().parents[3]  # <repo>/src/pvq/eval/perplexity.py
+    return repo.parent / "shared" / relative
+
+
 def shared_wikitext2_test_path() -> Path:
     """../shared/assets/wikitext-2/raw/wiki.test.raw beside the source checkout (it may not exist)."""
-    repo = Path(__file__).resolve().parents[3]  # <repo>/src/pvq/eval/perplexity.py
-    return repo.parent / "shared" / _RELATIVE
+    return shared_asset(_RELATIVE)
 
 
 def default_wikitext2_test_path() -> Path:

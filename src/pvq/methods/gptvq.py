@@ -742,7 +742,7 @@ class _TunableGPTVQ(TunableWeight):
     def code_groups(self) -> torch.Tensor:
         return self.indices.view(-1, 1)
 
-    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every vector's best other centroid of its codebook by the first-order change
         <dL/dW, c_new - c_now> (in row chunks: K scores a vector)."""
         with torch.no_grad():
@@ -754,11 +754,11 @@ class _TunableGPTVQ(TunableWeight):
             rows = max(1, (1 << 22) // max(1, V * C.shape[1]))
             for a in range(0, R, rows):
                 cb, idx, ga = self.codebook_of[a:a + rows], self.indices[a:a + rows], g[a:a + rows]
-                scores = torch.einsum("rvd,rvkd->rvk", ga, C[cb])
+                cents = C[cb]  # (rows, V, K, d): each vector's codebook
+                scores = torch.einsum("rvd,rvkd->rvk", ga, cents)
                 now = scores.gather(-1, idx[..., None])[..., 0]
                 low, arg = scores.min(dim=-1)
                 delta[a:a + rows], best[a:a + rows] = low - now, arg
-                cents = C[cb]
                 c_new = cents.gather(2, arg[..., None, None].expand(-1, -1, 1, cents.shape[-1]))[:, :, 0]
                 c_now = cents.gather(2, idx[..., None, None].expand(-1, -1, 1, cents.shape[-1]))[:, :, 0]
                 size[a:a + rows] = (c_new - c_now).pow(2).sum(dim=-1)

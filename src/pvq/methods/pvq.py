@@ -514,6 +514,11 @@ def encode_shapes(points: np.ndarray, K: int, enumeration: str) -> np.ndarray:
     return split_encode(points, K) if enumeration == "split" else encode(points, K)
 
 
+def pack_shapes(points: np.ndarray, K: int, enumeration: str, code_bits: int) -> np.ndarray:
+    """The stored ``codes`` array of (N, D) pyramid points: encoded, then bit-packed."""
+    return pack_codes(encode_shapes(points, K, enumeration), code_bits)
+
+
 def decode_shapes(codes: np.ndarray, D: int, K: int, enumeration: str) -> np.ndarray:
     """Pyramid points of unpacked codes in the stored enumeration (CodecError on a bad code)."""
     if enumeration == "split":
@@ -649,8 +654,7 @@ def _check_layer(config: PVQConfig, C: int, G: int, hessian: torch.Tensor | None
 def _payload(config: PVQConfig, steps: _GroupSteps) -> dict[str, np.ndarray]:
     """The stored tensors (module docstring) of the recorded points and gains (stored order)."""
     R, G, D = steps.points.shape
-    tensors = {"codes": pack_codes(encode_shapes(steps.points.reshape(R * G, D), steps.K, config.code_order),
-                                   config.code_bits)}
+    tensors = {"codes": pack_shapes(steps.points.reshape(R * G, D), steps.K, config.code_order, config.code_bits)}
     if steps.tables is None:
         tensors["gains"] = steps.gains
         return tensors
@@ -812,7 +816,7 @@ class _TunablePVQ(TunableWeight):
     def code_groups(self) -> torch.Tensor:
         return self.points.view(-1, self.points.shape[-1])
 
-    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For every group the best single-pulse move (a pulse taken from one coordinate and
         given to another, so still a point of P(D, K)) by the first-order change of the
         loss, <dL/dW, delta W> with the gain held: the coordinate to take from is the one
@@ -846,8 +850,8 @@ class _TunablePVQ(TunableWeight):
         if self.codes_changed:
             meta = self.qt.meta
             points = self.code_groups().cpu().numpy().astype(np.int64)
-            out["codes"] = pack_codes(encode_shapes(points, int(meta["pulses"]), meta.get("enumeration", "fischer")),
-                                      int(meta["code_bits"]))
+            out["codes"] = pack_shapes(points, int(meta["pulses"]), meta.get("enumeration", "fischer"),
+                                       int(meta["code_bits"]))
         if self.gain == "fp16":
             return {**out, "gains": stored_float16(self.gains, "gain")}
         out["row_norms"] = stored_float16(self.row_norms, "row norm")

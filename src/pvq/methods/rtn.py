@@ -290,7 +290,7 @@ class TunableGrid(TunableWeight):
     def code_groups(self) -> torch.Tensor:
         return self.steps.view(-1, 1)
 
-    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every code one step down the gradient (within 0..2^bits - 1): predicted change
         -|dL/dW * scale| (+inf where the step would leave the grid)."""
         with torch.no_grad():
