@@ -140,7 +140,7 @@ def nominal_bpw(name: str) -> float:
 
 
 #: the share of each layer's code groups a code update may move in the "-ftc" rows
-CODE_FRACTION = 0.01
+CODE_FRACTION = 0.002
 for _name in QUALITY_BASES:
     _method, _fields = ROWS[_name][:2]
     ROWS[f"{_name}-ft"] = (_method, _fields, {"finetune": {}})
@@ -217,7 +217,7 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
     method_name, fields, extras = row_spec(spec)
     recipe = Recipe(method=method_name, config=dict(fields), rotate=bool(extras.get("rotate")), act=extras.get("act"),
                     compute_dtype=args.compute_dtype, batch_size=args.batch_size, calib_windows=args.calib_windows,
-                    calib_seqlen=args.calib_seqlen, finetune=extras.get("finetune"),
+                    calib_seqlen=args.calib_seqlen, finetune=_finetune(extras.get("finetune"), args),
                     target_bpw=extras.get("target_bpw"), embeddings=extras.get("embeddings"))
     result = oneshot(model, tokenizer, recipe, windows=windows if recipe.needs_calibration() else None,
                      work_dir=str(out_dir / weights_work_dir(name)), progress=True)
@@ -259,6 +259,13 @@ def run_row(name, spec, base_model, tokenizer, windows, eval_ids, args, out_dir:
             row.update(kl_vs_float=agreement["kl"], top1_agreement=agreement["top1_agreement"])
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
+
+
+def _finetune(fields: dict | None, args) -> dict | None:
+    """A row's fine-tuning settings with --finetune-precision applied."""
+    if fields is None or args.finetune_precision is None:
+        return fields
+    return {**fields, "precision": args.finetune_precision}
 
 
 def whole_model_bits_per_parameter(model, float_model) -> float:
@@ -342,6 +349,9 @@ def main() -> None:
                              "(float 28.74 there); adds the figure to kept rows (calibrated rows are rebuilt from "
                              "their finished work directory)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--finetune-precision", choices=["float32", "bfloat16"], default=None,
+                        help="arithmetic of the fine-tuned rows' training passes (default: the fine-tuning's own, "
+                             "float32); enters the rows' settings")
     parser.add_argument("--table", action="store_true",
                         help="only print the table of the rows already kept under --out (those of --rows or "
                              "--study if given; loads no model)")
@@ -362,6 +372,8 @@ def main() -> None:
         settings["eval_windows"] = args.eval_windows
     if args.smoke_layers:
         settings["smoke_layers"] = args.smoke_layers
+    if args.finetune_precision:
+        settings["finetune_precision"] = args.finetune_precision
     results = {}
     for name in ROWS:
         path = out_dir / f"{name}.json"

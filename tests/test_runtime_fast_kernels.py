@@ -320,3 +320,24 @@ def test_c_kernels_are_built_where_a_compiler_is():
         pytest.skip("PVQ_KERNELS=numba")
     assert c_kernels.available(), "the C kernels were not built or are stale: reinstall pvq (pip install -e .)"
     assert c_kernels.simd() in ("avx2+fma", "portable C")
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_a_gradient_through_a_packed_layer_is_that_of_its_decoded_weight(rows, monkeypatch):
+    """The CPU kernels decode into one reused workspace (overwritten by the next chunk or
+    layer) outside autograd: while a gradient must reach x, the differentiable reference
+    kernel serves, so the backward pass sees the layer's own weight."""
+    monkeypatch.setattr(cpu_kernels, "DECODE_CHUNK_WEIGHTS", 48 * 6)  # several chunks per layer
+    lin, other = pvq_layer(R=48, C=96), pvq_layer(R=40, C=48, seed=1)
+    W = lin.dequantize()
+    x = torch.randn(rows, 96, requires_grad=True)
+    y = other(lin(x))  # the second layer overwrites the workspace before the backward pass
+    assert lin.last_kernel == "dequantize"
+    y.pow(2).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (torch.nn.functional.linear(torch.nn.functional.linear(x2, W, lin.bias), other.dequantize(), other.bias)
+     .pow(2).sum().backward())
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no gradient asked: the fast kernels serve as before
+        lin(x)
+    assert lin.last_kernel.startswith("pvq-cpu")

@@ -35,8 +35,8 @@ Phases:
 
 - finetune (the default; not with --fast): R0 + 4 Pd + Q (the quantized model) + c (P - Pd)
   (the tunable layers' codes: c = 1 byte a weight for PVQ's int8 points, 2 for grid codes'
-  int16 steps, 8 / d for GPTVQ's int64 assignments) + 2 (P - Pd) with code updates (the
-  summed bfloat16 gradients) + 8 Pl (one block's weights built again in its backward pass)
+  int16 steps, 8 / d for GPTVQ's int64 assignments) + 4 (P - Pd) with code updates (the
+  summed bfloat16 gradients and curvature) + 8 Pl (one block's weights built again in its backward pass)
   + T + Z, with T = 4 L (Nb H + 12 H + 5 I + 3 V) + 8 a L^2 for one window (the decoder
   blocks' checkpointed inputs, one block's activations, the logits, their gradient and the
   softmax; a attention heads) and Z = n L (8 k + 4) the teacher's top-k targets (n windows,
@@ -212,7 +212,7 @@ def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib
         Z = calib_windows * L * (8 * finetune_topk + 4)
         phases["teacher"] = R0 + 4 * P + 12 * L * V + Z
         phases["quantize"] += Z
-        phases["finetune"] = (R0 + 4 * Pd + Q + int(code_bytes * (P - Pd)) + (2 * (P - Pd) if code_updates else 0)
+        phases["finetune"] = (R0 + 4 * Pd + Q + int(code_bytes * (P - Pd)) + (4 * (P - Pd) if code_updates else 0)
                               + 8 * Pl + T + Z)
     if evaluate:
         logits = 6 * eval_seqlen * V * 4

@@ -19,11 +19,14 @@ what the backward pass holds.
 
 Codes that learn (`code_fraction` > 0, in the spirit of PV-Tuning): the gradient of the
 loss with respect to every layer's weight is summed over the steps between evaluations;
-at each evaluation every code group (a pyramid point, a grid code, a centroid
-assignment) gets the best valid move by the first-order change of the loss
-(`TunableWeight.code_moves`), the `code_fraction` of each layer's groups with the largest
-predicted gain move, and the move is kept only if the held-out KL falls (else undone,
-and the fraction halved). Codes stay valid and sizes unchanged.
+at each evaluation the diagonal of the loss's curvature is estimated from a few windows
+(`_curvature`: the Fisher with labels sampled from the model, per weight),
+every code group (a pyramid point, a grid code, a centroid assignment) gets the valid
+move a quadratic model of the loss says lowers it most (`TunableWeight.code_moves`), and
+the `code_fraction` of each layer's groups with the largest predicted gain are proposed.
+The moves are applied and kept if the held-out KL falls; else a quarter of them (the best
+ones), then a sixteenth, a sixty-fourth (a backtracking line search: the diagonal model
+misses how moves chosen alike add up). Codes stay valid and sizes unchanged.
 
 The last `val_windows` windows are held out: the KL on them is measured every
 `eval_every` steps, the best parameters and codes are kept, and training stops after
@@ -71,6 +74,17 @@ class FinetuneError(PVQError, ValueError):
     """Fine-tuning settings or inputs that cannot work."""
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
+def training_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of the training passes for `precision` on `device` (a null one
+    for float32)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """steps: optimizer steps at most; lr: Adam's learning rate, relative to each trained
@@ -78,7 +92,8 @@ class FinetuneConfig:
     per step; val_windows: calibration windows held out (the last ones) for early
     stopping; code_fraction: the share of each layer's code groups a code update may move
     (0: codes fixed); teacher_topk: tokens of the teacher's distribution kept per
-    position; eval_every: steps between evaluations, code updates and state saves;
+    position; precision: the arithmetic of the training passes (float32, or bfloat16
+    autocast); eval_every: steps between evaluations, code updates and state saves;
     patience: evaluations without improvement before stopping; dense: also train the
     float norms and biases; checkpointing: recompute each decoder block in the backward
     pass instead of holding its activations; seed: the order of the training windows."""
@@ -93,11 +108,16 @@ class FinetuneConfig:
                                option="finetune_val_windows", requires=_SWITCH)
     code_fraction: float = setting(
         0.0, "codes that learn: at each evaluation move up to this share of every layer's code groups (PVQ "
-        "pyramid points by one pulse, grid codes by one step, GPTVQ assignments to another centroid) where the "
-        "gradient predicts the largest gain, kept only if the held-out KL falls (0: codes stay fixed)",
+        "pyramid points by one pulse, grid codes by one step, GPTVQ assignments to another centroid) where a "
+        "quadratic model of the loss (gradient and sampled-Fisher curvature) predicts the largest gain, kept only if "
+        "the held-out KL falls, else a quarter of them, ... (0: codes stay fixed)",
         NONNEGATIVE_NUMBER, option="finetune_code_fraction", requires=_SWITCH)
     teacher_topk: int = setting(64, "tokens of the float model's next-token distribution kept per position (the "
                                 "rest is one bin)", POSITIVE, option="finetune_teacher_topk", requires=_SWITCH)
+    precision: str = setting("float32", "arithmetic of the training steps' forward and backward passes: float32, "
+                             "or bfloat16 autocast (float32 parameters, loss and held-out figures; faster where the "
+                             "device multiplies bfloat16 natively, but more memory and not shown to give the same "
+                             "bytes run to run)", choices=PRECISIONS, option="finetune_precision", requires=_SWITCH)
     eval_every: int = 5
     patience: int = 2
     dense: bool = True
@@ -115,6 +135,8 @@ class FinetuneConfig:
             raise FinetuneError(f"finetune lr must be a positive number, got {self.lr!r}")
         if not is_number(self.code_fraction) or not 0 <= self.code_fraction <= 1:
             raise FinetuneError(f"finetune code_fraction must be a number in 0..1, got {self.code_fraction!r}")
+        if self.precision not in PRECISIONS:
+            raise FinetuneError(f"finetune precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("dense", "checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise FinetuneError(f"finetune {name} must be True or False, got {getattr(self, name)!r}")
@@ -296,23 +318,69 @@ class _Trainable:
         return h.hexdigest()
 
 
-def _move_codes(trainable: _Trainable, fraction: float) -> tuple[int, dict]:
-    """Move up to `fraction` of each movable layer's code groups where its summed gradient
-    predicts the largest gain per squared change of the weight; (groups moved, undo record)."""
-    undo, moved = {}, 0
+#: training windows whose sampled-label gradients estimate the curvature at each code update
+FISHER_WINDOWS = 2
+
+
+def _curvature(model: nn.Module, trainable: _Trainable, windows: torch.Tensor, device, seed: int
+               ) -> dict[str, torch.Tensor]:
+    """Every movable layer's diagonal curvature (R, C) of the mean per-token loss: the
+    Fisher with labels sampled from the model's own next-token distribution (seeded), which
+    for the KL equals its Gauss-Newton matrix, taken per position as in K-FAC,
+    L * sum_t (dL/dy_t)^2 (x_t)^2 for the mean loss over a window's L positions (every
+    weight its own value: a rank-1 or per-window estimate misses exactly the weights whose
+    large gradients make a move look good), averaged over `windows`."""
+    gen = torch.Generator().manual_seed(seed)
+    sums = {}
     for name, tw in trainable.movable.items():
-        delta, candidates, size = tw.code_moves(tw.grad_sum)
+        sums[name], tw.grad_sum = tw.grad_sum, None  # these gradients are not the loss's
+        tw.fisher = torch.zeros(tw.qt.shape, dtype=torch.bfloat16, device=device)
+    positions = 0
+    try:
+        with tuned_weights(model, trainable.tunables):
+            for i in range(windows.shape[0]):
+                logits = model(windows[i:i + 1].to(device), use_cache=False).logits[0].float()
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=gen)[:, 0]
+                nn.functional.cross_entropy(logits, labels.to(device)).backward()
+                positions = logits.shape[0]
+        return {name: tw.fisher.mul_(positions / windows.shape[0]) for name, tw in trainable.movable.items()}  # bfloat16
+    finally:
+        for name, tw in trainable.movable.items():
+            tw.fisher, tw.grad_sum = None, sums[name]
+
+
+#: shares of the proposed moves tried at each code update, largest first (a backtracking line
+#: search: moves chosen one by one under a diagonal curvature add up coherently, so the whole
+#: set can raise the loss where each of its moves alone would lower it)
+LINE_SEARCH = (1.0, 1 / 4, 1 / 16, 1 / 64)
+
+
+def _propose_moves(trainable: _Trainable, fraction: float, grad_steps: int, curvature: dict[str, torch.Tensor]
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Up to `fraction` of each movable layer's code groups, best first: those whose best move
+    the quadratic model (the mean gradient of the last `grad_steps` steps, the `curvature`)
+    predicts to lower the loss most; {layer: (group rows, their moved codes)}."""
+    out = {}
+    for name, tw in trainable.movable.items():
+        delta, candidates = tw.code_moves(tw.grad_sum.float() / max(grad_steps, 1), curvature[name].float())
         n = min(int(fraction * delta.numel()), int(torch.isfinite(delta).sum()))
-        if n < 1:
-            continue
-        # ranked by predicted gain per squared change: the largest first-order gains alone are
-        # the largest moves (the groups of the largest gains), where the loss also curves most
-        score = delta / size.clamp_min(torch.finfo(torch.float32).tiny)
-        rows = torch.topk(score, n, largest=False).indices
+        if n >= 1:
+            rows = torch.topk(delta, n, largest=False).indices
+            out[name] = (rows, candidates[rows])
+    return out
+
+
+def _apply_moves(trainable: _Trainable, proposals: dict, share: float) -> tuple[int, dict]:
+    """Apply the best `share` of every layer's proposed moves; (groups moved, undo record)."""
+    undo, moved = {}, 0
+    for name, (rows, candidates) in proposals.items():
+        n = math.ceil(share * rows.numel())
+        tw = trainable.movable[name]
         groups = tw.code_groups()
-        rows = rows.to(groups.device)
-        undo[name] = (rows, groups[rows].clone(), tw.codes_changed)
-        groups[rows] = candidates[rows.cpu()].to(groups.device, groups.dtype)
+        idx = rows[:n].to(groups.device)
+        undo[name] = (idx, groups[idx].clone(), tw.codes_changed)
+        groups[idx] = candidates[:n].to(groups.device, groups.dtype)
         tw.codes_changed = True
         moved += n
     return moved, undo
@@ -323,6 +391,34 @@ def _undo_moves(trainable: _Trainable, undo: dict) -> None:
         tw = trainable.movable[name]
         tw.code_groups()[rows] = old
         tw.codes_changed = changed
+
+
+def _code_update(model, trainable: _Trainable, train, val, teacher_val, device, codes: dict, grad_steps: int,
+                 val_kl: float, entry: dict, seed: int) -> float:
+    """One round of codes that learn (module docstring): curvature, proposals, the line
+    search on the held-out KL. Updates `codes` (rounds, kept, fraction) and `entry` (the
+    tries); returns the held-out KL of the model it leaves."""
+    rows = [(FISHER_WINDOWS * codes["rounds"] + i) % train.shape[0] for i in range(FISHER_WINDOWS)]
+    proposals = _propose_moves(trainable, codes["fraction"], grad_steps,
+                               _curvature(model, trainable, train[rows], device, seed))
+    tries = []
+    for share in LINE_SEARCH:
+        moved, undo = _apply_moves(trainable, proposals, share)
+        if moved == 0:
+            break
+        tries.append([moved, _val_kl(model, trainable, val, teacher_val, device, tuned=True)])
+        if tries[-1][1] < val_kl:
+            codes["kept"] += 1
+            codes["fraction"] *= share  # the size that worked
+            break
+        _undo_moves(trainable, undo)
+    else:
+        codes["fraction"] *= LINE_SEARCH[-1] / 2
+    if not tries:
+        return val_kl
+    codes["rounds"] += 1
+    entry.update(codes_moved=tries[-1][0], val_kl_codes=tries[-1][1], code_tries=tries)
+    return min(val_kl, tries[-1][1])
 
 
 @contextlib.contextmanager
@@ -473,6 +569,7 @@ def _train(model, trainable: _Trainable, windows, teacher: TeacherTargets, confi
     stopped_early = bool(done and step < config.steps and diverged is None)
     bar = progress_bar(total=config.steps, initial=step, desc="fine-tuning", unit="step", enabled=progress)
     running = []
+    grad_steps = 0  # steps summed in the layers' grad_sum since the last code update
     trainable.track_grads(bool(trainable.movable))
     try:
         while not done and step < config.steps:
@@ -480,8 +577,9 @@ def _train(model, trainable: _Trainable, windows, teacher: TeacherTargets, confi
             loss_sum = 0.0
             with tuned_weights(model, trainable.tunables):
                 for w in _batches(n_train, config.batch, config.seed, step):  # one window at a time
-                    loss = _topk_kl(model(train[w:w + 1].to(device), use_cache=False).logits,
-                                    teacher_train[w:w + 1].to(device)) / config.batch
+                    with training_autocast(config.precision, device):
+                        logits = model(train[w:w + 1].to(device), use_cache=False).logits
+                    loss = _topk_kl(logits, teacher_train[w:w + 1].to(device)) / config.batch
                     if not torch.isfinite(loss):
                         break
                     loss.backward()
@@ -494,6 +592,7 @@ def _train(model, trainable: _Trainable, windows, teacher: TeacherTargets, confi
                 break
             opt.step()
             step += 1
+            grad_steps += 1
             running.append(loss_sum)
             bar.set_postfix(kl=f"{running[-1]:.4f}", best=f"{best_val:.4f}")
             bar.update(1)
@@ -502,17 +601,10 @@ def _train(model, trainable: _Trainable, windows, teacher: TeacherTargets, confi
                 entry = {"step": step, "train_kl": sum(running) / len(running), "val_kl": val_kl}
                 running = []
                 if trainable.movable and codes["fraction"] > 0:
-                    moved, undo = _move_codes(trainable, codes["fraction"])
-                    codes["rounds"] += 1
-                    val_codes = _val_kl(model, trainable, val, teacher_val, device, tuned=True)
-                    entry.update(codes_moved=moved, val_kl_codes=val_codes)
-                    if val_codes < val_kl:
-                        val_kl = val_codes
-                        codes["kept"] += 1
-                    else:
-                        _undo_moves(trainable, undo)
-                        codes["fraction"] /= 2
+                    val_kl = _code_update(model, trainable, train, val, teacher_val, device, codes, grad_steps,
+                                          val_kl, entry, seed=config.seed * 1_000_003 + step)
                     trainable.track_grads(True)  # a fresh sum for the next round
+                    grad_steps = 0
                 history.append(entry)
                 log.info("fine-tuning step %d: held-out KL %.5f (best %.5f at step %d)", step, val_kl, best_val,
                          best_step)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class QuantizationError(PVQError, ValueError):
@@ -128,6 +129,32 @@ def is_number(value) -> bool:
     return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
 
 
+class _FisherLinear(torch.autograd.Function):
+    """x @ W^T whose backward also adds sum_t (dL/dy_t)^2 (x_t)^2 (R, C) to `acc`: the
+    per-position diagonal Gauss-Newton of W, from what the weight's gradient already
+    computes (one more matmul); x is saved like F.linear's, so checkpointing applies."""
+
+    @staticmethod
+    def forward(ctx, x, weight, acc):
+        ctx.save_for_backward(x, weight)
+        ctx.acc = acc
+        return torch.nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        xs = x.reshape(-1, x.shape[-1])
+        ctx.acc.add_((g.float().pow(2).T @ xs.float().pow(2)).to(ctx.acc.dtype))
+        return grad_out @ weight, g.T @ xs, None
+
+
+def predicted_change(grad: torch.Tensor, curvature: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """The quadratic model of the loss change, <g, dW> + 1/2 sum F dW^2, summed over the
+    last axis."""
+    return (grad * change).sum(dim=-1) + 0.5 * (curvature * change * change).sum(dim=-1)
+
+
 class TunableWeight(torch.nn.Module):
     """One layer's weight as a differentiable function of the continuous arrays of its
     payload (gains, scales, norms, codebooks): what fine-tuning (`pvq.calibrate.finetune`)
@@ -141,11 +168,13 @@ class TunableWeight(torch.nn.Module):
 
     Codes that learn (`codes_kind` not None): ``code_groups()`` is the codes buffer viewed
     as (N, m), one row per code group (a pyramid point, a grid code, a centroid
-    assignment), and ``code_moves(grad)`` proposes for every group the valid code that the
-    gradient of the loss with respect to W says lowers it most, with that first-order
-    predicted change and the squared size of the move, ||delta W||^2. Fine-tuning writes the chosen rows into ``code_groups()`` and sets
-    ``codes_changed``; ``payload()`` then encodes the codes again. While ``grad_sum`` is a
-    tensor, every backward pass adds dloss/dW to it.
+    assignment), and ``code_moves(grad, curvature)`` proposes for every group the valid
+    code that a quadratic model of the loss, <g, dW> + 1/2 sum F dW^2 (g = dL/dW, F the
+    diagonal curvature, (R, C)), says lowers it most, with that predicted change.
+    Fine-tuning writes the chosen rows into ``code_groups()`` and sets ``codes_changed``;
+    ``payload()`` then encodes the codes again. While ``grad_sum`` is a tensor every
+    backward pass adds dL/dW to it; while ``fisher`` is, ``linear`` adds the curvature's
+    statistics to it.
     """
 
     #: what the codes are, for reports ("pyramid points", ...); None: they cannot move
@@ -155,6 +184,7 @@ class TunableWeight(torch.nn.Module):
         super().__init__()
         self.qt = qt
         self.grad_sum: torch.Tensor | None = None
+        self.fisher: torch.Tensor | None = None
         self.codes_changed = False
 
     def build(self) -> torch.Tensor:  # pragma: no cover - abstract
@@ -169,10 +199,21 @@ class TunableWeight(torch.nn.Module):
     def _add_grad(self, grad: torch.Tensor) -> None:
         self.grad_sum.add_(grad.to(self.grad_sum.dtype))
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output with the built weight; while ``fisher`` is a tensor, the
+        backward pass adds the curvature statistics of `_FisherLinear` to it."""
+        W = self().to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+        if self.fisher is None:
+            return F.linear(x, W, bias)
+        y = _FisherLinear.apply(x, W, self.fisher)
+        return y if bias is None else y + bias
+
     def code_groups(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} codes cannot move")
 
-    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover
+    def code_moves(self, grad: torch.Tensor, curvature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        """(predicted change of the loss (N,), +inf where no move lowers it; moved codes (N, m))."""
         raise NotImplementedError(f"{type(self).__name__} codes cannot move")
 
     def trained(self) -> dict[str, np.ndarray]:

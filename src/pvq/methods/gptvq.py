@@ -79,8 +79,8 @@ from pvq.codec import pack_codes, packed_size, unpack_codes
 from pvq.codec.errors import CodecError
 from pvq.settings import MAX_SEED, NONNEGATIVE, POSITIVE, excerpt, integer, number, percdamp_field, setting
 
-from pvq.methods.base import (QuantizationError, QuantizedTensor, TensorSpec, TunableWeight, as_float32, check_config,
-                   check_weight, is_int, proxy_loss)
+from pvq.methods.base import (QuantizationError, QuantizedTensor, TensorSpec, TunableWeight, as_float32,
+                              check_config, check_weight, is_int, proxy_loss)
 from pvq.methods.feedback import error_feedback
 from pvq.methods.hessian import check_percdamp, diagonal_block_inverses, inverse_hessian_cholesky
 
@@ -742,28 +742,27 @@ class _TunableGPTVQ(TunableWeight):
     def code_groups(self) -> torch.Tensor:
         return self.indices.view(-1, 1)
 
-    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every vector's best other centroid of its codebook by the first-order change
-        <dL/dW, c_new - c_now> (in row chunks: K scores a vector)."""
+    def code_moves(self, grad: torch.Tensor, curvature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every vector's best other centroid of its codebook by the quadratic model
+        <g, c_new - c_now> + 1/2 sum F (c_new - c_now)^2 (in row chunks: K scores a vector)."""
         with torch.no_grad():
             R, V = self.indices.shape
             C = self.centroids.detach()
             g = grad.to(torch.float32).reshape(R, V, -1)
-            delta, size = torch.empty(R, V), torch.empty(R, V)
+            F = curvature.reshape(R, V, -1)
+            delta = torch.empty(R, V)
             best = torch.empty(R, V, dtype=self.indices.dtype)
             rows = max(1, (1 << 22) // max(1, V * C.shape[1]))
             for a in range(0, R, rows):
-                cb, idx, ga = self.codebook_of[a:a + rows], self.indices[a:a + rows], g[a:a + rows]
+                cb, idx = self.codebook_of[a:a + rows], self.indices[a:a + rows]
                 cents = C[cb]  # (rows, V, K, d): each vector's codebook
-                scores = torch.einsum("rvd,rvkd->rvk", ga, cents)
-                now = scores.gather(-1, idx[..., None])[..., 0]
-                low, arg = scores.min(dim=-1)
-                delta[a:a + rows], best[a:a + rows] = low - now, arg
-                c_new = cents.gather(2, arg[..., None, None].expand(-1, -1, 1, cents.shape[-1]))[:, :, 0]
-                c_now = cents.gather(2, idx[..., None, None].expand(-1, -1, 1, cents.shape[-1]))[:, :, 0]
-                size[a:a + rows] = (c_new - c_now).pow(2).sum(dim=-1)
+                now = cents.gather(2, idx[..., None, None].expand(-1, -1, 1, cents.shape[-1]))
+                step = cents - now  # (rows, V, K, d)
+                scores = (torch.einsum("rvd,rvkd->rvk", g[a:a + rows], step)
+                          + 0.5 * torch.einsum("rvd,rvkd->rvk", F[a:a + rows], step * step))
+                delta[a:a + rows], best[a:a + rows] = scores.min(dim=-1)
             delta = torch.where(delta < 0, delta, torch.tensor(torch.inf))
-            return delta.reshape(-1), best.reshape(-1, 1), size.reshape(-1)
+            return delta.reshape(-1), best.reshape(-1, 1)
 
     def trained(self) -> dict[str, np.ndarray]:
         RG, CB, K, d = self.qt.tensors["codebooks"].shape

@@ -108,6 +108,7 @@ from pvq.methods.base import (
     check_config,
     check_weight,
     is_int,
+    predicted_change,
     proxy_loss,
     stored_float16,
 )
@@ -816,34 +817,37 @@ class _TunablePVQ(TunableWeight):
     def code_groups(self) -> torch.Tensor:
         return self.points.view(-1, self.points.shape[-1])
 
-    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def code_moves(self, grad: torch.Tensor, curvature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For every group the best single-pulse move (a pulse taken from one coordinate and
-        given to another, so still a point of P(D, K)) by the first-order change of the
-        loss, <dL/dW, delta W> with the gain held: the coordinate to take from is the one
-        the gradient most wants smaller, the one to give to the one it most wants larger
-        (a zero coordinate takes either sign). Returns (predicted change (N,), moved points
-        (N, D) int8, squared size of each move); a group no move improves gets +inf."""
+        given to another, so still a point of P(D, K)) with the gain held. Each coordinate
+        is scored on its own by the quadratic model with the step u = gain / |p|_2 (the
+        coordinate to take from: the cheapest non-zero one to shrink; the one to give to:
+        the cheapest other one to grow, a zero one in the sign the gradient asks); the
+        move's predicted change is then that of the exact renormalised point. Returns
+        (predicted change (N,), +inf where it is not negative; moved points (N, D) int8)."""
         with torch.no_grad():
             p = self.points.to(torch.float32)
             R, G, D = p.shape
             g = grad.to(torch.float32).reshape(R, G, D)
+            F = curvature.reshape(R, G, D)
+            gains = self._gains().detach()[:, :, None]
+            u = gains * torch.rsqrt((p * p).sum(dim=-1, keepdim=True).clamp_min(1.0))
             sign = torch.sign(p)
-            take_score = torch.where(p != 0, sign * g, torch.tensor(-torch.inf))
-            i = take_score.argmax(dim=-1, keepdim=True)
-            give_score = torch.where(p == 0, g.abs(), -sign * g)
-            give_score.scatter_(-1, i, -torch.inf)
-            j = give_score.argmax(dim=-1, keepdim=True)
-            pj = p.gather(-1, j)
-            give_sign = torch.where(pj != 0, torch.sign(pj), -torch.sign(g.gather(-1, j)))
+            quad = 0.5 * F * u * u
+            take_cost = torch.where(p != 0, -sign * g * u + quad, torch.tensor(torch.inf))
+            i = take_cost.argmin(dim=-1, keepdim=True)
+            give_sign = torch.where(p != 0, sign, -torch.sign(g))
             give_sign = torch.where(give_sign == 0, torch.ones_like(give_sign), give_sign)
+            give_cost = give_sign * g * u + quad
+            give_cost.scatter_(-1, i, torch.inf)
+            j = give_cost.argmin(dim=-1, keepdim=True)
             moved = p.clone()
             moved.scatter_add_(-1, i, -sign.gather(-1, i))
-            moved.scatter_add_(-1, j, give_sign)
-            gains = self._gains().detach()[:, :, None]
+            moved.scatter_add_(-1, j, give_sign.gather(-1, j))
             change = gains * (self._units(moved) - self._units(p))
-            delta = (g * change).sum(dim=-1)
+            delta = predicted_change(g, F, change)
             delta = torch.where(delta < 0, delta, torch.tensor(torch.inf))
-            return delta.reshape(-1), moved.to(torch.int8).reshape(R * G, D), change.pow(2).sum(dim=-1).reshape(-1)
+            return delta.reshape(-1), moved.to(torch.int8).reshape(R * G, D)
 
     def trained(self) -> dict[str, np.ndarray]:
         out = {}

@@ -32,8 +32,8 @@ from pvq.codec import pack_codes, packed_size, unpack_codes
 from pvq.codec.errors import CodecError
 from pvq.settings import count, integer, setting
 
-from pvq.methods.base import (QuantizationError, QuantizedTensor, TensorSpec, TunableWeight, as_float32, check_config,
-                              check_weight, proxy_loss, stored_float16)
+from pvq.methods.base import (QuantizationError, QuantizedTensor, TensorSpec, TunableWeight, as_float32,
+                              check_config, check_weight, predicted_change, proxy_loss, stored_float16)
 
 __all__ = [
     "CONFIG",
@@ -290,22 +290,25 @@ class TunableGrid(TunableWeight):
     def code_groups(self) -> torch.Tensor:
         return self.steps.view(-1, 1)
 
-    def code_moves(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every code one step down the gradient (within 0..2^bits - 1): predicted change
-        -|dL/dW * scale| (+inf where the step would leave the grid)."""
+    def code_moves(self, grad: torch.Tensor, curvature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every code one step down the gradient (within 0..2^bits - 1), with its predicted
+        change -|g| s + F s^2 / 2 (s the group's scale; +inf where the step would leave the
+        grid or is predicted not to help)."""
         with torch.no_grad():
             g = grad.to(torch.float32)
-            if self.perm is not None:
-                g = g[:, self.perm]  # into the stored column order
+            F = curvature
+            if self.perm is not None:  # into the stored column order
+                g, F = g[:, self.perm], F[:, self.perm]
             R, G, gs = self.steps.shape
-            g = g.reshape(R, G, gs) * self.scales.detach()[:, :, None]
+            g, F = g.reshape(R, G, gs), F.reshape(R, G, gs)
             direction = -torch.sign(g)
             codes = self.steps.to(torch.int32) + self.zeros.to(torch.int32)[:, :, None] + direction.to(torch.int32)
             inside = (codes >= 0) & (codes <= (1 << self.bits) - 1) & (direction != 0)
-            delta = torch.where(inside, -g.abs(), torch.tensor(torch.inf))
+            change = (direction * self.scales.detach()[:, :, None])[..., None]
+            delta = predicted_change(g[..., None], F[..., None], change)
+            delta = torch.where(inside & (delta < 0), delta, torch.tensor(torch.inf))
             moved = self.steps + direction.to(torch.int16)
-            size = self.scales.detach()[:, :, None].pow(2).expand(R, G, gs)
-            return delta.reshape(-1), moved.reshape(-1, 1), size.reshape(-1)
+            return delta.reshape(-1), moved.reshape(-1, 1)
 
     def trained(self) -> dict[str, np.ndarray]:
         out = {"scales": stored_float16(self.scales, "scale")}

@@ -9,7 +9,8 @@ call runs, and ``dequantize`` (decode the whole weight of this one layer, then
 kernels (`cpu_kernels`: fused decode-GEMV up to `gemv_max_rows(layer)` tokens, else decode into
 a workspace + GEMM) or on CUDA the Triton ones (`triton_kernels`); a PVQ layout they do
 not take falls back with one warning per reason. Faster kernels register themselves with
-`register_kernel`; what a layer last ran is in ``layer.last_kernel``.
+`register_kernel`; what a layer last ran is in ``layer.last_kernel``. While a
+gradient must reach x, only kernels declared differentiable run (the reference ones).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pvq.runtime.kernels.base import Kernel
+from pvq.runtime.kernels.base import Kernel, needs_grad
 from pvq.runtime.kernels.cpu import PVQ_CPU_DECODE_GEMM, PVQ_CPU_GEMV, cpu_kernel_for
 from pvq.runtime.kernels.reference import DECODED, DEQUANTIZE, TUNED
 from pvq.runtime.kernels.triton import PVQ_TRITON_DECODE_GEMM, PVQ_TRITON_GEMV
@@ -42,7 +43,8 @@ def register_kernel(kernel: Kernel, *, first: bool = False) -> None:
 
 
 def select_kernel(layer: QuantizedLinear, x: torch.Tensor) -> Kernel:
+    grad = needs_grad(x)
     for kernel in KERNELS:
-        if kernel.supports(layer, x):
+        if (kernel.differentiable or not grad) and kernel.supports(layer, x):
             return kernel
     return DEQUANTIZE

@@ -17,9 +17,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Kernel:
+    """`differentiable`: a backward pass through its output reaches x (and the weight it
+    built) correctly; kernels that decode into a reused workspace or run outside autograd
+    are not, and are skipped while a gradient must reach x (`needs_grad`)."""
+
     name: str
     supports: Callable[[QuantizedLinear, torch.Tensor], bool]
     forward: Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]
+    differentiable: bool = False
+
+
+def needs_grad(x: torch.Tensor) -> bool:
+    """Whether autograd will take a gradient through this call's input."""
+    return x.requires_grad and torch.is_grad_enabled()
 
 
 def _rows(x: torch.Tensor) -> int:

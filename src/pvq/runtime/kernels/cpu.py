@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pvq.runtime import cpu_kernels
-from pvq.runtime.kernels.base import Kernel, _rows, _served
+from pvq.runtime.kernels.base import Kernel, _rows, _served, needs_grad
 
 if TYPE_CHECKING:
     from pvq.runtime.linear import QuantizedLinear
@@ -48,6 +48,8 @@ def cpu_kernel_for(layer: "QuantizedLinear", x: torch.Tensor) -> Kernel | None:
     if x.device.type != "cpu" or x.ndim == 0 or x.shape[-1] != layer.in_features or not x.is_floating_point():
         return None
     if layer._tuned_weight is not None or layer._decoded_weight is not None:
+        return None
+    if needs_grad(x):  # they decode into a reused workspace: a backward pass would read the wrong weight
         return None
     device = layer._buffers[next(iter(layer.payload_spec))].device
     got = layer.__dict__.get("_cpu_choice")
