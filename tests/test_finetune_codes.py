@@ -260,7 +260,7 @@ def test_the_sampled_fisher_estimates_the_curvature_of_the_mean_loss():
     assert torch.corrcoef(torch.stack([estimate.reshape(-1), exact.reshape(-1)]))[0, 1] > 0.97
 
 
-def test_training_in_bfloat16_autocast_keeps_float32_parameters_and_figures():
+def test_training_in_bfloat16_autocast_keeps_float32_parameters_and_figures_and_repeats_its_bytes():
     from pvq.calibrate.finetune import FinetuneConfig, FinetuneError, training_autocast
 
     assert isinstance(training_autocast("float32", torch.device("cpu")), type(contextlib.nullcontext()))
@@ -269,10 +269,14 @@ def test_training_in_bfloat16_autocast_keeps_float32_parameters_and_figures():
     with pytest.raises(FinetuneError, match="precision"):
         FinetuneConfig(precision="float8")
     assert FinetuneConfig().precision == "float32"  # the default: reproducible bytes
+    settings = {"steps": 4, "eval_every": 2, "val_windows": 2, "precision": "bfloat16"}
     model, reference, windows = _tiny()
-    report = finetune(model, reference, windows, {"steps": 4, "eval_every": 2, "val_windows": 2,
-                                                  "precision": "bfloat16"}, progress=False)
+    report = finetune(model, reference, windows, settings, progress=False)
     assert report.val_kl_stored <= report.val_kl_before
+    again, reference, windows = _tiny()
+    finetune(again, reference, windows, settings, progress=False)
+    first, second = _payloads(model), _payloads(again)  # the same bytes twice
+    assert all(np.array_equal(first[n][k], second[n][k]) for n in first for k in first[n])
     assert all(isinstance(h["val_kl"], float) for h in report.history)
     for layer in (m for m in model.modules() if isinstance(m, QuantizedLinear)):
         get_method("pvq").dequantize(layer.quantized_tensor())  # the stored payload decodes
