@@ -138,7 +138,7 @@ class _FisherLinear(torch.autograd.Function):
     def forward(ctx, x, weight, acc):
         ctx.save_for_backward(x, weight)
         ctx.acc = acc
-        return torch.nn.functional.linear(x, weight)
+        return F.linear(x, weight)
 
     @staticmethod
     def backward(ctx, grad_out):
