@@ -1,16 +1,19 @@
 """Codes that learn, checked move by move: how well the quadratic model of fine-tuning's code
-updates predicts what a move does to the loss (issue 30).
+updates predicts what a move does to the loss, on the windows that gave the gradient and on
+held-out windows (issue 30).
 
-Run:  python bench/code_moves.py CHECKPOINT [--layers 1 15 29] [--moves 10 100] [--windows 4]
+Run:  python bench/code_moves.py CHECKPOINT [--layers 1 15 29] [--moves 10 100] [--windows 4 26] [--heldout 4]
 
 For a fine-tuned checkpoint of the benchmark model (e.g. `pvq quantize --out CHECKPOINT`),
-the loss is the top-64 KL to the float model on the first `--windows` calibration windows
-(the main job's: 512 tokens of the WikiText-2 validation text, seed 0). Its gradient with
-respect to every quantized layer's weight is taken on those windows, the curvature as the
-fine-tuning takes it (`finetune._curvature`, two further windows); then, one layer at a
-time, the N proposed moves the model ranks best are applied and the loss measured again on
-the same windows. Printed per layer and N: the predicted change (linear and quadratic
-terms) and the actual one. 2 threads; about 4 minutes here.
+the loss is the top-64 KL to the float model on the main job's calibration windows (512
+tokens of the WikiText-2 validation text, seed 0). The mean gradient with respect to every
+quantized layer's weight is taken on the first N windows for each N of `--windows` (the
+fine-tuning trains on the first 28), the curvature as the fine-tuning takes it
+(`finetune._curvature`, two further windows); then, one layer at a time, the moves the model
+ranks best are applied and the loss measured again: on the last `--heldout` windows (those
+the fine-tuning holds out) and, for the smallest N, on the N windows themselves. If the
+held-out change approaches the predicted one as N grows, what bounds code updates is the
+amount of gradient data. 2 threads; about 10 minutes here with the defaults.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 15, 29], help="decoder blocks to look at")
     parser.add_argument("--moves", type=int, nargs="+", default=[10, 100], help="moves applied at once per layer")
-    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--windows", type=int, nargs="+", default=[4, 26], help="gradient windows (the first N)")
+    parser.add_argument("--heldout", type=int, default=4, help="held-out windows (the last ones of the 32)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -37,18 +41,24 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from pvq.calibrate import windows_from_ids
-    from pvq.calibrate.finetune import (FinetuneConfig, _checkpointed_blocks, _curvature, _topk_kl, _Trainable,
-                                        teacher_targets)
+    from pvq.calibrate.finetune import (FISHER_WINDOWS, FinetuneConfig, _checkpointed_blocks, _curvature, _topk_kl,
+                                        _Trainable, teacher_targets)
     from pvq.models import load_model
     from pvq.models.loading import encode_text
     from pvq.runtime import tuned_weights
 
+    counts = sorted(set(args.windows))
+    n_max, total = counts[-1], 32
+    if n_max + FISHER_WINDOWS + args.heldout > total:
+        raise SystemExit(f"--windows {n_max} + {FISHER_WINDOWS} curvature windows + --heldout {args.heldout} > {total}")
     float_model, tokenizer, _ = load_model("smollm2-135m")
     ids = encode_text(tokenizer, SHARED.read_text(encoding="utf-8"))
-    windows = windows_from_ids(ids, 32, 512, seed=0, source="valid.txt")
-    n = args.windows
-    W = windows[:n]
-    teacher = teacher_targets(float_model, W, 64)
+    windows = windows_from_ids(ids, total, 512, seed=0, source="valid.txt")
+    held = windows[total - args.heldout:]
+    fisher_rows = windows[n_max:n_max + FISHER_WINDOWS]
+    first = windows[:counts[0]]
+    teacher = teacher_targets(float_model, windows[:n_max], 64)
+    teacher_held = teacher_targets(float_model, held, 64)
     del float_model
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
     for p in model.parameters():
@@ -57,42 +67,46 @@ def main() -> None:
     for p in trainable.params.values():
         p.requires_grad_(True)
 
-    def loss() -> float:
+    def loss(W, T) -> float:
         with torch.no_grad(), tuned_weights(model, trainable.tunables):
-            return sum(float(_topk_kl(model(W[i:i + 1], use_cache=False).logits, teacher[i:i + 1]))
-                       for i in range(n)) / n
+            return sum(float(_topk_kl(model(W[i:i + 1], use_cache=False).logits, T[i:i + 1]))
+                       for i in range(W.shape[0])) / W.shape[0]
 
+    grads = {}
     with _checkpointed_blocks(model, True):
         trainable.track_grads(True)
         with tuned_weights(model, trainable.tunables):
-            for i in range(n):
-                (_topk_kl(model(W[i:i + 1], use_cache=False).logits, teacher[i:i + 1]) / n).backward()
-        curvature = _curvature(model, trainable, windows[n:n + 2], torch.device("cpu"), 0)
-    base = loss()
-    print(f"loss (top-64 KL on {n} windows) {base:.5f}")
-    print("| layer | moves | groups predicted to gain | predicted | linear term | quadratic term | actual |")
+            for i in range(n_max):
+                _topk_kl(model(windows[i:i + 1], use_cache=False).logits, teacher[i:i + 1]).backward()
+                if i + 1 in counts:
+                    grads[i + 1] = {k: tw.grad_sum.float() / (i + 1) for k, tw in trainable.movable.items()}
+        curvature = _curvature(model, trainable, fisher_rows, torch.device("cpu"), 0)
+    base_held, base_first = loss(held, teacher_held), loss(first, teacher[:counts[0]])
+    print(f"loss (top-64 KL): {base_held:.5f} on the {args.heldout} held-out windows, {base_first:.5f} on the first "
+          f"{counts[0]}")
+    print(f"| layer | gradient windows | moves | groups predicted to gain | predicted | actual, held-out "
+          f"| actual, on the first {counts[0]} |")
     print("|---|---|---|---|---|---|---|")
     for name in sorted(trainable.movable):
         if not any(f"layers.{k}." in name for k in args.layers):
             continue
         tw = trainable.movable[name]
-        g, F = tw.grad_sum.float(), curvature[name].float()
-        delta, candidates = tw.code_moves(g, F)
-        gaining = int(torch.isfinite(delta).sum())
-        for count in args.moves:
-            count = min(count, gaining)
-            rows = torch.topk(delta, count, largest=False).indices
-            groups = tw.code_groups()
-            old = groups[rows].clone()
-            W0 = tw().detach()
-            groups[rows] = candidates[rows]
-            tw.codes_changed = True
-            dW = tw().detach() - W0
-            actual = loss() - base
-            groups[rows] = old
-            print(f"| {name.removeprefix('model.')} | {count} | {gaining} of {delta.numel()} "
-                  f"| {float(delta[rows].sum()):+.5f} | {float((g * dW).sum()):+.5f} "
-                  f"| {float(0.5 * (F * dW * dW).sum()):+.5f} | {actual:+.5f} |", flush=True)
+        F = curvature[name].float()
+        for n in counts:
+            delta, candidates = tw.code_moves(grads[n][name], F)
+            gaining = int(torch.isfinite(delta).sum())
+            for count in args.moves:
+                count = min(count, gaining)
+                rows = torch.topk(delta, count, largest=False).indices
+                groups = tw.code_groups()
+                old = groups[rows].clone()
+                groups[rows] = candidates[rows]
+                tw.codes_changed = True
+                held_change = loss(held, teacher_held) - base_held
+                own = f"{loss(first, teacher[:counts[0]]) - base_first:+.5f}" if n == counts[0] else "-"
+                groups[rows] = old
+                print(f"| {name.removeprefix('model.')} | {n} | {count} | {gaining} of {delta.numel()} "
+                      f"| {float(delta[rows].sum()):+.5f} | {held_change:+.5f} | {own} |", flush=True)
 
 
 if __name__ == "__main__":

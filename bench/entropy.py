@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -69,19 +70,34 @@ def gain_bits_entropy(indices: np.ndarray, levels: int) -> float:
     return _entropy_bits(Counter(indices.tolist())) + 32 * levels
 
 
-def checkpoint_rows(path: str) -> tuple[list[dict], dict]:
+def pvq_layers(path: str):
+    """(name, QuantizedTensor) of every PVQ layer of a checkpoint directory, or of a
+    `pvq quantize` work directory (its finished blocks: the one-shot codes, which fine-tuning
+    keeps unless code updates moved some)."""
+    from pvq.calibrate import workdir as wd
+
+    blocks = sorted(Path(path).glob("block_*.json"))
+    if blocks:
+        for js in blocks:
+            layers, _ = wd.load_block(Path(path), int(js.stem.split("_")[1]))
+            yield from ((name, qt) for name, qt in layers.items() if qt.method == "pvq")
+        return
     import pvq
-    from pvq.codec import unpack_codes
-    from pvq.codec.counts import pyramid_count as pvq_count
-    from pvq.methods.pvq import _points
     from pvq.runtime import QuantizedLinear
 
     model, _, _ = pvq.load(path, load_tokenizer=False, check_decode=False)
-    rows, shared = [], {}
     for name, layer in model.named_modules():
-        if not isinstance(layer, QuantizedLinear) or layer.method != "pvq":
-            continue
-        qt = layer.quantized_tensor()
+        if isinstance(layer, QuantizedLinear) and layer.method == "pvq":
+            yield name, layer.quantized_tensor()
+
+
+def checkpoint_rows(path: str) -> tuple[list[dict], dict]:
+    from pvq.codec import unpack_codes
+    from pvq.codec.counts import pyramid_count as pvq_count
+    from pvq.methods.pvq import _points
+
+    rows, shared = [], {}
+    for name, qt in pvq_layers(path):
         meta, R = qt.meta, qt.shape[0]
         D, G, K, nbits = (int(meta[k]) for k in ("group_size", "num_groups", "pulses", "code_bits"))
         points = _points(qt)
@@ -89,7 +105,7 @@ def checkpoint_rows(path: str) -> tuple[list[dict], dict]:
         merge(shared.setdefault((D, K), {}), contexts)
         s_bits, cells = contexts_bits(contexts)
         s_bits += signs
-        row = {"name": name, "groups": R * G, "D": D, "K": K, "code_bits": nbits, "stored_bytes": layer.stored_bytes,
+        row = {"name": name, "groups": R * G, "D": D, "K": K, "code_bits": nbits, "stored_bytes": qt.stored_bytes,
                "shape_entropy": s_bits + 32 * cells, "shape_ideal": s_bits, "signs": signs, "shape_fixed": R * G * nbits,
                "shape_uniform": R * G * math.log2(int(pvq_count(D, K)))}
         if meta["gain"] in ("beta", "empirical"):
@@ -181,7 +197,8 @@ def report_gaussian(D: int, samples: int, seed: int, rates: tuple[float, ...]) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", help="a pvq checkpoint directory (its PVQ layers are measured)")
+    ap.add_argument("--checkpoint", help="a pvq checkpoint directory, or a `pvq quantize` work directory (its PVQ "
+                                         "layers are measured)")
     ap.add_argument("--gaussian", action="store_true", help="also measure an iid Gaussian source")
     ap.add_argument("--dim", type=int, default=16, help="Gaussian source: D")
     ap.add_argument("--samples", type=int, default=1 << 22, help="Gaussian source: values")

@@ -142,8 +142,10 @@ def test_finetuning_moves_codes_only_when_the_held_out_kl_falls(method, fields):
         assert report.codes_moved > 0 and report.kept == "tuned"
 
 
-def test_code_updates_resume_to_the_same_bytes(tmp_path):
-    settings = {"steps": 9, "eval_every": 3, "patience": 5, "lr": 1e-2, "val_windows": 2, "code_fraction": 0.05}
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_code_updates_resume_to_the_same_bytes(tmp_path, schedule):
+    settings = {"steps": 9, "eval_every": 3, "patience": 5, "lr": 1e-2, "val_windows": 2, "code_fraction": 0.05,
+                "schedule": schedule}
     model, reference, windows = _tiny()
     whole = finetune(model, reference, windows, settings, work_dir=tmp_path / "a", progress=False)
     expected = _payloads(model)
@@ -280,3 +282,23 @@ def test_training_in_bfloat16_autocast_keeps_float32_parameters_and_figures_and_
     assert all(isinstance(h["val_kl"], float) for h in report.history)
     for layer in (m for m in model.modules() if isinstance(m, QuantizedLinear)):
         get_method("pvq").dequantize(layer.quantized_tensor())  # the stored payload decodes
+
+
+def test_the_cosine_schedule_decays_from_the_base_rate_and_changes_the_result():
+    from pvq.calibrate.finetune import FinetuneConfig, FinetuneError, lr_factor
+
+    for steps in (1, 2, 10, 60):
+        factors = [lr_factor("cosine", k, steps) for k in range(steps)]
+        assert factors[0] == 1.0 and all(0 < f <= 1 for f in factors)
+        assert all(a > b for a, b in zip(factors, factors[1:]))
+        assert all(lr_factor("constant", k, steps) == 1.0 for k in range(steps))
+    assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    with pytest.raises(FinetuneError, match="schedule"):
+        FinetuneConfig(schedule="linear")
+    results = []
+    for schedule in ("constant", "cosine"):
+        model, reference, windows = _tiny()
+        finetune(model, reference, windows, {"steps": 4, "eval_every": 2, "val_windows": 2, "lr": 1e-2,
+                                             "schedule": schedule}, progress=False)
+        results.append(_payloads(model))
+    assert any(not np.array_equal(results[0][n][k], results[1][n][k]) for n in results[0] for k in results[0][n])

@@ -77,6 +77,23 @@ def test_cpu_kernels_apply_gain_escapes(gain):
         assert rel(lin(x), DEQUANTIZE.forward(lin, x)) < TOLERANCE
     from pvq.runtime import triton_kernels
     assert "escapes" in triton_kernels.triton_refusal(lin)
+    _the_triton_refusal_is_decided_once_per_layer_and_device(lin, triton_kernels)
+
+
+def _the_triton_refusal_is_decided_once_per_layer_and_device(lin, triton_kernels):
+    """What `select_kernel` asks the Triton kernels on every CUDA call is looked up, not
+    recomputed (checked on CPU: the lookup does not depend on the device type)."""
+    from unittest import mock
+
+    from pvq.runtime.kernels.triton import triton_refusal_of
+
+    lin.__dict__.pop("_triton_choice", None)
+    with mock.patch.object(triton_kernels, "triton_refusal", wraps=triton_kernels.triton_refusal) as spy:
+        first = triton_refusal_of(lin, torch.device("cpu"))
+        assert triton_refusal_of(lin, torch.device("cpu")) == first == triton_kernels.triton_refusal(lin)
+        assert spy.call_count == 2  # once for the cache, once in the comparison above
+        triton_refusal_of(lin, torch.device("meta"))  # another device: decided again
+        assert spy.call_count == 3
 
 
 @pytest.mark.parametrize("method, config", [("rtn", {"bits": 3, "group_size": 32}),

@@ -65,6 +65,8 @@ def test_bits_mean_what_the_docs_say():
         config = gptvq.config_class(**cfg)
         side = gptvq.nominal_bits_per_weight(config) - bits
         assert 0 < side <= 0.25 and side > 0.25 * (1 - config.group_columns / config.group_size) - 1e-12
+        assert config.seed == opts.seed  # the k-means++ seed is the sweep's --seed, as in `pvq quantize`
+    assert method_config("gptvq", 3, SweepOptions(seed=7))["seed"] == 7
 
 
 def test_bad_methods_and_bits_are_refused(tiny_dir, tmp_path, capsys):

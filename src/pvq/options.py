@@ -230,6 +230,15 @@ def _help(o: Option) -> str:
     return text.replace("%", "%%")
 
 
+def _add_flag(where, o: Option, default: Any, switch_const: Any = True) -> None:
+    """One option as a flag on `where` (a parser or group): a switch stores `switch_const`,
+    any other flag its typed value; `default` is what an absent flag leaves."""
+    if o.switch:
+        where.add_argument(o.flag, action="store_const", const=switch_const, default=default, help=_help(o))
+    else:
+        where.add_argument(o.flag, type=o.type or str, default=default, choices=o.choices, help=_help(o))
+
+
 def add_quantize_options(parser: argparse.ArgumentParser) -> None:
     """Every option of the table as a flag (default None: `resolve_quantize_options` knows
     which were given), in one group per method and concern; --help shows each default."""
@@ -238,14 +247,10 @@ def add_quantize_options(parser: argparse.ArgumentParser) -> None:
                         help="YAML or JSON file of these settings (field names: the flags without dashes); flags "
                              "override it; every checkpoint holds the recipe that made it (CKPT/recipe.yaml)")
     for o in QUANTIZE_OPTIONS:
-        where = groups[o.group]
-        shown = _help(o)
         if o.dest == "model":
-            parser.add_argument("model", nargs="?", default=None, help=shown)
-        elif o.switch:
-            where.add_argument(o.flag, action="store_const", const=True, default=None, help=shown)
+            parser.add_argument("model", nargs="?", default=None, help=_help(o))
         else:
-            where.add_argument(o.flag, type=o.type or str, default=None, help=shown, choices=o.choices)
+            _add_flag(groups[o.group], o, None)
 
 
 def add_act_options(parser: argparse.ArgumentParser) -> None:
@@ -253,11 +258,7 @@ def add_act_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group(_GROUPS["act"])
     for o in QUANTIZE_OPTIONS:
         if o.group == "act":
-            shown = _help(o)
-            if o.switch:
-                g.add_argument(o.flag, action="store_true", help=shown)
-            else:
-                g.add_argument(o.flag, type=o.type or str, default=o.default, choices=o.choices, help=shown)
+            _add_flag(g, o, False if o.switch else o.default)
 
 
 def add_setting_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -265,17 +266,12 @@ def add_setting_options(parser: argparse.ArgumentParser, cls: type) -> None:
     same groups as `pvq quantize`'s; `settings_from_values(cls, vars(args))` reads them back."""
     groups: dict[str, Any] = {}
     for o in setting_options(cls):
-        shown = _help(o)
         if o.dest == "model":
-            parser.add_argument("model", nargs="?", default=o.default, help=shown)
+            parser.add_argument("model", nargs="?", default=o.default, help=_help(o))
             continue
         if o.group not in groups:
             groups[o.group] = parser if o.group == "job" else parser.add_argument_group(_GROUPS[o.group])
-        where = groups[o.group]
-        if o.switch:
-            where.add_argument(o.flag, action="store_const", const=not o.default, default=o.default, help=shown)
-        else:
-            where.add_argument(o.flag, type=o.type or str, default=o.default, choices=o.choices, help=shown)
+        _add_flag(groups[o.group], o, o.default, switch_const=not o.default)
 
 
 def settings_from_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:

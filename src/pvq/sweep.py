@@ -156,7 +156,7 @@ def method_config(method: str, bits: float, opts: SweepOptions) -> dict[str, Any
         codebook_bits = (1 << round(bits * dim)) * dim * 8 + 16  # int8 entries + float16 scale
         rows = math.ceil(codebook_bits / (SIDE_BITS * opts.vq_columns))
         fields = {"dim": dim, "bits": float(bits), "group_size": rows * opts.vq_columns,
-                  "group_columns": opts.vq_columns}
+                  "group_columns": opts.vq_columns, "seed": opts.seed}  # k-means++ seeded as `pvq quantize --seed`
     else:
         raise SweepError(f"unknown method {method!r}; a sweep takes: {', '.join(SWEEP_METHODS)}")
     try:

@@ -75,6 +75,16 @@ class FinetuneError(PVQError, ValueError):
 
 
 PRECISIONS = ("float32", "bfloat16")
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `steps`, relative to the base
+    rate: 1 throughout (constant), or half a cosine from 1 towards 0 (cosine; the last step
+    keeps a small positive rate)."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
 def training_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -118,6 +128,9 @@ class FinetuneConfig:
                              "or bfloat16 autocast (float32 parameters, loss and held-out figures; faster where the "
                              "device multiplies bfloat16 natively, but more memory and not shown to give the same "
                              "bytes run to run)", choices=PRECISIONS, option="finetune_precision", requires=_SWITCH)
+    schedule: str = setting("constant", "learning-rate schedule over the steps: constant, or cosine (half a cosine "
+                            "from the base rate towards 0)", choices=SCHEDULES, option="finetune_schedule",
+                            requires=_SWITCH)
     eval_every: int = 5
     patience: int = 2
     dense: bool = True
@@ -137,6 +150,8 @@ class FinetuneConfig:
             raise FinetuneError(f"finetune code_fraction must be a number in 0..1, got {self.code_fraction!r}")
         if self.precision not in PRECISIONS:
             raise FinetuneError(f"finetune precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.schedule not in SCHEDULES:
+            raise FinetuneError(f"finetune schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("dense", "checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise FinetuneError(f"finetune {name} must be True or False, got {getattr(self, name)!r}")
@@ -538,6 +553,7 @@ def _train(model, trainable: _Trainable, windows, teacher: TeacherTargets, confi
         rms = float(trainable.initial[k].float().pow(2).mean().sqrt())
         groups.append({"params": [p], "lr": config.lr * (rms if rms > 0 and math.isfinite(rms) else 1.0), "name": k})
     opt = torch.optim.Adam(groups)
+    base_lr = [g["lr"] for g in opt.param_groups]
 
     settings = _settings(config, train, val, trainable)
     state_dir = Path(work_dir) / STATE_DIR if work_dir is not None else None
@@ -590,6 +606,9 @@ def _train(model, trainable: _Trainable, windows, teacher: TeacherTargets, confi
                 log.warning("fine-tuning: %s", diverged)
                 done = True
                 break
+            factor = lr_factor(config.schedule, step, config.steps)  # a function of the step: resumes exactly
+            for g, lr in zip(opt.param_groups, base_lr):
+                g["lr"] = lr * factor
             opt.step()
             step += 1
             grad_steps += 1

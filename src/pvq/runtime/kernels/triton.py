@@ -16,15 +16,27 @@ if TYPE_CHECKING:
     from pvq.runtime.linear import QuantizedLinear
 
 
+def triton_refusal_of(layer: "QuantizedLinear", device: torch.device) -> str | None:
+    """Why the Triton kernels do not serve this layer on `device` (None: they do), decided once
+    per layer and device: the layout checks and the import are not repeated on every call (a
+    layer's layout never changes; a new payload keeps it)."""
+    got = layer.__dict__.get("_triton_choice")
+    if got is None or got[0] != device:
+        try:
+            from pvq.runtime import triton_kernels
+        except ImportError:
+            why = "Triton not installed (pip install triton)"
+        else:
+            why = triton_kernels.triton_refusal(layer)
+        got = layer._triton_choice = (device, why)
+    return got[1]
+
+
 def _triton_supports(layer: "QuantizedLinear", x: torch.Tensor) -> bool:
     """CUDA input and layer, Triton importable, a layout the Triton decoder takes (else one warning)."""
     if layer.method != "pvq" or x.device.type != "cuda" or layer.codes.device != x.device or not x.is_floating_point():
         return False
-    try:
-        from pvq.runtime import triton_kernels
-    except ImportError:
-        return _served("Triton not installed (pip install triton)", "the GPU kernels")
-    return _served(triton_kernels.triton_refusal(layer), "the GPU kernels")
+    return _served(triton_refusal_of(layer, x.device), "the GPU kernels")
 
 
 def _triton_gemv(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
