@@ -8,8 +8,8 @@ For a fine-tuned checkpoint of the benchmark model (e.g. `pvq quantize --out CHE
 the loss is the top-64 KL to the float model on the main job's calibration windows (512
 tokens of the WikiText-2 validation text, seed 0). The mean gradient with respect to every
 quantized layer's weight is taken on the first N windows for each N of `--windows` (the
-fine-tuning trains on the first 28), the curvature as the fine-tuning takes it
-(`finetune._curvature`, two further windows); then, one layer at a time, the moves the model
+fine-tuning trains on the first 28), the curvature by fine-tuning's method
+(`finetune._curvature`) from the two windows before the held-out ones, whatever N; then, one layer at a time, the moves the model
 ranks best are applied and the loss measured again: on the last `--heldout` windows (those
 the fine-tuning holds out) and, for the smallest N, on the N windows themselves. If the
 held-out change approaches the predicted one as N grows, what bounds code updates is the
@@ -49,13 +49,15 @@ def main() -> None:
 
     counts = sorted(set(args.windows))
     n_max, total = counts[-1], 32
+    if counts[0] < 1 or args.heldout < 1:
+        raise SystemExit("--windows and --heldout take positive counts")
     if n_max + FISHER_WINDOWS + args.heldout > total:
         raise SystemExit(f"--windows {n_max} + {FISHER_WINDOWS} curvature windows + --heldout {args.heldout} > {total}")
     float_model, tokenizer, _ = load_model("smollm2-135m")
     ids = encode_text(tokenizer, SHARED.read_text(encoding="utf-8"))
     windows = windows_from_ids(ids, total, 512, seed=0, source="valid.txt")
     held = windows[total - args.heldout:]
-    fisher_rows = windows[n_max:n_max + FISHER_WINDOWS]
+    fisher_rows = windows[total - args.heldout - FISHER_WINDOWS:total - args.heldout]  # the same for every N
     first = windows[:counts[0]]
     teacher = teacher_targets(float_model, windows[:n_max], 64)
     teacher_held = teacher_targets(float_model, held, 64)

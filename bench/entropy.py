@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -76,10 +76,13 @@ def pvq_layers(path: str):
     keeps unless code updates moved some)."""
     from pvq.calibrate import workdir as wd
 
-    blocks = sorted(Path(path).glob("block_*.json"))
-    if blocks:
-        for js in blocks:
-            layers, _ = wd.load_block(Path(path), int(js.stem.split("_")[1]))
+    if (Path(path) / wd.STATE_FILE).is_file():
+        state = wd.read_state(Path(path))
+        done = int(state.get("blocks_done", 0)) if state else 0
+        if not done:
+            raise SystemExit(f"{path}: a work directory with no finished block")
+        for i in range(done):  # the blocks its state file lists as finished, nothing half-written
+            layers, _ = wd.load_block(Path(path), i)
             yield from ((name, qt) for name, qt in layers.items() if qt.method == "pvq")
         return
     import pvq

@@ -295,6 +295,10 @@ def test_the_cosine_schedule_decays_from_the_base_rate_and_changes_the_result():
     assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
     with pytest.raises(FinetuneError, match="schedule"):
         FinetuneConfig(schedule="linear")
+    # states and sweep points recorded before the option existed still match the constant default
+    from pvq.calibrate.finetune import recorded_settings
+    assert "schedule" not in recorded_settings(FinetuneConfig()) and "lr" in recorded_settings(FinetuneConfig())
+    assert recorded_settings({"schedule": "cosine", "lr": 1e-3}) == {"schedule": "cosine", "lr": 1e-3}
     results = []
     for schedule in ("constant", "cosine"):
         model, reference, windows = _tiny()

@@ -64,6 +64,7 @@ from pvq.models import load_model
 from pvq.oneshot import Recipe, oneshot
 from pvq.calibrate import calibration_data, encode_text
 from pvq.calibrate.calibration import SAMPLED
+from pvq.calibrate.finetune import recorded_settings
 from pvq.calibrate.workdir import atomic_write_json, atomic_write_text
 from pvq.methods import QuantizationError, get_method, uses_hessian
 from pvq.settings import (
@@ -204,7 +205,7 @@ def point_settings(point: Point, opts: SweepOptions, task_names: list[str]) -> d
                   "dir": str(opts.tasks_dir or default_tasks_dir())} if task_names else None,
     }
     if point.finetuned:
-        settings["finetune"] = dict(opts.finetune)
+        settings["finetune"] = recorded_settings(opts.finetune)
     if point.method is not None and (uses_hessian(point.method, point.config) or point.finetuned):
         calib: dict[str, Any] = {"windows": opts.calib_windows, "seqlen": opts.calib_seqlen, "seed": opts.seed,
                                  "batch_size": opts.batch_size, "compute_dtype": opts.compute_dtype}

@@ -64,7 +64,8 @@ from pvq.settings import NONNEGATIVE_NUMBER, POSITIVE, number, setting
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneReport", "TeacherTargets", "finetune", "teacher_targets"]
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneReport", "TeacherTargets", "finetune", "recorded_settings",
+           "teacher_targets"]
 
 STATE_DIR = "finetune"
 _SWITCH = ("fast", False)  # the fine-tuning flags apply unless --fast
@@ -103,10 +104,11 @@ class FinetuneConfig:
     stopping; code_fraction: the share of each layer's code groups a code update may move
     (0: codes fixed); teacher_topk: tokens of the teacher's distribution kept per
     position; precision: the arithmetic of the training passes (float32, or bfloat16
-    autocast); eval_every: steps between evaluations, code updates and state saves;
-    patience: evaluations without improvement before stopping; dense: also train the
-    float norms and biases; checkpointing: recompute each decoder block in the backward
-    pass instead of holding its activations; seed: the order of the training windows."""
+    autocast); schedule: the learning rate over the steps (constant, or cosine);
+    eval_every: steps between evaluations, code updates and state saves; patience:
+    evaluations without improvement before stopping; dense: also train the float norms
+    and biases; checkpointing: recompute each decoder block in the backward pass instead
+    of holding its activations; seed: the order of the training windows."""
 
     steps: int = setting(10, "fine-tuning optimizer steps at most (early stopping on held-out windows)", POSITIVE,
                          option="finetune_steps", requires=_SWITCH)
@@ -534,10 +536,20 @@ def _val_kl(model, trainable, val, teacher_val: TeacherTargets, device, tuned: b
     return total / val.shape[0]
 
 
+def recorded_settings(fields: FinetuneConfig | dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuning settings a resumable state or a sweep point records: every field, but
+    `schedule` only when it is not the constant default, so what was recorded before the
+    option existed (the same training) still matches."""
+    out = asdict(fields) if isinstance(fields, FinetuneConfig) else dict(fields)
+    if out.get("schedule") == "constant":
+        del out["schedule"]
+    return out
+
+
 def _settings(config: FinetuneConfig, train: torch.Tensor, val: torch.Tensor, trainable: _Trainable) -> dict[str, Any]:
     h = hashlib.sha256(train.numpy().tobytes())
     h.update(val.numpy().tobytes())
-    return {"config": asdict(config), "windows_sha256": h.hexdigest(), "windows_shape": [list(train.shape),
+    return {"config": recorded_settings(config), "windows_sha256": h.hexdigest(), "windows_shape": [list(train.shape),
             list(val.shape)], "parameters_sha256": trainable.digest(), "torch": torch.__version__}
 
 
