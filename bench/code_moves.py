@@ -42,7 +42,7 @@ def main() -> None:
 
     from pvq.calibrate import windows_from_ids
     from pvq.calibrate.finetune import (FISHER_WINDOWS, FinetuneConfig, _checkpointed_blocks, _curvature, _topk_kl,
-                                        _Trainable, teacher_targets)
+                                        _Trainable, _val_kl, teacher_targets)
     from pvq.models import load_model
     from pvq.models.loading import encode_text
     from pvq.runtime import tuned_weights
@@ -69,10 +69,8 @@ def main() -> None:
     for p in trainable.params.values():
         p.requires_grad_(True)
 
-    def loss(W, T) -> float:
-        with torch.no_grad(), tuned_weights(model, trainable.tunables):
-            return sum(float(_topk_kl(model(W[i:i + 1], use_cache=False).logits, T[i:i + 1]))
-                       for i in range(W.shape[0])) / W.shape[0]
+    def loss(W, T) -> float:  # the held-out figure fine-tuning itself reports
+        return _val_kl(model, trainable, W, T, torch.device("cpu"), tuned=True)
 
     grads = {}
     with _checkpointed_blocks(model, True):

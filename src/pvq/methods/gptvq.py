@@ -80,7 +80,7 @@ from pvq.codec.errors import CodecError
 from pvq.settings import MAX_SEED, NONNEGATIVE, POSITIVE, excerpt, integer, number, percdamp_field, setting
 
 from pvq.methods.base import (QuantizationError, QuantizedTensor, TensorSpec, TunableWeight, as_float32,
-                              check_config, check_weight, is_int, proxy_loss)
+                              check_config, check_weight, is_int, predicted_change, proxy_loss)
 from pvq.methods.feedback import error_feedback
 from pvq.methods.hessian import check_percdamp, diagonal_block_inverses, inverse_hessian_cholesky
 
@@ -758,8 +758,7 @@ class _TunableGPTVQ(TunableWeight):
                 cents = C[cb]  # (rows, V, K, d): each vector's codebook
                 now = cents.gather(2, idx[..., None, None].expand(-1, -1, 1, cents.shape[-1]))
                 step = cents - now  # (rows, V, K, d)
-                scores = (torch.einsum("rvd,rvkd->rvk", g[a:a + rows], step)
-                          + 0.5 * torch.einsum("rvd,rvkd->rvk", F[a:a + rows], step * step))
+                scores = predicted_change(g[a:a + rows, :, None], F[a:a + rows, :, None], step)  # (rows, V, K)
                 delta[a:a + rows], best[a:a + rows] = scores.min(dim=-1)
             delta = torch.where(delta < 0, delta, torch.tensor(torch.inf))
             return delta.reshape(-1), best.reshape(-1, 1)
