@@ -155,6 +155,17 @@ def predicted_change(grad: torch.Tensor, curvature: torch.Tensor, change: torch.
     return (grad * change).sum(dim=-1) + 0.5 * (curvature * change * change).sum(dim=-1)
 
 
+def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` (rows of ``table`` picked by an integer ``index`` of any shape), with
+    a backward pass that adds in a fixed order. Plain indexing's backward is an accumulating
+    ``index_put_``, which PyTorch's CPU kernel runs with atomic adds once it is large: the
+    gradient of a shared codebook then differs in its last bits from run to run, and so do
+    the fine-tuned checkpoints. ``gather``'s backward (``scatter_add_``) sums serially."""
+    rows = table.reshape(table.shape[0], -1)
+    flat = index.reshape(-1, 1).expand(-1, rows.shape[1])
+    return rows.gather(0, flat).reshape(*index.shape, *table.shape[1:])
+
+
 class TunableWeight(torch.nn.Module):
     """One layer's weight as a differentiable function of the continuous arrays of its
     payload (gains, scales, norms, codebooks): what fine-tuning (`pvq.calibrate.finetune`)

@@ -80,7 +80,7 @@ from pvq.codec.errors import CodecError
 from pvq.settings import MAX_SEED, NONNEGATIVE, POSITIVE, excerpt, integer, number, percdamp_field, setting
 
 from pvq.methods.base import (QuantizationError, QuantizedTensor, TensorSpec, TunableWeight, as_float32,
-                              check_config, check_weight, is_int, predicted_change, proxy_loss)
+                              check_config, check_weight, is_int, lookup, predicted_change, proxy_loss)
 from pvq.methods.feedback import error_feedback
 from pvq.methods.hessian import check_percdamp, diagonal_block_inverses, inverse_hessian_cholesky
 
@@ -737,7 +737,8 @@ class _TunableGPTVQ(TunableWeight):
 
     def build(self) -> torch.Tensor:
         R, V = self.indices.shape
-        return self.centroids[self.codebook_of, self.indices].reshape(R, -1)
+        N, K, d = self.centroids.shape
+        return lookup(self.centroids.reshape(N * K, d), self.codebook_of * K + self.indices).reshape(R, -1)
 
     def code_groups(self) -> torch.Tensor:
         return self.indices.view(-1, 1)

@@ -108,6 +108,7 @@ from pvq.methods.base import (
     check_config,
     check_weight,
     is_int,
+    lookup,
     predicted_change,
     proxy_loss,
     stored_float16,
@@ -801,7 +802,7 @@ class _TunablePVQ(TunableWeight):
         if self.gain == "fp16":
             return self.gains
         levels = self.gain_codebook if self.gain == "empirical" else self.beta_codebook
-        gains = levels[self.indices] * self.row_norms[:, None]
+        gains = lookup(levels, self.indices) * self.row_norms[:, None]
         if self.escaped:
             gains = gains.index_put((self.escape_rows, self.escape_groups),
                                     self.escape_gains[self.escape_rows, self.escape_slots])
