@@ -306,3 +306,27 @@ def test_the_cosine_schedule_decays_from_the_base_rate_and_changes_the_result():
                                              "schedule": schedule}, progress=False)
         results.append(_payloads(model))
     assert any(not np.array_equal(results[0][n][k], results[1][n][k]) for n in results[0] for k in results[0][n])
+
+
+@pytest.mark.parametrize("positions", [1, 63, 64, 150])
+def test_the_chunked_kl_gives_the_whole_log_softmax_value_and_gradient(positions):
+    """_topk_kl computes its gradient KL_CHUNK positions at a time (memory); the value and
+    the gradient are those of autograd through the whole (positions, vocabulary) loss."""
+    from pvq.calibrate.finetune import KL_CHUNK, TeacherTargets, _log_rest, _position_kl
+
+    assert KL_CHUNK == 64
+    g = torch.Generator().manual_seed(positions)
+    V, k = 300, 16
+    logits = 3 * torch.randn(2, positions, V, generator=g)
+    top, idx = torch.log_softmax(2 * torch.randn(2, positions, V, generator=g), -1).topk(k, -1)
+    teacher = TeacherTargets(idx.int(), top, _log_rest(top.double()).float())
+    chunked = logits.clone().requires_grad_(True)
+    whole = logits.clone().requires_grad_(True)
+    value = _topk_kl(chunked, teacher)
+    value.backward()
+    expected = _position_kl(whole.reshape(-1, V), idx.reshape(-1, k), top.reshape(-1, k), teacher.rest.reshape(-1)).mean()
+    expected.backward()
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+    torch.testing.assert_close(chunked.grad, whole.grad, rtol=1e-5, atol=1e-9)
+    with torch.no_grad():
+        assert float(_topk_kl(logits, teacher)) == float(value)

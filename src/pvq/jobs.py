@@ -340,6 +340,8 @@ def _finetune_memory(opts: JobOptions, recipe: Recipe) -> dict[str, Any]:
     code_bytes = {"pvq": 1.0, "rtn": 2.0, "gptq": 2.0}.get(recipe.method)
     if code_bytes is None:  # gptvq: an int64 assignment per vector of d weights
         code_bytes = 8.0 / int(getattr(method_config, "dim", 1))
+    elif recipe.method == "pvq" and getattr(method_config, "gain", "fp16") != "fp16":  # an int64 gain index a group
+        code_bytes += 8.0 / int(method_config.group_size)
     return {"finetune_topk": config.teacher_topk, "code_bytes": code_bytes, "code_updates": config.code_fraction > 0}
 
 

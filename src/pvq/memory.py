@@ -34,14 +34,22 @@ Phases:
   (the evaluation windows' hidden states) + 6 L x V x 4.
 
 - finetune (the default; not with --fast): R0 + 4 Pd + Q (the quantized model) + c (P - Pd)
-  (the tunable layers' codes: c = 1 byte a weight for PVQ's int8 points, 2 for grid codes'
-  int16 steps, 8 / d for GPTVQ's int64 assignments) + 4 (P - Pd) with code updates (the
-  summed bfloat16 gradients and curvature) + 8 Pl (one block's weights built again in its backward pass)
-  + T + Z, with T = 4 L (Nb H + 12 H + 5 I + 3 V) + 8 a L^2 for one window (the decoder
-  blocks' checkpointed inputs, one block's activations, the logits, their gradient and the
-  softmax; a attention heads) and Z = n L (8 k + 4) the teacher's top-k targets (n windows,
-  k tokens a position). The float teacher is not kept: the quantize phase holds Z too, and
-  taking the targets costs R0 + 4P + 12 L V.
+  (the tunable layers' codes: c = 1 byte a weight for PVQ's int8 points, plus 8 / D for its
+  int64 gain index a group, 2 for grid codes' int16 steps, 8 / d for GPTVQ's int64
+  assignments) + 4 (P - Pd) with code updates (the summed bfloat16 gradients and
+  curvature) + 8 Pl (one block's weights built again in its backward pass) + T + Z, with T
+  = 4 L (Nb H + 12 H + 5 I + 2 V) + 8 a L^2 for one window (the decoder blocks'
+  checkpointed inputs, one block's activations, the logits and their gradient, the loss's
+  other terms being 64 positions long; a attention heads) and Z = n L (8 k + 4) the
+  teacher's top-k targets (n windows, k tokens a position). The float teacher is not kept:
+  the quantize phase holds Z too, and taking the targets costs R0 + 4P + 12 L V. These are
+  the tensors alive at the peak; the resident memory is higher by what glibc's heap keeps
+  of the tensors the passes freed (under 32 MiB each, they come from the heap): on the
+  demo model a step peaks at 1409 MiB with every buffer of 128 KiB or more mapped and
+  unmapped on its own (MALLOC_MMAP_THRESHOLD_=131072: about the tensors alive) and at 1772
+  MiB with glibc's default (`bench/finetune_memory.py`, docs/scaling.md); mapping them
+  makes a step 78% slower, so the job keeps the default and hands the free heap back
+  after each step and phase (malloc_trim).
 
 Under torchrun (N processes, Nl of them on this host) each process holds its own copy of
 everything above except the activations, which it holds for its 1/N of the batches; its
@@ -130,6 +138,20 @@ def reset_peak_memory() -> bool:
         return False
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; a no-op
+    elsewhere). Tensors of up to 32 MiB come from glibc's heap, which keeps what they
+    freed: after the float weights are replaced, and between fine-tuning steps, the
+    resident memory would otherwise stay at its highest."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def available_host_bytes() -> int | None:
     """Memory this job could use: MemAvailable plus what the process already holds."""
     try:
@@ -208,7 +230,7 @@ def plan_job_memory(config, *, bits_per_weight: float, calib_windows: int, calib
     phases = {"quantize": quantize, "save": R0 + 4 * Pd + Q + 2 * Pd + min(shard_bytes, Q + 2 * Pd)}
     if finetune_topk is not None:
         Nb, heads = s["Nb"], s["heads"]
-        T = 4 * L * (Nb * H + 12 * H + 5 * I + 3 * V) + 8 * heads * L * L
+        T = 4 * L * (Nb * H + 12 * H + 5 * I + 2 * V) + 8 * heads * L * L
         Z = calib_windows * L * (8 * finetune_topk + 4)
         phases["teacher"] = R0 + 4 * P + 12 * L * V + Z
         phases["quantize"] += Z

@@ -34,7 +34,8 @@ from pvq.checkpoint import quantized_model
 from pvq.runtime.embedding import DEFAULT_EMBEDDINGS, check_embeddings, quantize_embeddings
 from pvq.checkpoint.hf import finite_absmax, mark_quantized, pack_layers
 from pvq.models import adapter_for
-from pvq.models.streaming import StreamedModel, StreamError, release_freed_memory
+from pvq.memory import release_freed_memory
+from pvq.models.streaming import StreamedModel, StreamError
 from pvq.calibrate import (
     QuantizeResult,
     allocate_bits,
@@ -350,6 +351,7 @@ def oneshot(
                             layer_configs=layer_configs)
         else:
             mark_quantized(model, sorted(result), recipe.method, config, dense_dtype=recipe.dense_dtype)
+        release_freed_memory()  # the float weights the packed layers replaced
         if teacher is not None:
             if keep_before_finetune:
                 before = copy.deepcopy(model)

@@ -56,6 +56,7 @@ from torch import nn
 
 from pvq.errors import PVQError
 from pvq.fileio import sha256_file
+from pvq.memory import release_freed_memory
 from pvq.runtime import QuantizedLinear, tuned_weights
 from pvq.calibrate import workdir as wd
 from pvq.methods import get_method
@@ -243,6 +244,7 @@ def teacher_targets(model: nn.Module, windows: torch.Tensor, k: int = 64, *, dev
     finally:
         model.to(home)
         model.train(was_training)
+        release_freed_memory()
     return TeacherTargets(index, logp, rest)
 
 
@@ -252,16 +254,59 @@ def _log_rest(top_logp: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-mass.clamp(max=1 - 1e-12))
 
 
+#: positions whose loss terms exist at once: the KL's temporaries (the log-softmax and the
+#: terms of its gradient, each positions x vocabulary floats) are that many positions long
+KL_CHUNK = 64
+
+
+def _position_kl(z: torch.Tensor, index: torch.Tensor, logp: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each row of float32 logits z (n, V), over the teacher's
+    top-k tokens and the rest as one bin (n,)."""
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    s_top = z.gather(-1, index.long()) - lse
+    s_rest = _log_rest(s_top.double()).float()
+    return (logp.exp() * (logp - s_top)).sum(dim=-1) + rest.exp() * (rest - s_rest)
+
+
+class _ChunkedTopkKL(torch.autograd.Function):
+    """The mean of `_position_kl` over all positions, its value and its gradient computed
+    `KL_CHUNK` positions at a time in the forward pass: the backward pass keeps one
+    gradient the size of the logits instead of the several full-size temporaries that
+    autograd through the whole log-softmax holds (about 300 MiB at the demo model's
+    49152-token vocabulary and 512 positions). The same per-position arithmetic."""
+
+    @staticmethod
+    def forward(ctx, logits, index, logp, rest):
+        V = logits.shape[-1]
+        z, index, logp, rest = logits.reshape(-1, V), index.reshape(-1, index.shape[-1]), logp.reshape(
+            -1, logp.shape[-1]), rest.reshape(-1)
+        n = z.shape[0]
+        kl = torch.empty(n, dtype=torch.float32, device=z.device)
+        grad = torch.empty(z.shape, dtype=logits.dtype, device=z.device) if ctx.needs_input_grad[0] else None
+        for a in range(0, n, KL_CHUNK):
+            b = min(n, a + KL_CHUNK)
+            if grad is None:
+                kl[a:b] = _position_kl(z[a:b].float(), index[a:b], logp[a:b], rest[a:b])
+                continue
+            with torch.enable_grad():
+                zc = z[a:b].detach().float().requires_grad_(True)
+                terms = _position_kl(zc, index[a:b], logp[a:b], rest[a:b])
+                (g,) = torch.autograd.grad(terms.sum(), zc)
+            kl[a:b], grad[a:b] = terms.detach(), g
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.n = logits.shape, n
+        return kl.mean()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(upstream / ctx.n).reshape(ctx.shape), None, None, None
+
+
 def _topk_kl(logits: torch.Tensor, teacher: TeacherTargets) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) over the teacher's top-k tokens and the
     rest as one bin; logits (b, L, V), teacher for the same b windows."""
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    s_top = z.gather(-1, teacher.index.long()) - lse
-    s_rest = _log_rest(s_top.double()).float()
-    p_top, p_rest = teacher.logp.exp(), teacher.rest.exp()
-    kl = (p_top * (teacher.logp - s_top)).sum(dim=-1) + p_rest * (teacher.rest - s_rest)
-    return kl.mean()
+    return _ChunkedTopkKL.apply(logits, teacher.index, teacher.logp, teacher.rest)
 
 
 # -- what is trained ---------------------------------------------------------------------------
@@ -533,6 +578,7 @@ def _val_kl(model, trainable, val, teacher_val: TeacherTargets, device, tuned: b
             with tuned_weights(model, trainable.tunables) if tuned else contextlib.nullcontext():
                 logits = model(ids, use_cache=False).logits
             total += float(_topk_kl(logits, teacher_val[i:i + 1].to(device)))
+    release_freed_memory()
     return total / val.shape[0]
 
 
@@ -608,6 +654,7 @@ def _train(model, trainable: _Trainable, windows, teacher: TeacherTargets, confi
                     with training_autocast(config.precision, device):
                         logits = model(train[w:w + 1].to(device), use_cache=False).logits
                     loss = _topk_kl(logits, teacher_train[w:w + 1].to(device)) / config.batch
+                    del logits  # the loss holds its gradient: the logits can go before the backward pass
                     if not torch.isfinite(loss):
                         break
                     loss.backward()
@@ -622,6 +669,7 @@ def _train(model, trainable: _Trainable, windows, teacher: TeacherTargets, confi
             for g, lr in zip(opt.param_groups, base_lr):
                 g["lr"] = lr * factor
             opt.step()
+            release_freed_memory()  # what the step's passes freed (its peak stays: see pvq.memory)
             step += 1
             grad_steps += 1
             running.append(loss_sum)

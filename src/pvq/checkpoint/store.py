@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from pvq.fileio import fsync_dir, fsync_file, process_alive, sha256_file
+from pvq.memory import release_freed_memory
 
 from pvq.checkpoint.index import FORMAT, FORMAT_VERSION, INDEX_FILE, LEGACY_MANIFEST, OWN_UNINDEXED, QUANT_METHOD, REPORT_FILE, _dumps, is_legacy_checkpoint, read_index, verified_by_caller, verify_checkpoint
 from pvq.runtime.errors import CheckpointError
@@ -259,16 +260,6 @@ def save_checkpoint(
 
 
 # =========================================================================== verify + load
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory freed while loading (decoded check weights, conversion buffers)
-    back to the operating system (glibc's malloc_trim; a no-op elsewhere)."""
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def load_checkpoint(

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pvq.errors import PVQError
+from pvq.memory import release_freed_memory
 
 from .adapters import ArchitectureAdapter, adapter_for_type
 
@@ -200,15 +201,5 @@ def _steady_heap() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def release_freed_memory() -> None:
-    """Return the heap's free space to the system (glibc malloc_trim); no-op elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
