@@ -129,8 +129,8 @@ class FinetuneConfig:
                                 "rest is one bin)", POSITIVE, option="finetune_teacher_topk", requires=_SWITCH)
     precision: str = setting("float32", "arithmetic of the training steps' forward and backward passes: float32, "
                              "or bfloat16 autocast (float32 parameters, loss and held-out figures; faster where the "
-                             "device multiplies bfloat16 natively, but more memory, and on the demo model two "
-                             "runs gave different bytes)", choices=PRECISIONS, option="finetune_precision", requires=_SWITCH)
+                             "device multiplies bfloat16 natively, but more memory)", choices=PRECISIONS,
+                             option="finetune_precision", requires=_SWITCH)
     schedule: str = setting("constant", "learning-rate schedule over the steps: constant, or cosine (half a cosine "
                             "from the base rate towards 0)", choices=SCHEDULES, option="finetune_schedule",
                             requires=_SWITCH)
