@@ -326,7 +326,29 @@ def test_the_chunked_kl_gives_the_whole_log_softmax_value_and_gradient(positions
     value.backward()
     expected = _position_kl(whole.reshape(-1, V), idx.reshape(-1, k), top.reshape(-1, k), teacher.rest.reshape(-1)).mean()
     expected.backward()
-    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     torch.testing.assert_close(chunked.grad, whole.grad, rtol=1e-5, atol=1e-9)
     with torch.no_grad():
         assert float(_topk_kl(logits, teacher)) == float(value)
+
+
+def test_the_teacher_is_taken_only_on_the_windows_the_steps_read():
+    """teacher_rows lists the windows a fine-tuning reads; the teacher taken on those alone
+    gives the same fine-tuned bytes as the teacher taken on all, and the others stay NaN."""
+    from pvq.calibrate.finetune import FinetuneConfig, teacher_rows
+
+    settings = {"steps": 3, "eval_every": 3, "val_windows": 2, "batch": 2}
+    model, reference, windows = _tiny()
+    rows = teacher_rows(windows.shape[0], FinetuneConfig(**settings))
+    assert rows[-2:] == [8, 9] and len(rows) == len(set(rows)) and len(rows) < windows.shape[0]
+    partial = teacher_targets(reference, windows, 64, rows=rows)
+    unread = [i for i in range(windows.shape[0]) if i not in rows]
+    assert torch.isnan(partial.logp[unread]).all() and not torch.isnan(partial.logp[rows]).any()
+    full = teacher_targets(reference, windows, 64)
+    assert torch.equal(partial.logp[rows], full.logp[rows]) and torch.equal(partial.index[rows], full.index[rows])
+    again = copy.deepcopy(model)
+    finetune(model, partial, windows, settings, progress=False)
+    finetune(again, full, windows, settings, progress=False)
+    first, second = _payloads(model), _payloads(again)
+    assert all(np.array_equal(first[n][k], second[n][k]) for n in first for k in first[n])
+    assert teacher_rows(3, FinetuneConfig(val_windows=4)) == [0, 1, 2]  # too few windows: finetune refuses later

@@ -29,7 +29,7 @@ from torch import nn
 
 from pvq.errors import PVQError
 from pvq.calibrate.calibration import SAMPLED
-from pvq.calibrate.finetune import FinetuneConfig, finetune, teacher_targets
+from pvq.calibrate.finetune import FinetuneConfig, finetune, teacher_rows, teacher_targets
 from pvq.checkpoint import quantized_model
 from pvq.runtime.embedding import DEFAULT_EMBEDDINGS, check_embeddings, quantize_embeddings
 from pvq.checkpoint.hf import finite_absmax, mark_quantized, pack_layers
@@ -309,8 +309,9 @@ def oneshot(
     teacher = None
     if recipe.method is not None and recipe.finetune is not None:
         t0 = time.perf_counter()
-        teacher = teacher_targets(model, windows, FinetuneConfig(**recipe.finetune).teacher_topk, device=device,
-                                  progress=progress)
+        tuning = FinetuneConfig(**recipe.finetune)
+        teacher = teacher_targets(model, windows, tuning.teacher_topk, device=device, progress=progress,
+                                  rows=teacher_rows(windows.shape[0], tuning))
         seconds["teacher"] = time.perf_counter() - t0
     # The rotation comes after the calibration windows (sampled from the unrotated model, so
     # the same with and without it) and before any Hessian is collected.

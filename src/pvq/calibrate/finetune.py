@@ -219,22 +219,26 @@ class TeacherTargets:
 
 
 def teacher_targets(model: nn.Module, windows: torch.Tensor, k: int = 64, *, device: str | torch.device = "cpu",
-                    progress: bool = False) -> TeacherTargets:
+                    progress: bool = False, rows: list[int] | None = None) -> TeacherTargets:
     """`model`'s distributions on `windows` (n, L) kept top-k (see TeacherTargets), one
-    window at a time in float32."""
+    window at a time in float32; with `rows`, only those windows' (the others' log-
+    probabilities are NaN, so a loss that reads them is not finite and stops the training)."""
     from pvq.progress import progress_bar
 
     windows = torch.as_tensor(windows).to("cpu", torch.long)
     n, L = windows.shape
-    index = torch.empty(n, L, k, dtype=torch.int32)
-    logp = torch.empty(n, L, k)
-    rest = torch.empty(n, L)
+    index = torch.zeros(n, L, k, dtype=torch.int32)
+    logp = torch.full((n, L, k), math.nan)
+    rest = torch.full((n, L), math.nan)
+    rows = range(n) if rows is None else sorted(set(rows))
+    if any(not 0 <= i < n for i in rows):
+        raise FinetuneError(f"teacher rows must be window indices in 0..{n - 1}")
     home = next(model.parameters()).device
     was_training = model.training
     model.to(device).eval()
     try:
         with torch.no_grad():
-            for i in progress_bar(range(n), desc="teacher distributions", unit="window", enabled=progress):
+            for i in progress_bar(rows, desc="teacher distributions", unit="window", enabled=progress):
                 full = torch.log_softmax(model(windows[i:i + 1].to(device), use_cache=False).logits[0].float(), dim=-1)
                 if k > full.shape[-1]:
                     raise FinetuneError(f"finetune teacher_topk {k} exceeds the vocabulary ({full.shape[-1]} tokens)")
@@ -246,6 +250,17 @@ def teacher_targets(model: nn.Module, windows: torch.Tensor, k: int = 64, *, dev
         model.train(was_training)
         release_freed_memory()
     return TeacherTargets(index, logp, rest)
+
+
+def teacher_rows(n_windows: int, config: "FinetuneConfig") -> list[int]:
+    """The calibration windows whose teacher targets a fine-tuning with `config` reads: those
+    its steps train on (the first steps' batches) and the held-out ones. With 32 windows and
+    the default 10 steps of 2, 8 of the 28 training windows are never read."""
+    n_train = n_windows - config.val_windows
+    if n_train < 1:
+        return list(range(n_windows))
+    used = {w for step in range(config.steps) for w in _batches(n_train, config.batch, config.seed, step)}
+    return sorted(used) + list(range(n_train, n_windows))
 
 
 def _log_rest(top_logp: torch.Tensor) -> torch.Tensor:
@@ -544,7 +559,8 @@ def finetune(
     device = torch.device(device)
     t_start = time.perf_counter()
     if not isinstance(teacher, TeacherTargets):
-        teacher = teacher_targets(teacher, windows, config.teacher_topk, device=device, progress=progress)
+        teacher = teacher_targets(teacher, windows, config.teacher_topk, device=device, progress=progress,
+                                  rows=teacher_rows(windows.shape[0], config))
     if tuple(teacher.index.shape[:2]) != tuple(windows.shape):
         raise FinetuneError(f"teacher targets for windows of shape {tuple(teacher.index.shape[:2])}, given windows "
                             f"of shape {tuple(windows.shape)}")
