@@ -9,13 +9,16 @@ divergence from the float model's next-token distributions to the quantized mode
 the calibration windows, end to end.
 
 The teacher is not kept: its distributions are computed once, before the model is
-quantized (`teacher_targets`), and kept as the top `teacher_topk` tokens of every position
-with the log of the rest's mass: a few MB instead of a second float model. The loss is
+quantized (`teacher_targets`), on the windows the steps will read (`teacher_rows`), and
+kept as the top `teacher_topk` tokens of every position with the log of the rest's mass: a
+few MB instead of a second float model. The loss is
 the KL between those (k + 1)-bin distributions (the "top-k KL"; a lower bound of the full
 KL, equal to it when the rest's mass is zero), and so is every held-out figure this
 module reports. Each step runs its windows one at a time (gradients accumulate) through
-decoder blocks under activation checkpointing, so one window's activations and logits are
-what the backward pass holds.
+decoder blocks under activation checkpointing, and the loss and its gradient are computed
+64 positions at a time, so one window's logits, their gradient and one block's activations
+are what the backward pass holds. Codebook lookups add their gradients in a fixed order
+(`methods.base.lookup`), so a rerun repeats its bytes.
 
 Codes that learn (`code_fraction` > 0, in the spirit of PV-Tuning): the gradient of the
 loss with respect to every layer's weight is summed over the steps between evaluations;
