@@ -36,8 +36,8 @@ def _sample() -> None:
 
 
 def _label(name: str):
-    def hook(*_):
-        part[0] = name if torch.is_grad_enabled() or not name.startswith("forward") else "no-grad passes"
+    def hook(*_):  # the held-out evaluations run without gradients: one label for all of them
+        part[0] = name if torch.is_grad_enabled() else "no-grad passes"
     return hook
 
 
@@ -61,6 +61,8 @@ def _train_with_labels(original):
 
         torch.optim.Adam.step = labelled_step
         release_freed_memory()
+        peaks.clear()  # the teacher pass and the quantization are not the step's
+        part[0] = "held-out evaluation before the first step"
         return original(model, *args, **kwargs)
     return train
 

@@ -335,7 +335,7 @@ def test_the_chunked_kl_gives_the_whole_log_softmax_value_and_gradient(positions
 def test_the_teacher_is_taken_only_on_the_windows_the_steps_read():
     """teacher_rows lists the windows a fine-tuning reads; the teacher taken on those alone
     gives the same fine-tuned bytes as the teacher taken on all, and the others stay NaN."""
-    from pvq.calibrate.finetune import FinetuneConfig, teacher_rows
+    from pvq.calibrate.finetune import FinetuneConfig, FinetuneError, teacher_rows
 
     settings = {"steps": 3, "eval_every": 3, "val_windows": 2, "batch": 2}
     model, reference, windows = _tiny()
@@ -352,3 +352,6 @@ def test_the_teacher_is_taken_only_on_the_windows_the_steps_read():
     first, second = _payloads(model), _payloads(again)
     assert all(np.array_equal(first[n][k], second[n][k]) for n in first for k in first[n])
     assert teacher_rows(3, FinetuneConfig(val_windows=4)) == [0, 1, 2]  # too few windows: finetune refuses later
+    longer = {**settings, "steps": 12}  # reads windows the partial targets lack: refused before any step
+    with pytest.raises(FinetuneError, match="lack window"):
+        finetune(model, partial, windows, longer, progress=False)

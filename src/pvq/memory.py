@@ -48,7 +48,7 @@ Phases:
   demo model a step peaks at 1409 MiB with every buffer of 128 KiB or more mapped and
   unmapped on its own (MALLOC_MMAP_THRESHOLD_=131072: about the tensors alive) and at 1772
   MiB with glibc's default (`bench/finetune_memory.py`, docs/scaling.md); mapping them
-  makes a step 78% slower, so the job keeps the default and hands the free heap back
+  makes a step 79% slower, so the job keeps the default and hands the free heap back
   after each step and phase (malloc_trim).
 
 Under torchrun (N processes, Nl of them on this host) each process holds its own copy of
@@ -63,6 +63,7 @@ x b x L x H x c. Disk: the checkpoint (Q + 2 Pd) and the work directory (Q + A).
 
 from __future__ import annotations
 
+import functools
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,13 +144,18 @@ def release_freed_memory() -> None:
     elsewhere). Tensors of up to 32 MiB come from glibc's heap, which keeps what they
     freed: after the float weights are replaced, and between fine-tuning steps, the
     resident memory would otherwise stay at its highest."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+@functools.cache
+def _libc():
     import ctypes
     import ctypes.util
 
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def available_host_bytes() -> int | None:

@@ -170,8 +170,8 @@ class Recipe(RunSettings):
         if self.method is None:
             return "streaming quantizes weights; a float model (method None) has nothing to stream"
         if self.finetune is not None:
-            return ("fine-tuning (on by default) runs the whole quantized model and the float one (add --fast for "
-                    "the one-shot model, or drop --stream)")
+            return ("fine-tuning (on by default) is not streamed: its teacher pass runs the whole float model and "
+                    "its steps the whole quantized one (add --fast for the one-shot model, or drop --stream)")
         if self.target_bpw is not None:
             return ("the bit allocation measures every layer of the float model first (drop --stream or "
                     "--target-bpw)")

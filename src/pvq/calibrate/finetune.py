@@ -17,8 +17,8 @@ KL, equal to it when the rest's mass is zero), and so is every held-out figure t
 module reports. Each step runs its windows one at a time (gradients accumulate) through
 decoder blocks under activation checkpointing, and the loss and its gradient are computed
 64 positions at a time, so one window's logits, their gradient and one block's activations
-are what the backward pass holds. Codebook lookups add their gradients in a fixed order
-(`methods.base.lookup`), so a rerun repeats its bytes.
+are what the backward pass holds. On the CPU codebook lookups add their gradients in a
+fixed order (`methods.base.lookup`), so a rerun repeats its bytes.
 
 Codes that learn (`code_fraction` > 0, in the spirit of PV-Tuning): the gradient of the
 loss with respect to every layer's weight is summed over the steps between evaluations;
@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from pvq.errors import PVQError
 from pvq.fileio import sha256_file
@@ -69,7 +70,7 @@ from pvq.settings import NONNEGATIVE_NUMBER, POSITIVE, number, setting
 log = logging.getLogger(__name__)
 
 __all__ = ["FinetuneConfig", "FinetuneError", "FinetuneReport", "TeacherTargets", "finetune", "recorded_settings",
-           "teacher_targets"]
+           "teacher_rows", "teacher_targets"]
 
 STATE_DIR = "finetune"
 _SWITCH = ("fast", False)  # the fine-tuning flags apply unless --fast
@@ -316,15 +317,19 @@ class _ChunkedTopkKL(torch.autograd.Function):
         return kl.mean()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, upstream):
-        (grad,) = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors  # scaled in place: one backward pass (no retain_graph)
         return grad.mul_(upstream / ctx.n).reshape(ctx.shape), None, None, None
 
 
 def _topk_kl(logits: torch.Tensor, teacher: TeacherTargets) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) over the teacher's top-k tokens and the
     rest as one bin; logits (b, L, V), teacher for the same b windows."""
-    return _ChunkedTopkKL.apply(logits, teacher.index, teacher.logp, teacher.rest)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _ChunkedTopkKL.apply(logits, teacher.index, teacher.logp, teacher.rest)
+    with torch.no_grad():
+        return _ChunkedTopkKL.apply(logits.detach(), teacher.index, teacher.logp, teacher.rest)
 
 
 # -- what is trained ---------------------------------------------------------------------------
@@ -567,6 +572,10 @@ def finetune(
     if tuple(teacher.index.shape[:2]) != tuple(windows.shape):
         raise FinetuneError(f"teacher targets for windows of shape {tuple(teacher.index.shape[:2])}, given windows "
                             f"of shape {tuple(windows.shape)}")
+    missing = [i for i in teacher_rows(windows.shape[0], config) if torch.isnan(teacher.rest[i]).any()]
+    if missing:
+        raise FinetuneError(f"the teacher targets lack window(s) {missing[:8]} that these settings train or evaluate "
+                            f"on (taken with teacher_rows of other settings?)")
     home = next(model.parameters()).device
     model.to(device)
     was_training = model.training

@@ -160,7 +160,10 @@ def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     a backward pass that adds in a fixed order. Plain indexing's backward is an accumulating
     ``index_put_``, which PyTorch's CPU kernel runs with atomic adds once it is large: the
     gradient of a shared codebook then differs in its last bits from run to run, and so do
-    the fine-tuned checkpoints. ``gather``'s backward (``scatter_add_``) sums serially."""
+    the fine-tuned checkpoints. On the CPU ``gather``'s backward (``scatter_add_``) sums
+    serially; on CUDA it is the one with atomics, and indexing's is the sorted, ordered one."""
+    if table.device.type != "cpu":
+        return table[index]
     rows = table.reshape(table.shape[0], -1)
     flat = index.reshape(-1, 1).expand(-1, rows.shape[1])
     return rows.gather(0, flat).reshape(*index.shape, *table.shape[1:])
