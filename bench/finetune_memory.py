@@ -35,9 +35,9 @@ def _sample() -> None:
         time.sleep(0.002)
 
 
-def _label(name: str):
-    def hook(*_):  # the held-out evaluations run without gradients: one label for all of them
-        part[0] = name if torch.is_grad_enabled() else "no-grad passes"
+def _label(name: str, backward: bool = False):
+    def hook(*_):  # the held-out evaluations run without gradients: one label for all their forwards
+        part[0] = name if backward or torch.is_grad_enabled() else "no-grad passes"
     return hook
 
 
@@ -45,11 +45,11 @@ def _train_with_labels(original):
     def train(model, *args, **kwargs):
         for i, block in enumerate(model.model.layers):
             block.register_forward_pre_hook(_label(f"forward, block {i}"))
-            block.register_full_backward_pre_hook(_label(f"backward, block {i}"))
+            block.register_full_backward_pre_hook(_label(f"backward, block {i}", backward=True))
         head = model.get_output_embeddings()
         head.register_forward_pre_hook(_label("forward, head"))
         head.register_forward_hook(_label("loss and its gradient"))
-        head.register_full_backward_pre_hook(_label("backward, head"))
+        head.register_full_backward_pre_hook(_label("backward, head", backward=True))
         step = torch.optim.Adam.step
 
         def labelled_step(self, *a, **k):

@@ -45,10 +45,10 @@ Phases:
   the quantize phase holds Z too, and taking the targets costs R0 + 4P + 12 L V. These are
   the tensors alive at the peak; the resident memory is higher by what glibc's heap keeps
   of the tensors the passes freed (under 32 MiB each, they come from the heap): on the
-  demo model a step peaks at 1409 MiB with every buffer of 128 KiB or more mapped and
-  unmapped on its own (MALLOC_MMAP_THRESHOLD_=131072: about the tensors alive) and at 1772
+  demo model a step peaks at 1404-1412 MiB with every buffer of 128 KiB or more mapped and
+  unmapped on its own (MALLOC_MMAP_THRESHOLD_=131072: about the tensors alive) and at 1772-1901
   MiB with glibc's default (`bench/finetune_memory.py`, docs/scaling.md); mapping them
-  makes a step 79% slower, so the job keeps the default and hands the free heap back
+  makes a step 49-79% slower, so the job keeps the default and hands the free heap back
   after each step and phase (malloc_trim).
 
 Under torchrun (N processes, Nl of them on this host) each process holds its own copy of
