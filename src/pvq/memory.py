@@ -45,10 +45,10 @@ Phases:
   the quantize phase holds Z too, and taking the targets costs R0 + 4P + 12 L V. These are
   the tensors alive at the peak; the resident memory is higher by what glibc's heap keeps
   of the tensors the passes freed (under 32 MiB each, they come from the heap): on the
-  demo model a step peaks at 1404-1412 MiB with every buffer of 128 KiB or more mapped and
-  unmapped on its own (MALLOC_MMAP_THRESHOLD_=131072: about the tensors alive) and at 1772-1901
+  demo model a step peaks at 1402-1412 MiB with every buffer of 128 KiB or more mapped and
+  unmapped on its own (MALLOC_MMAP_THRESHOLD_=131072: about the tensors alive) and at 1772-1984
   MiB with glibc's default (`bench/finetune_memory.py`, docs/scaling.md); mapping them
-  makes a step 49-79% slower, so the job keeps the default and hands the free heap back
+  makes a step 49-79% slower (four runs each), so the job keeps the default and hands the free heap back
   after each step and phase (malloc_trim).
 
 Under torchrun (N processes, Nl of them on this host) each process holds its own copy of
@@ -146,6 +146,16 @@ def release_freed_memory() -> None:
     resident memory would otherwise stay at its highest."""
     try:
         _libc().malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def steady_heap(threshold: int = 1 << 20) -> None:
+    """Buffers of `threshold` bytes or more from their own mappings (glibc's mmap threshold
+    fixed instead of rising after each free), so a freed one goes back to the system instead
+    of staying in the heap as free space (what `--stream` sets for its blocks)."""
+    try:
+        _libc().mallopt(-3, threshold)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError, TypeError):
         pass
 

@@ -566,13 +566,13 @@ def finetune(
                             f"train on; got {windows.shape[0]} (raise --calib-windows or lower --finetune-val-windows)")
     device = torch.device(device)
     t_start = time.perf_counter()
+    rows = teacher_rows(windows.shape[0], config)
     if not isinstance(teacher, TeacherTargets):
-        teacher = teacher_targets(teacher, windows, config.teacher_topk, device=device, progress=progress,
-                                  rows=teacher_rows(windows.shape[0], config))
+        teacher = teacher_targets(teacher, windows, config.teacher_topk, device=device, progress=progress, rows=rows)
     if tuple(teacher.index.shape[:2]) != tuple(windows.shape):
         raise FinetuneError(f"teacher targets for windows of shape {tuple(teacher.index.shape[:2])}, given windows "
                             f"of shape {tuple(windows.shape)}")
-    missing = [i for i in teacher_rows(windows.shape[0], config) if torch.isnan(teacher.rest[i]).any()]
+    missing = [rows[i] for i in torch.isnan(teacher.rest[rows]).any(dim=1).nonzero()[:, 0].tolist()]
     if missing:
         raise FinetuneError(f"the teacher targets lack window(s) {missing[:8]} that these settings train or evaluate "
                             f"on (taken with teacher_rows of other settings?)")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pvq.errors import PVQError
-from pvq.memory import release_freed_memory
+from pvq.memory import release_freed_memory, steady_heap
 
 from .adapters import ArchitectureAdapter, adapter_for_type
 
@@ -93,7 +93,7 @@ class StreamedModel:
         self.bytes_read = 0
         self._handles: dict[str, object] = {}
         self._reading = False
-        _steady_heap()
+        steady_heap()
         model_names = {name: key for key, name in loaded_keys(self.model, self.stored).items()}
         expected = set(self.model.state_dict())
         tied = set(getattr(self.model, "get_expanded_tied_weights_keys", lambda: {})() or {})
@@ -191,15 +191,3 @@ class StreamedModel:
         block.to("meta")
         self.loaded.discard(i)
         release_freed_memory()
-
-
-def _steady_heap() -> None:
-    """Large tensors from their own mappings (glibc's mmap threshold fixed at 1 MiB instead
-    of rising after each free), so that a freed block goes back to the system instead of
-    staying in the heap as free space."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
